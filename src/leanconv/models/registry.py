@@ -1,0 +1,75 @@
+"""The model zoo's registry: ``create(name, **kwargs)`` and ``names()``.
+
+Every model that leanconv builds carries ``model.leanconv_base``, a JSON-able record of how
+to build it again (``{"zoo": name, "kwargs": {...}}`` or, for a user's model,
+``{"constructor": "package.module:function", "kwargs": {...}}``). The checkpoint format
+stores that record and replays it on load.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any, Callable
+
+from torch import nn
+
+from leanconv.errors import LeanconvError
+
+__all__ = ["register_model", "create", "names", "from_constructor", "resolve_constructor"]
+
+log = logging.getLogger(__name__)
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Decorator: add a model constructor to the zoo under its function name."""
+    name = fn.__name__
+    if name in _MODELS and _MODELS[name] is not fn:
+        log.warning("model %r re-registered; the newer constructor wins", name)
+    _MODELS[name] = fn
+    return fn
+
+
+def names() -> list[str]:
+    """Names accepted by :func:`create`, sorted."""
+    return sorted(_MODELS)
+
+
+def create(name: str, **kwargs: Any) -> nn.Module:
+    """Build zoo model ``name`` (e.g. ``resnet20``) with keyword arguments such as
+    ``num_classes``, ``in_channels`` and ``input_size``."""
+    if name not in _MODELS:
+        raise LeanconvError(f"unknown model {name!r}; choose one of: {', '.join(names())}")
+    model = _MODELS[name](**kwargs)
+    model.leanconv_base = {"zoo": name, "kwargs": dict(kwargs)}
+    return model
+
+
+def resolve_constructor(target: str) -> Callable[..., nn.Module]:
+    """Import ``package.module:function`` and return the function. Only called when a user names
+    the constructor explicitly (never because a file says so)."""
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise LeanconvError(f"constructor {target!r} must look like package.module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise LeanconvError(f"cannot import {module_name!r} for constructor {target!r}: {exc}") from exc
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise LeanconvError(f"{module_name!r} has no callable {attr!r}")
+    return fn
+
+
+def from_constructor(target: str | Callable[..., nn.Module], **kwargs: Any) -> nn.Module:
+    """Build a user model from ``package.module:function`` (or the function itself) and tag it so
+    that checkpoints can record it."""
+    fn = resolve_constructor(target) if isinstance(target, str) else target
+    name = target if isinstance(target, str) else f"{fn.__module__}:{fn.__qualname__}"
+    model = fn(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise LeanconvError(f"constructor {name!r} returned {type(model).__name__}, not an nn.Module")
+    model.leanconv_base = {"constructor": name, "kwargs": dict(kwargs)}
+    return model
