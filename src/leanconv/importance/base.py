@@ -1,0 +1,120 @@
+"""The importance protocol: a criterion maps a model and its channel groups to scores.
+
+A *channel group* is a set of channels that must be removed together: the output channels
+of a conv, the matching BN features, the input channels of every consumer, and, through
+residual adds, depthwise convs or concatenations, the channels of other layers coupled to
+them. The pruning engine (``leanconv.prune``) builds the groups from a dependency graph; a
+criterion only scores them. Higher score = more important = kept longer.
+
+To add a criterion, subclass :class:`Criterion` (or write any callable with the same
+signature) and register it with :func:`register_criterion`; the engine never looks at which
+criterion it runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from leanconv.errors import LeanconvError
+
+__all__ = [
+    "Member",
+    "ChannelGroup",
+    "ScoringData",
+    "Criterion",
+    "register_criterion",
+    "create_criterion",
+    "criterion_names",
+]
+
+
+@dataclass(frozen=True)
+class Member:
+    """One layer's share of a group.
+
+    ``module`` is the module path (``model.get_submodule(module)``); ``kind`` is ``"out"``
+    when the group removes that module's output channels (conv filters, BN features, linear
+    rows) and ``"in"`` when it removes its input channels (conv ``W[:, j]``, linear columns);
+    ``idxs[k]`` is the channel index in that module that corresponds to group channel ``k``.
+    """
+
+    module: str
+    kind: str
+    idxs: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Coupled channels, removed together. ``root`` names the layer whose output channels
+    define the group (its ``"out"`` member); ``size`` is the number of group channels."""
+
+    root: str
+    size: int
+    members: tuple[Member, ...]
+
+    def out_members(self) -> tuple[Member, ...]:
+        return tuple(m for m in self.members if m.kind == "out")
+
+
+@dataclass
+class ScoringData:
+    """Data a criterion may use: a few batches of the *validation* split (never test data)
+    and the loss. ``train_batches`` is used only by criteria that say so."""
+
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]]
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.cross_entropy
+    extra: dict = field(default_factory=dict)
+
+
+class Criterion:
+    """Base class for importance criteria.
+
+    ``__call__(model, groups, data)`` returns one 1-D float tensor per group, of length
+    ``group.size``, higher meaning more important. ``needs_data`` tells the CLI whether to
+    load validation batches. Never return ``None`` or skip a group: raise instead.
+    """
+
+    name: str = "criterion"
+    needs_data: bool = False
+
+    def __call__(
+        self, model: nn.Module, groups: Sequence[ChannelGroup], data: ScoringData | None
+    ) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+
+_CRITERIA: dict[str, Callable[..., Criterion]] = {}
+
+
+def register_criterion(name: str) -> Callable[[Callable[..., Criterion]], Callable[..., Criterion]]:
+    """Decorator: make a criterion factory available as ``create_criterion(name)``."""
+
+    def wrap(factory: Callable[..., Criterion]) -> Callable[..., Criterion]:
+        _CRITERIA[name] = factory
+        return factory
+
+    return wrap
+
+
+def criterion_names() -> list[str]:
+    return sorted(_CRITERIA)
+
+
+def create_criterion(name: str, **kwargs) -> Criterion:
+    if name not in _CRITERIA:
+        raise LeanconvError(f"unknown pruning method {name!r}; choose one of: {', '.join(criterion_names())}")
+    return _CRITERIA[name](**kwargs)
+
+
+def check_scores(groups: Iterable[ChannelGroup], scores: Sequence[torch.Tensor], name: str) -> None:
+    """Raise if a criterion returned the wrong number or shape of scores (the engine calls this)."""
+    groups = list(groups)
+    if len(scores) != len(groups):
+        raise RuntimeError(f"criterion {name} returned {len(scores)} score tensors for {len(groups)} groups")
+    for g, s in zip(groups, scores):
+        if s is None or s.shape != (g.size,) or not torch.isfinite(s).all():
+            raise RuntimeError(f"criterion {name} returned bad scores for group {g.root}")
