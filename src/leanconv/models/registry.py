@@ -16,7 +16,14 @@ from torch import nn
 
 from leanconv.errors import LeanconvError
 
-__all__ = ["register_model", "create", "names", "from_constructor", "resolve_constructor"]
+__all__ = [
+    "register_model",
+    "create",
+    "names",
+    "from_constructor",
+    "resolve_constructor",
+    "check_zoo_args",
+]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +37,16 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         log.warning("model %r re-registered; the newer constructor wins", name)
     _MODELS[name] = fn
     return fn
+
+
+def check_zoo_args(num_classes: int, in_channels: int, input_size: int) -> dict[str, Any]:
+    """Validate the arguments every zoo constructor shares and return the model's initial
+    ``leanconv_meta`` (``input_shape`` [C, H, W] and ``num_classes``)."""
+    for label, value, low in (("num_classes", num_classes, 1), ("in_channels", in_channels, 1),
+                              ("input_size", input_size, 8)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise LeanconvError(f"{label} must be an integer >= {low}, got {value!r}")
+    return {"input_shape": [in_channels, input_size, input_size], "num_classes": num_classes}
 
 
 def names() -> list[str]:
