@@ -1,0 +1,141 @@
+"""Measured inference latency: eager PyTorch on CPU and ONNX Runtime's CPU provider.
+
+A MAC ratio is not a speedup (pruned models can get slower, e.g. with channel counts that
+are not multiples of 8), so leanconv times the real thing. Each measurement runs ``warmup``
+untimed forward passes, then ``repeats`` timed ones with ``time.perf_counter``, and reports
+the median with the 10th/90th percentiles as the spread. Units: milliseconds per batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from leanconv.cost._model_io import check_shape, eval_mode, example_input, run_forward
+from leanconv.errors import LeanconvError
+
+__all__ = ["LatencyStats", "measure_latency", "measure_onnx_latency"]
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Wall-clock time of one forward pass of a whole batch, in milliseconds.
+
+    ``threads`` is the intra-op thread count used; ``memory_format`` is ``channels_last`` or
+    ``contiguous`` (NCHW); ``backend`` is ``torch`` or ``onnxruntime``."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    min_ms: float
+    repeats: int
+    threads: int
+    batch_size: int
+    memory_format: str
+    backend: str = "torch"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_counts(batch_size: int, warmup: int, repeats: int, threads: int | None) -> None:
+    if batch_size < 1:
+        raise LeanconvError(f"batch size must be at least 1, got {batch_size}")
+    if warmup < 0 or repeats < 1:
+        raise LeanconvError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+    if threads is not None and threads < 1:
+        raise LeanconvError(f"threads must be at least 1, got {threads}")
+
+
+def _time_calls(call: Callable[[], object], warmup: int, repeats: int) -> np.ndarray:
+    for _ in range(warmup):
+        call()
+    times = np.empty(repeats)
+    for i in range(repeats):
+        start = time.perf_counter()
+        call()
+        times[i] = (time.perf_counter() - start) * 1e3
+    return times
+
+
+def _stats(times: np.ndarray, threads: int, batch_size: int, memory_format: str, backend: str) -> LatencyStats:
+    p10, median, p90 = np.percentile(times, [10, 50, 90])
+    return LatencyStats(median_ms=float(median), p10_ms=float(p10), p90_ms=float(p90), min_ms=float(times.min()),
+                        repeats=len(times), threads=threads, batch_size=batch_size, memory_format=memory_format,
+                        backend=backend)
+
+
+def measure_latency(model: nn.Module, input_shape: Sequence[int], batch_size: int, *, warmup: int = 5,
+                    repeats: int = 20, threads: int | None = None, channels_last: bool = True) -> LatencyStats:
+    """Time ``model`` on a random batch ``[batch_size, *input_shape]`` under ``torch.inference_mode``.
+
+    ``threads`` sets ``torch.set_num_threads`` for the measurement (default: the current
+    count) and is restored afterwards, as is every module's train/eval mode. With
+    ``channels_last`` (4-D inputs only) a copy of the model is converted to NHWC, which is
+    usually faster for convolutions on CPU; the caller's model is never converted."""
+    shape = check_shape(input_shape)
+    _check_counts(batch_size, warmup, repeats, threads)
+    use_nhwc = channels_last and len(shape) == 3
+    previous = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        used = torch.get_num_threads()
+        net = copy.deepcopy(model).to(memory_format=torch.channels_last) if use_nhwc else model
+        x = example_input(model, shape, batch_size)
+        if use_nhwc:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with eval_mode(net), torch.inference_mode():
+            run_forward(net, x)  # surfaces a shape error as LeanconvError before timing
+            times = _time_calls(lambda: net(x), warmup, repeats)
+    finally:
+        torch.set_num_threads(previous)
+    return _stats(times, used, batch_size, "channels_last" if use_nhwc else "contiguous", "torch")
+
+
+def _onnx_session(onnx_path: Path, threads: int) -> Any:
+    import onnxruntime as ort  # heavy import, only needed here
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        return ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types for bad files
+        raise LeanconvError(f"onnxruntime cannot load {onnx_path}: {str(exc).strip().splitlines()[0]}") from exc
+
+
+def measure_onnx_latency(onnx_path: str | Path, input_shape: Sequence[int], batch_size: int, *, warmup: int = 5,
+                         repeats: int = 20, threads: int | None = None) -> LatencyStats:
+    """Time an ONNX model with onnxruntime's CPU provider on a random float32 batch
+    ``[batch_size, *input_shape]`` (NCHW). ``threads`` (default: ``torch.get_num_threads()``,
+    so both backends compare on equal terms) becomes ``intra_op_num_threads``."""
+    shape = check_shape(input_shape)
+    _check_counts(batch_size, warmup, repeats, threads)
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise LeanconvError(f"ONNX file {path} does not exist")
+    used = threads if threads is not None else torch.get_num_threads()
+    session = _onnx_session(path, used)
+    first = session.get_inputs()[0]
+    fixed_batch = first.shape[0] if first.shape else None
+    if isinstance(fixed_batch, int) and fixed_batch != batch_size:
+        raise LeanconvError(f"{path} was exported with a fixed batch of {fixed_batch}, not {batch_size}; "
+                            "export it with a dynamic batch axis")
+    x = np.random.default_rng(0).standard_normal((batch_size, *shape), dtype=np.float32)
+    feed = {first.name: x}
+    try:
+        session.run(None, feed)
+    except Exception as exc:
+        raise LeanconvError(f"onnxruntime failed on input {tuple(x.shape)}: {str(exc).strip().splitlines()[0]}") from exc
+    times = _time_calls(lambda: session.run(None, feed), warmup, repeats)
+    return _stats(times, used, batch_size, "contiguous", "onnxruntime")
