@@ -1,0 +1,105 @@
+"""The dataset registry: ``load_dataset(name, data_dir=None, **options) -> DatasetSplits``.
+
+Names are ``fashion-mnist``, ``cifar10``, ``cifar100`` and ``synthetic`` (case and ``_``
+versus ``-`` do not matter). Options may be passed as keyword arguments or appended to the
+name, ``"synthetic:n=512,c=3,s=16,k=4"``; keyword arguments win. Every dataset accepts
+``val_size`` and ``flip_ok``; see each module for its own options. The returned
+``DatasetSplits.name`` is canonical (``name:key=value,...`` with the options given), so
+``load_dataset(splits.name, data_dir)`` loads the same data again.
+
+Parsed datasets are cached in-process (keyed by name, resolved directory and options), so
+repeated loads cost nothing; their tensors are shared and must be treated as read-only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from pathlib import Path
+from typing import Any, Callable
+
+from leanconv.data.cifar import load_cifar10, load_cifar100
+from leanconv.data.fashion_mnist import load_fashion_mnist
+from leanconv.data.splits import DatasetSplits
+from leanconv.data.synthetic import load_synthetic
+from leanconv.errors import LeanconvError
+
+__all__ = ["dataset_names", "parse_dataset_name", "load_dataset", "clear_cache"]
+
+_LOADERS: dict[str, Callable[..., DatasetSplits]] = {
+    "cifar10": load_cifar10,
+    "cifar100": load_cifar100,
+    "fashion-mnist": load_fashion_mnist,
+    "synthetic": load_synthetic,
+}
+
+
+def dataset_names() -> list[str]:
+    """Names accepted by :func:`load_dataset`, sorted."""
+    return sorted(_LOADERS)
+
+
+def _parse_value(text: str) -> Any:
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    try:
+        return int(lowered)
+    except ValueError:
+        return text.strip()
+
+
+def parse_dataset_name(spec: str) -> tuple[str, dict[str, Any]]:
+    """Split ``"name:key=value,..."`` into the canonical name and an options dict."""
+    base, _, rest = spec.partition(":")
+    name = base.strip().lower().replace("_", "-")
+    if name in ("cifar-10", "cifar-100"):
+        name = name.replace("-", "")
+    if name not in _LOADERS:
+        raise LeanconvError(f"unknown dataset {base!r}; "
+                            f"choose one of: {', '.join(dataset_names())}")
+    options: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise LeanconvError(f"dataset option {item!r} in {spec!r} must look like key=value")
+        options[key.strip()] = _parse_value(value)
+    return name, options
+
+
+def _check_options(name: str, options: dict[str, Any]) -> None:
+    params = inspect.signature(_LOADERS[name]).parameters
+    allowed = [p for p, spec in params.items() if spec.kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise LeanconvError(f"dataset {name} has no option {', '.join(unknown)}; "
+                            f"its options are: {', '.join(allowed)}")
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None, **options: Any) -> DatasetSplits:
+    """Load dataset ``name`` (see :func:`dataset_names`) from ``data_dir`` or its default place."""
+    canonical, parsed = parse_dataset_name(name)
+    parsed.update(options)
+    _check_options(canonical, parsed)
+    directory = None if data_dir is None else str(Path(data_dir).expanduser().resolve())
+    try:
+        key = tuple(sorted(parsed.items()))
+        hash(key)
+    except TypeError:
+        raise LeanconvError(f"dataset options must be plain values, got {parsed!r}") from None
+    return _load_cached(canonical, directory, key)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(name: str, directory: str | None, options: tuple[tuple[str, Any], ...]
+                 ) -> DatasetSplits:
+    splits = _LOADERS[name](directory, **dict(options))
+    if options:
+        name = name + ":" + ",".join(f"{key}={value}" for key, value in options)
+    return dataclasses.replace(splits, name=name)
+
+
+def clear_cache() -> None:
+    """Forget every cached dataset (frees its memory; the next load parses the files again)."""
+    _load_cached.cache_clear()
