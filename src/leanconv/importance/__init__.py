@@ -1,0 +1,52 @@
+"""Channel importance: one protocol (``base``), one file per criterion.
+
+``create_criterion(name, **kwargs)`` builds any registered criterion; ``criterion_names()``
+lists them. Importing this package registers the built-in criteria:
+
+========  =======================================================  ==========
+name      score of a group channel                                 needs data
+========  =======================================================  ==========
+hap       Hessian-aware sensitivity (Yu et al., WACV 2022)          yes
+l1, l2    norm of the filters (Li et al., ICLR 2017)                no
+bn        BatchNorm ``|gamma|`` (Liu et al., ICCV 2017)             no
+taylor    first-order Taylor ``|w * dL/dw|`` (Molchanov, CVPR 2019)  yes
+random    seeded uniform baseline                                   no
+synflow   synaptic flow, data-free (Tanaka et al., NeurIPS 2020)   no
+========  =======================================================  ==========
+"""
+
+from leanconv.importance.base import (
+    ChannelGroup,
+    Criterion,
+    Member,
+    ScoringData,
+    check_scores,
+    create_criterion,
+    criterion_names,
+    register_criterion,
+)
+from leanconv.importance.batchnorm import BatchNormScale
+from leanconv.importance.hap import HAP
+from leanconv.importance.magnitude import Magnitude
+from leanconv.importance.random import RandomScores
+from leanconv.importance.synflow import SynFlow
+from leanconv.importance.taylor import Taylor
+
+__all__ = [
+    # protocol
+    "Member",
+    "ChannelGroup",
+    "ScoringData",
+    "Criterion",
+    "register_criterion",
+    "create_criterion",
+    "criterion_names",
+    "check_scores",
+    # built-in criteria
+    "HAP",
+    "Magnitude",
+    "BatchNormScale",
+    "Taylor",
+    "RandomScores",
+    "SynFlow",
+]
