@@ -1,0 +1,202 @@
+"""Checkpoints that hold pruned and re-layered models without pickle.
+
+One ``.safetensors`` file per model. The tensors are the state dict; the metadata header
+key ``leanconv`` holds JSON::
+
+    {"format": 1,
+     "base":  {"zoo": "resnet20", "kwargs": {...}}           # or {"constructor": "pkg.mod:fn", ...}
+     "edits": [{"op": "resize", "path": "layer1.0.conv1", "module": SPEC}, ...],
+     "meta":  {"input_shape": [1, 28, 28], "dataset": {...}, "train": {...}, ...}}
+
+Loading builds the base model, replays the edits in order (each puts a module built from
+its spec at its path) and loads the weights strictly. Specs only name types from
+``leanconv.layers.spec``, and a user constructor is used only when the caller passes it:
+the file alone can never make leanconv import or call foreign code.
+
+``save`` finds the edits itself by comparing the model with a freshly built base, so any
+structural change made in place (the pruning engine, a layer swap, a block bypass) is
+captured without bookkeeping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from leanconv.errors import LeanconvError
+from leanconv.layers.spec import is_registered, module_from_spec, module_to_spec
+from leanconv.models.registry import create, from_constructor
+
+__all__ = ["save", "load", "read_header", "find_edits", "apply_edits", "build_base", "atomic_write"]
+
+FORMAT = 1
+
+
+def build_base(base: dict[str, Any], constructor: Callable[..., nn.Module] | str | None = None) -> nn.Module:
+    """Build the unedited model a checkpoint starts from."""
+    kwargs = dict(base.get("kwargs", {}))
+    if "zoo" in base:
+        return create(base["zoo"], **kwargs)
+    if "constructor" in base:
+        if constructor is None:
+            raise LeanconvError(
+                f"this checkpoint was built from the user constructor {base['constructor']!r}; pass it "
+                "explicitly (load(path, constructor=...) or --constructor) to load it"
+            )
+        return from_constructor(constructor, **kwargs)
+    raise LeanconvError("checkpoint has no base model record; the file is corrupt")
+
+
+def _diff(base: nn.Module, model: nn.Module, path: str, edits: list[dict]) -> None:
+    """Append the edits that turn ``base`` into ``model`` below ``path``."""
+    if type(base) is not type(model):
+        op = "identity" if isinstance(model, nn.Identity) else "replace"
+        edits.append({"op": op, "path": path, "module": module_to_spec(model, path)})
+        return
+    if is_registered(model) and not isinstance(model, nn.Sequential):
+        spec = module_to_spec(model, path)
+        if spec != module_to_spec(base, path):
+            edits.append({"op": "resize", "path": path, "module": spec})
+        return
+    base_children, children = dict(base.named_children()), dict(model.named_children())
+    if base_children.keys() != children.keys():
+        if isinstance(model, nn.Sequential):  # a Sequential whose length changed
+            edits.append({"op": "replace", "path": path, "module": module_to_spec(model, path)})
+            return
+        raise LeanconvError(
+            f"module {path or 'model'!r} ({type(model).__name__}) gained or lost sub-modules; replace "
+            "the whole module with leanconv layer types to make the change storable"
+        )
+    for name, child in children.items():
+        _diff(base_children[name], child, f"{path}.{name}" if path else name, edits)
+
+
+def find_edits(model: nn.Module, base: nn.Module) -> list[dict]:
+    """The structural edits that turn ``base`` into ``model`` (shapes and types only)."""
+    edits: list[dict] = []
+    _diff(base, model, "", edits)
+    return edits
+
+
+def apply_edits(model: nn.Module, edits: list[dict]) -> nn.Module:
+    """Replay edits on ``model`` in order; returns the (possibly new) root module."""
+    for edit in edits:
+        path = edit.get("path")
+        if not isinstance(path, str) or "module" not in edit:
+            raise LeanconvError(f"malformed checkpoint edit {edit!r}; the file is corrupt")
+        new = module_from_spec(edit["module"])
+        if path == "":
+            model = new
+            continue
+        parent_path, _, name = path.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_path) if parent_path else model
+        except AttributeError as exc:
+            raise LeanconvError(f"checkpoint edit names {path!r}, which the base model lacks") from exc
+        if name not in parent._modules:
+            raise LeanconvError(f"checkpoint edit names {path!r}, which the base model lacks")
+        parent._modules[name] = new
+    return model
+
+
+def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` on a temporary name in the target folder, then rename over ``path``:
+    a crash never leaves a partial file where a good one was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save(model: nn.Module, path: str | os.PathLike, constructor: Callable[..., nn.Module] | str | None = None,
+         extra_tensors: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Write ``model`` to ``path`` atomically; returns the header written.
+
+    ``model`` must carry ``leanconv_base`` (set by ``leanconv.models.create`` or
+    ``from_constructor``). ``extra_tensors`` (e.g. optimiser state) are stored under the
+    ``__extra__.`` prefix and ignored by :func:`load`.
+    """
+    base_record = getattr(model, "leanconv_base", None)
+    if base_record is None:
+        raise LeanconvError("model has no leanconv_base record; build it with leanconv.models.create or from_constructor")
+    base = build_base(base_record, constructor)
+    header = {
+        "format": FORMAT,
+        "base": base_record,
+        "edits": find_edits(model, base),
+        "meta": getattr(model, "leanconv_meta", {}),
+    }
+    tensors = _state_tensors(model)
+    for key, value in (extra_tensors or {}).items():
+        tensors[f"__extra__.{key}"] = value.detach().cpu().contiguous().clone()
+    text = json.dumps(header, sort_keys=True)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"leanconv": text}))
+    return header
+
+
+def read_header(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate the JSON header of a leanconv checkpoint without loading weights."""
+    path = Path(path)
+    if not path.is_file():
+        raise LeanconvError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        with open(path, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            if size <= 0 or size > min(path.stat().st_size - 8, 100_000_000):
+                raise ValueError("bad header length")
+            raw = json.loads(fh.read(size))
+        text = raw["__metadata__"]["leanconv"]
+        header = json.loads(text)
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise LeanconvError(f"{str(path)!r} is not a leanconv checkpoint (safetensors with a leanconv header)") from exc
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise LeanconvError(f"{str(path)!r} has an unsupported leanconv checkpoint format")
+    return header
+
+
+def load(path: str | os.PathLike, constructor: Callable[..., nn.Module] | str | None = None,
+         with_extra: bool = False) -> nn.Module | tuple[nn.Module, dict[str, torch.Tensor]]:
+    """Rebuild the model stored at ``path``: base + edits + weights (strict). No pickle.
+
+    With ``with_extra`` also returns the ``extra_tensors`` given to :func:`save`.
+    """
+    header = read_header(path)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise LeanconvError(f"{str(path)!r} is truncated or corrupt: {exc}") from exc
+    model = build_base(header["base"], constructor)
+    model = apply_edits(model, header.get("edits", []))
+    model.leanconv_base = header["base"]
+    model.leanconv_meta = header.get("meta", {})
+    extra = {k[len("__extra__."):]: v for k, v in tensors.items() if k.startswith("__extra__.")}
+    state = {k: v for k, v in tensors.items() if not k.startswith("__extra__.")}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatch
+        raise LeanconvError(f"checkpoint {str(path)!r} does not fit its own architecture; the file is corrupt") from exc
+    if missing or unexpected:
+        raise LeanconvError(
+            f"checkpoint {str(path)!r} does not fit its own architecture (missing {list(missing)[:3]}, "
+            f"unexpected {list(unexpected)[:3]}); the file is corrupt"
+        )
+    model.eval()
+    return (model, extra) if with_extra else model

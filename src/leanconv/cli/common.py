@@ -1,0 +1,154 @@
+"""Pieces shared by the subcommands: model and data arguments, progress bars, JSON output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+from leanconv import checkpoint
+from leanconv.data import load_dataset
+from leanconv.data.splits import DatasetSplits
+from leanconv.errors import LeanconvError
+from leanconv.models import create, names
+
+__all__ = [
+    "add_data_args", "add_model_args", "load_model", "load_data", "data_from_meta", "parse_shape",
+    "progress_bar", "write_json", "positive_int", "fraction", "input_shape_of", "resolution_of",
+]
+
+DEFAULT_DATA = "fashion-mnist"
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {value}")
+    return value
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """``"3,32,32"`` -> ``(3, 32, 32)``."""
+    parts = text.replace("x", ",").split(",")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"input shape must look like C,H,W (e.g. 3,32,32), got {text!r}") from None
+    if len(shape) != 3 or min(shape) <= 0:
+        raise argparse.ArgumentTypeError(f"input shape must be three positive numbers C,H,W, got {text!r}")
+    return shape  # type: ignore[return-value]
+
+
+def add_data_args(parser: argparse.ArgumentParser, default: str | None = DEFAULT_DATA) -> None:
+    helptext = "dataset: fashion-mnist, cifar10, cifar100, synthetic"
+    if default is None:
+        helptext += " (default: the one the checkpoint was trained on)"
+    else:
+        helptext += f" (default: {default})"
+    parser.add_argument("--data", default=default, help=helptext)
+    parser.add_argument("--data-dir", default=None, help="folder with the dataset files (default: the system copy)")
+    parser.add_argument("--batch-size", type=positive_int, default=128, help="images per batch (default: 128)")
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--constructor", default=None, metavar="PKG.MODULE:FN",
+                        help="the user model constructor a checkpoint was built from (never imported unless named here)")
+
+
+def load_model(spec: str, *, constructor: str | None = None, input_shape: tuple[int, int, int] | None = None,
+               num_classes: int | None = None) -> nn.Module:
+    """A checkpoint path or a zoo model name -> model (zoo models are freshly initialised)."""
+    path = Path(spec)
+    if path.exists() or spec.endswith(".safetensors"):
+        return checkpoint.load(path, constructor=constructor)
+    if spec not in names():
+        raise LeanconvError(f"{spec!r} is neither a checkpoint file nor a zoo model; zoo models: {', '.join(names())}")
+    shape = input_shape or (3, 32, 32)
+    kwargs: dict[str, Any] = {"in_channels": shape[0], "input_size": shape[1]}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    model = create(spec, **kwargs)
+    model.leanconv_meta = {"input_shape": list(shape), "num_classes": num_classes or 10}
+    return model
+
+
+def input_shape_of(model: nn.Module, override: tuple[int, int, int] | None = None) -> tuple[int, int, int]:
+    """The input shape to use with ``model``: an override, else the one in its record."""
+    if override is not None:
+        return override
+    shape = getattr(model, "leanconv_meta", {}).get("input_shape")
+    if shape is None:
+        raise LeanconvError("the model records no input shape; pass --input-shape C,H,W")
+    return tuple(int(s) for s in shape)  # type: ignore[return-value]
+
+
+def resolution_of(model: nn.Module, data: DatasetSplits) -> int | None:
+    """The side the loaders must resize to for ``model`` (None when it is the data's own)."""
+    shape = getattr(model, "leanconv_meta", {}).get("input_shape")
+    if shape is None or int(shape[-1]) == data.image_size:
+        return None
+    return int(shape[-1])
+
+
+def load_data(name: str, data_dir: str | None) -> DatasetSplits:
+    return load_dataset(name, data_dir)
+
+
+def data_from_meta(model: nn.Module, args: argparse.Namespace) -> DatasetSplits:
+    """The dataset given on the command line, else the one the model was trained on."""
+    meta = getattr(model, "leanconv_meta", {}).get("dataset") or {}
+    name = args.data or meta.get("name")
+    if name is None:
+        raise LeanconvError("the model records no dataset; pass --data")
+    data_dir = args.data_dir if args.data_dir is not None else (meta.get("data_dir") if name == meta.get("name") else None)
+    return load_dataset(name, data_dir)
+
+
+def progress_bar(desc: str, enabled: bool = True) -> tuple[Callable[[int, int, dict], None], Callable[[], None]]:
+    """A ``progress(done, total, info)`` callback drawing a tqdm bar on stderr, and a closer."""
+    from tqdm import tqdm
+
+    state: dict[str, Any] = {"bar": None}
+
+    def update(done: int, total: int, info: dict) -> None:
+        if not enabled:
+            return
+        bar = state["bar"]
+        if bar is None or bar.total != total:
+            if bar is not None:
+                bar.close()
+            bar = state["bar"] = tqdm(total=total, desc=desc, unit="step", file=sys.stderr,
+                                      dynamic_ncols=True, leave=True)
+        bar.n = done
+        bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in info.items()}, refresh=False)
+        bar.refresh()
+
+    def close() -> None:
+        if state["bar"] is not None:
+            state["bar"].close()
+            state["bar"] = None
+
+    return update, close
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    text = json.dumps(obj, indent=2, sort_keys=True, default=str)
+    checkpoint.atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))

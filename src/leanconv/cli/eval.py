@@ -1,0 +1,42 @@
+"""``leanconv eval CKPT``: accuracy and loss on a split of the model's dataset."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from leanconv.cli.common import add_data_args, add_model_args, data_from_meta, load_model, resolution_of
+from leanconv.errors import LeanconvError
+from leanconv.train import evaluate
+
+__all__ = ["register", "run"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="accuracy and loss of a checkpoint",
+                       description="Evaluate a checkpoint on the dataset and input shape it was trained with "
+                       "(override with --data/--data-dir).")
+    p.add_argument("ckpt", metavar="CKPT", help="a leanconv .safetensors checkpoint")
+    add_model_args(p)
+    add_data_args(p, default=None)
+    p.add_argument("--split", choices=["test", "val", "train"], default="test")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    model = load_model(args.ckpt, constructor=args.constructor)
+    data = data_from_meta(model, args)
+    shape = model.leanconv_meta.get("input_shape")
+    if shape and shape[0] != data.in_channels:
+        raise LeanconvError(f"the model takes {shape[0]} input channels but {data.name} has {data.in_channels}")
+    loader = data.loader(args.split, args.batch_size, resolution=resolution_of(model, data))
+    metrics = evaluate(model, loader)
+    result = {"accuracy": metrics["accuracy"], "loss": metrics["loss"], "n": metrics["n"],
+              "split": args.split, "dataset": data.name, "input_shape": shape}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.split} accuracy {metrics['accuracy']:.2f}%  loss {metrics['loss']:.4f}  "
+              f"({metrics['n']} images of {data.name}, input {shape})")
+    return 0

@@ -1,0 +1,64 @@
+"""``leanconv`` command line: argv -> config -> library call.
+
+Each subcommand lives in its own module with ``register(subparsers)``, which adds its parser
+and sets ``func`` to a ``run(args) -> int`` function. User errors (``LeanconvError``, bad
+arguments) print one line and exit with status 2; Ctrl-C exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from leanconv import __version__
+from leanconv.errors import LeanconvError
+
+__all__ = ["main", "build_parser", "SUBCOMMANDS"]
+
+# Subcommand modules, in the order --help lists them.
+SUBCOMMANDS = ["train", "eval", "profile"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, like every other leanconv error."""
+
+    def error(self, message: str) -> None:  # noqa: D102 - argparse API
+        self.exit(2, f"leanconv: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="leanconv",
+        description="Make CNNs physically smaller and measurably faster: HAP and classic channel pruning, "
+        "3-D (depth x width x resolution) pruning, sliding-channel and periodic sparse convolutions.",
+    )
+    parser.add_argument("--version", action="version", version=f"leanconv {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in SUBCOMMANDS:
+        importlib.import_module(f"leanconv.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except LeanconvError as exc:
+        print(f"leanconv: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("leanconv: interrupted; finished work is saved (re-run with --resume where offered)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

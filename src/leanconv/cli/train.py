@@ -1,0 +1,111 @@
+"""``leanconv train``: train a zoo model (or continue from a checkpoint) on a dataset."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from leanconv import checkpoint
+from leanconv.cli.common import (add_data_args, add_model_args, load_data, load_model, positive_int,
+                                 progress_bar, resolution_of, write_json)
+from leanconv.errors import LeanconvError
+from leanconv.train import TrainConfig, evaluate, fit
+
+__all__ = ["register", "run", "config_from_args", "loaders_for"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model; writes DIR/model.safetensors",
+                       description="Train a zoo model from scratch, or a checkpoint (--from) from its current "
+                       "weights (e.g. a converted SCC/pSConv model). Writes DIR/model.safetensors, "
+                       "DIR/metrics.jsonl (one line per epoch) and DIR/config.json.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, help="zoo model name (default: resnet20)")
+    src.add_argument("--from", dest="from_ckpt", default=None, metavar="CKPT", help="start from this checkpoint")
+    add_model_args(p)
+    add_data_args(p)
+    p.add_argument("--epochs", type=positive_int, default=10, help="epochs (default: 10)")
+    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate (default: 0.1)")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--schedule", choices=["cosine", "step"], default="cosine")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resolution", type=positive_int, default=None, help="train at this input side (default: the data's)")
+    p.add_argument("--subset", type=positive_int, default=None, help="train on this many images only (quick runs)")
+    p.add_argument("--no-augment", action="store_true", help="turn off random crop and flip")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: PyTorch's)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in DIR")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(epochs=args.epochs, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                       schedule=args.schedule, seed=args.seed, threads=args.threads)
+
+
+def loaders_for(data, batch_size: int, *, resolution: int | None, seed: int, augment: bool = True,
+                subset: int | None = None):
+    """Train (shuffled, augmented), validation and test loaders at ``resolution``."""
+    train = data.loader("train", batch_size, shuffle=True, augment=augment, resolution=resolution, seed=seed,
+                        subset=subset, drop_last=True)
+    val = data.loader("val", 256, resolution=resolution)
+    test = data.loader("test", 256, resolution=resolution)
+    return train, val, test
+
+
+def _build_model(args: argparse.Namespace, data) -> torch.nn.Module:
+    side = args.resolution or data.image_size
+    shape = (data.in_channels, side, side)
+    if args.from_ckpt:
+        model = load_model(args.from_ckpt, constructor=args.constructor)
+        recorded = model.leanconv_meta.get("input_shape")
+        if recorded and recorded[0] != data.in_channels:
+            raise LeanconvError(f"{args.from_ckpt} takes {recorded[0]} input channels but {data.name} has "
+                                f"{data.in_channels}; pick matching data")
+        if args.resolution is None and recorded:
+            shape = tuple(recorded)
+        return _with_meta(model, data, shape, args)
+    torch.manual_seed(args.seed)
+    model = load_model(args.model or "resnet20", input_shape=shape, num_classes=data.num_classes)
+    return _with_meta(model, data, shape, args)
+
+
+def _with_meta(model, data, shape, args):
+    meta = dict(getattr(model, "leanconv_meta", {}))
+    meta.update({"input_shape": list(shape), "num_classes": data.num_classes,
+                 "dataset": {"name": data.name, "data_dir": args.data_dir}})
+    model.leanconv_meta = meta
+    return model
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if args.resume and not (out / "train_state.safetensors").exists():
+        raise LeanconvError(f"nothing to resume in {out}: no train_state.safetensors; drop --resume")
+    if args.from_ckpt and not Path(args.from_ckpt).is_file():
+        raise LeanconvError(f"checkpoint {args.from_ckpt!r} does not exist")
+    config = config_from_args(args)
+    data = load_data(args.data, args.data_dir)
+    model = _build_model(args, data)
+    train, val, test = loaders_for(data, args.batch_size, resolution=resolution_of(model, data), seed=args.seed,
+                                   augment=not args.no_augment, subset=args.subset)
+    write_json(out / "config.json", {"command": "train", "args": {k: v for k, v in vars(args).items() if k != "func"},
+                                     "train_config": asdict(config), "model": model.leanconv_base})
+    update, close = progress_bar(f"train {args.model or args.from_ckpt}", enabled=not args.no_progress)
+    try:
+        result = fit(model, train, config, val_loader=val, out_dir=out, resume=args.resume, progress=update)
+    finally:
+        close()
+    metrics = evaluate(model, test, config.channels_last)
+    model.leanconv_meta["test"] = {"loss": metrics["loss"], "accuracy": metrics["accuracy"]}
+    checkpoint.save(model, out / "model.safetensors")
+    summary = {"test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"], "epochs_run": result.epochs_run,
+               "seconds": round(result.seconds, 1), "model": str(out / "model.safetensors")}
+    print(json.dumps(summary))
+    return 0

@@ -1,0 +1,22 @@
+"""Shared fixtures: tiny models and data so that every test runs in seconds."""
+
+import pytest
+import torch
+
+from leanconv.data import load_dataset
+
+
+# Small tensors run faster on one thread, and the suite is not a benchmark.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_data():
+    """A small synthetic dataset (3x16x16, few hundred images)."""
+    return load_dataset("synthetic")

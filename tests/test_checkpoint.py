@@ -1,0 +1,164 @@
+"""Checkpoints: round trips for every zoo model, structural edits, and refusal of bad files."""
+
+import os
+import pickle
+import sys
+
+import pytest
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from leanconv import checkpoint
+from leanconv.errors import LeanconvError
+from leanconv.models import create, from_constructor, names
+
+
+def _logits(model, shape=(3, 32, 32)):
+    torch.manual_seed(1)
+    x = torch.randn(2, *shape)
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+def _randomise_bn(model):
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+
+
+@pytest.mark.parametrize("name", names())
+def test_round_trip_every_zoo_model(name, tmp_path):
+    model = create(name, num_classes=7, in_channels=3, input_size=32)
+    _randomise_bn(model)
+    path = tmp_path / "m.safetensors"
+    header = checkpoint.save(model, path)
+    assert header["edits"] == []
+    loaded = checkpoint.load(path)
+    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0, atol=0)
+
+
+def test_pruned_model_is_stored_as_resize_edits(tmp_path):
+    model = create("resnet20")
+    example = torch.randn(1, 3, 32, 32)
+    pruner = tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=1),
+                                       pruning_ratio=0.5, ignored_layers=[model.fc])
+    pruner.step()
+    before = sum(p.numel() for p in create("resnet20").parameters())
+    assert sum(p.numel() for p in model.parameters()) < 0.5 * before
+    header = checkpoint.save(model, tmp_path / "p.safetensors")
+    assert header["edits"] and {e["op"] for e in header["edits"]} == {"resize"}
+    loaded = checkpoint.load(tmp_path / "p.safetensors")
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in model.parameters())
+    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0, atol=0)
+
+
+def test_block_replaced_by_identity_and_new_layer_types(tmp_path):
+    model = create("resnet20")
+    model.layer1[1] = nn.Identity()
+    model.layer2[0].conv2 = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, groups=32, bias=False),
+                                          nn.Conv2d(32, 32, 1, bias=False))
+    header = checkpoint.save(model, tmp_path / "e.safetensors")
+    ops = {e["path"]: e["op"] for e in header["edits"]}
+    assert ops == {"layer1.1": "identity", "layer2.0.conv2": "replace"}
+    loaded = checkpoint.load(tmp_path / "e.safetensors")
+    assert isinstance(loaded.layer1[1], nn.Identity)
+    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0, atol=0)
+
+
+def test_meta_is_kept(tmp_path):
+    model = create("resnet20", in_channels=1, input_size=28)
+    model.leanconv_meta = {"input_shape": [1, 28, 28], "dataset": {"name": "fashion-mnist"}}
+    checkpoint.save(model, tmp_path / "m.safetensors")
+    assert checkpoint.load(tmp_path / "m.safetensors").leanconv_meta["dataset"]["name"] == "fashion-mnist"
+    assert checkpoint.read_header(tmp_path / "m.safetensors")["meta"]["input_shape"] == [1, 28, 28]
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_bomb_is_refused_without_running(tmp_path):
+    marker = tmp_path / "pwned"
+    bomb = _Boom()
+    bomb.marker = marker
+    _Boom.marker = str(marker)
+    path = tmp_path / "bomb.safetensors"
+    path.write_bytes(pickle.dumps(bomb))
+    with pytest.raises(LeanconvError, match="not a leanconv checkpoint"):
+        checkpoint.load(path)
+    torch.save({"w": torch.zeros(2)}, tmp_path / "torch.pt")
+    with pytest.raises(LeanconvError, match="not a leanconv checkpoint"):
+        checkpoint.load(tmp_path / "torch.pt")
+    assert not marker.exists()
+
+
+def test_truncated_and_foreign_files_are_refused(tmp_path):
+    model = create("resnet20")
+    path = tmp_path / "m.safetensors"
+    checkpoint.save(model, path)
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(LeanconvError):
+        checkpoint.load(tmp_path / "cut.safetensors")
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(3)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(LeanconvError, match="not a leanconv checkpoint"):
+        checkpoint.load(tmp_path / "plain.safetensors")
+    with pytest.raises(LeanconvError, match="does not exist"):
+        checkpoint.load(tmp_path / "missing.safetensors")
+
+
+def test_failed_save_leaves_the_old_file(tmp_path, monkeypatch):
+    model = create("resnet20")
+    path = tmp_path / "m.safetensors"
+    checkpoint.save(model, path)
+    good = path.read_bytes()
+
+    def broken(tensors, filename, metadata=None):
+        with open(filename, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", broken)
+    with pytest.raises(OSError):
+        checkpoint.save(create("resnet32"), path)
+    assert path.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def user_net(width=4):
+    """A user's model defined outside leanconv."""
+    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(width, 2))
+
+
+def test_user_constructor_is_only_used_when_given(tmp_path):
+    target = f"{__name__}:user_net"
+    model = from_constructor(target, width=6)
+    path = tmp_path / "u.safetensors"
+    checkpoint.save(model, path, constructor=target)
+    with pytest.raises(LeanconvError, match="user constructor"):
+        checkpoint.load(path)
+    loaded = checkpoint.load(path, constructor=target)
+    torch.testing.assert_close(_logits(loaded), _logits(model))
+
+
+def test_header_never_names_foreign_layer_types(tmp_path):
+    model = create("resnet20")
+
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            return x * self.w
+
+    model.layer1[0].relu1 = Custom()
+    with pytest.raises(LeanconvError, match="not a leanconv layer type"):
+        checkpoint.save(model, tmp_path / "c.safetensors")
+    assert not (tmp_path / "c.safetensors").exists()

@@ -1,0 +1,94 @@
+"""Training loop: resume equals an uninterrupted run, divergence is caught, BN recalibration."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from leanconv import checkpoint
+from leanconv.errors import LeanconvError
+from leanconv.models import create
+from leanconv.train import TrainConfig, evaluate, fit, learning_rate, recalibrate_bn
+
+
+def _setup(tiny_data, seed=0, init_seed=None):
+    torch.manual_seed(seed if init_seed is None else init_seed)
+    model = create("resnet20", num_classes=tiny_data.num_classes, in_channels=tiny_data.in_channels,
+                   input_size=tiny_data.image_size)
+    train = tiny_data.loader("train", 64, shuffle=True, augment=True, seed=seed, drop_last=True)
+    val = tiny_data.loader("val", 128)
+    return model, train, val
+
+
+def test_training_learns(tiny_data):
+    model, train, val = _setup(tiny_data)
+    before = evaluate(model, val)["accuracy"]
+    fit(model, train, TrainConfig(epochs=3, lr=0.05), val_loader=val)
+    after = evaluate(model, val)["accuracy"]
+    assert after > before + 20
+
+
+def test_resume_equals_uninterrupted(tiny_data, tmp_path):
+    config = TrainConfig(epochs=3, lr=0.05, seed=3)
+    model_a, train, val = _setup(tiny_data, seed=3)
+    fit(model_a, train, config, val_loader=val, out_dir=tmp_path / "a")
+
+    model_b, train, val = _setup(tiny_data, seed=3)
+
+    def interrupt(done, total, info):
+        if info["epoch"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(model_b, train, config, val_loader=val, out_dir=tmp_path / "b", progress=interrupt)
+    assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 2
+
+    model_c, train, val = _setup(tiny_data, seed=3, init_seed=99)  # different init: resume must overwrite it
+    result = fit(model_c, train, config, val_loader=val, out_dir=tmp_path / "b", resume=True)
+    assert result.epochs_run == 1
+    for (name, a), c in zip(model_a.state_dict().items(), model_c.state_dict().values()):
+        torch.testing.assert_close(c, a, rtol=0, atol=0, msg=name)
+    rows_a = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    rows_b = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_accuracy"] for r in rows_a] == [r["val_accuracy"] for r in rows_b]
+
+
+def test_resume_refuses_a_different_config(tiny_data, tmp_path):
+    model, train, val = _setup(tiny_data)
+    fit(model, train, TrainConfig(epochs=1, lr=0.05), out_dir=tmp_path)
+    with pytest.raises(LeanconvError, match="different training config"):
+        fit(model, train, TrainConfig(epochs=1, lr=0.01), out_dir=tmp_path, resume=True)
+
+
+def test_divergence_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path):
+    model, train, val = _setup(tiny_data)
+    fit(model, train, TrainConfig(epochs=1, lr=0.05), out_dir=tmp_path)
+    good = (tmp_path / "model.safetensors").read_bytes()
+    with torch.no_grad():
+        model.fc.weight.fill_(float("nan"))
+    with pytest.raises(LeanconvError, match="diverged"):
+        fit(model, train, TrainConfig(epochs=2, lr=0.05), out_dir=tmp_path, resume=False)
+    assert (tmp_path / "model.safetensors").read_bytes() == good
+    assert math.isfinite(checkpoint.load(tmp_path / "model.safetensors").fc.weight.sum().item())
+
+
+def test_schedules():
+    cos = TrainConfig(epochs=1, lr=0.1)
+    assert learning_rate(cos, 0, 100) == pytest.approx(0.1)
+    assert learning_rate(cos, 50, 100) == pytest.approx(0.05)
+    step = TrainConfig(epochs=1, lr=0.1, schedule="step")
+    assert [round(learning_rate(step, s, 100), 6) for s in (0, 49, 50, 75)] == [0.1, 0.1, 0.01, 0.001]
+    with pytest.raises(LeanconvError):
+        TrainConfig(epochs=0)
+
+
+def test_recalibrate_bn_resets_statistics(tiny_data):
+    model, train, val = _setup(tiny_data)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.fill_(100.0)
+    assert evaluate(model, val)["accuracy"] < 60
+    n = recalibrate_bn(model, train, max_batches=4)
+    assert n > 0
+    assert model.bn1.running_mean.abs().max() < 50
