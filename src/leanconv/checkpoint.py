@@ -147,7 +147,11 @@ def save(model: nn.Module, path: str | os.PathLike, constructor: Callable[..., n
     tensors = _state_tensors(model)
     for key, value in (extra_tensors or {}).items():
         tensors[f"__extra__.{key}"] = value.detach().cpu().contiguous().clone()
-    text = json.dumps(header, sort_keys=True)
+    try:
+        text = json.dumps(header, sort_keys=True)
+    except TypeError as exc:
+        raise LeanconvError(f"cannot store the model's record as JSON ({exc}); build models with plain "
+                            "keyword values (layer types are swapped by edits, not constructor arguments)") from exc
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"leanconv": text}))
     return header
 

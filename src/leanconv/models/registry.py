@@ -59,7 +59,10 @@ def create(name: str, **kwargs: Any) -> nn.Module:
     ``num_classes``, ``in_channels`` and ``input_size``."""
     if name not in _MODELS:
         raise LeanconvError(f"unknown model {name!r}; choose one of: {', '.join(names())}")
-    model = _MODELS[name](**kwargs)
+    try:
+        model = _MODELS[name](**kwargs)
+    except TypeError as exc:  # a misspelt keyword
+        raise LeanconvError(f"bad arguments for model {name!r}: {exc}") from exc
     model.leanconv_base = {"zoo": name, "kwargs": dict(kwargs)}
     return model
 

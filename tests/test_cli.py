@@ -1,0 +1,113 @@
+"""The command line: help, the main subcommands on tiny data, and one-line errors with exit code 2."""
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from leanconv import checkpoint
+from leanconv.cli.main import main
+from leanconv.models import create
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _assert_user_error(capsys, *argv, match):
+    code, out, err = _run(capsys, *argv)
+    assert code == 2, (out, err)
+    lines = [l for l in err.strip().splitlines() if l]
+    assert len(lines) == 1 and lines[0].startswith("leanconv: error:"), err
+    assert "Traceback" not in err
+    assert match in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train")
+    code = main(["train", "--model", "resnet20", "--data", "synthetic", "--epochs", "1", "--out", str(out),
+                 "--no-progress"])
+    assert code == 0
+    return out
+
+
+def test_train_writes_model_metrics_and_config(trained):
+    assert (trained / "model.safetensors").exists()
+    rows = [json.loads(l) for l in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and 0 <= rows[0]["val_accuracy"] <= 100
+    config = json.loads((trained / "config.json").read_text())
+    assert config["train_config"]["epochs"] == 1
+    meta = checkpoint.read_header(trained / "model.safetensors")["meta"]
+    assert meta["dataset"]["name"].startswith("synthetic") and meta["input_shape"] == [3, 16, 16]
+
+
+def test_eval_json_uses_the_recorded_dataset(trained, capsys):
+    code, out, _ = _run(capsys, "eval", str(trained / "model.safetensors"), "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["dataset"].startswith("synthetic") and 0 <= result["accuracy"] <= 100 and result["n"] == 128
+
+
+def test_profile_json_has_the_required_keys(capsys):
+    code, out, _ = _run(capsys, "profile", "resnet20", "--input-shape", "3,32,32", "--json", "--repeats", "2")
+    assert code == 0
+    result = json.loads(out)
+    assert {"params", "macs", "flops", "latency_ms", "layers"} <= set(result)
+    assert {"batch1", "batch64"} <= set(result["latency_ms"])
+    assert abs(result["params"] / 0.27e6 - 1) < 0.02 and abs(result["macs"] / 40.8e6 - 1) < 0.02
+    assert result["flops"] == 2 * result["macs"]
+
+
+def test_profile_of_a_checkpoint_uses_its_input_shape(trained, capsys):
+    code, out, _ = _run(capsys, "profile", str(trained / "model.safetensors"), "--json", "--no-latency")
+    assert code == 0 and json.loads(out)["input_shape"] == [3, 16, 16]
+
+
+def test_user_errors_are_one_line(tmp_path, capsys, trained):
+    _assert_user_error(capsys, "profile", "resnet999", match="resnet999")
+    _assert_user_error(capsys, "train", "--model", "nope", "--data", "synthetic", "--out", str(tmp_path / "x"),
+                       match="'nope' is neither a checkpoint file nor a zoo model")
+    _assert_user_error(capsys, "train", "--data", "mnist-ish", "--out", str(tmp_path / "x"), match="unknown dataset")
+    _assert_user_error(capsys, "train", "--data", "fashion-mnist", "--data-dir", str(tmp_path / "none"),
+                       "--out", str(tmp_path / "x"), match="none")
+    _assert_user_error(capsys, "profile", "resnet20", "--input-shape", "3,1,1", "--no-latency", match="input_size")
+    _assert_user_error(capsys, "profile", str(trained / "model.safetensors"), "--input-shape", "1,16,16",
+                       "--no-latency", match="shape")
+    bomb = tmp_path / "bomb.safetensors"
+    bomb.write_bytes(pickle.dumps({"a": 1}))
+    _assert_user_error(capsys, "eval", str(bomb), match="not a leanconv checkpoint")
+    good = (trained / "model.safetensors").read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good[: len(good) // 3])
+    _assert_user_error(capsys, "eval", str(cut), match="cut.safetensors")
+    _assert_user_error(capsys, "eval", str(trained / "model.safetensors"), "--data", "fashion-mnist",
+                       match="input channels")
+
+
+def test_bad_arguments_exit_2_and_overwrite_nothing(trained, capsys):
+    before = (trained / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--epochs", "0", "--data", "synthetic", "--out", str(trained)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--epochs" in err
+    assert (trained / "model.safetensors").read_bytes() == before
+
+
+def test_resume_without_state_is_an_error(tmp_path, capsys):
+    _assert_user_error(capsys, "train", "--data", "synthetic", "--out", str(tmp_path / "fresh"), "--resume",
+                       match="nothing to resume")
+
+
+def test_entry_point_help():
+    exe = Path(sys.executable).with_name("leanconv")
+    result = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    for command in ("train", "eval", "profile"):
+        assert command in result.stdout
