@@ -1,0 +1,168 @@
+"""Neural Implant: a pruned kxk conv plus a cheap 1x1 conv that stands in for some filters.
+
+Paper: Yu, Yao, Gholami et al., "Hessian-Aware Pruning and Optimal Neural Implant" (WACV
+2022), section 3.3. Of the channels that Hessian-aware pruning would remove, the most
+sensitive ones are not removed but *implanted*: their kxk filters are replaced by a 1x1
+pointwise conv that reads every (kept) input channel and starts at zero, so the network
+keeps the channel's downstream weights and fine-tuning grows the implant back. A 1x1 filter
+costs ``k*k`` times fewer MACs and parameters than the kxk filter it replaces.
+
+Layout (our choice): ``conv`` holds the kept kxk filters and ``implant`` the 1x1 filters;
+the output is ``cat([conv(x), implant(x)], dim=1)`` re-ordered by ``channel_order``, a list
+with ``channel_order[c]`` = position in that concatenation of output channel ``c``. The
+order lets implanted channels stay where the original conv had them, so downstream layers
+are untouched; ``None`` means the plain concatenation ``[kept..., implanted...]``.
+
+The implant reads the input tap at the centre of the kxk window (padding
+``p - d*(k-1)/2``; a negative value crops the input), so its output has the kxk conv's
+spatial size for any stride, padding and dilation. Kernel sides must be odd.
+
+Cost (one call, whole batch): ``N*H_out*W_out*(kept*C_in*kh*kw + implanted*C_in)`` MACs
+(:meth:`ImplantConv2d.count_macs`); the re-ordering is a copy and counts 0 MACs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from leanconv.layers.spec import register_layer
+
+__all__ = ["ImplantConv2d"]
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _centre_offsets(kernel: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int]:
+    """Per side: padding of a 1x1 conv that reads the kxk window's centre tap (may be < 0)."""
+    if kernel[0] % 2 == 0 or kernel[1] % 2 == 0:
+        raise ValueError(f"Neural Implant needs odd kernel sides, got {kernel}")
+    return (padding[0] - dilation[0] * (kernel[0] - 1) // 2, padding[1] - dilation[1] * (kernel[1] - 1) // 2)
+
+
+@register_layer
+class ImplantConv2d(nn.Module):
+    """A kxk conv with ``kept_channels`` filters plus ``implant_channels`` zero-initialised 1x1
+    filters over all ``in_channels`` inputs (HAP Neural Implant); see the module docstring.
+
+    ``channel_order`` (length ``kept + implanted``, a permutation) places the concatenated
+    outputs; ``None`` keeps ``[kept..., implanted...]``. Only ``groups=1`` convs are implanted.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        kept_channels: int,
+        implant_channels: int,
+        kernel_size: int | Sequence[int],
+        stride: int | Sequence[int] = 1,
+        padding: int | Sequence[int] = 0,
+        dilation: int | Sequence[int] = 1,
+        bias: bool = False,
+        padding_mode: str = "zeros",
+        channel_order: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        kernel, stride, padding, dilation = _pair(kernel_size), _pair(stride), _pair(padding), _pair(dilation)
+        if kept_channels < 1 or implant_channels < 1:
+            raise ValueError("ImplantConv2d needs at least one kept and one implanted channel")
+        offsets = _centre_offsets(kernel, padding, dilation)
+        self.conv = nn.Conv2d(in_channels, kept_channels, kernel, stride, padding, dilation, bias=bias,
+                              padding_mode=padding_mode)
+        self.implant = nn.Conv2d(in_channels, implant_channels, 1, stride, tuple(max(o, 0) for o in offsets),
+                                 bias=bias, padding_mode=padding_mode)
+        nn.init.zeros_(self.implant.weight)
+        if self.implant.bias is not None:
+            nn.init.zeros_(self.implant.bias)
+        self._crop = tuple(max(-o, 0) for o in offsets)
+        self.set_channel_order(channel_order)
+
+    def set_channel_order(self, channel_order: Sequence[int] | None) -> None:
+        """Set the output permutation (see the class docstring); identity orders are dropped."""
+        total = self.conv.out_channels + self.implant.out_channels
+        order = None if channel_order is None else [int(c) for c in channel_order]
+        if order is not None and sorted(order) != list(range(total)):
+            raise ValueError(f"channel_order must be a permutation of 0..{total - 1}")
+        if order == list(range(total)):
+            order = None
+        self.channel_order = order
+        index = torch.tensor(order if order is not None else [], dtype=torch.long)
+        self.register_buffer("_order", index, persistent=False)
+
+    @property
+    def out_channels(self) -> int:
+        return self.conv.out_channels + self.implant.out_channels
+
+    @property
+    def in_channels(self) -> int:
+        return self.conv.in_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        ch, cw = self._crop
+        xi = x[:, :, ch : x.shape[2] - ch, cw : x.shape[3] - cw] if (ch or cw) else x
+        y = torch.cat([self.conv(x), self.implant(xi)], dim=1)
+        return y if self.channel_order is None else y.index_select(1, self._order)
+
+    def dense_weight(self) -> tuple[Tensor, Tensor | None]:
+        """The equivalent plain kxk conv: weight ``[out, in, kh, kw]`` with each implant filter at
+        the centre tap, and bias, both in output order. ``self.conv``'s stride, padding and
+        dilation apply. For analysis; the layer itself never materialises it."""
+        kh, kw = self.conv.kernel_size
+        centre = self.conv.weight.new_zeros(self.implant.out_channels, self.in_channels, kh, kw)
+        centre[:, :, kh // 2, kw // 2] = self.implant.weight[:, :, 0, 0]
+        weight = torch.cat([self.conv.weight, centre])
+        bias = None if self.conv.bias is None else torch.cat([self.conv.bias, self.implant.bias])
+        if self.channel_order is not None:
+            weight = weight.index_select(0, self._order)
+            bias = None if bias is None else bias.index_select(0, self._order)
+        return weight, bias
+
+    def count_macs(self, input: Tensor, output: Tensor) -> int:
+        """Exact multiply-accumulates of one call (whole batch): kxk filters plus 1x1 filters."""
+        per_position = output.shape[0] * output.shape[2] * output.shape[3]
+        kh, kw = self.conv.kernel_size
+        kept = self.conv.out_channels * self.conv.in_channels * kh * kw
+        return per_position * (kept + self.implant.out_channels * self.implant.in_channels)
+
+    def spec_kwargs(self) -> dict[str, Any]:
+        c = self.conv
+        return {
+            "in_channels": c.in_channels,
+            "kept_channels": c.out_channels,
+            "implant_channels": self.implant.out_channels,
+            "kernel_size": list(c.kernel_size),
+            "stride": list(c.stride),
+            "padding": list(c.padding),
+            "dilation": list(c.dilation),
+            "bias": c.bias is not None,
+            "padding_mode": c.padding_mode,
+            "channel_order": self.channel_order,
+        }
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, implanted: Sequence[int]) -> "ImplantConv2d":
+        """Implant output channels ``implanted`` of ``conv``: the other filters are copied, the
+        implanted ones become zero 1x1 filters (their bias entries are kept); channel order and
+        count are unchanged, so ``conv``'s consumers need no change."""
+        implanted = sorted({int(c) for c in implanted})
+        if conv.groups != 1 or isinstance(conv.padding, str):
+            raise ValueError("Neural Implant supports plain convs (groups=1, numeric padding)")
+        kept = [c for c in range(conv.out_channels) if c not in set(implanted)]
+        layer = cls(conv.in_channels, len(kept), len(implanted), conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, conv.bias is not None, conv.padding_mode)
+        position = {c: i for i, c in enumerate(kept + implanted)}
+        layer.set_channel_order([position[c] for c in range(conv.out_channels)])
+        layer.to(device=conv.weight.device, dtype=conv.weight.dtype)
+        with torch.no_grad():
+            layer.conv.weight.copy_(conv.weight[kept])
+            if conv.bias is not None:
+                layer.conv.bias.copy_(conv.bias[kept])
+                layer.implant.bias.copy_(conv.bias[implanted])
+        return layer
+
+    def extra_repr(self) -> str:
+        return f"kept={self.conv.out_channels}, implanted={self.implant.out_channels}, reordered={self.channel_order is not None}"

@@ -1,0 +1,392 @@
+"""Prune channels until the model's MACs or parameters meet a budget.
+
+``prune_to_budget(model, importance, x, target=0.5)`` removes the least important
+channels of the whole network (global ranking, as in HAP: Yu et al., WACV 2022) until the
+counted cost of the *realised* model is within ``tol`` (default 2%) of ``target`` times the
+original cost. How it decides:
+
+1. **Groups and units.** Channels are removed in coupled groups (:mod:`.groups`); a unit is
+   a group channel, or several tied by a grouped conv.
+2. **Scores.** The criterion gives one score per group channel (higher = keep). With
+   ``normalize="mean"`` (default) each group's scores are divided by their mean absolute
+   value, so layers whose weights are simply larger are not favoured; use
+   ``normalize="none"`` for scores that are already comparable across layers, such as HAP's
+   estimated loss change. A unit scores the mean of its channels.
+3. **Per-layer constraints.** However low its scores, a group keeps at least ``floor``
+   channels (an int, or a fraction of its channels) and at least one unit: a global ranking
+   never empties a layer. With ``round_to=N``, a pruned group keeps a multiple of ``N``
+   channels (at least ``N``); a group with fewer than ``N`` channels is left alone.
+4. **Search.** The units of all groups are sorted by score; removing the first ``n`` of them
+   (clipped by step 3) gives a plan. The cost falls monotonically with ``n``, so a binary
+   search finds the plan closest to the budget using an exact per-layer cost model
+   (:mod:`.cost_model`); the realised model is then counted with :func:`leanconv.cost.count`.
+   The minimal cost (every group at its floor) is computed first: an unreachable target
+   raises :class:`~leanconv.errors.LeanconvError` before any scoring or pruning.
+5. **Neural Implant** (``implant=F``): in groups produced by plain kxk convs, the most
+   important fraction ``F`` of the units the plan would remove are implanted instead
+   (:class:`~leanconv.layers.implant.ImplantConv2d`); the search counts their 1x1 cost.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from leanconv.cost import count
+from leanconv.errors import LeanconvError
+from leanconv.importance.base import ChannelGroup, ScoringData, check_scores
+from leanconv.layers.implant import ImplantConv2d
+from leanconv.prune.channels import can_implant, channel_counts, implant_channels, remove_channels
+from leanconv.prune.cost_model import Cost, CostModel
+from leanconv.prune.groups import TracedGroup, trace_groups
+
+__all__ = ["PruneResult", "prune_to_budget", "iterative_prune"]
+
+log = logging.getLogger(__name__)
+
+Importance = Callable[[nn.Module, Sequence[ChannelGroup], "ScoringData | None"], Sequence[Tensor]]
+Progress = Callable[[int, int, dict], None]
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """What :func:`prune_to_budget` did. Costs are for one image: ``params`` (count) and
+    ``macs`` (multiply-accumulates, counted on the realised model). ``achieved`` is the
+    realised cost of ``kind`` over the original. ``layers`` maps each conv/linear path to its
+    output channels (before, after; implanted channels count as kept). ``removed`` and
+    ``implanted`` list group channels (indices into the root layer's original outputs) by
+    group root."""
+
+    kind: str
+    target: float
+    achieved: float
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    layers: dict[str, tuple[int, int]] = field(default_factory=dict)
+    removed: dict[str, list[int]] = field(default_factory=dict)
+    implanted: dict[str, list[int]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["layers"] = {k: list(v) for k, v in self.layers.items()}
+        return d
+
+
+@dataclass
+class _Plan:
+    """Per group: removed and implanted group channels, and implants per conv path."""
+
+    removed: list[list[int]]
+    implanted: list[list[int]]
+    implant_convs: dict[int, dict[str, int]]
+
+
+class _Planner:
+    """Turns "remove the first n units of the global order" into a plan (steps 3 and 5)."""
+
+    def __init__(self, model: nn.Module, traced: Sequence[TracedGroup], *, floor: float, round_to: int | None,
+                 implant: float) -> None:
+        self.traced, self.round_to, self.implant = list(traced), round_to, implant
+        self.unit_size = [t.group.size // len(t.units) for t in traced]
+        self.min_kept = [max(1, math.ceil(_floor_channels(floor, t.group.size) / u)) for t, u in
+                         zip(traced, self.unit_size)]
+        self.implant_paths = [self._kxk_convs(model, t.group) if implant > 0 else [] for t in traced]
+        self.order: list[list[int]] = [list(range(len(t.units))) for t in traced]
+        self.sequence: list[int] = [g for g, t in enumerate(traced) for _ in t.units]
+
+    @staticmethod
+    def _kxk_convs(model: nn.Module, group: ChannelGroup) -> list[str]:
+        if not can_implant(model, group):
+            return []
+        return [m.module for m in group.out_members()
+                if isinstance(model.get_submodule(m.module), nn.Conv2d)
+                and max(model.get_submodule(m.module).kernel_size) > 1]
+
+    def rank(self, scores: Sequence[Tensor]) -> None:
+        """Sort units within each group and across groups by ascending score."""
+        entries = []
+        for g, (t, s) in enumerate(zip(self.traced, scores)):
+            unit_scores = [float(s[list(u)].mean()) for u in t.units]
+            self.order[g] = sorted(range(len(t.units)), key=lambda i: (unit_scores[i], i))
+            entries += [(unit_scores[i], g, r) for r, i in enumerate(self.order[g])]
+        self.sequence = [g for _, g, _ in sorted(entries)]
+
+    @property
+    def total(self) -> int:
+        return len(self.sequence)
+
+    def removable(self, g: int, candidates: int) -> tuple[int, int]:
+        """(removed, implanted) units of group ``g`` when ``candidates`` units fall below the threshold."""
+        units, u = len(self.traced[g].units), self.unit_size[g]
+        r = max(0, min(candidates, units - self.min_kept[g]))
+        if self.round_to and r:
+            step = self.round_to // math.gcd(self.round_to, u)
+            kept = math.ceil((units - r) / step) * step
+            r = 0 if kept >= units else units - kept
+        if not self.implant_paths[g] or not r:
+            return r, 0
+        m = int(self.implant * r + 0.5)
+        while self.round_to and m and (m * u) % self.round_to:
+            m -= 1
+        return r, m
+
+    def candidates(self, n: int) -> list[int]:
+        """Units per group among the ``n`` lowest-scored units of the network."""
+        counts = [0] * len(self.traced)
+        for g in self.sequence[:n]:
+            counts[g] += 1
+        return counts
+
+    def plan(self, candidates: Sequence[int]) -> _Plan:
+        plan = _Plan([], [], {})
+        for g, t in enumerate(self.traced):
+            r, m = self.removable(g, candidates[g])
+            chosen = [t.units[i] for i in self.order[g][:r]]
+            plan.removed.append(sorted(c for unit in chosen[: r - m] for c in unit))
+            plan.implanted.append(sorted(c for unit in chosen[r - m:] for c in unit))
+            if m:
+                plan.implant_convs[g] = {p: m * self.unit_size[g] for p in self.implant_paths[g]}
+        return plan
+
+
+def _floor_channels(floor: float, size: int) -> int:
+    return int(floor) if floor >= 1 else math.ceil(floor * size)
+
+
+def _check_options(target: float, kind: str, round_to: int | None, floor: float, implant: float, tol: float,
+                   normalize: str) -> None:
+    if kind not in ("macs", "params"):
+        raise LeanconvError(f"budget kind must be 'macs' or 'params', got {kind!r}")
+    if not 0 < target < 1:
+        raise LeanconvError(f"target {target} must be a fraction of the original {kind} in (0, 1), e.g. 0.5")
+    if round_to is not None and (int(round_to) != round_to or round_to < 1):
+        raise LeanconvError(f"round_to must be a positive integer such as 8, got {round_to}")
+    if not floor > 0:
+        raise LeanconvError(f"floor must be a channel count >= 1 or a fraction in (0, 1), got {floor}")
+    if not 0 <= implant < 1:
+        raise LeanconvError(f"implant must be a fraction in [0, 1), got {implant}")
+    if not 0 < tol < 1:
+        raise LeanconvError(f"tol must be in (0, 1), got {tol}")
+    if normalize not in ("mean", "none"):
+        raise LeanconvError(f"normalize must be 'mean' or 'none', got {normalize!r}")
+
+
+def _normalized(scores: Sequence[Tensor], normalize: str) -> list[Tensor]:
+    out = []
+    for s in scores:
+        s = s.detach().to("cpu", torch.float64)
+        scale = s.abs().mean()
+        out.append(s / scale if normalize == "mean" and scale > 0 else s)
+    return out
+
+
+def _search(cost_of: Callable[[list[int]], int], planner: _Planner, goal: float, tol: float) -> list[int]:
+    """Units to drop per group (candidates) whose plan costs closest to ``goal``.
+
+    Binary search over the global threshold (cost falls as more units drop). If the nearest
+    threshold misses ``goal`` by more than ``tol`` (``round_to`` makes steps coarse), continue
+    down the global order from the threshold and skip, for good, any group whose next step
+    would overshoot the budget."""
+    lo, hi = 0, planner.total  # cost(lo) > goal >= cost(hi), when reachable
+    if cost_of(planner.candidates(hi)) > goal:
+        return planner.candidates(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if cost_of(planner.candidates(mid)) <= goal else (mid, hi)
+    best = min((planner.candidates(lo), planner.candidates(hi)), key=lambda c: abs(cost_of(c) - goal))
+    if _fits(cost_of(best), goal, tol):
+        return best
+    return _refine(cost_of, planner, lo, goal, tol) or best
+
+
+def _refine(cost_of, planner: _Planner, start: int, goal: float, tol: float) -> list[int] | None:
+    counts, frozen = planner.candidates(start), set()
+    cost = cost_of(counts)
+    for g in planner.sequence[start:]:
+        if g in frozen:
+            continue
+        before = planner.removable(g, counts[g])
+        counts[g] += 1
+        if planner.removable(g, counts[g]) == before:
+            continue
+        new = cost_of(counts)
+        if new < goal * (1 - tol):
+            counts[g] -= 1
+            frozen.add(g)
+            continue
+        cost = new
+        if _fits(cost, goal, tol):
+            return counts
+    return None
+
+
+def _apply(model: nn.Module, traced: Sequence[TracedGroup], plan: _Plan, x: Tensor) -> None:
+    groups = [t.group for t in traced]
+    remove_channels(model, groups, {g: r for g, r in enumerate(plan.removed) if r}, x)
+    for g, channels in enumerate(plan.implanted):
+        if channels:
+            implant_channels(model, groups[g], channels, removed=plan.removed[g])
+
+
+def _counted(model: nn.Module, input_shape) -> Cost:
+    c = count(model, input_shape)
+    return Cost(c.params, c.macs)
+
+
+def _trial(model: nn.Module, traced, plan: _Plan, x: Tensor, input_shape) -> tuple[nn.Module, Cost]:
+    """A pruned copy of ``model`` and its counted cost; ``model`` itself is not touched."""
+    trial = copy.deepcopy(model)
+    _apply(trial, traced, plan, x)
+    return trial, _counted(trial, input_shape)
+
+
+def _scores(importance, model, groups, data) -> list[Tensor]:
+    """Scores from a criterion (a wrong shape is a criterion bug) or given by the caller."""
+    if callable(importance):
+        scores = list(importance(model, groups, data))
+        check_scores(groups, scores, getattr(importance, "name", type(importance).__name__))
+        return scores
+    scores = [torch.as_tensor(s) for s in importance]
+    sizes = [g.size for g in groups]
+    if [tuple(s.shape) for s in scores] != [(n,) for n in sizes] or not all(torch.isfinite(s).all() for s in scores):
+        raise LeanconvError(f"given scores do not fit the model's {len(groups)} channel groups (sizes {sizes}); "
+                            "compute them on channel_groups(model, example_input)")
+    return scores
+
+
+def _fits(cost: int, goal: float, tol: float) -> bool:
+    return abs(cost - goal) <= tol * goal
+
+
+def prune_to_budget(
+    model: nn.Module,
+    importance: Importance | Sequence[Tensor],
+    example_input: Tensor,
+    *,
+    target: float,
+    kind: str = "macs",
+    input_shape: Sequence[int] | None = None,
+    data: ScoringData | None = None,
+    round_to: int | None = None,
+    floor: float = 1,
+    implant: float = 0.0,
+    normalize: str = "mean",
+    tol: float = 0.02,
+    ignored: Sequence[str] = (),
+    strict: bool = True,
+    progress: Progress | None = None,
+) -> PruneResult:
+    """Remove channels of ``model`` in place until its ``kind`` ("macs" or "params", one image
+    of ``input_shape``, default ``example_input.shape[1:]``) is within ``tol`` of ``target``
+    times the original (module docstring). ``importance`` is a criterion called as
+    ``importance(model, groups, data)`` or precomputed scores for
+    ``channel_groups(model, example_input, ignored=ignored, strict=strict)``; with
+    ``strict=False`` channels that pass through layers leanconv cannot resize are kept
+    instead of raising. Raises :class:`LeanconvError` (model untouched) for bad options or
+    an unreachable target."""
+    _check_options(target, kind, round_to, floor, implant, tol, normalize)
+    report = progress or (lambda done, total, info: None)
+    shape = tuple(input_shape) if input_shape is not None else tuple(example_input.shape[1:])
+    traced = trace_groups(model, example_input, ignored=ignored, strict=strict)
+    if not traced:
+        raise LeanconvError("the model has no prunable channels (every layer is an output or excluded)")
+    report(1, 4, {"stage": "groups", "groups": len(traced)})
+    costs = CostModel(model, traced, shape)
+    planner = _Planner(model, traced, floor=floor, round_to=round_to, implant=implant)
+    goal = target * costs.base.of(kind)
+    lowest = costs.estimate(*_parts(planner.plan(planner.candidates(planner.total)))).of(kind)
+    if lowest > goal * (1 + tol):
+        raise LeanconvError(f"target {target} of the original {kind} is unreachable: with floor={floor} and "
+                            f"round_to={round_to} the smallest model keeps {lowest / costs.base.of(kind):.3f}")
+    planner.rank(_normalized(_scores(importance, model, [t.group for t in traced], data), normalize))
+    report(2, 4, {"stage": "scores"})
+    trial, plan, cost = _realise(model, traced, planner, costs, goal, kind, tol, example_input, shape)
+    report(3, 4, {"stage": "search", "ratio": cost.of(kind) / costs.base.of(kind)})
+    layers = _layer_changes(model, trial)
+    for name, child in list(trial.named_children()):
+        setattr(model, name, child)  # adopt the pruned layers; the model object stays the same
+    report(4, 4, {"stage": "prune"})
+    b = costs.base
+    return PruneResult(
+        kind=kind, target=target, achieved=cost.of(kind) / b.of(kind), params_before=b.params,
+        params_after=cost.params, macs_before=b.macs, macs_after=cost.macs, layers=layers,
+        removed={t.group.root: r for t, r in zip(traced, plan.removed) if r},
+        implanted={t.group.root: i for t, i in zip(traced, plan.implanted) if i},
+    )
+
+
+def _realise(model, traced, planner: _Planner, costs: CostModel, goal: float, kind: str, tol: float, x, shape):
+    """Search a plan on the cost model, prune a copy, count it; if the count disagrees with the
+    model (a layer the cost model cannot see), search again on counted copies."""
+    estimate = lambda c: costs.estimate(*_parts(planner.plan(c))).of(kind)  # noqa: E731
+    chosen = _search(estimate, planner, goal, tol)
+    trial, cost = _trial(model, traced, planner.plan(chosen), x, shape)
+    if cost.of(kind) != estimate(chosen):
+        log.warning("cost model missed the counted %s (%d vs %d); searching on counted models", kind,
+                    estimate(chosen), cost.of(kind))
+        counted = lambda c: _trial(model, traced, planner.plan(c), x, shape)[1].of(kind)  # noqa: E731
+        chosen = _search(counted, planner, goal, tol)
+        trial, cost = _trial(model, traced, planner.plan(chosen), x, shape)
+    if not _fits(cost.of(kind), goal, tol):
+        raise LeanconvError(f"cannot land within {tol:.0%} of the target: the nearest plan keeps "
+                            f"{cost.of(kind) / costs.base.of(kind):.3f} of the {kind}; lower round_to or raise tol")
+    return trial, planner.plan(chosen), cost
+
+
+def _parts(plan: _Plan) -> tuple[list[list[int]], dict[int, dict[str, int]]]:
+    return plan.removed, plan.implant_convs
+
+
+def _layer_changes(model: nn.Module, pruned: nn.Module) -> dict[str, tuple[int, int]]:
+    """Output channels (before, after) of every conv/linear/implant path of ``model``."""
+    after = channel_counts(pruned)
+    return {n: (c[1], after[n][1]) for n, c in channel_counts(model).items()
+            if n in after and isinstance(model.get_submodule(n), (nn.Conv2d, nn.Linear, ImplantConv2d))}
+
+
+def iterative_prune(
+    model: nn.Module,
+    importance: Importance,
+    example_input: Tensor,
+    finetune_fn: Callable[[nn.Module, int], None] | None,
+    *,
+    target: float,
+    steps: int = 3,
+    kind: str = "macs",
+    implant: float = 0.0,
+    progress: Progress | None = None,
+    **options: Any,
+) -> list[PruneResult]:
+    """Prune in ``steps`` rounds along a geometric schedule: after round ``s`` (1-based) the
+    model keeps ``target ** (s / steps)`` of its original ``kind``; scores are recomputed on
+    the current model each round and ``finetune_fn(model, s)`` (the caller's training, may be
+    None) runs after each round. Neural Implant (``implant``) is applied in the last round only,
+    because implanted outputs are not pruned again. ``options`` go to :func:`prune_to_budget`
+    (``data``, ``round_to``, ``floor``, ``normalize``, ``tol``, ``input_shape``, ``ignored``).
+    Returns one :class:`PruneResult` per round (ratios relative to that round's input)."""
+    if int(steps) != steps or steps < 1:
+        raise LeanconvError(f"steps must be a positive integer, got {steps}")
+    _check_options(target, kind, options.get("round_to"), options.get("floor", 1), implant,
+                   options.get("tol", 0.02), options.get("normalize", "mean"))
+    shape = options.get("input_shape") or tuple(example_input.shape[1:])
+    original = _counted(model, shape).of(kind)
+    results = []
+    for s in range(1, steps + 1):
+        step_target = target ** (s / steps) * original / _counted(model, shape).of(kind)
+        if step_target >= 1:
+            raise LeanconvError(f"round {s}: the model already meets the round's budget; use fewer steps")
+        results.append(prune_to_budget(model, importance, example_input, target=step_target, kind=kind,
+                                       implant=implant if s == steps else 0.0, **options))
+        if progress is not None:
+            progress(s, steps, {"stage": "round", "ratio": _counted(model, shape).of(kind) / original})
+        if finetune_fn is not None:
+            finetune_fn(model, s)
+    return results
