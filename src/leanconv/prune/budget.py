@@ -301,6 +301,8 @@ def prune_to_budget(
     report(1, 4, {"stage": "groups", "groups": len(traced)})
     costs = CostModel(model, traced, shape)
     planner = _Planner(model, traced, floor=floor, round_to=round_to, implant=implant)
+    if implant and not any(planner.implant_paths):
+        log.info("no channel group is produced by a plain kxk conv; nothing will be implanted")
     goal = target * costs.base.of(kind)
     lowest = costs.estimate(*_parts(planner.plan(planner.candidates(planner.total)))).of(kind)
     if lowest > goal * (1 + tol):
