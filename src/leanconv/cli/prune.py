@@ -1,0 +1,85 @@
+"""``leanconv prune CKPT``: remove channels physically to a MACs or params budget."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from leanconv import checkpoint
+from leanconv.cli.common import (add_data_args, add_model_args, data_from_meta, fraction, input_shape_of,
+                                 load_model, positive_int, progress_bar, resolution_of, write_json)
+from leanconv.errors import LeanconvError
+from leanconv.importance import criterion_names
+from leanconv.prune.pipeline import PruneConfig, run_pruning
+from leanconv.report.plots import channels_chart
+
+__all__ = ["register", "run"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prune", help="remove channels to a FLOPs/params budget (hap, l1, taylor, ...)",
+                       description="Rank channel groups globally with a criterion, remove the least important "
+                       "physically until the counted MACs (FLOPs = 2 x MACs, same ratio) or params land within 2%% "
+                       "of the target, optionally implant the most sensitive pruned channels (HAP Neural "
+                       "Implant), fine-tune, re-estimate BatchNorm statistics, and measure. Writes "
+                       "DIR/model.safetensors, DIR/record.json and DIR/channels.png.")
+    p.add_argument("ckpt", metavar="CKPT", help="a trained leanconv checkpoint")
+    add_model_args(p)
+    p.add_argument("--method", default="hap", choices=criterion_names(), help="importance criterion (default: hap)")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--target-flops", type=fraction, metavar="R", help="keep this fraction of the FLOPs/MACs")
+    budget.add_argument("--target-params", type=fraction, metavar="R", help="keep this fraction of the parameters")
+    p.add_argument("--implant", type=float, default=0.0, metavar="F",
+                   help="share of the pruned channels to implant as a 1x1 conv instead of removing (default: 0)")
+    p.add_argument("--round-to", type=positive_int, default=None, metavar="N", help="keep channel counts multiples of N")
+    p.add_argument("--steps", type=positive_int, default=1, metavar="K",
+                   help="prune in K rounds with fine-tuning between them (default: 1)")
+    p.add_argument("--finetune-epochs", type=int, default=0, metavar="N", help="fine-tuning epochs (default: 0)")
+    p.add_argument("--finetune-lr", type=float, default=0.01, help="fine-tuning learning rate (default: 0.01)")
+    p.add_argument("--score-images", type=positive_int, default=512, help="validation images for scoring (default: 512)")
+    p.add_argument("--probes", type=positive_int, default=64, help="cap on Hutchinson probes for hap (default: 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=positive_int, default=10, help="timed runs per latency figure (default: 10)")
+    add_data_args(p, default=None)
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace) -> PruneConfig:
+    if args.finetune_epochs < 0:
+        raise LeanconvError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
+    kind, target = ("macs", args.target_flops) if args.target_flops is not None else ("params", args.target_params)
+    return PruneConfig(method=args.method, target=target, kind=kind, implant=args.implant, round_to=args.round_to,
+                       steps=args.steps, finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
+                       batch_size=args.batch_size, score_images=args.score_images, probes=args.probes,
+                       seed=args.seed, latency_repeats=args.repeats)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    model = load_model(args.ckpt, constructor=args.constructor)
+    data = data_from_meta(model, args)
+    shape = input_shape_of(model)
+    update, close = progress_bar(f"prune {args.method}", enabled=not args.no_progress)
+    stage = (lambda text: None) if args.no_progress else (lambda text: print(f"leanconv: {text}", flush=True))
+    try:
+        record = run_pruning(model, data, shape, config, resolution=resolution_of(model, data), progress=update,
+                             stage=stage)
+    finally:
+        close()
+    out = Path(args.out)
+    record["source"] = str(args.ckpt)
+    model.leanconv_meta = {**model.leanconv_meta, "prune": {k: record[k] for k in ("method", "config", "achieved")},
+                           "test": {"accuracy": record["after"]["test_accuracy"]}}
+    checkpoint.save(model, out / "model.safetensors", constructor=args.constructor)
+    write_json(out / "record.json", record)
+    channels_chart(record["layers"], out / "channels.png",
+                   title=f"{args.method}: output channels per layer (target {config.target:g} of {config.kind})")
+    b, a = record["before"], record["after"]
+    print(json.dumps({"method": args.method, "macs": [b["macs"], a["macs"]], "params": [b["params"], a["params"]],
+                      "accuracy": [round(b["test_accuracy"], 2), round(a["test_accuracy"], 2)],
+                      "mac_reduction": round(record["mac_reduction"], 3),
+                      "speedup_batch64": round(record["speedup_batch64"], 3), "out": str(out)}))
+    return 0

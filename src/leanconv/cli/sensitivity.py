@@ -1,0 +1,69 @@
+"""``leanconv sensitivity CKPT``: per-channel and per-layer Hessian sensitivities (HAP)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from leanconv.cli.common import (add_data_args, add_model_args, data_from_meta, load_model, positive_int,
+                                 progress_bar, resolution_of, write_json)
+from leanconv.importance import hessian
+from leanconv.prune.pipeline import scoring_batches
+from leanconv.report.plots import sensitivity_chart
+
+__all__ = ["register", "run", "sensitivity_record"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sensitivity", help="per-channel Hessian traces and HAP sensitivities",
+                       description="Estimate Tr(H_pp) for every output channel of every conv/linear layer by "
+                       "Hutchinson probes (batched Hessian-vector products, averaged over validation batches, "
+                       "model in eval mode), stopping when the relative standard error is small enough or at "
+                       "--probes. Writes DIR/sensitivity.json and DIR/sensitivity.png. Results are cached in "
+                       "--cache-dir keyed by the weights, the data and the probe settings.")
+    p.add_argument("ckpt", metavar="CKPT")
+    add_model_args(p)
+    p.add_argument("--probes", type=positive_int, default=64, help="cap on Hutchinson probes (default: 64)")
+    p.add_argument("--min-probes", type=positive_int, default=8)
+    p.add_argument("--rel-stderr", type=float, default=0.05,
+                   help="stop when the median relative standard error is below this (default: 0.05)")
+    p.add_argument("--images", type=positive_int, default=512, help="validation images (default: 512)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", default=None, help="trace cache folder (default: DIR/cache)")
+    add_data_args(p, default=None)
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def sensitivity_record(model, result) -> dict:
+    """Per-channel traces, standard errors and HAP sensitivities, and per-layer sums."""
+    sens = result.hap_sensitivity(model)
+    layers = {n: {"trace": float(result.traces[n].sum()), "trace_stderr": float(result.stderr[n].pow(2).sum().sqrt()),
+                  "sensitivity": float(sens[n].sum()), "channels": int(result.traces[n].numel())} for n in sens}
+    return {"probes": result.probes, "converged": result.converged, "method": result.method,
+            "seconds": result.seconds, "achieved_rel_stderr": result.achieved_rel_stderr, "layers": layers,
+            "channels": {n: {"trace": result.traces[n].tolist(), "stderr": result.stderr[n].tolist(),
+                             "sensitivity": sens[n].tolist()} for n in sens}}
+
+
+def run(args: argparse.Namespace) -> int:
+    model = load_model(args.ckpt, constructor=args.constructor)
+    data = data_from_meta(model, args)
+    batches = scoring_batches(data, args.images, args.batch_size, resolution_of(model, data))
+    out = Path(args.out)
+    update, close = progress_bar("hessian probes", enabled=not args.no_progress)
+    settings = {"min_probes": min(args.min_probes, args.probes), "max_probes": args.probes,
+                "rel_stderr": args.rel_stderr, "seed": args.seed, "progress": update}
+    try:
+        result = hessian.cached_channel_traces(model, batches, Path(args.cache_dir or out / "cache"), **settings)
+    finally:
+        close()
+    record = {"source": str(args.ckpt), "images": sum(len(y) for _, y in batches), **sensitivity_record(model, result)}
+    write_json(out / "sensitivity.json", record)
+    sensitivity_chart({n: v["sensitivity"] for n, v in record["layers"].items()}, out / "sensitivity.png",
+                      title=f"HAP sensitivity per layer ({result.probes} probes, {record['images']} images)")
+    print(json.dumps({"probes": result.probes, "converged": result.converged, "seconds": round(result.seconds, 1),
+                      "layers": len(record["layers"]), "out": str(out)}))
+    return 0

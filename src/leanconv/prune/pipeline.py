@@ -1,0 +1,159 @@
+"""One pruning run, end to end: score, remove to budget, fine-tune, recalibrate, measure.
+
+``run_pruning`` is what ``leanconv prune`` (and ``leanconv compare``) call. It scores channel
+groups with any registered criterion on validation batches (never the test split), removes
+channels physically until the counted MACs or params land within 2% of the target
+(optionally in ``steps`` rounds with fine-tuning between them, optionally implanting the
+most sensitive pruned channels), fine-tunes with the shared training loop, re-estimates
+BatchNorm statistics on training data, and records accuracy, counted cost and measured
+latency before and after.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from leanconv.cost import count, measure_latency
+from leanconv.data.splits import DatasetSplits
+from leanconv.errors import LeanconvError
+from leanconv.importance import ScoringData, create_criterion
+from leanconv.prune.budget import iterative_prune, prune_to_budget
+from leanconv.train import TrainConfig, evaluate, fit, recalibrate_bn
+
+__all__ = ["PruneConfig", "run_pruning", "measure", "scoring_batches"]
+
+log = logging.getLogger(__name__)
+Progress = Callable[[int, int, dict], None]
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Settings of one pruning run (the CLI's ``leanconv prune`` options)."""
+
+    method: str = "hap"
+    target: float = 0.5  # fraction of the original cost to keep
+    kind: str = "macs"  # "macs" (= FLOPs / 2, same ratio) or "params"
+    implant: float = 0.0  # HAP Neural Implant: share of pruned channels implanted
+    round_to: int | None = None
+    steps: int = 1  # >1: prune a share, fine-tune, repeat
+    finetune_epochs: int = 0
+    finetune_lr: float = 0.01
+    batch_size: int = 128
+    score_images: int = 512  # validation images used for scoring
+    probes: int = 64  # cap on Hutchinson probes (hap)
+    seed: int = 0
+    latency_repeats: int = 10
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.target < 1.0:
+            raise LeanconvError(f"target must lie strictly between 0 and 1, got {self.target}")
+        if self.kind not in ("macs", "params"):
+            raise LeanconvError(f"budget kind must be macs or params, got {self.kind!r}")
+        if not 0.0 <= self.implant < 1.0:
+            raise LeanconvError(f"--implant must lie in [0, 1), got {self.implant}")
+        if self.steps < 1 or self.finetune_epochs < 0 or self.score_images < 1 or self.probes < 1:
+            raise LeanconvError("steps, probes and scoring images must be positive, fine-tuning epochs >= 0")
+
+
+def scoring_batches(data: DatasetSplits, n_images: int, batch_size: int, resolution: int | None) -> list:
+    """The first ``n_images`` of the validation split, as batches (fixed, never the test split)."""
+    loader = data.loader("val", batch_size, resolution=resolution, subset=min(n_images, len(data.val)))
+    return list(loader.epoch(0))
+
+
+def measure(model: nn.Module, shape, test_loader, repeats: int) -> dict[str, Any]:
+    """Counted params/MACs (one image), test accuracy, and measured latency at batch 1 and 64."""
+    cost = count(model, shape)
+    metrics = evaluate(model, test_loader)
+    latency = {f"batch{b}": measure_latency(model, shape, b, repeats=repeats, warmup=3).to_dict() for b in (1, 64)}
+    return {"params": cost.params, "macs": cost.macs, "flops": cost.flops, "test_accuracy": metrics["accuracy"],
+            "test_loss": metrics["loss"], "latency_ms": latency}
+
+
+def _criterion(config: PruneConfig, progress: Progress | None):
+    kwargs: dict[str, Any] = {}
+    if config.method == "hap":
+        kwargs = {"max_probes": config.probes, "min_probes": min(8, config.probes), "seed": config.seed,
+                  "progress": progress}
+    elif config.method == "random":
+        kwargs = {"seed": config.seed}
+    return create_criterion(config.method, **kwargs)
+
+
+def _finetune_fn(data, config: PruneConfig, resolution, progress):
+    def finetune(model: nn.Module, epochs: int) -> None:
+        if epochs <= 0:
+            return
+        train = data.loader("train", config.batch_size, shuffle=True, augment=True, resolution=resolution,
+                            seed=config.seed, drop_last=True)
+        fit(model, train, TrainConfig(epochs=epochs, lr=config.finetune_lr, seed=config.seed), progress=progress)
+        recalibrate_bn(model, data.loader("train", config.batch_size, resolution=resolution, subset=min(6400, len(data.train))))
+    return finetune
+
+
+def run_pruning(model: nn.Module, data: DatasetSplits, shape: tuple[int, int, int], config: PruneConfig, *,
+                resolution: int | None = None, progress: Progress | None = None,
+                stage: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Prune ``model`` in place per ``config``; returns the JSON-able record."""
+    say = stage or (lambda text: None)
+    t0 = time.perf_counter()
+    test = data.loader("test", 256, resolution=resolution)
+    criterion = _criterion(config, progress)  # unknown method fails here, before any work
+    say("measuring the unpruned model")
+    before = measure(model, shape, test, config.latency_repeats)
+    scoring = ScoringData(scoring_batches(data, config.score_images, config.batch_size, resolution),
+                          extra={"input_shape": shape})
+    example = torch.randn(1, *shape)
+    finetune = _finetune_fn(data, config, resolution, progress)
+    options = {"kind": config.kind, "input_shape": shape, "data": scoring, "round_to": config.round_to,
+               "normalize": "none" if config.method == "hap" else "mean"}
+    say(f"scoring with {config.method} and pruning to {config.target:g} of the {config.kind}")
+    if config.steps == 1:
+        results = [prune_to_budget(model, criterion, example, target=config.target, implant=config.implant, **options)]
+        pruned = measure_quick(model, shape, test)
+        say(f"fine-tuning for {config.finetune_epochs} epochs")
+        finetune(model, config.finetune_epochs)
+    else:
+        epochs = _split(config.finetune_epochs, config.steps)
+        results = iterative_prune(model, criterion, example, lambda m, s: finetune(m, epochs[s - 1]),
+                                  target=config.target, steps=config.steps, implant=config.implant, **options)
+        pruned = None  # fine-tuning is interleaved with the rounds
+    say("measuring the pruned model")
+    after = measure(model, shape, test, config.latency_repeats)
+    traces = getattr(criterion, "last_traces", None)
+    return {
+        "method": config.method, "config": asdict(config), "input_shape": list(shape),
+        "before": before, "after": after, "after_prune_before_finetune": pruned,
+        "achieved": {"macs": after["macs"] / before["macs"], "params": after["params"] / before["params"]},
+        "speedup_batch64": before["latency_ms"]["batch64"]["median_ms"] / after["latency_ms"]["batch64"]["median_ms"],
+        "speedup_batch1": before["latency_ms"]["batch1"]["median_ms"] / after["latency_ms"]["batch1"]["median_ms"],
+        "mac_reduction": before["macs"] / after["macs"],
+        "rounds": [r.to_dict() for r in results],
+        "layers": _merge_layers(results),
+        "hessian": None if traces is None else {"probes": traces.probes, "converged": traces.converged,
+                                                "seconds": traces.seconds, "method": traces.method},
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def measure_quick(model: nn.Module, shape, test_loader) -> dict[str, Any]:
+    """Counted cost and test accuracy, no latency (used between pruning and fine-tuning)."""
+    cost = count(model, shape)
+    return {"params": cost.params, "macs": cost.macs, "test_accuracy": evaluate(model, test_loader)["accuracy"]}
+
+
+def _split(total: int, parts: int) -> list[int]:
+    """``total`` epochs over ``parts`` rounds, the remainder going to the last rounds: 5, 3 -> [1, 2, 2]."""
+    return [total // parts + (1 if i >= parts - total % parts else 0) for i in range(parts)]
+
+
+def _merge_layers(results) -> dict[str, list[int]]:
+    """Channels per layer before the first round and after the last."""
+    first, last = results[0].layers, results[-1].layers
+    return {name: [first[name][0], last.get(name, first[name])[1]] for name in first}
