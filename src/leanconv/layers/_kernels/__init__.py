@@ -1,0 +1,10 @@
+"""Compiled CPU kernels behind leanconv's structured-sparse layers (private).
+
+``sparse_rows.c`` holds the C kernels, ``loader`` builds and binds them, ``plan`` computes
+their index plans and ``sparse_conv`` wraps them in an autograd function.
+"""
+
+from leanconv.layers._kernels.loader import kernel_library, kernels_available
+from leanconv.layers._kernels.sparse_conv import SparseConvPlan, kernels_usable, sparse_conv
+
+__all__ = ["kernel_library", "kernels_available", "SparseConvPlan", "kernels_usable", "sparse_conv"]

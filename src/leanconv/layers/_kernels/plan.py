@@ -1,0 +1,174 @@
+"""Index plans for the class-blocked sparse convolution kernels.
+
+A structured-sparse conv weight is described by its *taps*: entry ``e`` connects output
+channel ``row[e]`` to input channel ``col[e]`` at kernel offset ``(dy[e], dx[e])`` with the
+weight element ``widx[e]`` of the layer's flat parameter. :class:`ClassPlan` groups rows with
+identical tap lists into classes and fixes the packed weight order the C kernels read.
+:class:`Grid` fixes where every pixel vector lives in the padded input and output buffers
+for one input size; see ``sparse_rows.c`` for the memory layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["TapPattern", "ClassPlan", "Grid", "TILE_ROWS"]
+
+TILE_ROWS = 4  # rows per register tile in sparse_rows.c (TG); packing follows it
+
+
+@dataclass(frozen=True)
+class TapPattern:
+    """The nonzero taps of a ``[rows, cols, k, k]`` weight (all arrays int64, same length)."""
+
+    row: np.ndarray
+    col: np.ndarray
+    dy: np.ndarray
+    dx: np.ndarray
+    widx: np.ndarray
+    rows: int
+    cols: int
+    kernel: int
+
+    def transposed(self) -> "TapPattern":
+        """Taps of the input-gradient convolution: rows and columns swapped, kernel flipped."""
+        k = self.kernel
+        return TapPattern(self.col, self.row, k - 1 - self.dy, k - 1 - self.dx, self.widx,
+                          self.cols, self.rows, k)
+
+
+class ClassPlan:
+    """Rows grouped into classes of identical tap lists, with the packed weight order.
+
+    Packed order: class by class; inside a class, rows in groups of :data:`TILE_ROWS` (then the
+    remainder one by one), each group stored tap-major. ``pack_index[i]`` is the flat weight
+    index stored at packed position ``i``; every weight element appears exactly once.
+    """
+
+    def __init__(self, taps: TapPattern):
+        order = np.lexsort((taps.dx, taps.dy, taps.col, taps.row))
+        row, col, dy, dx, widx = (a[order] for a in (taps.row, taps.col, taps.dy, taps.dx, taps.widx))
+        starts = np.searchsorted(row, np.arange(taps.rows + 1))
+        groups: dict[bytes, list[int]] = {}
+        for r in range(taps.rows):
+            s, e = starts[r], starts[r + 1]
+            if e > s:
+                key = np.stack([col[s:e], dy[s:e], dx[s:e]]).tobytes()
+                groups.setdefault(key, []).append(r)
+        member_ptr, members, tap_ptr, pack, offsets = [0], [], [0], [], []
+        tap_cols, tap_dy, tap_dx = [], [], []
+        for rows in groups.values():
+            s, e = starts[rows[0]], starts[rows[0] + 1]
+            tap_cols.append(col[s:e]), tap_dy.append(dy[s:e]), tap_dx.append(dx[s:e])
+            tap_ptr.append(tap_ptr[-1] + (e - s))
+            members.extend(rows)
+            member_ptr.append(len(members))
+            offsets.append(sum(len(p) for p in pack))
+            block = np.stack([widx[starts[r]:starts[r + 1]] for r in rows])  # [members, taps]
+            m = 0
+            while m < len(rows):
+                g = TILE_ROWS if len(rows) - m >= TILE_ROWS else 1
+                pack.append(block[m:m + g].T.reshape(-1))
+                m += g
+        self.rows, self.cols, self.kernel = taps.rows, taps.cols, taps.kernel
+        self.n_classes = len(groups)
+        self.covers_all_rows = len(members) == taps.rows  # else some output planes stay zero
+        self.member_ptr = torch.tensor(member_ptr, dtype=torch.int64)
+        self.members = torch.tensor(members, dtype=torch.int64)
+        self.tap_ptr = torch.tensor(tap_ptr, dtype=torch.int64)
+        self.tap_col = np.concatenate(tap_cols) if tap_cols else np.zeros(0, np.int64)
+        self.tap_dy = np.concatenate(tap_dy) if tap_dy else np.zeros(0, np.int64)
+        self.tap_dx = np.concatenate(tap_dx) if tap_dx else np.zeros(0, np.int64)
+        self.weight_offset = torch.tensor(offsets, dtype=torch.int64)
+        self.pack_index = torch.from_numpy(np.concatenate(pack) if pack else np.zeros(0, np.int64))
+        self._offsets: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def offsets(self, in_plane: int, in_pitch: int, out_plane: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Element offsets inside one sample: of every tap in the input buffer and of every
+        class member's plane in the output buffer (cached per buffer geometry)."""
+        key = (in_plane, in_pitch, out_plane)
+        if key not in self._offsets:
+            taps = self.tap_col * in_plane + self.tap_dy * in_pitch + self.tap_dx
+            self._offsets[key] = (torch.from_numpy(taps.astype(np.int64)), self.members * out_plane)
+        return self._offsets[key]
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Buffer geometry of one stride-1 convolution call on an ``[N, C, h, w]`` input.
+
+    The input buffer is ``[N, C, in_rows, pitch]`` with the image at ``(pad, pad)`` and zeros
+    around; the output buffer is ``[N, C, out_len]``. Pixel vector ``q`` (``lanes`` elements)
+    is read at ``ib[q]`` and written at ``ob[q]``. ``flat`` grids run along whole padded rows
+    (garbage columns are computed and dropped), row grids round each output row up to whole
+    vectors; :func:`Grid.build` picks whichever wastes fewer lanes.
+    """
+
+    h: int
+    w: int
+    pad: int
+    h_out: int
+    w_out: int
+    pitch: int
+    in_rows: int
+    out_len: int
+    out_pitch: int
+    flat: bool
+    ib: torch.Tensor
+    ob: torch.Tensor
+
+    @staticmethod
+    def build(h: int, w: int, kernel: int, pad: int, lanes: int) -> "Grid":
+        h_out, w_out = h + 2 * pad - kernel + 1, w + 2 * pad - kernel + 1
+        w_vec = -(-w_out // lanes) * lanes
+        pitch_flat = w + 2 * pad
+        n_flat = -(-(h_out * pitch_flat) // lanes)
+        if n_flat * lanes <= h_out * w_vec:
+            q = torch.arange(n_flat, dtype=torch.int64) * lanes
+            last = n_flat * lanes - 1 + (kernel - 1) * (pitch_flat + 1)
+            in_rows = max(h + 2 * pad, last // pitch_flat + 1)
+            return Grid(h, w, pad, h_out, w_out, pitch_flat, in_rows, n_flat * lanes, pitch_flat, True, q, q)
+        per_row = w_vec // lanes
+        pitch = w_vec + kernel - 1
+        q = torch.arange(h_out * per_row, dtype=torch.int64)
+        r, c = q // per_row, (q % per_row) * lanes
+        return Grid(h, w, pad, h_out, w_out, pitch, h_out + kernel - 1, h_out * w_vec, w_vec, False,
+                    r * pitch + c, r * w_vec + c)
+
+    @property
+    def nvec(self) -> int:
+        return self.ib.numel()
+
+    @property
+    def in_plane(self) -> int:
+        return self.in_rows * self.pitch
+
+    def input_buffer(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` placed in a zero-padded contiguous buffer (``x`` itself when no padding is needed)."""
+        n, c = x.shape[:2]
+        if self.pad == 0 and self.pitch == self.w and self.in_rows == self.h:
+            return x.contiguous()
+        p = self.pad
+        return F.pad(x, (p, self.pitch - self.w - p, p, self.in_rows - self.h - p)).contiguous()
+
+    def output_view(self, buf: torch.Tensor) -> torch.Tensor:
+        """The ``[N, C, h_out, w_out]`` image inside an output buffer ``[N, C, out_len]``."""
+        n, c = buf.shape[:2]
+        if self.out_len == self.h_out * self.w_out and self.out_pitch == self.w_out:
+            return buf.view(n, c, self.h_out, self.w_out)
+        used = buf[:, :, : self.h_out * self.out_pitch].reshape(n, c, self.h_out, self.out_pitch)
+        return used[..., : self.w_out].contiguous()
+
+    def output_buffer(self, g: torch.Tensor) -> torch.Tensor:
+        """An output-gradient image placed in the output grid, zeros in every unused lane."""
+        n, c = g.shape[:2]
+        if self.out_len == self.h_out * self.w_out and self.out_pitch == self.w_out:
+            return g.contiguous().view(n, c, self.out_len)
+        buf = g.new_zeros(n, c, self.out_len)
+        used = buf[:, :, : self.h_out * self.out_pitch].view(n, c, self.h_out, self.out_pitch)
+        used[..., : self.w_out] = g
+        return buf
