@@ -20,3 +20,14 @@ def _seed_and_threads():
 def tiny_data():
     """A small synthetic dataset (3x16x16, few hundred images)."""
     return load_dataset("synthetic")
+
+
+@pytest.fixture(scope="session")
+def trained_ckpt(tmp_path_factory):
+    """A ResNet-20 trained for 2 epochs on the synthetic set, saved by ``leanconv train``."""
+    from leanconv.cli.main import main
+
+    out = tmp_path_factory.mktemp("trained")
+    assert main(["train", "--model", "resnet20", "--data", "synthetic", "--epochs", "2", "--lr", "0.05",
+                 "--out", str(out), "--no-progress"]) == 0
+    return out / "model.safetensors"

@@ -94,6 +94,7 @@ def _finetune_fn(data, config: PruneConfig, resolution, progress):
                             seed=config.seed, drop_last=True)
         fit(model, train, TrainConfig(epochs=epochs, lr=config.finetune_lr, seed=config.seed), progress=progress)
         recalibrate_bn(model, data.loader("train", config.batch_size, resolution=resolution, subset=min(6400, len(data.train))))
+        model.to(memory_format=torch.contiguous_format)  # the dependency graph traces plain NCHW weights
     return finetune
 
 

@@ -1,0 +1,74 @@
+"""``leanconv prune`` and ``leanconv sensitivity`` end to end on a tiny trained model."""
+
+import json
+
+import pytest
+import torch
+
+from leanconv import checkpoint
+from leanconv.cli.main import main
+from leanconv.cost import count
+
+
+def _logits(model, shape):
+    torch.manual_seed(0)
+    x = torch.randn(4, *shape)
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+@pytest.mark.parametrize("method,extra", [("l1", []), ("hap", ["--implant", "0.2", "--probes", "8"]),
+                                          ("taylor", ["--steps", "2", "--finetune-epochs", "2"])])
+def test_prune_meets_budget_and_reloads(trained_ckpt, tmp_path, capsys, method, extra):
+    out = tmp_path / method
+    code = main(["prune", str(trained_ckpt), "--method", method, "--target-flops", "0.5", "--finetune-epochs", "1",
+                 "--repeats", "2", "--score-images", "64", "--out", str(out), "--no-progress", *extra])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    record = json.loads((out / "record.json").read_text())
+    base = checkpoint.load(trained_ckpt)
+    shape = tuple(base.leanconv_meta["input_shape"])
+    pruned = checkpoint.load(out / "model.safetensors")
+    macs0, macs1 = count(base, shape).macs, count(pruned, shape).macs
+    assert abs(macs1 / macs0 - 0.5) <= 0.02 * 0.5
+    assert summary["macs"] == [macs0, macs1] and record["after"]["macs"] == macs1
+    assert count(pruned, shape).params < count(base, shape).params
+    assert (out / "channels.png").stat().st_size > 1000
+    for key in ("before", "after", "speedup_batch64", "mac_reduction", "layers"):
+        assert key in record
+    # the saved file rebuilds the very model that was measured
+    again = checkpoint.load(out / "model.safetensors")
+    torch.testing.assert_close(_logits(again, shape), _logits(pruned, shape), rtol=0, atol=0)
+    if method == "hap":
+        assert any(e["module"]["type"] == "ImplantConv2d" for e in checkpoint.read_header(out / "model.safetensors")["edits"])
+
+
+def test_impossible_target_fails_before_work(trained_ckpt, tmp_path, capsys):
+    out = tmp_path / "nope"
+    code = main(["prune", str(trained_ckpt), "--method", "l1", "--target-flops", "0.001", "--out", str(out),
+                 "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "unreachable" in err[0]
+    assert not (out / "model.safetensors").exists()
+
+
+def test_target_params(trained_ckpt, tmp_path, capsys):
+    out = tmp_path / "params"
+    assert main(["prune", str(trained_ckpt), "--method", "l2", "--target-params", "0.4", "--repeats", "1",
+                 "--out", str(out), "--no-progress"]) == 0
+    record = json.loads((out / "record.json").read_text())
+    assert abs(record["achieved"]["params"] - 0.4) <= 0.02 * 0.4
+
+
+def test_sensitivity_writes_json_and_plot(trained_ckpt, tmp_path, capsys):
+    out = tmp_path / "sens"
+    assert main(["sensitivity", str(trained_ckpt), "--probes", "8", "--images", "64", "--out", str(out),
+                 "--no-progress"]) == 0
+    record = json.loads((out / "sensitivity.json").read_text())
+    assert record["probes"] >= 8 and "conv1.weight" in record["layers"]
+    assert len(record["channels"]["layer1.0.conv1.weight"]["trace"]) == 16
+    assert (out / "sensitivity.png").stat().st_size > 1000
+    # a second run hits the cache and returns the same numbers
+    assert main(["sensitivity", str(trained_ckpt), "--probes", "8", "--images", "64", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert json.loads((out / "sensitivity.json").read_text())["layers"] == record["layers"]
