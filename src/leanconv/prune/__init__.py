@@ -7,11 +7,17 @@
 * :mod:`~leanconv.prune.budget`: ``prune_to_budget`` (global ranking, per-layer floor,
   ``round_to``, budget search on counted MACs/params) and ``iterative_prune``.
 * :mod:`~leanconv.prune.cost_model`: the per-layer cost estimate behind the search.
+* :mod:`~leanconv.prune.blocks`: depth pruning: find residual blocks, rank them, bypass them.
+* :mod:`~leanconv.prune.resolution`: record a new input resolution on a model.
+* :mod:`~leanconv.prune.pipeline`: one pruning run end to end (score, prune, fine-tune, measure).
 """
 
 from leanconv.prune.budget import PruneResult, iterative_prune, prune_to_budget
 from leanconv.prune.channels import can_implant, channel_counts, implant_channels, remove_channels
+from leanconv.prune.blocks import (BlockInfo, block_importance, bypass_loss_curve, bypassed, depth_ratio,
+                                   find_residual_blocks, prune_blocks, rank_correlation)
 from leanconv.prune.groups import channel_groups, channel_units
+from leanconv.prune.resolution import resolution_ratio_to_side, set_resolution
 
 __all__ = [
     # groups
@@ -26,4 +32,16 @@ __all__ = [
     "prune_to_budget",
     "iterative_prune",
     "PruneResult",
+    # depth
+    "find_residual_blocks",
+    "block_importance",
+    "prune_blocks",
+    "bypassed",
+    "depth_ratio",
+    "bypass_loss_curve",
+    "rank_correlation",
+    "BlockInfo",
+    # resolution
+    "set_resolution",
+    "resolution_ratio_to_side",
 ]
