@@ -72,6 +72,20 @@ def test_kernel_float32_matches_reference(size):
 
 
 @needs_kernels
+@pytest.mark.parametrize("size", [(2, 3), (9, 17)])
+def test_kernel_row_group_tails(size):
+    # 59 filters, period 8: classes of 7 and 8 rows run as tiles of 4 + 2 + 1 and 4 + 4
+    m = PeriodicSparseConv2d(9, 59, pattern="psd4_p8").double()
+    x = torch.randn(2, 9, *size, dtype=torch.float64)
+    gy = torch.randn(2, 59, *size, dtype=torch.float64)
+    m.impl = "reference"
+    expected = _grads(m, x, gy)
+    m.impl = "kernel"
+    for got, want in zip(_grads(m, x, gy), expected):
+        torch.testing.assert_close(got, want)
+
+
+@needs_kernels
 @pytest.mark.parametrize("pattern", sorted(PATTERNS))
 def test_gradcheck_kernel_path(pattern):
     m = PeriodicSparseConv2d(5, 6, pattern=pattern, impl="kernel").double()

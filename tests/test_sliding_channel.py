@@ -124,6 +124,21 @@ def test_kernel_threads_agree():
         torch.testing.assert_close(a, b)
 
 
+def test_without_kernels_auto_uses_the_reference_and_kernel_refuses(monkeypatch):
+    from leanconv.layers._kernels import loader
+
+    monkeypatch.setattr(loader, "_LOADED", {})
+    monkeypatch.setattr(loader, "_compiler", lambda: None)  # as on a machine without a C compiler
+    assert not kernels_available()
+    m = SlidingChannelConv2d(8, 8, groups=2, overlap=0.5)
+    x = torch.randn(2, 8, 3, 3)
+    assert m._resolve_impl(x) == "reference"
+    torch.testing.assert_close(m(x), torch.nn.functional.conv2d(x, m.dense_weight()))
+    m.impl = "kernel"
+    with pytest.raises(LeanconvError):
+        m(x)
+
+
 def test_count_macs_is_the_nonzero_count():
     m = SlidingChannelConv2d(16, 12, groups=4, overlap=0.5, stride=2)
     x = torch.randn(3, 16, 9, 9)

@@ -124,9 +124,11 @@ def _build(dtype: torch.dtype) -> KernelLibrary | None:
                                      repr(_FLAG_SETS).encode(), _TYPES[dtype].encode()])).hexdigest()[:16]
     target = _cache_dir() / f"sparse_rows_{_TYPES[dtype]}_{key}.so"
     try:
-        if not target.exists() and not _compile(cc, source, _TYPES[dtype], target):
-            log.warning("could not compile %s with %s; using pure PyTorch", _SOURCE, cc)
-            return None
+        if not target.exists():
+            if not _compile(cc, source, _TYPES[dtype], target):
+                log.warning("could not compile %s with %s; using pure PyTorch", _SOURCE, cc)
+                return None
+            log.info("compiled %s (%s) into %s", _SOURCE, _TYPES[dtype], target)
         return KernelLibrary(target)
     except (OSError, subprocess.SubprocessError) as exc:
         log.warning("kernel build or load failed (%s); using pure PyTorch", exc)

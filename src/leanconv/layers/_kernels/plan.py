@@ -16,9 +16,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TapPattern", "ClassPlan", "Grid", "TILE_ROWS"]
+__all__ = ["TapPattern", "ClassPlan", "Grid", "row_groups"]
 
-TILE_ROWS = 4  # rows per register tile in sparse_rows.c (TG); packing follows it
+
+def row_groups(count: int) -> list[int]:
+    """Sizes of the row groups of a class, as sparse_rows.c takes them: 4s, then 2, then 1."""
+    sizes = [4] * (count // 4)
+    rest = count % 4
+    return sizes + ([2] if rest >= 2 else []) + ([1] if rest % 2 else [])
 
 
 @dataclass(frozen=True)
@@ -44,8 +49,8 @@ class TapPattern:
 class ClassPlan:
     """Rows grouped into classes of identical tap lists, with the packed weight order.
 
-    Packed order: class by class; inside a class, rows in groups of :data:`TILE_ROWS` (then the
-    remainder one by one), each group stored tap-major. ``pack_index[i]`` is the flat weight
+    Packed order: class by class; inside a class, rows in the groups of :func:`row_groups`,
+    each group stored tap-major. ``pack_index[i]`` is the flat weight
     index stored at packed position ``i``; every weight element appears exactly once.
     """
 
@@ -70,8 +75,7 @@ class ClassPlan:
             offsets.append(sum(len(p) for p in pack))
             block = np.stack([widx[starts[r]:starts[r + 1]] for r in rows])  # [members, taps]
             m = 0
-            while m < len(rows):
-                g = TILE_ROWS if len(rows) - m >= TILE_ROWS else 1
+            for g in row_groups(len(rows)):
                 pack.append(block[m:m + g].T.reshape(-1))
                 m += g
         self.rows, self.cols, self.kernel = taps.rows, taps.cols, taps.kernel

@@ -35,9 +35,9 @@ typedef LC_REAL real;
 typedef real vec __attribute__((vector_size(LC_VBYTES)));
 typedef real vecu __attribute__((vector_size(LC_VBYTES), aligned(sizeof(real))));
 
-#define TG 4 /* rows per register tile */
-#define TV 4 /* pixel vectors per register tile (forward) */
-#define TR 4 /* taps per register tile (weight gradient) */
+/* Rows of a class are taken in groups of 4, then 2, then 1 (the packing in plan.py). A
+ * group of 4 rows runs 4 pixel vectors at a time, smaller groups run 8 (4 when the image
+ * has fewer than 8 vectors), so that every tile keeps at least 8 independent accumulators. */
 
 int lc_lanes(void) { return LANES; }
 
@@ -51,38 +51,56 @@ int lc_lanes(void) { return LANES; }
 #define IN_REGISTER(v) (void)0
 #endif
 
-/* ---- forward: y[row] = sum_e w[row, e] * x[tap_e]  over one tile of TV vectors ---- */
+static inline int64_t group_size(int64_t left) { return left >= 4 ? 4 : left >= 2 ? 2 : 1; }
 
-#define FWD_TILE(G)                                                                           \
-  static inline void fwd_tile_##G(const real *xn, real *yn, const int64_t *nz, int64_t nnz,  \
-                                  const real *w, const int64_t *ib, const int64_t *ob,        \
-                                  const int64_t *oc) {                                        \
-    vec acc[G][TV];                                                                           \
+/* ---- forward: y[row] = sum_e w[row, e] * x[tap_e], one tile of G rows x V vectors ---- */
+
+#define FWD_TILE(G, V)                                                                        \
+  static inline void fwd_tile_##G##_##V(const real *xn, real *yn, const int64_t *nz,          \
+                                        int64_t nnz, const real *w, const int64_t *ib,        \
+                                        const int64_t *ob, const int64_t *oc) {               \
+    vec acc[G][V];                                                                            \
     for (int g = 0; g < G; g++)                                                               \
-      for (int v = 0; v < TV; v++) acc[g][v] = (vec){0};                                      \
+      for (int v = 0; v < V; v++) acc[g][v] = (vec){0};                                       \
     _Pragma("GCC unroll 2") for (int64_t e = 0; e < nnz; e++) {                               \
       const real *s = xn + nz[e];                                                             \
-      vec xv[TV];                                                                             \
-      for (int v = 0; v < TV; v++) xv[v] = *(const vecu *)(s + ib[v]);                        \
+      vec xv[V];                                                                              \
+      for (int v = 0; v < V; v++) xv[v] = *(const vecu *)(s + ib[v]);                         \
       for (int g = 0; g < G; g++) {                                                           \
         real wg = w[e * G + g];                                                               \
-        for (int v = 0; v < TV; v++) acc[g][v] += wg * xv[v];                                 \
+        for (int v = 0; v < V; v++) acc[g][v] += wg * xv[v];                                  \
       }                                                                                       \
     }                                                                                         \
     for (int g = 0; g < G; g++)                                                               \
-      for (int v = 0; v < TV; v++) *(vecu *)(yn + oc[g] + ob[v]) = acc[g][v];                \
+      for (int v = 0; v < V; v++) *(vecu *)(yn + oc[g] + ob[v]) = acc[g][v];                 \
+  }                                                                                           \
+  static void fwd_rows_##G##_##V(const real *xn, real *yn, const int64_t *nz, int64_t nnz,    \
+                                 const real *w, int64_t nvec, const int64_t *ib,              \
+                                 const int64_t *ob, const int64_t *oc) {                      \
+    for (int64_t q0 = 0; q0 < nvec; q0 += V) {                                                \
+      int64_t tib[V], tob[V];                                                                 \
+      for (int v = 0; v < V; v++) { /* tail: recompute the last vector */                     \
+        int64_t q = q0 + v < nvec ? q0 + v : nvec - 1;                                        \
+        tib[v] = ib[q];                                                                       \
+        tob[v] = ob[q];                                                                       \
+      }                                                                                       \
+      fwd_tile_##G##_##V(xn, yn, nz, nnz, w, tib, tob, oc);                                   \
+    }                                                                                         \
   }
-FWD_TILE(4)
-FWD_TILE(1)
+FWD_TILE(4, 4)
+FWD_TILE(2, 8)
+FWD_TILE(2, 4)
+FWD_TILE(1, 8)
+FWD_TILE(1, 4)
 
 /* Class k owns rows mem[mp[k]..mp[k+1]) (row offsets into a sample of y), taps
- * nz[np[k]..np[k+1]) (offsets into a sample of x) and packed weights at wp + wo[k]: rows in
- * groups of TG then singly, each group stored tap-major ([nnz][group size]). */
+ * nz[np[k]..np[k+1]) (offsets into a sample of x) and packed weights at wp + wo[k]: each
+ * row group stored tap-major ([nnz][group size]). Tasks are (sample, class). */
 void lc_forward(const real *x, real *y, int64_t n, int64_t xs, int64_t ys, int64_t ncls,
                 const int64_t *mp, const int64_t *mem, const int64_t *np, const int64_t *nz,
                 const real *wp, const int64_t *wo, int64_t nvec, const int64_t *ib,
                 const int64_t *ob, int nt) {
-  int64_t ntile = (nvec + TV - 1) / TV;
+  int wide = nvec >= 8;
 #pragma omp parallel for schedule(static) num_threads(nt)
   for (int64_t t = 0; t < n * ncls; t++) {
     int64_t b = t / ncls, k = t % ncls;
@@ -90,23 +108,15 @@ void lc_forward(const real *x, real *y, int64_t n, int64_t xs, int64_t ys, int64
     real *yn = y + b * ys;
     int64_t nm = mp[k + 1] - mp[k], nnz = np[k + 1] - np[k];
     const int64_t *rows = mem + mp[k], *taps = nz + np[k];
-    for (int64_t tt = 0; tt < ntile; tt++) {
-      int64_t q0 = tt * TV, tib[TV], tob[TV];
-      for (int v = 0; v < TV; v++) {
-        int64_t q = q0 + v < nvec ? q0 + v : nvec - 1; /* tail: recompute the last vector */
-        tib[v] = ib[q];
-        tob[v] = ob[q];
-      }
-      for (int64_t m = 0; m < nm;) {
-        const real *w = wp + wo[k] + m * nnz;
-        if (nm - m >= TG) {
-          fwd_tile_4(xn, yn, taps, nnz, w, tib, tob, rows + m);
-          m += TG;
-        } else {
-          fwd_tile_1(xn, yn, taps, nnz, w, tib, tob, rows + m);
-          m += 1;
-        }
-      }
+    for (int64_t m = 0; m < nm;) {
+      int64_t g = group_size(nm - m);
+      const real *w = wp + wo[k] + m * nnz;
+      if (g == 4) fwd_rows_4_4(xn, yn, taps, nnz, w, nvec, ib, ob, rows + m);
+      else if (g == 2 && wide) fwd_rows_2_8(xn, yn, taps, nnz, w, nvec, ib, ob, rows + m);
+      else if (g == 2) fwd_rows_2_4(xn, yn, taps, nnz, w, nvec, ib, ob, rows + m);
+      else if (wide) fwd_rows_1_8(xn, yn, taps, nnz, w, nvec, ib, ob, rows + m);
+      else fwd_rows_1_4(xn, yn, taps, nnz, w, nvec, ib, ob, rows + m);
+      m += g;
     }
   }
 }
@@ -122,11 +132,11 @@ static inline real hsum(vec v) {
 }
 
 /* One register tile of G rows x R taps, summed over `len` (sample, vector) pairs: row g's
- * vector i is a[g * len * LANES + i * LANES] (packed), tap r's is b[nz[r] + ib[i]]. */
+ * vector i is a[(g * len + i) * LANES] (packed), tap r's is b[nz[r] + ib[i]]. out[r * G + g]
+ * receives the sums (the tap-major packed layout). */
 #define WGRAD_TILE(G, R)                                                                      \
   static inline void wgrad_tile_##G##_##R(const real *a, const real *b, const int64_t *nz,    \
-                                          int64_t len, const int64_t *ib, real *out,          \
-                                          int64_t ostride) {                                  \
+                                          int64_t len, const int64_t *ib, real *out) {        \
     vec acc[G][R];                                                                            \
     for (int g = 0; g < G; g++)                                                               \
       for (int r = 0; r < R; r++) acc[g][r] = (vec){0};                                       \
@@ -143,12 +153,20 @@ static inline real hsum(vec v) {
         for (int r = 0; r < R; r++) acc[g][r] += av[g] * bv[r];                               \
     }                                                                                         \
     for (int g = 0; g < G; g++)                                                               \
-      for (int r = 0; r < R; r++) out[r * ostride + g] += hsum(acc[g][r]);                    \
+      for (int r = 0; r < R; r++) out[r * G + g] += hsum(acc[g][r]);                          \
+  }                                                                                           \
+  static void wgrad_taps_##G##_##R(const real *a, const real *b, const int64_t *nz,           \
+                                   int64_t nnz, int64_t len, const int64_t *ib, real *out) {  \
+    int64_t e = 0;                                                                            \
+    for (; e + R <= nnz; e += R) wgrad_tile_##G##_##R(a, b, nz + e, len, ib, out + e * G);    \
+    for (; e < nnz; e++) wgrad_tile_##G##_1(a, b, nz + e, len, ib, out + e * G);              \
   }
-WGRAD_TILE(4, 4)
 WGRAD_TILE(4, 1)
-WGRAD_TILE(1, 4)
+WGRAD_TILE(2, 1)
 WGRAD_TILE(1, 1)
+WGRAD_TILE(4, 4)
+WGRAD_TILE(2, 8)
+WGRAD_TILE(1, 8)
 
 /* Class gradient over samples [0, ns). Each group of rows is first copied into `apack`
  * (row-major over (sample, vector)) so that it stays in L1, free of cache-set conflicts,
@@ -158,25 +176,18 @@ static void wgrad_class(const real *a, const real *b, int64_t ns, int64_t as, co
                         const int64_t *ob, const int64_t *sib, real *apack, real *out) {
   int64_t len = ns * nvec;
   for (int64_t m = 0; m < nm;) {
-    int64_t g = nm - m >= TG ? TG : 1;
+    int64_t g = group_size(nm - m);
     for (int64_t j = 0; j < g; j++)
       for (int64_t s = 0; s < ns; s++)
         for (int64_t q = 0; q < nvec; q++)
           *(vec *)(apack + (j * len + s * nvec + q) * LANES) = *(const vecu *)(a + s * as + rows[m + j] + ob[q]);
-    for (int64_t e = 0; e < nnz;) {
-      int64_t r = nnz - e >= TR ? TR : 1;
-      real *o = out + m * nnz + e * g; /* group block is tap-major: [nnz][g] */
-      const int64_t *nz = taps + e;
-      if (g == TG && r == TR) wgrad_tile_4_4(apack, b, nz, len, sib, o, g);
-      else if (g == TG) wgrad_tile_4_1(apack, b, nz, len, sib, o, g);
-      else if (r == TR) wgrad_tile_1_4(apack, b, nz, len, sib, o, g);
-      else wgrad_tile_1_1(apack, b, nz, len, sib, o, g);
-      e += r;
-    }
+    real *o = out + m * nnz;
+    if (g == 4) wgrad_taps_4_4(apack, b, taps, nnz, len, sib, o);
+    else if (g == 2) wgrad_taps_2_8(apack, b, taps, nnz, len, sib, o);
+    else wgrad_taps_1_8(apack, b, taps, nnz, len, sib, o);
     m += g;
   }
 }
-
 /* a: gradient of the output (rows at mem offsets, vectors at ob), b: the input buffer (taps at
  * nz offsets, vectors at ib). gw has the packed weight layout of lc_forward; scratch holds nt
  * zeroed partial sums of the same size (one per thread), reduced into gw at the end. Tasks
@@ -195,7 +206,7 @@ int lc_weight_grad(const real *a, const real *b, real *gw, real *scratch, int64_
     real *part = scratch;
 #endif
     int64_t *sib = malloc(sizeof(int64_t) * len);
-    real *apack = aligned_alloc(LC_VBYTES, sizeof(real) * TG * len * LANES);
+    real *apack = aligned_alloc(LC_VBYTES, sizeof(real) * 4 * len * LANES);
     failed = !sib || !apack;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < nchunk * ncls; t++) {
