@@ -1,0 +1,152 @@
+"""Throughput of Hutchinson probes for per-channel Hessian traces, and HAP sensitivity wall time.
+
+Part 1 (``--model``): seconds per probe for vmapped HVPs (``probes_per_step`` 4 and 8) versus
+one probe at a time, and for double backward, with a fixed number of probes (``min_probes =
+max_probes``); the first call of each configuration is a discarded warm-up. It also reports
+the median relative standard error per probe-equivalent for plain Hutchinson and for
+layer-split probes (``probe_groups="layer"``), i.e. which one buys more precision per HVP.
+Part 2 (``--sens-model``, default resnet56): wall time of ``channel_traces`` with its
+default stopping rule on ``--sens-images`` images (512), as HAP would run it.
+
+Without ``--dataset`` the images are synthetic N(0, 1) tensors of 3 x size x size with random
+labels (timing only: the traces mean nothing). Models come from the leanconv zoo; a name the
+zoo lacks falls back to a small local CNN (said so in the record). Writes a JSON record.
+
+    .venv/bin/python benchmarks/bench_hessian.py --smoke                # seconds, tiny
+    .venv/bin/python benchmarks/bench_hessian.py --out runs/bench_hessian.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from leanconv.importance.hessian import channel_traces
+
+
+def local_cnn(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """Fallback when the zoo lacks the model: conv-BN-ReLU x3 with stride, pool, linear."""
+    layers, c = [], in_channels
+    for width, stride in ((16, 1), (32, 2), (64, 2)):
+        layers += [nn.Conv2d(c, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+        c = width
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
+
+
+def build_model(name: str, num_classes: int, size: int) -> tuple[nn.Module, str]:
+    try:
+        from leanconv.models import create, names
+
+        if name in names():
+            return create(name, num_classes=num_classes, input_size=size), name
+    except ImportError:
+        pass
+    return local_cnn(num_classes), f"local_cnn (zoo has no {name!r})"
+
+
+def make_batches(args, images: int) -> list:
+    if args.dataset:
+        from leanconv.data import load_dataset
+
+        ds = load_dataset(args.dataset)
+        mean = torch.tensor(ds.mean).view(1, -1, 1, 1)
+        std = torch.tensor(ds.std).view(1, -1, 1, 1)
+        x = (ds.val.images[:images].float() / 255 - mean) / std
+        y = ds.val.labels[:images]
+    else:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(images, 3, args.size, args.size, generator=g)
+        y = torch.randint(0, args.num_classes, (images,), generator=g)
+    return [(x[i : i + args.batch_size], y[i : i + args.batch_size]) for i in range(0, len(x), args.batch_size)]
+
+
+def throughput(model, batches, args) -> list[dict]:
+    """Seconds per probe for each (method, probes_per_step), after one warm-up call."""
+    rows = []
+    configs = [("vmap", s) for s in args.steps] + [("double_backward", max(args.steps))]
+    for method, step in configs:
+        kw = dict(min_probes=args.probes, max_probes=args.probes, probes_per_step=step, method=method)
+        channel_traces(model, batches, **{**kw, "min_probes": 2, "max_probes": 2})  # warm-up
+        r = channel_traces(model, batches, **kw)
+        rows.append({"method": method, "probes_per_step": step, "probes": r.probes,
+                     "seconds": round(r.seconds, 3), "seconds_per_probe": round(r.seconds / r.probes, 4)})
+    return rows
+
+
+def precision_per_hvp(model, batches, args) -> list[dict]:
+    """Median over channels of the per-probe relative standard deviation, scaled to one HVP."""
+    rows = []
+    n_layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+    for groups, probes in ((1, args.probes), ("layer", max(2, args.probes // n_layers))):
+        r = channel_traces(model, batches, min_probes=probes, max_probes=probes, probe_groups=groups,
+                           probes_per_step=max(args.steps), method="vmap")
+        hvps = r.probes * (n_layers if groups == "layer" else 1)
+        tr = torch.cat(list(r.traces.values())).double()
+        se = torch.cat(list(r.stderr.values())).double()
+        rel = (se * hvps**0.5 / tr.abs())[tr != 0]  # relative stderr if this cost were ONE HVP
+        rows.append({"probe_groups": groups, "probes": r.probes, "hvps": hvps, "seconds": round(r.seconds, 3),
+                     "median_rel_stderr": float((se / tr.abs())[tr != 0].median()),
+                     "median_rel_stderr_per_hvp": float(rel.median())})
+    return rows
+
+
+def sensitivity_time(args) -> dict:
+    model, label = build_model(args.sens_model, args.num_classes, args.size)
+    batches = make_batches(args, args.sens_images)
+    r = channel_traces(model, batches, min_probes=args.sens_min_probes, max_probes=args.sens_max_probes,
+                       probes_per_step=max(args.steps))
+    return {"model": label, "images": args.sens_images, "probes": r.probes, "converged": r.converged,
+            "achieved_rel_stderr": r.achieved_rel_stderr, "method": r.method, "seconds": round(r.seconds, 2)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--images", type=int, default=128, help="images for the throughput part")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--size", type=int, default=32, help="input side in pixels")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--steps", type=lambda s: [int(v) for v in s.split(",")], default=[1, 4, 8],
+                   help="probes_per_step values to time (default: 1,4,8)")
+    p.add_argument("--probes", type=int, default=16, help="probes per timed configuration")
+    p.add_argument("--sens-model", default="resnet56")
+    p.add_argument("--sens-images", type=int, default=512)
+    p.add_argument("--sens-min-probes", type=int, default=8)
+    p.add_argument("--sens-max-probes", type=int, default=64)
+    p.add_argument("--skip-sensitivity", action="store_true")
+    p.add_argument("--dataset", default=None, help="e.g. cifar10; default: synthetic random images")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--smoke", action="store_true", help="tiny settings: checks the script runs, times nothing")
+    p.add_argument("--out", default=None, help="write the JSON record here")
+    args = p.parse_args()
+    if args.smoke:
+        args.images, args.batch_size, args.size, args.probes, args.steps = 8, 4, 8, 4, [1, 4]
+        args.sens_model, args.sens_images, args.sens_min_probes, args.sens_max_probes = "resnet20", 8, 2, 4
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, label = build_model(args.model, args.num_classes, args.size)
+    batches = make_batches(args, args.images)
+    record = {
+        "benchmark": "hessian", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "smoke": args.smoke,
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "config": {k: v for k, v in vars(args).items() if k != "out"}, "model": label,
+        "throughput": throughput(model, batches, args),
+        "precision": precision_per_hvp(model, batches, args),
+        "sensitivity": None if args.skip_sensitivity else sensitivity_time(args),
+    }
+    text = json.dumps(record, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
