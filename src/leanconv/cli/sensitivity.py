@@ -8,6 +8,7 @@ from pathlib import Path
 
 from leanconv.cli.common import (add_data_args, add_model_args, data_from_meta, load_model, positive_int,
                                  progress_bar, resolution_of, write_json)
+from leanconv.errors import LeanconvError
 from leanconv.importance import hessian
 from leanconv.prune.pipeline import scoring_batches
 from leanconv.report.plots import sensitivity_chart
@@ -28,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-probes", type=positive_int, default=8)
     p.add_argument("--rel-stderr", type=float, default=0.05,
                    help="stop when the median relative standard error is below this (default: 0.05)")
+    p.add_argument("--probe-groups", default="1", metavar="G|layer",
+                   help="split each probe into G groups of layers (or 'layer': one per layer): G times the HVPs "
+                   "per probe, no cross-group noise in the per-channel estimates (default: 1)")
     p.add_argument("--images", type=positive_int, default=512, help="validation images (default: 512)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=None, help="trace cache folder (default: DIR/cache)")
@@ -48,6 +52,12 @@ def sensitivity_record(model, result) -> dict:
                              "sensitivity": sens[n].tolist()} for n in sens}}
 
 
+def _groups(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise LeanconvError(f"--probe-groups must be a positive whole number or 'layer', got {text!r}")
+    return int(text)
+
+
 def run(args: argparse.Namespace) -> int:
     model = load_model(args.ckpt, constructor=args.constructor)
     data = data_from_meta(model, args)
@@ -55,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     update, close = progress_bar("hessian probes", enabled=not args.no_progress)
     settings = {"min_probes": min(args.min_probes, args.probes), "max_probes": args.probes,
-                "rel_stderr": args.rel_stderr, "seed": args.seed, "progress": update}
+                "rel_stderr": args.rel_stderr, "seed": args.seed, "progress": update,
+                "probe_groups": args.probe_groups if args.probe_groups == "layer" else _groups(args.probe_groups)}
     try:
         result = hessian.cached_channel_traces(model, batches, Path(args.cache_dir or out / "cache"), **settings)
     finally:
@@ -64,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     write_json(out / "sensitivity.json", record)
     sensitivity_chart({n: v["sensitivity"] for n, v in record["layers"].items()}, out / "sensitivity.png",
                       title=f"HAP sensitivity per layer ({result.probes} probes, {record['images']} images)")
-    print(json.dumps({"probes": result.probes, "converged": result.converged, "seconds": round(result.seconds, 1),
+    print(json.dumps({"probes": result.probes, "converged": result.converged,
+                      "median_rel_stderr": round(result.achieved_rel_stderr, 4), "seconds": round(result.seconds, 1),
                       "layers": len(record["layers"]), "out": str(out)}))
     return 0
