@@ -46,6 +46,21 @@ class TapPattern:
                           self.cols, self.rows, k)
 
 
+def _classes(taps: TapPattern):
+    """Taps sorted by (row, col, dy, dx), each row's start in that order, and the classes:
+    lists of rows with identical (col, dy, dx) lists, in order of first row."""
+    order = np.lexsort((taps.dx, taps.dy, taps.col, taps.row))
+    row, col, dy, dx, widx = (np.asarray(a, dtype=np.int64)[order]
+                              for a in (taps.row, taps.col, taps.dy, taps.dx, taps.widx))
+    starts = np.searchsorted(row, np.arange(taps.rows + 1))
+    classes: dict[bytes, list[int]] = {}
+    for r in range(taps.rows):
+        s, e = starts[r], starts[r + 1]
+        if e > s:
+            classes.setdefault(np.stack([col[s:e], dy[s:e], dx[s:e]]).tobytes(), []).append(r)
+    return row, col, dy, dx, widx, starts, list(classes.values())
+
+
 class ClassPlan:
     """Rows grouped into classes of identical tap lists, with the packed weight order.
 
@@ -55,40 +70,37 @@ class ClassPlan:
     """
 
     def __init__(self, taps: TapPattern):
-        order = np.lexsort((taps.dx, taps.dy, taps.col, taps.row))
-        row, col, dy, dx, widx = (a[order] for a in (taps.row, taps.col, taps.dy, taps.dx, taps.widx))
-        starts = np.searchsorted(row, np.arange(taps.rows + 1))
-        groups: dict[bytes, list[int]] = {}
-        for r in range(taps.rows):
-            s, e = starts[r], starts[r + 1]
-            if e > s:
-                key = np.stack([col[s:e], dy[s:e], dx[s:e]]).tobytes()
-                groups.setdefault(key, []).append(r)
-        member_ptr, members, tap_ptr, pack, offsets = [0], [], [0], [], []
+        row, col, dy, dx, widx, starts, classes = _classes(taps)
+        member_ptr, members, tap_ptr, offsets, pack = [0], [], [0], [], []
         tap_cols, tap_dy, tap_dx = [], [], []
-        for rows in groups.values():
+        packed = 0
+        for rows in classes:
             s, e = starts[rows[0]], starts[rows[0] + 1]
-            tap_cols.append(col[s:e]), tap_dy.append(dy[s:e]), tap_dx.append(dx[s:e])
+            tap_cols.append(col[s:e])
+            tap_dy.append(dy[s:e])
+            tap_dx.append(dx[s:e])
             tap_ptr.append(tap_ptr[-1] + (e - s))
             members.extend(rows)
             member_ptr.append(len(members))
-            offsets.append(sum(len(p) for p in pack))
+            offsets.append(packed)
             block = np.stack([widx[starts[r]:starts[r + 1]] for r in rows])  # [members, taps]
             m = 0
             for g in row_groups(len(rows)):
                 pack.append(block[m:m + g].T.reshape(-1))
                 m += g
+            packed += block.size
+        empty = np.zeros(0, np.int64)
         self.rows, self.cols, self.kernel = taps.rows, taps.cols, taps.kernel
-        self.n_classes = len(groups)
+        self.n_classes = len(classes)
         self.covers_all_rows = len(members) == taps.rows  # else some output planes stay zero
         self.member_ptr = torch.tensor(member_ptr, dtype=torch.int64)
         self.members = torch.tensor(members, dtype=torch.int64)
         self.tap_ptr = torch.tensor(tap_ptr, dtype=torch.int64)
-        self.tap_col = np.concatenate(tap_cols) if tap_cols else np.zeros(0, np.int64)
-        self.tap_dy = np.concatenate(tap_dy) if tap_dy else np.zeros(0, np.int64)
-        self.tap_dx = np.concatenate(tap_dx) if tap_dx else np.zeros(0, np.int64)
+        self.tap_col = np.concatenate(tap_cols) if classes else empty
+        self.tap_dy = np.concatenate(tap_dy) if classes else empty
+        self.tap_dx = np.concatenate(tap_dx) if classes else empty
         self.weight_offset = torch.tensor(offsets, dtype=torch.int64)
-        self.pack_index = torch.from_numpy(np.concatenate(pack) if pack else np.zeros(0, np.int64))
+        self.pack_index = torch.from_numpy(np.concatenate(pack) if pack else empty)
         self._offsets: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def offsets(self, in_plane: int, in_pitch: int, out_plane: int) -> tuple[torch.Tensor, torch.Tensor]:

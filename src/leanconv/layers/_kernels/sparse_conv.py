@@ -84,10 +84,10 @@ def _weight_grad(plan: ClassPlan, grid: Grid, gy: torch.Tensor, xb: torch.Tensor
     scratch = gy.new_zeros(nt, nw)
     chunk = max(1, WGRAD_VECTORS // grid.nvec)
     status = lib.weight_grad(a.data_ptr(), xb.data_ptr(), packed.data_ptr(), scratch.data_ptr(), nw, n,
-                    plan.rows * grid.out_len, plan.cols * grid.in_plane, plan.n_classes,
-                    plan.member_ptr.data_ptr(), rows.data_ptr(), plan.tap_ptr.data_ptr(), taps.data_ptr(),
-                    plan.weight_offset.data_ptr(), grid.nvec, grid.ib.data_ptr(), grid.ob.data_ptr(),
-                    chunk, nt)
+                             plan.rows * grid.out_len, plan.cols * grid.in_plane, plan.n_classes,
+                             plan.member_ptr.data_ptr(), rows.data_ptr(), plan.tap_ptr.data_ptr(),
+                             taps.data_ptr(), plan.weight_offset.data_ptr(), grid.nvec, grid.ib.data_ptr(),
+                             grid.ob.data_ptr(), chunk, nt)
     if status != 0:
         raise MemoryError("leanconv sparse conv kernel: out of memory in the weight gradient")
     return gy.new_zeros(numel).index_copy_(0, plan.pack_index, packed)
