@@ -1,0 +1,103 @@
+"""Does pruning to half the MACs make the model measurably faster? Every method, side by side.
+
+For each criterion the trained checkpoint is pruned to ``--target`` of its MACs (no
+fine-tuning: this checks the structure, not the accuracy), then:
+- counted MACs must land within 2% of the target;
+- the saved pruned checkpoint must reload to identical logits;
+- latency at batch 64 (and 1) is measured for the original and the pruned model in
+  alternating rounds (so drift hits both), and the measured speedup is printed next to the
+  MAC reduction. Target: speedup >= 0.8 x MAC reduction at batch 64.
+
+    .venv/bin/python benchmarks/check_prune_speedup.py runs/r20_fm10/model.safetensors --out runs/speedup_r20.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+from leanconv import checkpoint
+from leanconv.cost import count, measure_latency
+from leanconv.data import load_dataset
+from leanconv.importance import ScoringData, create_criterion
+from leanconv.prune import prune_to_budget
+from leanconv.prune.pipeline import scoring_batches
+
+METHODS = ["hap", "hap+implant", "l1", "l2", "bn", "taylor", "random", "synflow"]
+
+
+def prune_copy(model, label, target, shape, data, round_to):
+    method = label.split("+")[0]
+    kwargs = {"max_probes": 16, "min_probes": 8} if method == "hap" else {}
+    pruned = copy.deepcopy(model)
+    scoring = ScoringData(scoring_batches(data, 256, 128, None), extra={"input_shape": shape})
+    prune_to_budget(pruned, create_criterion(method, **kwargs), torch.randn(1, *shape), target=target,
+                    input_shape=shape, data=scoring, implant=0.1 if "implant" in label else 0.0, round_to=round_to,
+                    normalize="none" if method == "hap" else "mean")
+    return pruned
+
+
+def latency_pair(a, b, shape, batch, rounds, repeats):
+    ta, tb = [], []
+    for _ in range(rounds):
+        ta.append(measure_latency(a, shape, batch, repeats=repeats, warmup=2).median_ms)
+        tb.append(measure_latency(b, shape, batch, repeats=repeats, warmup=2).median_ms)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def identical_reload(model, shape) -> bool:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "m.safetensors"
+        checkpoint.save(model, path)
+        again = checkpoint.load(path)
+    x = torch.randn(8, *shape)
+    with torch.no_grad():
+        return torch.equal(model.eval()(x), again(x))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ckpt")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--target", type=float, default=0.5)
+    parser.add_argument("--round-to", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = checkpoint.load(args.ckpt)
+    shape = tuple(model.leanconv_meta["input_shape"])
+    data = load_dataset(model.leanconv_meta["dataset"]["name"])
+    macs0 = count(model, shape).macs
+    rows = []
+    print(f"{args.ckpt}: {macs0 / 1e6:.2f} M MACs, input {shape}, {torch.get_num_threads()} threads")
+    for label in args.methods.split(","):
+        pruned = prune_copy(model, label, args.target, shape, data, args.round_to)
+        macs = count(pruned, shape).macs
+        b64 = latency_pair(model, pruned, shape, 64, args.rounds, args.repeats)
+        b1 = latency_pair(model, pruned, shape, 1, args.rounds, args.repeats * 3)
+        row = {"method": label, "macs_ratio": macs / macs0, "within_2pct": abs(macs / macs0 - args.target) <= 0.02 * args.target,
+               "reload_identical": identical_reload(pruned, shape), "mac_reduction": macs0 / macs,
+               "latency_b64_ms": b64, "speedup_b64": b64[0] / b64[1], "latency_b1_ms": b1, "speedup_b1": b1[0] / b1[1]}
+        row["speedup_over_mac_reduction"] = row["speedup_b64"] / row["mac_reduction"]
+        rows.append(row)
+        print(f"{label:12s} MACs x{row['macs_ratio']:.3f} (within 2%: {row['within_2pct']}), reload identical: "
+              f"{row['reload_identical']}, MAC reduction {row['mac_reduction']:.2f}x, measured speedup b64 "
+              f"{row['speedup_b64']:.2f}x (ratio {row['speedup_over_mac_reduction']:.2f}, target >= 0.8), "
+              f"b1 {row['speedup_b1']:.2f}x", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"ckpt": args.ckpt, "target": args.target, "round_to": args.round_to,
+                                              "threads": torch.get_num_threads(), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
