@@ -33,7 +33,7 @@ LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=20, help="timed rounds per contender")
-    p.add_argument("--out", default=None, help="write the JSON record here")
+    p.add_argument("--out", default="runs/bench_new_convs.json", help="write the JSON record here ('' for none)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--channels", type=int, default=128)

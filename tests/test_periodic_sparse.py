@@ -129,6 +129,21 @@ def test_count_macs_is_the_nonzero_count():
     assert nnz == 16 * 8 * 9 * 37 // 72 == 592  # 16 * 8 kernels of 9 taps, 37/72 kept
 
 
+def test_cost_counter_uses_the_layers_own_count():
+    from torch import nn
+
+    from leanconv.cost import count
+    from leanconv.layers import SlidingChannelConv2d
+
+    model = nn.Sequential(PeriodicSparseConv2d(16, 16, pattern="psd4_p8"), nn.ReLU(),
+                          SlidingChannelConv2d(16, 32, groups=4, overlap=0.5, stride=2))
+    report = count(model, (16, 8, 8))
+    psc_macs = 16 * 16 * 9 * 37 // 72 * 8 * 8  # nonzeros x output pixels
+    scc_macs = 32 * 4 * 4 * 4  # out channels x window x 4x4 output
+    assert [layer.macs for layer in report.layers if layer.macs] == [psc_macs, scc_macs]
+    assert report.macs == psc_macs + scc_macs == 77824
+
+
 def test_spec_round_trip_rebuilds_identical_layer():
     m = PeriodicSparseConv2d(12, 20, stride=2, padding=1, pattern="psd1_p16", bias=True)
     spec = module_to_spec(m)

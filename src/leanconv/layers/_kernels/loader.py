@@ -32,10 +32,12 @@ __all__ = ["KernelLibrary", "kernel_library", "kernels_available"]
 log = logging.getLogger(__name__)
 
 _SOURCE = "sparse_rows.c"
-_FLAG_SETS = (
+_FLAG_SETS = (  # tried in order; the last ones build single-threaded kernels (no OpenMP)
     ["-O3", "-march=native", "-fopenmp"],
     ["-O3", "-mcpu=native", "-fopenmp"],
     ["-O3", "-fopenmp"],
+    ["-O3", "-march=native"],
+    ["-O3"],
 )
 _TYPES = {torch.float32: "float", torch.float64: "double"}
 

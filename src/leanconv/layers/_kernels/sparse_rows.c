@@ -26,8 +26,10 @@
 #endif
 #if defined(__AVX512F__)
 #define LC_VBYTES 64
-#else
+#elif defined(__AVX__)
 #define LC_VBYTES 32
+#else
+#define LC_VBYTES 16 /* SSE2, NEON, or plain scalar code from the compiler */
 #endif
 #define LANES ((int)(LC_VBYTES / sizeof(LC_REAL)))
 
@@ -43,7 +45,7 @@ int lc_lanes(void) { return LANES; }
 
 /* Keep a loaded vector in a register: stops the compiler from re-reading it from memory as
  * an operand of every multiply-add that uses it. */
-#if defined(__x86_64__) || defined(__i386__)
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__AVX__) || LC_VBYTES == 16)
 #define IN_REGISTER(v) __asm__("" : "+v"(v))
 #elif defined(__aarch64__)
 #define IN_REGISTER(v) __asm__("" : "+w"(v))
