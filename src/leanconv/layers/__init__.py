@@ -7,6 +7,7 @@ that name them can be rebuilt.
 from leanconv.layers.spec import is_registered, layer_types, module_from_spec, module_to_spec, register_layer
 from leanconv.layers.sliding_channel import SlidingChannelConv2d
 from leanconv.layers.periodic_sparse import PATTERNS, PeriodicSparseConv2d
+from leanconv.layers.implant import ImplantConv2d
 
 __all__ = [
     # spec table
@@ -19,4 +20,5 @@ __all__ = [
     "SlidingChannelConv2d",
     "PeriodicSparseConv2d",
     "PATTERNS",
+    "ImplantConv2d",
 ]
