@@ -1,21 +1,32 @@
-"""``leanconv train``: train a zoo model (or continue from a checkpoint) on a dataset."""
+"""``leanconv train``: train a zoo model (or continue from a checkpoint) on a dataset.
+
+Launched by ``torchrun`` (``torchrun --nproc_per_node N -m leanconv.cli.main train ...``) it
+trains data-parallel: every process joins the group, trains on its shard of the training
+set, and only rank 0 writes files and prints. See docs/distributed.md.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from leanconv import checkpoint
+from leanconv import distributed as dist
 from leanconv.cli.common import (add_data_args, add_model_args, load_data, load_model, positive_int,
                                  progress_bar, resolution_of, write_json)
 from leanconv.errors import LeanconvError
 from leanconv.train import TrainConfig, evaluate, fit
 
-__all__ = ["register", "run", "config_from_args", "loaders_for"]
+__all__ = ["register", "run", "config_from_args", "loaders_for", "CHECKSUM_ENV"]
+
+# Debugging aid (used by the tests): when set, every process writes the SHA-256 of its final
+# weights to DIR/checksum.rank<R>.txt, so that identical replicas can be verified.
+CHECKSUM_ENV = "LEANCONV_DEBUG_CHECKSUMS"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,7 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resolution", type=positive_int, default=None, help="train at this input side (default: the data's)")
     p.add_argument("--subset", type=positive_int, default=None, help="train on this many images only (quick runs)")
     p.add_argument("--no-augment", action="store_true", help="turn off random crop and flip")
-    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: PyTorch's)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads per process (default: PyTorch's)")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun on GPUs: SyncBatchNorm across processes (default: BatchNorm per process)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -46,14 +59,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(epochs=args.epochs, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                       schedule=args.schedule, seed=args.seed, threads=args.threads)
+                       schedule=args.schedule, seed=args.seed, threads=args.threads, sync_bn=args.sync_bn)
 
 
 def loaders_for(data, batch_size: int, *, resolution: int | None, seed: int, augment: bool = True,
-                subset: int | None = None):
-    """Train (shuffled, augmented), validation and test loaders at ``resolution``."""
+                subset: int | None = None, rank: int = 0, world_size: int = 1):
+    """Train (shuffled, augmented), validation and test loaders at ``resolution``.
+
+    The training loader yields this process's shard (``rank`` of ``world_size``) with
+    ``batch_size`` images per batch per process; validation and test are whole (evaluation
+    splits them by batches)."""
     train = data.loader("train", batch_size, shuffle=True, augment=augment, resolution=resolution, seed=seed,
-                        subset=subset, drop_last=True)
+                        subset=subset, drop_last=True, rank=rank, world_size=world_size)
     val = data.loader("val", 256, resolution=resolution)
     test = data.loader("test", 256, resolution=resolution)
     return train, val, test
@@ -90,22 +107,37 @@ def run(args: argparse.Namespace) -> int:
         raise LeanconvError(f"nothing to resume in {out}: no train_state.safetensors; drop --resume")
     if args.from_ckpt and not Path(args.from_ckpt).is_file():
         raise LeanconvError(f"checkpoint {args.from_ckpt!r} does not exist")
+    rank, world = dist.init_from_env()
+    try:
+        return _train(args, out, rank, world)
+    finally:
+        dist.cleanup()
+
+
+def _train(args: argparse.Namespace, out: Path, rank: int, world: int) -> int:
     config = config_from_args(args)
     data = load_data(args.data, args.data_dir)
     model = _build_model(args, data)
     train, val, test = loaders_for(data, args.batch_size, resolution=resolution_of(model, data), seed=args.seed,
-                                   augment=not args.no_augment, subset=args.subset)
-    write_json(out / "config.json", {"command": "train", "args": {k: v for k, v in vars(args).items() if k != "func"},
-                                     "train_config": asdict(config), "model": model.leanconv_base})
-    update, close = progress_bar(f"train {args.model or args.from_ckpt}", enabled=not args.no_progress)
+                                   augment=not args.no_augment, subset=args.subset, rank=rank, world_size=world)
+    main = rank == 0
+    if main:
+        write_json(out / "config.json", {"command": "train", "args": {k: v for k, v in vars(args).items() if k != "func"},
+                                         "train_config": asdict(config), "model": model.leanconv_base,
+                                         "world_size": world})
+    update, close = progress_bar(f"train {args.model or args.from_ckpt}", enabled=main and not args.no_progress)
     try:
         result = fit(model, train, config, val_loader=val, out_dir=out, resume=args.resume, progress=update)
     finally:
         close()
-    metrics = evaluate(model, test, config.channels_last)
+    metrics = evaluate(model, test, config.channels_last, distributed=world > 1)
     model.leanconv_meta["test"] = {"loss": metrics["loss"], "accuracy": metrics["accuracy"]}
-    checkpoint.save(model, out / "model.safetensors")
-    summary = {"test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"], "epochs_run": result.epochs_run,
-               "seconds": round(result.seconds, 1), "model": str(out / "model.safetensors")}
-    print(json.dumps(summary))
+    if os.environ.get(CHECKSUM_ENV):
+        (out / f"checksum.rank{rank}.txt").write_text(dist.state_checksum(model) + "\n")
+    if main:
+        checkpoint.save(model, out / "model.safetensors")
+        summary = {"test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"], "epochs_run": result.epochs_run,
+                   "seconds": round(result.seconds, 1), "model": str(out / "model.safetensors")}
+        print(json.dumps(summary))
+    dist.barrier()
     return 0
