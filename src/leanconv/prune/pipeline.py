@@ -47,6 +47,7 @@ class PruneConfig:
     batch_size: int = 128
     score_images: int = 512  # validation images used for scoring
     probes: int = 64  # cap on Hutchinson probes (hap)
+    train_subset: int | None = None  # fine-tune on this many training images only (quick runs)
     seed: int = 0
     latency_repeats: int = 10
 
@@ -90,8 +91,9 @@ def _finetune_fn(data, config: PruneConfig, resolution, progress):
     def finetune(model: nn.Module, epochs: int) -> None:
         if epochs <= 0:
             return
+        subset = None if config.train_subset is None else min(config.train_subset, len(data.train))
         train = data.loader("train", config.batch_size, shuffle=True, augment=True, resolution=resolution,
-                            seed=config.seed, drop_last=True)
+                            seed=config.seed, drop_last=True, subset=subset)
         fit(model, train, TrainConfig(epochs=epochs, lr=config.finetune_lr, seed=config.seed), progress=progress)
         recalibrate_bn(model, data.loader("train", config.batch_size, resolution=resolution, subset=min(6400, len(data.train))))
         model.to(memory_format=torch.contiguous_format)  # the dependency graph traces plain NCHW weights

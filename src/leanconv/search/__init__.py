@@ -35,6 +35,11 @@ from leanconv.search.predictor import (
     select_predictor,
 )
 
+from leanconv.search.executors import EXECUTORS, LocalExecutor, RayExecutor, create_executor
+from leanconv.search.realise import Realised, StepSettings, realise
+from leanconv.search.samples import SampleStore, collect_samples, plan_tasks
+from leanconv.search.three_d import Prune3dConfig, Prune3dResult, run_prune3d
+
 __all__ = [
     # accuracy predictors
     "Predictor",
@@ -58,4 +63,18 @@ __all__ = [
     "maximise",
     "Resolution",
     "resolve",
+    # the 3-D pruning run
+    "Prune3dConfig",
+    "Prune3dResult",
+    "run_prune3d",
+    "realise",
+    "Realised",
+    "StepSettings",
+    "SampleStore",
+    "collect_samples",
+    "plan_tasks",
+    "EXECUTORS",
+    "LocalExecutor",
+    "RayExecutor",
+    "create_executor",
 ]

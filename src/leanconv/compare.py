@@ -1,0 +1,220 @@
+"""Compress one trained model every way leanconv knows, with one fine-tuning budget, and record it.
+
+``run_compare`` measures the baseline (test accuracy, counted params and MACs, latency at
+batch 1 and 64 in eager PyTorch and ONNX Runtime), its per-layer Hessian sensitivity, then
+one *entry* per (contender, budget): the width criteria (``hap``, ``hap+implant``, ``l1``,
+``l2``, ``bn``, ``taylor``, ``random``, ``synflow``), 3-D pruning (``3d``) and the new layer
+types (``scc``, ``psconv``; these replace layers rather than aim at a budget). Every entry
+gets the same fine-tuning epochs, is saved under ``DIR/entries/<key>/``, exported to ONNX
+(output checked against PyTorch) and timed the same way. Each record is appended to
+``DIR/results.jsonl`` as soon as it exists, and a key already there is never redone, so an
+interrupted comparison resumes. ``leanconv.report.build.build_report`` turns the file into
+``report.html`` / ``report.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from leanconv import checkpoint
+from leanconv.cost import count, measure_latency
+from leanconv.data.splits import DatasetSplits
+from leanconv.errors import LeanconvError
+from leanconv.export import export_onnx
+from leanconv.prune.channels import channel_counts
+from leanconv.prune.pipeline import PruneConfig, run_pruning, scoring_batches
+from leanconv.report.results import append_result, read_results
+from leanconv.train import evaluate
+
+__all__ = ["CompareConfig", "run_compare", "CONTENDERS", "entry_keys"]
+
+log = logging.getLogger(__name__)
+Progress = Callable[[int, int, dict], None]
+
+WIDTH = {"hap": ("hap", 0.0), "hap+implant": ("hap", 0.1), "l1": ("l1", 0.0), "l2": ("l2", 0.0),
+         "bn": ("bn", 0.0), "taylor": ("taylor", 0.0), "random": ("random", 0.0), "synflow": ("synflow", 0.0)}
+LAYERS = ("scc", "psconv")
+CONTENDERS = (*WIDTH, "3d", *LAYERS)
+DEFAULT_METHODS = ("hap", "hap+implant", "l1", "taylor", "random", "3d", "scc", "psconv")
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """What ``leanconv compare`` runs. Every entry gets ``finetune_epochs`` of fine-tuning."""
+
+    targets: tuple[float, ...] = (0.5,)
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    finetune_epochs: int = 1
+    finetune_lr: float = 0.01
+    probes: int = 32  # Hutchinson probe cap for hap
+    score_images: int = 512
+    train_subset: int | None = None  # fine-tune on this many training images (quick runs)
+    samples: int = 6  # 3-D pruning: samples to collect
+    latency_repeats: int = 10
+    onnx: bool = True
+    quick: bool = False
+    seed: int = 0
+    scc_groups: int = 2
+    scc_overlap: float = 0.5
+    psconv_pattern: str = "psd4_p8"
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in CONTENDERS]
+        if unknown:
+            raise LeanconvError(f"unknown method(s) {', '.join(unknown)}; choose from: {', '.join(CONTENDERS)}")
+        if not self.targets or any(not 0.0 < t < 1.0 for t in self.targets):
+            raise LeanconvError(f"every target must lie strictly between 0 and 1, got {list(self.targets)}")
+        if self.finetune_epochs < 0:
+            raise LeanconvError(f"fine-tuning epochs must be >= 0, got {self.finetune_epochs}")
+
+
+@dataclass
+class _Context:
+    ckpt: Path
+    data: DatasetSplits
+    shape: tuple[int, int, int]
+    resolution: int | None
+    config: CompareConfig
+    out: Path
+    command: str
+    constructor: str | None = None
+    progress: Progress | None = None
+    extra: dict = field(default_factory=dict)
+
+    def fresh_model(self) -> nn.Module:
+        return checkpoint.load(self.ckpt, constructor=self.constructor)
+
+
+def entry_keys(config: CompareConfig) -> list[tuple[str, str, float | None]]:
+    """(key, method, target) of every entry the config asks for, in run order."""
+    keys = []
+    for target in config.targets:
+        keys += [(f"{m}@{target:g}", m, target) for m in config.methods if m not in LAYERS]
+    keys += [(m, m, None) for m in config.methods if m in LAYERS]
+    return keys
+
+
+def _latency(model: nn.Module, shape, repeats: int) -> dict[str, float]:
+    return {f"batch{b}": measure_latency(model, shape, b, repeats=repeats, warmup=3).median_ms for b in (1, 64)}
+
+
+def _measured(model: nn.Module, ctx: _Context, folder: Path) -> dict[str, Any]:
+    """Accuracy, counted cost, latency (PyTorch and ONNX Runtime) and channels of ``model``, at
+    the input shape the model records (3-D pruning may have changed the resolution)."""
+    shape = tuple(getattr(model, "leanconv_meta", {}).get("input_shape") or ctx.shape)
+    resolution = None if shape[-1] == ctx.data.image_size else shape[-1]
+    cost = count(model, shape)
+    test = ctx.data.loader("test", 256, resolution=resolution)
+    onnx = None
+    if ctx.config.onnx:
+        info = export_onnx(model, shape, folder / "model.onnx", repeats=ctx.config.latency_repeats, warmup=3)
+        onnx = {k: v["median_ms"] for k, v in info["latency_ms"].items()}
+    return {"accuracy": evaluate(model, test)["accuracy"], "params": cost.params, "macs": cost.macs,
+            "latency_ms": {"torch": _latency(model, shape, ctx.config.latency_repeats), "onnx": onnx},
+            "channels": {name: after for name, (_, after) in channel_counts(model).items()}}
+
+
+def _baseline(ctx: _Context) -> dict[str, Any]:
+    model = ctx.fresh_model()
+    folder = ctx.out / "entries" / "baseline"
+    folder.mkdir(parents=True, exist_ok=True)
+    base = model.leanconv_base.get("zoo") or model.leanconv_base.get("constructor")
+    return {"kind": "baseline", "label": "baseline", "model": str(base), "dataset": ctx.data.name,
+            "input_shape": list(ctx.shape), "checkpoint": str(ctx.ckpt), "command": ctx.command,
+            "quick": ctx.config.quick, "threads": torch.get_num_threads(), **_measured(model, ctx, folder)}
+
+
+def _sensitivity(ctx: _Context) -> dict[str, Any]:
+    from leanconv.importance.hessian import cached_channel_traces
+
+    model = ctx.fresh_model()
+    batches = scoring_batches(ctx.data, ctx.config.score_images, 128, ctx.resolution)
+    result = cached_channel_traces(model, batches, ctx.out / "cache", max_probes=ctx.config.probes,
+                                   min_probes=min(8, ctx.config.probes), seed=ctx.config.seed)
+    sens = result.hap_sensitivity(model)
+    return {"kind": "sensitivity", "layers": {n.removesuffix(".weight"): float(v.sum()) for n, v in sens.items()},
+            "probes": result.probes, "images": sum(len(y) for _, y in batches)}
+
+
+def _width_entry(ctx: _Context, key: str, method: str, target: float) -> tuple[nn.Module, dict[str, Any]]:
+    criterion, implant = WIDTH[method]
+    c = ctx.config
+    model = ctx.fresh_model()
+    config = PruneConfig(method=criterion, target=target, implant=implant, finetune_epochs=c.finetune_epochs,
+                         finetune_lr=c.finetune_lr, score_images=c.score_images, probes=c.probes, seed=c.seed,
+                         latency_repeats=2, train_subset=c.train_subset)
+    record = run_pruning(model, ctx.data, ctx.shape, config, resolution=ctx.resolution, progress=ctx.progress)
+    args = ["leanconv", "prune", str(ctx.ckpt), "--method", criterion, "--target-flops", f"{target:g}",
+            "--finetune-epochs", str(c.finetune_epochs), "--finetune-lr", f"{c.finetune_lr:g}",
+            "--probes", str(c.probes), "--score-images", str(c.score_images), "--seed", str(c.seed),
+            "--out", str(ctx.out / "entries" / key)]
+    if implant:
+        args += ["--implant", f"{implant:g}"]
+    notes = f"{criterion} scores, MACs x{record['achieved']['macs']:.3f}"
+    return model, {"family": "width", "command": shlex.join(args), "notes": notes}
+
+
+def _runner(method: str) -> Callable[..., tuple[nn.Module, dict[str, Any]]]:
+    if method in WIDTH:
+        return _width_entry
+    from leanconv import compare_extra  # 3-D and layer variants
+
+    return compare_extra.runner(method)
+
+
+def _run_entry(ctx: _Context, key: str, method: str, target: float | None) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    model, info = _runner(method)(ctx, key, method, target)
+    folder = ctx.out / "entries" / key
+    folder.mkdir(parents=True, exist_ok=True)
+    model.leanconv_meta = {**getattr(model, "leanconv_meta", {}), "compare": {"key": key, "method": method}}
+    checkpoint.save(model, folder / "model.safetensors", constructor=ctx.constructor)
+    record = {"kind": "entry", "key": key, "label": method if method not in LAYERS else info.pop("label", method),
+              "target": target, "finetune_epochs": ctx.config.finetune_epochs,
+              "checkpoint": str(folder / "model.safetensors"), **info, **_measured(model, ctx, folder)}
+    record["seconds"] = time.perf_counter() - t0
+    return record
+
+
+def run_compare(ckpt: str | Path, data: DatasetSplits, shape: tuple[int, int, int], out: str | Path,
+                config: CompareConfig, *, resolution: int | None = None, command: str = "",
+                constructor: str | None = None, progress: Progress | None = None,
+                stage: Callable[[int, int, str], None] | None = None) -> Path:
+    """Run every entry of ``config`` not yet in ``out/results.jsonl``; returns that file's path.
+    ``stage(done, total, key)`` is called before each step (for an overall progress line)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = _Context(Path(ckpt), data, shape, resolution, config, out, command, constructor, progress)
+    results = out / "results.jsonl"
+    have = read_results(results) if results.exists() else None
+    keys = entry_keys(config)
+    done_keys = {e["key"] for e in (have or {}).get("entries", [])}
+    steps = [("baseline", None, None)] * (have is None or have.get("baseline") is None)
+    steps += [("sensitivity", None, None)] * (have is None or have.get("sensitivity") is None)
+    steps += [k for k in keys if k[0] not in done_keys]
+    for i, (key, method, target) in enumerate(steps):
+        if stage:
+            stage(i, len(steps), key)
+        if key == "baseline":
+            record = _baseline(ctx)
+        elif key == "sensitivity":
+            record = _sensitivity(ctx)
+        else:
+            record = _run_entry(ctx, key, method, target)
+        append_result(results, record)
+        log.info("compare: %s done", key)
+    if stage:
+        stage(len(steps), len(steps), "done")
+    return results
+
+
+def config_dict(config: CompareConfig) -> dict[str, Any]:
+    return asdict(config)

@@ -1,0 +1,47 @@
+"""The contenders of ``compare`` that are not width criteria: 3-D pruning and new layer types.
+
+Each runner takes ``(ctx, key, method, target)`` and returns ``(model, info)`` where ``info``
+holds ``family``, ``command``, ``notes`` (and ``label`` for layer variants); ``compare``
+saves, exports and measures the model.
+"""
+
+from __future__ import annotations
+
+import shlex
+from typing import Any, Callable
+
+from torch import nn
+
+from leanconv.errors import LeanconvError
+
+__all__ = ["runner", "three_d_entry"]
+
+
+def three_d_entry(ctx, key: str, method: str, target: float) -> tuple[nn.Module, dict[str, Any]]:
+    """3-D pruning (depth x width x resolution) to ``target`` of the MACs, samples collected
+    in-process, final fine-tuning with the comparison's epochs."""
+    from leanconv.search.three_d import Prune3dConfig, run_prune3d
+
+    c = ctx.config
+    images = c.train_subset if c.train_subset is not None else 2000
+    config = Prune3dConfig(target=target, samples=c.samples, sample_epochs=1, sample_images=images,
+                           finetune_epochs=c.finetune_epochs, lr=c.finetune_lr, score_images=c.score_images,
+                           probes=c.probes, seed=c.seed, latency_repeats=2)
+    out = ctx.out / "entries" / key
+    result = run_prune3d(ctx.ckpt, out, config, data=ctx.data.name, progress=ctx.progress)
+    choice = result.record["choice"]["realised"]
+    args = ["leanconv", "prune3d", str(ctx.ckpt), "--target-flops", f"{target:g}", "--samples", str(c.samples),
+            "--sample-images", str(images), "--finetune-epochs", str(c.finetune_epochs), "--lr", f"{c.finetune_lr:g}",
+            "--probes", str(c.probes), "--score-images", str(c.score_images), "--out", str(out)]
+    notes = (f"d={choice.get('d', float('nan')):.2f} w={choice.get('w', float('nan')):.2f} "
+             f"side={choice.get('side', '?')}; {c.samples} samples")
+    return result.model, {"family": "3d", "command": shlex.join(args), "notes": notes}
+
+
+_RUNNERS: dict[str, Callable[..., tuple[nn.Module, dict[str, Any]]]] = {"3d": three_d_entry}
+
+
+def runner(method: str) -> Callable[..., tuple[nn.Module, dict[str, Any]]]:
+    if method not in _RUNNERS:
+        raise LeanconvError(f"compare has no runner for {method!r}")
+    return _RUNNERS[method]
