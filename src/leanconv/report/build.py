@@ -1,0 +1,168 @@
+"""``build_report(DIR)``: report.md, report.html and their figures from ``DIR/results.jsonl`` alone.
+
+Nothing is measured or loaded here: every number comes from the record (schema in
+:mod:`leanconv.report.results`), so a report can be rebuilt anywhere, at any time, and two
+builds of the same record are byte-for-byte identical apart from the single line that
+starts with ``Built:`` (rows keep the record's order, numbers have fixed formats, and the
+PNGs carry no timestamp metadata).
+
+Written into ``DIR``: ``report.md``, ``report.html`` (self-contained: figures embedded) and
+``figures/*.png`` (linked from report.md). Figures that no longer apply (e.g. the sensitivity
+chart after the sensitivity record was removed) are deleted.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+from leanconv import __version__
+from leanconv.report import plots
+from leanconv.report.document import (STAMP_PREFIX, Banner, Block, Code, Document, Figure, Heading, Paragraph,
+                                      Stamp, TableBlock)
+from leanconv.report.html import write_html
+from leanconv.report.markdown import write_markdown
+from leanconv.report.results import RESULTS_FILE, read_results
+from leanconv.report.tables import (best_pruned, budget_tables, channel_pairs, channel_table, comparison_table,
+                                    fmt_macs)
+
+__all__ = ["build_report", "build_document", "QUICK_BANNER", "FIGURE_DIR"]
+
+QUICK_BANNER = "QUICK RUN: tiny budgets, figures not representative"
+FIGURE_DIR = "figures"
+_FIGURES = ("accuracy_vs_macs", "accuracy_vs_latency", "channels", "sensitivity")
+
+
+def _tradeoff_points(results: Mapping[str, Any], value) -> list[dict]:
+    base = results["baseline"]
+    records = [base, *results["entries"]]
+    return [{"label": r["label"], "x": value(r), "y": r["accuracy"]} for r in records]
+
+
+def _make_figures(results: Mapping[str, Any], fig_dir: Path) -> dict[str, Figure]:
+    """Draw every figure that applies; returns name -> Figure (href relative to the report)."""
+    base, made = results["baseline"], {}
+
+    def figure(name: str, alt: str, caption: str) -> Figure:
+        return Figure(fig_dir / f"{name}.png", f"{FIGURE_DIR}/{name}.png", alt, caption)
+
+    made["accuracy_vs_macs"] = figure(
+        "accuracy_vs_macs", "test accuracy against MACs per image",
+        "Test accuracy against MACs per image (millions); dashed line: Pareto front; dotted: unpruned accuracy.")
+    plots.tradeoff_chart(_tradeoff_points(results, lambda r: r["macs"] / 1e6), made["accuracy_vs_macs"].path,
+                         x="x", y="y", xlabel="MACs per image (M)", title="Accuracy vs MACs",
+                         baseline=base["accuracy"])
+    made["accuracy_vs_latency"] = figure(
+        "accuracy_vs_latency", "test accuracy against measured latency at batch 64",
+        "Test accuracy against measured eager-PyTorch latency per batch of 64 images (ms).")
+    plots.tradeoff_chart(_tradeoff_points(results, lambda r: r["latency_ms"]["torch"]["batch64"]),
+                         made["accuracy_vs_latency"].path, x="x", y="y", xlabel="latency, batch 64, PyTorch (ms)",
+                         title="Accuracy vs latency", baseline=base["accuracy"])
+    best = best_pruned(results["entries"])
+    if best is not None:
+        made["channels"] = figure("channels", f"channels per layer before and after {best['key']}",
+                                  f"Output channels per layer: baseline (light) and {best['label']} "
+                                  f"[{best['key']}] (dark).")
+        plots.channels_chart(channel_pairs(base["channels"], best["channels"]), made["channels"].path,
+                             title=f"channels per layer: {best['label']} [{best['key']}]")
+    sens = results["sensitivity"]
+    if sens is not None and sens["layers"]:
+        made["sensitivity"] = figure("sensitivity", "Hessian sensitivity per layer",
+                                     "Sum of per-channel Hessian sensitivity per layer (Hutchinson estimate).")
+        plots.sensitivity_chart(sens["layers"], made["sensitivity"].path)
+    for name in _FIGURES:
+        if name not in made:
+            (fig_dir / f"{name}.png").unlink(missing_ok=True)
+    return made
+
+
+def _summary(results: Mapping[str, Any]) -> list[Block]:
+    base, n = results["baseline"], len(results["entries"])
+    onnx = "and ONNX Runtime " if base["latency_ms"].get("onnx") is not None else ""
+    return [
+        Paragraph(f"Baseline: test accuracy {base['accuracy']:.2f}%, {base['params']:,} parameters, "
+                  f"{fmt_macs(base['macs'])} M MACs per image (FLOPs = 2 x MACs). {n} compressed "
+                  f"model{'s' if n != 1 else ''} compared."),
+        Paragraph(f"Latency: median milliseconds per forward pass of a whole batch on CPU, {base['threads']} "
+                  f"thread{'s' if base['threads'] != 1 else ''}, eager PyTorch {onnx}(n/a: not measured). "
+                  "Δ acc: test accuracy minus the baseline's, in percentage points. Speedup: baseline latency / "
+                  "model latency at batch 64, measured. MAC ratio: baseline MACs / model MACs, the speedup "
+                  "that counting alone would promise."),
+    ]
+
+
+def _result_tables(results: Mapping[str, Any]) -> list[Block]:
+    blocks: list[Block] = [Heading(2, "Results", "results")]
+    tables = budget_tables(results)
+    if not tables:
+        blocks.append(Paragraph("No compressed models in the record yet: only the baseline."))
+        blocks.append(TableBlock(comparison_table(results["baseline"], [])))
+    for anchor, title, table in tables:
+        blocks += [Heading(3, title, anchor), TableBlock(table)]
+    return blocks
+
+
+def _figure_sections(results: Mapping[str, Any], figures: Mapping[str, Figure]) -> list[Block]:
+    blocks: list[Block] = [Heading(2, "Trade-offs", "trade-offs"), figures["accuracy_vs_macs"],
+                           figures["accuracy_vs_latency"]]
+    best = best_pruned(results["entries"])
+    if best is not None:
+        pairs = channel_pairs(results["baseline"]["channels"], best["channels"])
+        blocks += [Heading(2, "Channels of the best pruned model", "channels"),
+                   Paragraph(f"{best['label']} [{best['key']}]: the most accurate width or 3-D model "
+                             f"({best['accuracy']:.2f}% test accuracy)."),
+                   figures["channels"], TableBlock(channel_table(pairs), "channels")]
+    if "sensitivity" in figures:
+        sens = results["sensitivity"]
+        blocks += [Heading(2, "Hessian sensitivity per layer", "sensitivity"),
+                   Paragraph(f"Estimated with {sens['probes']} Hutchinson probes on {sens['images']} images."),
+                   figures["sensitivity"]]
+    return blocks
+
+
+def _entry_note(e: Mapping[str, Any]) -> str:
+    epochs = e["finetune_epochs"]
+    parts = [f"{e['key']} ({e['label']}, family {e['family']}", f"fine-tuned {epochs} epoch{'s' if epochs != 1 else ''}",
+             f"{e['seconds']:.0f} s", f"checkpoint {e['checkpoint']})"]
+    note = ", ".join(parts)
+    return f"{note}: {e['notes']}" if e["notes"] else note
+
+
+def _reproduce(results: Mapping[str, Any]) -> list[Block]:
+    base = results["baseline"]
+    blocks: list[Block] = [Heading(2, "Reproduce", "reproduce"),
+                           Paragraph("The exact command behind each row, in the order of results.jsonl."),
+                           Code(f"baseline (checkpoint {base['checkpoint']})", base["command"])]
+    blocks += [Code(_entry_note(e), e["command"]) for e in results["entries"]]
+    return blocks
+
+
+def build_document(results: Mapping[str, Any], figures: Mapping[str, Figure], built: str) -> Document:
+    """Lay the report out as format-neutral blocks (see :mod:`leanconv.report.document`)."""
+    base = results["baseline"]
+    shape = "x".join(str(s) for s in base["input_shape"])
+    title = f"leanconv report: {base['model']} on {base['dataset']} (input {shape})"
+    blocks: list[Block] = []
+    if base["quick"]:
+        blocks.append(Banner(QUICK_BANNER))
+    blocks.append(Stamp(f"{STAMP_PREFIX} {built} by leanconv {__version__} from {RESULTS_FILE} "
+                        "(the only line that changes when the report is rebuilt)"))
+    blocks += _summary(results) + _result_tables(results) + _figure_sections(results, figures)
+    blocks += _reproduce(results)
+    return Document(title, tuple(blocks))
+
+
+def build_report(out_dir: str | Path, *, now: datetime | None = None) -> dict[str, Path]:
+    """Read ``out_dir/results.jsonl`` and write ``report.md``, ``report.html`` and
+    ``figures/*.png`` there. ``now`` (default: the current UTC time) fills the ``Built:``
+    line. Returns ``{"html": path, "markdown": path, <figure name>: path, ...}``. Raises
+    :class:`~leanconv.errors.LeanconvError` when the record is missing or invalid."""
+    out = Path(out_dir)
+    results = read_results(out / RESULTS_FILE)
+    figures = _make_figures(results, out / FIGURE_DIR)
+    stamp = (now or datetime.now(timezone.utc)).astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    doc = build_document(results, figures, stamp)
+    paths = {"html": write_html(doc, out / "report.html"), "markdown": write_markdown(doc, out / "report.md")}
+    paths.update({name: fig.path for name, fig in figures.items()})
+    return paths
