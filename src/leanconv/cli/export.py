@@ -41,7 +41,7 @@ def _describe(result: dict) -> str:
     for stats in result["latency_ms"].values():
         lines.append(f"ONNX Runtime latency batch {stats['batch_size']}: median {stats['median_ms']:.3f} ms "
                      f"(p10 {stats['p10_ms']:.3f} - p90 {stats['p90_ms']:.3f} ms; {stats['repeats']} repeats, "
-                     f"{stats['threads']} threads)")
+                     f"{stats['threads']} thread{'s' if stats['threads'] != 1 else ''})")
     return "\n".join(lines)
 
 
