@@ -99,7 +99,7 @@ def _latency(rec: Mapping) -> None:
         raise _Bad("'latency_ms' needs an 'onnx' key (null when ONNX Runtime was not measured)")
 
 
-def _mapping(rec: Mapping, key: str, kind: type, *, nullable: bool = False) -> None:
+def _mapping(rec: Mapping, key: str, kind: type, *, nullable: bool = False, signed: bool = False) -> None:
     value = rec.get(key)
     if value is None and nullable and key in rec:
         return
@@ -107,8 +107,9 @@ def _mapping(rec: Mapping, key: str, kind: type, *, nullable: bool = False) -> N
         raise _Bad(f"{key!r} must be an object {{layer: {kind.__name__}}}, got {value!r}")
     for name, item in value.items():
         ok = not isinstance(item, bool) and isinstance(item, kind if kind is int else (int, float))
-        if not ok or (kind is not int and not math.isfinite(item)) or item < 0:
-            raise _Bad(f"{key}[{name!r}] must be a non-negative {kind.__name__}, got {item!r}")
+        if not ok or (kind is not int and not math.isfinite(item)) or (item < 0 and not signed):
+            raise _Bad(f"{key}[{name!r}] must be a {'finite' if signed else 'non-negative'} {kind.__name__}, "
+                       f"got {item!r}")
 
 
 def _check_baseline(rec: Mapping) -> None:
@@ -129,7 +130,7 @@ def _check_baseline(rec: Mapping) -> None:
 
 
 def _check_sensitivity(rec: Mapping) -> None:
-    _mapping(rec, "layers", float)
+    _mapping(rec, "layers", float, signed=True)  # Hutchinson estimates of a small trace can be < 0
     _integer(rec, "probes", low=1)
     _integer(rec, "images", low=1)
 

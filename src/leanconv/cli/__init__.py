@@ -1,0 +1,1 @@
+"""The ``leanconv`` command line; ``main.py`` dispatches to one module per subcommand."""
