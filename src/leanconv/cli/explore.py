@@ -1,0 +1,113 @@
+"""``leanconv explore``: train and measure a grid of SCC / pSConv variants of one zoo model.
+
+Writes DIR/results.jsonl (one line per finished variant; a re-run skips them), DIR/variants/,
+DIR/explore.json, DIR/table.md and DIR/pareto.png (test accuracy vs counted MACs with the
+Pareto front). See :mod:`leanconv.explore`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Callable
+
+from leanconv.cli.common import DEFAULT_DATA, positive_int, progress_bar
+from leanconv.explore import PAPER_OVERLAPS, ExploreConfig, run_explore, write_summary
+from leanconv.models import names
+from leanconv.report.plots import tradeoff_chart
+from leanconv.train import TrainConfig
+
+__all__ = ["register", "run", "config_from_args"]
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"every value must be positive, got {text!r}")
+    return values
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+
+
+def _str_list(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("explore", help="train a grid of SCC / pSConv variants of a model; Pareto table and plot",
+                       description="Design-space exploration (DSXplore): build each variant of a zoo model (DW + "
+                       "sliding-channel convs for every --scc-groups x --scc-overlap pair, periodic sparse convs for "
+                       "every --psconv-patterns entry, optionally the dense model), train each from scratch for the "
+                       "same budget, and record test accuracy, params, MACs and measured latency. Resumable: "
+                       "finished variants in DIR/results.jsonl are never redone.")
+    p.add_argument("--model", default="resnet20", choices=names(), help="zoo model (default: resnet20)")
+    p.add_argument("--data", default=DEFAULT_DATA, help=f"dataset (default: {DEFAULT_DATA})")
+    p.add_argument("--data-dir", default=None, help="folder with the dataset files (default: the system copy)")
+    p.add_argument("--scc-groups", type=_int_list, default=(), metavar="G,G,...",
+                   help="SCC channel groups to try, e.g. 1,2,4,8 (default: none)")
+    p.add_argument("--scc-overlap", type=_float_list, default=PAPER_OVERLAPS, metavar="O,O,...",
+                   help="SCC overlaps to try with every group count (default: 0.25,0.33,0.5,0.75)")
+    p.add_argument("--psconv-patterns", type=_str_list, default=(), metavar="P,P,...",
+                   help="pSConv patterns to try, e.g. psd4_p8,psd2_p8,psd1_p16,ps4_p4 (default: none)")
+    p.add_argument("--include-dense", action="store_true", help="also train the unconverted model")
+    p.add_argument("--epochs", type=positive_int, default=3, help="training epochs per variant (default: 3)")
+    p.add_argument("--subset", type=positive_int, default=None, help="train on this many images only")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="images per batch (default: 128)")
+    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate (default: 0.1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: PyTorch's)")
+    p.add_argument("--repeats", type=positive_int, default=10, help="timed runs per latency figure (default: 10)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (re-use it to resume)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace) -> ExploreConfig:
+    train = TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed, threads=args.threads)
+    return ExploreConfig(model=args.model, dataset=args.data, data_dir=args.data_dir, scc_groups=args.scc_groups,
+                         scc_overlaps=args.scc_overlap, psconv_patterns=args.psconv_patterns,
+                         include_dense=args.include_dense, train=train, batch_size=args.batch_size,
+                         subset=args.subset, latency_repeats=args.repeats)
+
+
+def _variant_bars(enabled: bool) -> tuple[Callable[[int, int, dict], None], Callable[[], None]]:
+    """A progress callback that opens one bar per variant."""
+    state: dict = {"variant": None, "update": None, "close": lambda: None}
+
+    def update(done: int, total: int, info: dict) -> None:
+        if info.get("variant") != state["variant"]:
+            state["close"]()
+            label = f"[{info.get('index')}/{info.get('variants')}] {info.get('variant')}"
+            state["update"], state["close"] = progress_bar(label, enabled=enabled)
+            state["variant"] = info.get("variant")
+        state["update"](done, total, {k: v for k, v in info.items() if k not in ("variant", "index", "variants")})
+
+    return update, lambda: state["close"]()
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    out = Path(args.out)
+    update, close = _variant_bars(not args.no_progress)
+    try:
+        run_explore(config, out, progress=update)
+    finally:
+        close()
+    summary = write_summary(out, config)
+    records = summary["records"]
+    by_name = len(records) <= 10  # one colour per variant while tab10 has enough, else per kind
+    points = [{"label": r["variant"] if by_name else r["kind"], "macs": r["macs"] / 1e6,
+               "accuracy": r["test_accuracy"]} for r in records]
+    tradeoff_chart(points, out / "pareto.png", x="macs", xlabel="MACs per image (M, counted)",
+                   title=f"{config.model} on {config.dataset}: accuracy vs MACs ({config.train.epochs} epochs)")
+    print((out / "table.md").read_text(), end="")
+    print(f"wrote {out / 'results.jsonl'}, {out / 'explore.json'}, {out / 'table.md'}, {out / 'pareto.png'}")
+    return 0
