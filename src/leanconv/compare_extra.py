@@ -14,7 +14,7 @@ from torch import nn
 
 from leanconv.errors import LeanconvError
 
-__all__ = ["runner", "three_d_entry"]
+__all__ = ["runner", "three_d_entry", "layer_entry"]
 
 
 def three_d_entry(ctx, key: str, method: str, target: float) -> tuple[nn.Module, dict[str, Any]]:
@@ -38,7 +38,43 @@ def three_d_entry(ctx, key: str, method: str, target: float) -> tuple[nn.Module,
     return result.model, {"family": "3d", "command": shlex.join(args), "notes": notes}
 
 
-_RUNNERS: dict[str, Callable[..., tuple[nn.Module, dict[str, Any]]]] = {"3d": three_d_entry}
+LAYER_LR = 0.05  # converted layers start from random weights: they need more than a fine-tuning rate
+
+
+def layer_entry(ctx, key: str, method: str, target: float | None) -> tuple[nn.Module, dict[str, Any]]:
+    """Swap layers for sliding-channel (``scc``: depthwise kxk + SCC) or periodic sparse
+    (``psconv``) convolutions, keep every other trained weight, and train for the comparison's
+    fine-tuning epochs (learning rate at least ``LAYER_LR``, cosine)."""
+    from leanconv.convert import convert
+    from leanconv.train import TrainConfig, fit, recalibrate_bn
+
+    c = ctx.config
+    model = ctx.fresh_model()
+    if method == "scc":
+        convert(model, "scc", groups=c.scc_groups, overlap=c.scc_overlap)
+        label, opts = f"scc g={c.scc_groups} o={c.scc_overlap:g}", ["--groups", str(c.scc_groups),
+                                                                     "--overlap", f"{c.scc_overlap:g}"]
+    else:
+        convert(model, "psconv", pattern=c.psconv_pattern)
+        label, opts = f"psconv {c.psconv_pattern}", ["--pattern", c.psconv_pattern]
+    lr = max(c.finetune_lr, LAYER_LR)
+    if c.finetune_epochs:
+        subset = None if c.train_subset is None else min(c.train_subset, len(ctx.data.train))
+        train = ctx.data.loader("train", 128, shuffle=True, augment=True, resolution=ctx.resolution, seed=c.seed,
+                                drop_last=True, subset=subset)
+        fit(model, train, TrainConfig(epochs=c.finetune_epochs, lr=lr, seed=c.seed), progress=ctx.progress)
+        recalibrate_bn(model, ctx.data.loader("train", 128, resolution=ctx.resolution,
+                                              subset=min(6400, len(ctx.data.train))))
+    out = ctx.out / "entries" / key
+    command = (shlex.join(["leanconv", "convert", str(ctx.ckpt), "--to", method, *opts, "--out", f"{out}/converted"])
+               + " && " + shlex.join(["leanconv", "train", "--from", f"{out}/converted/model.safetensors",
+                                      "--epochs", str(c.finetune_epochs), "--lr", f"{lr:g}", "--out", str(out)]))
+    notes = f"converted layers trained {c.finetune_epochs} epochs at lr {lr:g}; other weights from the baseline"
+    return model, {"family": "layer", "command": command, "notes": notes, "label": label}
+
+
+_RUNNERS: dict[str, Callable[..., tuple[nn.Module, dict[str, Any]]]] = {
+    "3d": three_d_entry, "scc": layer_entry, "psconv": layer_entry}
 
 
 def runner(method: str) -> Callable[..., tuple[nn.Module, dict[str, Any]]]:
