@@ -18,7 +18,8 @@ from leanconv.errors import LeanconvError
 __all__ = ["main", "build_parser", "SUBCOMMANDS"]
 
 # Subcommand modules, in the order --help lists them.
-SUBCOMMANDS = ["train", "eval", "profile", "sensitivity", "prune", "prune3d", "compare", "report", "export"]
+SUBCOMMANDS = ["demo", "train", "eval", "profile", "sensitivity", "prune", "prune3d", "convert", "explore",
+               "compare", "report", "export"]
 
 
 class _Parser(argparse.ArgumentParser):

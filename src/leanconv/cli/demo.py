@@ -1,0 +1,104 @@
+"""``leanconv demo``: the main job on the embedded default (Fashion-MNIST, ResNet-20).
+
+Trains the baseline (kept in ``DIR/baseline``; a second run reuses it), compares every
+method at 50% of the MACs with the same fine-tuning budget, and writes the report.
+``--quick`` shrinks every budget so the whole run takes a few minutes; its report says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from leanconv import checkpoint
+from leanconv.cli.common import progress_bar
+from leanconv.cli.compare import compare_and_report
+from leanconv.compare import CompareConfig
+from leanconv.data import load_dataset
+from leanconv.errors import LeanconvError
+from leanconv.models import create
+from leanconv.train import TrainConfig, evaluate, fit
+
+__all__ = ["register", "run", "DemoPlan", "PLANS"]
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """The budgets of one demo flavour."""
+
+    base_epochs: int
+    base_subset: int | None  # training images for the baseline (None: all 55,000)
+    finetune_epochs: int
+    train_subset: int | None  # training images per fine-tuning epoch
+    probes: int
+    score_images: int
+    samples: int  # 3-D pruning samples
+
+
+PLANS = {
+    "default": DemoPlan(base_epochs=4, base_subset=None, finetune_epochs=1, train_subset=None, probes=16,
+                        score_images=256, samples=6),
+    "quick": DemoPlan(base_epochs=1, base_subset=6000, finetune_epochs=1, train_subset=2000, probes=8,
+                      score_images=128, samples=5),
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the main job: train ResNet-20 on Fashion-MNIST, compare every method, report",
+                       description="Train (or reuse) a ResNet-20 baseline on Fashion-MNIST, compress it every way "
+                       "leanconv knows at 50%% of the MACs with the same fine-tuning budget, and write "
+                       "DIR/report.html and DIR/report.md. --quick uses tiny budgets (a few minutes) and says so "
+                       "in the report.")
+    p.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder (default: runs/demo)")
+    p.add_argument("--quick", action="store_true", help="tiny budgets: a few minutes, figures not representative")
+    p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: the system copy)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def _baseline(out: Path, plan: DemoPlan, data, show: bool) -> Path:
+    """Train the baseline into ``out/baseline`` unless a finished one with the same plan is there."""
+    path = out / "baseline" / "model.safetensors"
+    wanted = {"epochs": plan.base_epochs, "subset": plan.base_subset}
+    if path.exists() and checkpoint.read_header(path)["meta"].get("demo_plan") == wanted:
+        return path
+    model = create("resnet20", num_classes=data.num_classes, in_channels=data.in_channels, input_size=data.image_size)
+    model.leanconv_meta = {**model.leanconv_meta, "dataset": {"name": data.name, "data_dir": None}}
+    train = data.loader("train", 128, shuffle=True, augment=True, drop_last=True, subset=plan.base_subset)
+    update, close = progress_bar("train baseline", enabled=show)
+    try:
+        fit(model, train, TrainConfig(epochs=plan.base_epochs), val_loader=data.loader("val", 256),
+            out_dir=out / "baseline", resume=True, progress=update)
+    finally:
+        close()
+    model.leanconv_meta["test"] = {"accuracy": evaluate(model, data.loader("test", 256))["accuracy"]}
+    model.leanconv_meta["demo_plan"] = wanted
+    checkpoint.save(model, path)
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    plan = PLANS["quick" if args.quick else "default"]
+    out = Path(args.out)
+    data = load_dataset("fashion-mnist", args.data_dir)
+    show = not args.no_progress
+    if show:
+        print(f"leanconv demo: baseline ResNet-20 on Fashion-MNIST ({plan.base_epochs} epochs) in {out}/baseline",
+              file=sys.stderr)
+    ckpt = _baseline(out, plan, data, show)
+    config = CompareConfig(targets=(0.5,), finetune_epochs=plan.finetune_epochs, train_subset=plan.train_subset,
+                           probes=plan.probes, score_images=plan.score_images, samples=plan.samples,
+                           quick=args.quick)
+    command = shlex.join(["leanconv", "demo", "--out", str(out), *(["--quick"] if args.quick else [])])
+    data_args = argparse.Namespace(data="fashion-mnist", data_dir=args.data_dir)
+    try:
+        paths = compare_and_report(str(ckpt), config, out, data_args=data_args, constructor=None,
+                                   show_progress=show, command=command)
+    except LeanconvError:
+        raise
+    print(json.dumps({"report": str(paths["html"]), "markdown": str(paths["markdown"]), "baseline": str(ckpt)}))
+    return 0
