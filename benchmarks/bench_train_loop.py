@@ -39,7 +39,7 @@ def bare_loop(model, batches) -> float:
 
 def leanconv_loop(model, loader) -> float:
     t0 = time.perf_counter()
-    fit(model, loader, TrainConfig(epochs=1, lr=0.05))
+    fit(model, loader, TrainConfig(epochs=1, lr=0.05, threads=torch.get_num_threads()))
     return (time.perf_counter() - t0) / len(loader)
 
 
@@ -49,8 +49,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's)")
     parser.add_argument("--out", default=None, help="write a JSON record here")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     data = load_dataset("fashion-mnist")
     loader = data.loader("train", args.batch_size, shuffle=True, augment=True, drop_last=True,
                          subset=args.steps * args.batch_size)
