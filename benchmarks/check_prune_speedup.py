@@ -43,11 +43,11 @@ def prune_copy(model, label, target, shape, data, round_to):
     return pruned
 
 
-def latency_pair(a, b, shape, batch, rounds, repeats):
+def latency_pair(a, b, shape, batch, rounds, repeats, clock):
     ta, tb = [], []
     for _ in range(rounds):
-        ta.append(measure_latency(a, shape, batch, repeats=repeats, warmup=2).median_ms)
-        tb.append(measure_latency(b, shape, batch, repeats=repeats, warmup=2).median_ms)
+        ta.append(measure_latency(a, shape, batch, repeats=repeats, warmup=2, clock=clock).median_ms)
+        tb.append(measure_latency(b, shape, batch, repeats=repeats, warmup=2, clock=clock).median_ms)
     return statistics.median(ta), statistics.median(tb)
 
 
@@ -70,6 +70,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: thread CPU time on 1 thread, immune to other processes on a busy machine")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.threads:
@@ -79,12 +81,13 @@ def main() -> None:
     data = load_dataset(model.leanconv_meta["dataset"]["name"])
     macs0 = count(model, shape).macs
     rows = []
-    print(f"{args.ckpt}: {macs0 / 1e6:.2f} M MACs, input {shape}, {torch.get_num_threads()} threads")
+    print(f"{args.ckpt}: {macs0 / 1e6:.2f} M MACs, input {shape}, "
+          f"{1 if args.clock == 'cpu' else torch.get_num_threads()} threads, {args.clock} clock")
     for label in args.methods.split(","):
         pruned = prune_copy(model, label, args.target, shape, data, args.round_to)
         macs = count(pruned, shape).macs
-        b64 = latency_pair(model, pruned, shape, 64, args.rounds, args.repeats)
-        b1 = latency_pair(model, pruned, shape, 1, args.rounds, args.repeats * 3)
+        b64 = latency_pair(model, pruned, shape, 64, args.rounds, args.repeats, args.clock)
+        b1 = latency_pair(model, pruned, shape, 1, args.rounds, args.repeats * 3, args.clock)
         row = {"method": label, "macs_ratio": macs / macs0, "within_2pct": abs(macs / macs0 - args.target) <= 0.02 * args.target,
                "reload_identical": identical_reload(pruned, shape), "mac_reduction": macs0 / macs,
                "latency_b64_ms": b64, "speedup_b64": b64[0] / b64[1], "latency_b1_ms": b1, "speedup_b1": b1[0] / b1[1]}
@@ -96,6 +99,7 @@ def main() -> None:
               f"b1 {row['speedup_b1']:.2f}x", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"ckpt": args.ckpt, "target": args.target, "round_to": args.round_to,
+                                              "clock": args.clock,
                                               "threads": torch.get_num_threads(), "rows": rows}, indent=2))
 
 

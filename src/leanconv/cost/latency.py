@@ -41,6 +41,7 @@ class LatencyStats:
     batch_size: int
     memory_format: str
     backend: str = "torch"
+    clock: str = "wall"  # "wall" (perf_counter) or "cpu" (this thread's CPU time; 1 thread only)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -55,14 +56,18 @@ def _check_counts(batch_size: int, warmup: int, repeats: int, threads: int | Non
         raise LeanconvError(f"threads must be at least 1, got {threads}")
 
 
-def _time_calls(call: Callable[[], object], warmup: int, repeats: int) -> np.ndarray:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
+def _time_calls(call: Callable[[], object], warmup: int, repeats: int, clock: str = "wall") -> np.ndarray:
+    now = CLOCKS[clock]
     for _ in range(warmup):
         call()
     times = np.empty(repeats)
     for i in range(repeats):
-        start = time.perf_counter()
+        start = now()
         call()
-        times[i] = (time.perf_counter() - start) * 1e3
+        times[i] = (now() - start) * 1e3
     return times
 
 
@@ -74,14 +79,23 @@ def _stats(times: np.ndarray, threads: int, batch_size: int, memory_format: str,
 
 
 def measure_latency(model: nn.Module, input_shape: Sequence[int], batch_size: int, *, warmup: int = 5,
-                    repeats: int = 20, threads: int | None = None, channels_last: bool = True) -> LatencyStats:
+                    repeats: int = 20, threads: int | None = None, channels_last: bool = True,
+                    clock: str = "wall") -> LatencyStats:
     """Time ``model`` on a random batch ``[batch_size, *input_shape]`` under ``torch.inference_mode``.
 
     ``threads`` sets ``torch.set_num_threads`` for the measurement (default: the current
     count) and is restored afterwards, as is every module's train/eval mode. With
     ``channels_last`` (4-D inputs only) a copy of the model is converted to NHWC, which is
-    usually faster for convolutions on CPU; the caller's model is never converted."""
+    usually faster for convolutions on CPU; the caller's model is never converted.
+
+    ``clock="cpu"`` times the CPU time of the calling thread instead of wall time: with one
+    thread (it forces ``threads=1``) all the work runs on that thread, so the figure is immune
+    to other processes competing for the cores (used for side-by-side ratios on a busy box)."""
     shape = check_shape(input_shape)
+    if clock not in CLOCKS:
+        raise LeanconvError(f"clock must be one of {', '.join(CLOCKS)}, got {clock!r}")
+    if clock == "cpu":
+        threads = 1
     _check_counts(batch_size, warmup, repeats, threads)
     use_nhwc = channels_last and len(shape) == 3
     previous = torch.get_num_threads()
@@ -95,10 +109,11 @@ def measure_latency(model: nn.Module, input_shape: Sequence[int], batch_size: in
             x = x.contiguous(memory_format=torch.channels_last)
         with eval_mode(net), torch.inference_mode():
             run_forward(net, x)  # surfaces a shape error as LeanconvError before timing
-            times = _time_calls(lambda: net(x), warmup, repeats)
+            times = _time_calls(lambda: net(x), warmup, repeats, clock)
     finally:
         torch.set_num_threads(previous)
-    return _stats(times, used, batch_size, "channels_last" if use_nhwc else "contiguous", "torch")
+    stats = _stats(times, used, batch_size, "channels_last" if use_nhwc else "contiguous", "torch")
+    return LatencyStats(**{**stats.to_dict(), "clock": clock})
 
 
 def _onnx_session(onnx_path: Path, threads: int) -> Any:
