@@ -23,7 +23,7 @@ def three_d_entry(ctx, key: str, method: str, target: float) -> tuple[nn.Module,
     from leanconv.search.three_d import Prune3dConfig, run_prune3d
 
     c = ctx.config
-    images = c.train_subset if c.train_subset is not None else 2000
+    images = min(c.train_subset, 2000) if c.train_subset is not None else 2000
     config = Prune3dConfig(target=target, samples=c.samples, sample_epochs=1, sample_images=images,
                            finetune_epochs=c.finetune_epochs, lr=c.finetune_lr, score_images=c.score_images,
                            probes=c.probes, seed=c.seed, latency_repeats=2)

@@ -19,7 +19,6 @@ from leanconv.cli.common import progress_bar
 from leanconv.cli.compare import compare_and_report
 from leanconv.compare import CompareConfig
 from leanconv.data import load_dataset
-from leanconv.errors import LeanconvError
 from leanconv.models import create
 from leanconv.train import TrainConfig, evaluate, fit
 
@@ -37,13 +36,14 @@ class DemoPlan:
     probes: int
     score_images: int
     samples: int  # 3-D pruning samples
+    latency_repeats: int
 
 
 PLANS = {
     "default": DemoPlan(base_epochs=4, base_subset=None, finetune_epochs=1, train_subset=None, probes=16,
-                        score_images=256, samples=6),
-    "quick": DemoPlan(base_epochs=1, base_subset=6000, finetune_epochs=1, train_subset=2000, probes=8,
-                      score_images=128, samples=5),
+                        score_images=256, samples=6, latency_repeats=10),
+    "quick": DemoPlan(base_epochs=1, base_subset=4000, finetune_epochs=1, train_subset=1000, probes=8,
+                      score_images=128, samples=4, latency_repeats=3),
 }
 
 
@@ -55,7 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "in the report.")
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder (default: runs/demo)")
     p.add_argument("--quick", action="store_true", help="tiny budgets: a few minutes, figures not representative")
-    p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: the system copy)")
+    p.add_argument("--data", default="fashion-mnist", help="dataset (default: fashion-mnist, the embedded default)")
+    p.add_argument("--data-dir", default=None, help="dataset folder (default: the system copy)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -68,7 +69,8 @@ def _baseline(out: Path, plan: DemoPlan, data, show: bool) -> Path:
         return path
     model = create("resnet20", num_classes=data.num_classes, in_channels=data.in_channels, input_size=data.image_size)
     model.leanconv_meta = {**model.leanconv_meta, "dataset": {"name": data.name, "data_dir": None}}
-    train = data.loader("train", 128, shuffle=True, augment=True, drop_last=True, subset=plan.base_subset)
+    subset = None if plan.base_subset is None else min(plan.base_subset, len(data.train))
+    train = data.loader("train", 128, shuffle=True, augment=True, drop_last=True, subset=subset)
     update, close = progress_bar("train baseline", enabled=show)
     try:
         fit(model, train, TrainConfig(epochs=plan.base_epochs), val_loader=data.loader("val", 256),
@@ -84,21 +86,18 @@ def _baseline(out: Path, plan: DemoPlan, data, show: bool) -> Path:
 def run(args: argparse.Namespace) -> int:
     plan = PLANS["quick" if args.quick else "default"]
     out = Path(args.out)
-    data = load_dataset("fashion-mnist", args.data_dir)
+    data = load_dataset(args.data, args.data_dir)
     show = not args.no_progress
     if show:
-        print(f"leanconv demo: baseline ResNet-20 on Fashion-MNIST ({plan.base_epochs} epochs) in {out}/baseline",
+        print(f"leanconv demo: baseline ResNet-20 on {data.name} ({plan.base_epochs} epochs) in {out}/baseline",
               file=sys.stderr)
     ckpt = _baseline(out, plan, data, show)
     config = CompareConfig(targets=(0.5,), finetune_epochs=plan.finetune_epochs, train_subset=plan.train_subset,
                            probes=plan.probes, score_images=plan.score_images, samples=plan.samples,
-                           quick=args.quick)
-    command = shlex.join(["leanconv", "demo", "--out", str(out), *(["--quick"] if args.quick else [])])
-    data_args = argparse.Namespace(data="fashion-mnist", data_dir=args.data_dir)
-    try:
-        paths = compare_and_report(str(ckpt), config, out, data_args=data_args, constructor=None,
-                                   show_progress=show, command=command)
-    except LeanconvError:
-        raise
+                           latency_repeats=plan.latency_repeats, quick=args.quick)
+    command = shlex.join(["leanconv", "demo", "--out", str(out), "--data", args.data, *(["--quick"] if args.quick else [])])
+    data_args = argparse.Namespace(data=args.data, data_dir=args.data_dir)
+    paths = compare_and_report(str(ckpt), config, out, data_args=data_args, constructor=None,
+                               show_progress=show, command=command)
     print(json.dumps({"report": str(paths["html"]), "markdown": str(paths["markdown"]), "baseline": str(ckpt)}))
     return 0
