@@ -1,5 +1,7 @@
-"""ImplantConv2d (HAP Neural Implant): outputs, alignment, exact MACs, spec round trip, ONNX."""
+"""ImplantConv2d (HAP Neural Implant): outputs, alignment, exact MACs, spec round trip, ONNX,
+and its two executions (split convs or one dense conv) agreeing in values and gradients."""
 
+import copy
 import io
 import json
 import warnings
@@ -8,9 +10,10 @@ import pytest
 import torch
 from torch import nn
 from torch.testing import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from leanconv.cost import count
-from leanconv.layers.implant import ImplantConv2d
+from leanconv.layers.implant import DENSE_BREAK_EVEN, ImplantConv2d, _runs
 from leanconv.layers.spec import module_from_spec, module_to_spec
 
 
@@ -101,9 +104,11 @@ def test_gradients_reach_the_zero_implant():
     assert layer.implant.weight.grad.abs().sum() > 0
 
 
-def test_onnx_export_matches_torch():
+@pytest.mark.parametrize("execution", ["dense", "split"])
+def test_onnx_export_matches_torch(execution):
     ort = pytest.importorskip("onnxruntime")
     layer = ImplantConv2d.from_conv(_conv(stride=2, padding=0), [0, 6]).eval()
+    layer.execution = execution
     nn.init.normal_(layer.implant.weight)
     x = torch.randn(1, 5, 10, 10)
     buf = io.BytesIO()
@@ -123,3 +128,111 @@ def test_dense_weight_is_the_equivalent_plain_conv():
     assert weight.shape == conv.weight.shape
     x = torch.randn(2, 5, 12, 12)
     assert_close(layer.conv._conv_forward(x, weight, bias), layer(x))
+
+
+EXECUTION_CASES = [dict(), dict(stride=2, bias=True), dict(padding=0), dict(padding=2, dilation=2, bias=True),
+                   dict(kernel_size=(3, 5), padding=(1, 0))]
+
+
+def _paths(layer: ImplantConv2d) -> dict[str, ImplantConv2d]:
+    out = {}
+    for execution in ("split", "dense", "auto"):
+        out[execution] = copy.deepcopy(layer)
+        out[execution].execution = execution
+    return out
+
+
+@pytest.mark.parametrize("kw", EXECUTION_CASES)
+@pytest.mark.parametrize("reordered", [True, False])
+def test_dense_and_split_execution_agree_with_gradients(kw, reordered):
+    layer = ImplantConv2d.from_conv(_conv(**kw), [1, 4, 5])
+    nn.init.normal_(layer.implant.weight)
+    if not reordered:
+        layer.set_channel_order(None)
+    x = torch.randn(2, 5, 11, 10)
+    grad_out = torch.randn_like(layer(x))
+    results = {}
+    for name, m in _paths(layer).items():
+        xi = x.clone().requires_grad_(True)
+        (m(xi) * grad_out).sum().backward()
+        results[name] = (m(x), xi.grad, m.conv.weight.grad, m.implant.weight.grad)
+    for name in ("dense", "auto"):
+        for got, want in zip(results[name], results["split"]):
+            assert_close(got, want)
+
+
+def test_runs_cover_the_order_with_fewest_slices():
+    assert _runs([0, 4, 1, 2, 5, 3], kept=4) == ((0, 0, 1), (1, 0, 1), (0, 1, 3), (1, 1, 2), (0, 3, 4))
+    assert _runs([2, 0, 1], kept=2) == ((1, 0, 1), (0, 0, 2))
+
+
+def test_auto_execution_follows_the_break_even_rule():
+    small = ImplantConv2d(16, 13, 3, kernel_size=3, padding=1)  # CIFAR-sized: one dense conv
+    assert small.runs_dense()
+    wide = ImplantConv2d(128, 96, 32, kernel_size=3, padding=1)  # many implants in a wide layer: split
+    assert not wide.runs_dense()
+    # 8 implants x 8 zero taps x C_in against DENSE_BREAK_EVEN x (C_in + 2 C_out)
+    edge_in = DENSE_BREAK_EVEN * 2 * 9 // (8 * 8 - DENSE_BREAK_EVEN)
+    assert ImplantConv2d(edge_in, 1, 8, kernel_size=3).runs_dense()
+    assert not ImplantConv2d(edge_in + 1, 1, 8, kernel_size=3).runs_dense()
+    wide.execution = "dense"
+    assert wide.runs_dense()
+    with pytest.raises(ValueError):
+        wide.execution = "fast"
+
+
+class _AtenLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _ops(layer: nn.Module, x: torch.Tensor) -> list[str]:
+    with torch.no_grad():
+        layer(x)  # fills the dense weight cache
+        with _AtenLog() as log:
+            layer(x)
+    return log.ops
+
+
+def test_inference_runs_one_conv_and_no_gather():
+    """Counts of what actually runs per call: dense = one convolution (cached weight);
+    split = two convolutions and one concatenation, never an index_select."""
+    layer = ImplantConv2d.from_conv(_conv(), [1, 4]).eval()
+    x = torch.randn(2, 5, 8, 8)
+    paths = _paths(layer)
+    assert _ops(paths["dense"], x) == ["convolution"]
+    split = _ops(paths["split"], x)
+    assert split.count("convolution") == 2 and split.count("cat") == 1 and "index_select" not in split
+    paths["split"].set_channel_order(None)
+    assert sorted(_ops(paths["split"], x)) == ["cat", "convolution", "convolution"]
+
+
+def test_dense_cache_follows_weight_changes():
+    layer = ImplantConv2d.from_conv(_conv(bias=True), [0, 3]).eval()
+    layer.execution = "dense"
+    x = torch.randn(2, 5, 7, 7)
+    with torch.no_grad():
+        first = layer(x)
+        nn.init.normal_(layer.implant.weight)  # in place: bumps the version
+        layer.conv.bias.add_(1.0)
+        second = layer(x)
+        reference = copy.deepcopy(layer)
+        reference.execution = "split"
+        assert_close(second, reference(x))
+        assert not torch.allclose(first, second)
+        layer.load_state_dict({k: v * 2 for k, v in layer.state_dict().items()})
+        reference.load_state_dict(layer.state_dict())
+        assert_close(layer(x), reference(x))
+        layer.conv.weight = nn.Parameter(torch.randn_like(layer.conv.weight))  # a new tensor
+        layer.implant.weight.data = torch.randn_like(layer.implant.weight)  # new storage, same object
+        reference.load_state_dict(layer.state_dict())
+        assert_close(layer(x), reference(x))
+        nhwc = layer.to(memory_format=torch.channels_last)
+        y = nhwc(x.contiguous(memory_format=torch.channels_last))
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert_close(y, reference(x))

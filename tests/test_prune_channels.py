@@ -8,6 +8,7 @@ from torch.testing import assert_close
 from leanconv.errors import LeanconvError
 from leanconv.prune import channel_counts, channel_groups, implant_channels, remove_channels
 from leanconv.layers.implant import ImplantConv2d
+from leanconv.prune.permute import fold_channel_orders
 from prune_toys import CatToy, DepthwiseToy, FlattenToy, GroupedToy, ResToy, randomize_bn, silence
 
 
@@ -173,4 +174,24 @@ def test_implanted_layer_inputs_stay_prunable_and_its_outputs_are_frozen():
     index = list(groups).index("stem.0")
     remove_channels(model, list(groups.values()), {index: [0, 3]}, X)
     assert model.conv_a.in_channels == 6 and model.conv_a.implant.in_channels == 6
+    assert_close(model(X), ref)
+
+
+def test_implants_after_removal_in_both_concat_groups_fold_to_plain_order():
+    """Removal in group a shifts group b's channels in the shared BN and the consumer; implants
+    made with the pre-removal numbering still fold, and the model computes the same."""
+    model = randomize_bn(CatToy())
+    groups = channel_groups(model, X)
+    silence(model, groups[0], [1])
+    silence(model, groups[1], [2])
+    remove_channels(model, groups, {0: [1], 1: [2]}, X)
+    implant_channels(model, groups[0], [0], removed=[1])
+    implant_channels(model, groups[1], [0, 4], removed=[2])
+    for layer in (model.a, model.b):
+        nn.init.normal_(layer.implant.weight)
+    assert model.a.channel_order is not None and model.b.channel_order is not None
+    ref = model(X)
+    assert fold_channel_orders(model, X) == {}
+    assert model.a.channel_order is None and model.b.channel_order is None
+    assert (model.bn.num_features, model.c.in_channels) == (8, 8)
     assert_close(model(X), ref)

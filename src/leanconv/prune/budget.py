@@ -24,7 +24,9 @@ original cost. How it decides:
    raises :class:`~leanconv.errors.LeanconvError` before any scoring or pruning.
 5. **Neural Implant** (``implant=F``): in groups produced by plain kxk convs, the most
    important fraction ``F`` of the units the plan would remove are implanted instead
-   (:class:`~leanconv.layers.implant.ImplantConv2d`); the search counts their 1x1 cost.
+   (:class:`~leanconv.layers.implant.ImplantConv2d`); the search counts their 1x1 cost. The
+   channels of each implanted group are then renumbered so that implants need no re-ordering
+   at run time (:func:`~leanconv.prune.permute.fold_channel_orders`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from leanconv.layers.implant import ImplantConv2d
 from leanconv.prune.channels import can_implant, channel_counts, implant_channels, remove_channels
 from leanconv.prune.cost_model import Cost, CostModel
 from leanconv.prune.groups import TracedGroup, trace_groups
+from leanconv.prune.permute import fold_channel_orders
 
 __all__ = ["PruneResult", "prune_to_budget", "iterative_prune"]
 
@@ -311,6 +314,7 @@ def prune_to_budget(
     planner.rank(_normalized(_scores(importance, model, [t.group for t in traced], data), normalize))
     report(2, 4, {"stage": "scores"})
     trial, plan, cost = _realise(model, traced, planner, costs, goal, kind, tol, example_input, shape)
+    fold_channel_orders(trial, example_input)  # implants output [kept..., implanted...]: no re-ordering
     report(3, 4, {"stage": "search", "ratio": cost.of(kind) / costs.base.of(kind)})
     layers = _layer_changes(model, trial)
     for name, child in list(trial.named_children()):

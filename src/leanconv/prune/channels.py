@@ -154,7 +154,9 @@ def implant_channels(
 
     ``group`` may describe the model before ``removed`` group channels were cut out (by
     :func:`remove_channels`); ``channels`` and ``removed`` use its numbering. Returns the
-    paths of the new :class:`ImplantConv2d` layers."""
+    paths of the new :class:`ImplantConv2d` layers. They keep every channel in place (a
+    ``channel_order``); :func:`leanconv.prune.permute.fold_channel_orders` then renumbers the
+    coupled layers instead, as :func:`~leanconv.prune.prune_to_budget` does."""
     if not channels:
         return []
     if not can_implant(model, group):
