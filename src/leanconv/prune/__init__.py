@@ -17,6 +17,7 @@ from leanconv.prune.channels import can_implant, channel_counts, implant_channel
 from leanconv.prune.blocks import (BlockInfo, block_importance, bypass_loss_curve, bypassed, depth_ratio,
                                    find_residual_blocks, prune_blocks, rank_correlation)
 from leanconv.prune.groups import channel_groups, channel_units
+from leanconv.prune.permute import fold_channel_orders
 from leanconv.prune.resolution import resolution_ratio_to_side, set_resolution
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "remove_channels",
     "implant_channels",
     "can_implant",
+    "fold_channel_orders",
     "channel_counts",
     # budgeted pruning
     "prune_to_budget",
