@@ -1,17 +1,17 @@
 """Helpers shared by the cost measurements: check an input shape, build an example batch,
-run a model in eval mode and put every module's mode back afterwards."""
+run a model and turn its shape errors into one-line messages (eval mode:
+:func:`leanconv.modes.eval_mode`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from leanconv.errors import LeanconvError
 
-__all__ = ["check_shape", "example_input", "eval_mode", "run_forward"]
+__all__ = ["check_shape", "example_input", "run_forward"]
 
 
 def check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
@@ -39,19 +39,6 @@ def example_input(model: nn.Module, input_shape: Sequence[int], batch_size: int 
             break
     gen = torch.Generator().manual_seed(0)
     return torch.randn((batch_size, *shape), generator=gen).to(device=device, dtype=dtype)
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode; restore each module's own ``training`` flag on exit (a model
-    may mix modes, e.g. frozen BatchNorm inside a training model)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def run_forward(model: nn.Module, x: torch.Tensor) -> object:

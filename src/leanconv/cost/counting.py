@@ -37,8 +37,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from leanconv.cost._model_io import check_shape, eval_mode, example_input, run_forward
+from leanconv.cost._model_io import check_shape, example_input, run_forward
 from leanconv.errors import LeanconvError
+from leanconv.modes import eval_mode
 
 __all__ = ["LayerCost", "CostReport", "count"]
 

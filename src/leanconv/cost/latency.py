@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from leanconv.cost._model_io import check_shape, eval_mode, example_input, run_forward
+from leanconv.cost._model_io import check_shape, example_input, run_forward
 from leanconv.errors import LeanconvError
+from leanconv.modes import eval_mode
 
 __all__ = ["LatencyStats", "measure_latency", "measure_onnx_latency"]
 

@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from leanconv.errors import LeanconvError
 from leanconv.importance.hessian_hvp import assign_groups, grouped_hvp, rademacher_probes
+from leanconv.modes import eval_mode
 
 __all__ = [
     # estimating
@@ -268,15 +269,9 @@ def channel_traces(
     rule = (min_probes, max_probes, rel_stderr, probes_per_step, stop_quantile)
     _check_args(batches, sel, rule, method)
     groups = assign_groups(list(sel), probe_groups)
-    modes = {m: m.training for m in model.modules()}
     start = time.perf_counter()
-    try:
-        model.eval()
-        with torch.enable_grad():
-            mom, used, stat = _run_probes(model, (sel, fixed, groups), batches, loss_fn, method, seed, rule, progress)
-    finally:
-        for m, was_training in modes.items():
-            m.train(was_training)
+    with eval_mode(model), torch.enable_grad():
+        mom, used, stat = _run_probes(model, (sel, fixed, groups), batches, loss_fn, method, seed, rule, progress)
     dtype = next(iter(sel.values())).dtype
     return TraceResult(
         traces={n: t.to(dtype) for n, t in mom.mean().items()},

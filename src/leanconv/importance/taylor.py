@@ -40,6 +40,7 @@ from leanconv.importance.scoring import (
     sum_over_members,
     to_scores,
 )
+from leanconv.modes import eval_mode
 
 __all__ = ["Taylor", "taylor", "eval_with_grads"]
 
@@ -47,19 +48,16 @@ __all__ = ["Taylor", "taylor", "eval_with_grads"]
 @contextmanager
 def eval_with_grads(model: nn.Module, params: Sequence[Tensor]) -> Iterator[None]:
     """Eval mode and ``requires_grad`` on ``params`` for the block; both restored after."""
-    modes = {m: m.training for m in model.modules()}
     flags = [p.requires_grad for p in params]
-    try:
-        model.eval()
-        for p in params:
-            p.requires_grad_(True)
-        with torch.enable_grad():
-            yield
-    finally:
-        for m, was_training in modes.items():
-            m.train(was_training)
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
+    with eval_mode(model):
+        try:
+            for p in params:
+                p.requires_grad_(True)
+            with torch.enable_grad():
+                yield
+        finally:
+            for p, flag in zip(params, flags):
+                p.requires_grad_(flag)
 
 
 def _scored_params(model: nn.Module, groups: Sequence[ChannelGroup]) -> dict[tuple[str, str], Tensor]:

@@ -49,6 +49,7 @@ from torch import Tensor, fx, nn
 from leanconv.cost import count
 from leanconv.errors import LeanconvError
 from leanconv.importance.hessian import channel_traces
+from leanconv.modes import eval_mode
 from leanconv.models.mobilenetv2 import InvertedResidual
 from leanconv.models.preact_resnet import PreActBlock
 from leanconv.models.resnet_cifar import BasicBlock
@@ -188,7 +189,7 @@ def _record_shapes(model: nn.Module, example_input: Tensor, modules: Mapping[str
         return hook
 
     handles = [m.register_forward_hook(hook_for(p)) for p, m in modules.items()]
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         try:
             model(example_input)
         except (RuntimeError, TypeError, ValueError) as exc:
@@ -224,17 +225,6 @@ def find_residual_blocks(model: nn.Module, example_input: Tensor) -> list[BlockI
 
 
 # ---------------------------------------------------------------- bypassing
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -279,7 +269,7 @@ def depth_ratio(model: nn.Module, blocks: Sequence[BlockInfo]) -> float:
 def _mean_loss(model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]], loss_fn: LossFn) -> float:
     """Size-weighted mean of ``loss_fn`` (a batch mean) over ``batches``, in eval mode."""
     total, n = 0.0, 0
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for x, y in batches:
             total += float(loss_fn(model(x), y)) * len(y)
             n += len(y)

@@ -12,8 +12,7 @@ Both edit the model in place and leave only registered layer types behind, so
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -21,6 +20,7 @@ from torch import nn
 from leanconv.errors import LeanconvError
 from leanconv.importance.base import ChannelGroup
 from leanconv.layers.implant import ImplantConv2d
+from leanconv.modes import eval_mode
 from leanconv.prune.groups import build_graph, channel_units
 
 __all__ = ["remove_channels", "implant_channels", "can_implant", "channel_counts"]
@@ -39,19 +39,8 @@ def channel_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
     return counts
 
 
-@contextmanager
-def _eval(model: nn.Module) -> Iterator[None]:
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
 def _output_shape(model: nn.Module, x: torch.Tensor) -> tuple[int, ...]:
-    with _eval(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         y = model(x)
     y = y[0] if isinstance(y, (tuple, list)) else y
     return tuple(y.shape)

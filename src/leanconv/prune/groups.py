@@ -47,6 +47,7 @@ from torch import nn
 from leanconv.errors import LeanconvError
 from leanconv.importance.base import ChannelGroup, Member
 from leanconv.layers.implant import ImplantConv2d
+from leanconv.modes import eval_mode
 
 __all__ = ["LayerShare", "TracedGroup", "channel_groups", "trace_groups", "channel_units", "build_graph"]
 
@@ -133,7 +134,6 @@ def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyG
     """Trace ``model`` on ``example_input`` (in eval mode) into torch-pruning's dependency
     graph; ``dg.leanconv_output_shape`` holds the output's shape. Module train/eval modes and
     ``requires_grad`` flags are left as they were."""
-    modes = [(m, m.training) for m in model.modules()]
     x = example_input.detach().clone().requires_grad_(True)
     outputs = []
 
@@ -143,7 +143,7 @@ def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyG
         return out
 
     try:
-        with torch.enable_grad(), _implants_as_single_ops(model):
+        with eval_mode(model), torch.enable_grad(), _implants_as_single_ops(model):
             dg = tp.DependencyGraph().build_dependency(
                 model, example_inputs=x, forward_fn=forward, verbose=False,
                 customized_pruners={ImplantConv2d: _ImplantPruner()},
@@ -152,9 +152,6 @@ def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyG
         raise
     except (RuntimeError, ValueError, TypeError) as exc:
         raise LeanconvError(f"cannot trace the model on an input of shape {tuple(x.shape)}: {exc}") from exc
-    finally:
-        for module, training in modes:
-            module.training = training
     dg.leanconv_output_shape = tuple(outputs[0].shape)
     dg.leanconv_activation_ops, dg.leanconv_input_readers = _activation_ops(outputs[0].grad_fn, x)
     return dg

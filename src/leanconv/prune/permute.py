@@ -33,7 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from leanconv.layers.implant import ImplantConv2d
-from leanconv.prune.channels import _eval, _in_equals_out
+from leanconv.modes import eval_mode
+from leanconv.prune.channels import _in_equals_out
 from leanconv.prune.groups import _problem, build_graph
 
 __all__ = ["fold_channel_orders"]
@@ -85,7 +86,7 @@ def fold_channel_orders(model: nn.Module, example_input: Tensor) -> dict[str, st
 
 
 def _logits(model: nn.Module, x: Tensor) -> Tensor:
-    with _eval(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         y = model(x)
     return (y[0] if isinstance(y, (tuple, list)) else y).detach().clone()
 

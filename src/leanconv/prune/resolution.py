@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from leanconv.errors import LeanconvError
+from leanconv.modes import eval_mode
 
 __all__ = ["MIN_SIDE", "set_resolution", "resolution_ratio_to_side"]
 
@@ -57,18 +58,13 @@ def _check_runs(model: nn.Module, shape: list[int]) -> None:
     """One forward pass of a zero image of ``shape`` in eval mode; modes restored."""
     ref = next(iter(model.parameters()), None)
     x = torch.zeros((1, *shape)) if ref is None else torch.zeros((1, *shape), device=ref.device, dtype=ref.dtype)
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
+        try:
             model(x)
-    except (RuntimeError, ValueError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LeanconvError(f"the model does not run at input side {shape[-1]} ({first}); "
-                            "choose a larger side") from exc
-    finally:
-        for m, training in modes:
-            m.training = training
+        except (RuntimeError, ValueError, TypeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise LeanconvError(f"the model does not run at input side {shape[-1]} ({first}); "
+                                "choose a larger side") from exc
 
 
 def set_resolution(model: nn.Module, side: int, *, in_channels: int | None = None) -> nn.Module:
