@@ -11,16 +11,8 @@ from leanconv import checkpoint
 from leanconv.cost import count
 from leanconv.errors import LeanconvError
 from leanconv.models import create
-from leanconv.prune.blocks import (
-    adds_input,
-    block_importance,
-    bypass_loss_curve,
-    bypassed,
-    depth_ratio,
-    find_residual_blocks,
-    prune_blocks,
-    rank_correlation,
-)
+from leanconv.prune.block_importance import block_importance, bypass_loss_curve, rank_correlation
+from leanconv.prune.blocks import adds_input, bypassed, depth_ratio, find_residual_blocks, prune_blocks
 
 RESNET20_BLOCKS = ["layer1.0", "layer1.1", "layer1.2", "layer2.1", "layer2.2", "layer3.1", "layer3.2"]
 

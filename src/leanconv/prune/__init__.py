@@ -7,15 +7,16 @@
 * :mod:`~leanconv.prune.budget`: ``prune_to_budget`` (global ranking, per-layer floor,
   ``round_to``, budget search on counted MACs/params) and ``iterative_prune``.
 * :mod:`~leanconv.prune.cost_model`: the per-layer cost estimate behind the search.
-* :mod:`~leanconv.prune.blocks`: depth pruning: find residual blocks, rank them, bypass them.
+* :mod:`~leanconv.prune.blocks`: depth pruning: find residual blocks, bypass them.
+* :mod:`~leanconv.prune.block_importance`: rank residual blocks (loss or Hessian), check a ranking.
 * :mod:`~leanconv.prune.resolution`: record a new input resolution on a model.
 * :mod:`~leanconv.prune.pipeline`: one pruning run end to end (score, prune, fine-tune, measure).
 """
 
 from leanconv.prune.budget import PruneResult, iterative_prune, prune_to_budget
 from leanconv.prune.channels import can_implant, channel_counts, implant_channels, remove_channels
-from leanconv.prune.blocks import (BlockInfo, block_importance, bypass_loss_curve, bypassed, depth_ratio,
-                                   find_residual_blocks, prune_blocks, rank_correlation)
+from leanconv.prune.block_importance import block_importance, bypass_loss_curve, rank_correlation
+from leanconv.prune.blocks import BlockInfo, bypassed, depth_ratio, find_residual_blocks, prune_blocks
 from leanconv.prune.groups import channel_groups, channel_units
 from leanconv.prune.permute import fold_channel_orders
 from leanconv.prune.resolution import resolution_ratio_to_side, set_resolution

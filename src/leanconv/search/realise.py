@@ -41,7 +41,8 @@ from leanconv.data import load_dataset
 from leanconv.data.splits import DatasetSplits
 from leanconv.errors import LeanconvError
 from leanconv.importance import ScoringData, create_criterion, criterion_names
-from leanconv.prune.blocks import BlockInfo, block_importance, find_residual_blocks, prune_blocks
+from leanconv.prune.block_importance import block_importance
+from leanconv.prune.blocks import BlockInfo, find_residual_blocks, prune_blocks
 from leanconv.prune.budget import prune_to_budget
 from leanconv.prune.pipeline import scoring_batches
 from leanconv.prune.resolution import MIN_SIDE, resolution_ratio_to_side, set_resolution
