@@ -2,9 +2,10 @@
 
 Wang et al., "Accelerate CNNs from Three Dimensions: A Comprehensive Pruning Framework",
 ICML 2021 (methods.md, Sec. 1). Samples ``(d, w, r, accuracy)`` (depth, width and
-resolution ratios) fit a polynomial accuracy predictor (``predictor``); the predictor is
-maximised under a MACs budget (``optimum``), and ``resolve`` re-solves until the realised
-model's counted MACs meet the budget::
+resolution ratios) fit a polynomial accuracy predictor (``predictor``, its form chosen by
+cross-validation in ``selection``); the predictor is maximised under a MACs budget
+(``optimum``), and ``resolve`` re-solves until the realised model's counted MACs meet the
+budget::
 
     sel = select_predictor(X, y)                      # CV over full / low-rank, K, R
     cost = AnalyticCost(macs0)                        # or CalibratedCost.fit(points, macs)
@@ -24,16 +25,13 @@ from leanconv.search.optimum import (
 )
 from leanconv.search.predictor import (
     FullPolynomial,
-    HoldoutComparison,
     LowRankPolynomial,
     Predictor,
-    Selection,
-    compare_on_holdout,
     is_monotone,
     monotone_violation,
     predictor_from_dict,
-    select_predictor,
 )
+from leanconv.search.selection import HoldoutComparison, Selection, compare_on_holdout, select_predictor
 
 from leanconv.search.executors import EXECUTORS, LocalExecutor, RayExecutor, create_executor
 from leanconv.search.realise import Realised, StepSettings, realise

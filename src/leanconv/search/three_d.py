@@ -41,9 +41,10 @@ from leanconv.prune.blocks import prune_blocks
 from leanconv.prune.pipeline import measure
 from leanconv.search.executors import LocalExecutor
 from leanconv.search.optimum import AnalyticCost, CalibratedCost, discrete_ratios, resolve
-from leanconv.search.predictor import compare_on_holdout, is_monotone, select_predictor
+from leanconv.search.predictor import is_monotone
 from leanconv.search.realise import Origin, StepSettings, brief_finetune, load_origin, min_side, realise, val_accuracy
 from leanconv.search.samples import SampleStore, collect_samples, plan_tasks
+from leanconv.search.selection import compare_on_holdout, select_predictor
 
 __all__ = ["Prune3dConfig", "Prune3dResult", "run_prune3d", "check_budget", "fit_samples", "budget_curve"]
 
