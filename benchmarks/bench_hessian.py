@@ -69,7 +69,7 @@ def make_batches(args, images: int) -> list:
 def throughput(model, batches, args) -> list[dict]:
     """Seconds per probe for each (method, probes_per_step), after one warm-up call."""
     rows = []
-    configs = [("vmap", s) for s in args.steps] + [("double_backward", max(args.steps))]
+    configs = [(m, s) for m in ("vmap", "double_backward") for s in args.steps]
     for method, step in configs:
         kw = dict(min_probes=args.probes, max_probes=args.probes, probes_per_step=step, method=method)
         channel_traces(model, batches, **{**kw, "min_probes": 2, "max_probes": 2})  # warm-up
@@ -77,6 +77,17 @@ def throughput(model, batches, args) -> list[dict]:
         rows.append({"method": method, "probes_per_step": step, "probes": r.probes,
                      "seconds": round(r.seconds, 3), "seconds_per_probe": round(r.seconds / r.probes, 4)})
     return rows
+
+
+def batching_ratios(rows: list[dict]) -> dict[str, dict]:
+    """Per method: throughput of the best probes_per_step over probes_per_step = 1."""
+    out = {}
+    for method in sorted({r["method"] for r in rows}):
+        mine = {r["probes_per_step"]: r["seconds_per_probe"] for r in rows if r["method"] == method}
+        if 1 in mine and len(mine) > 1:
+            best = min((s for s in mine if s != 1), key=lambda s: mine[s])
+            out[method] = {"best_step": best, "ratio": mine[1] / mine[best]}
+    return out
 
 
 def precision_per_hvp(model, batches, args) -> list[dict]:
@@ -141,8 +152,12 @@ def main() -> None:
         "precision": precision_per_hvp(model, batches, args),
         "sensitivity": None if args.skip_sensitivity else sensitivity_time(args),
     }
+    record["batched_vs_single"] = batching_ratios(record["throughput"])
     text = json.dumps(record, indent=2)
     print(text)
+    for method, ratio in record["batched_vs_single"].items():
+        print(f"{method}: batched probes {ratio['best_step']} per step give {ratio['ratio']:.2f}x the throughput "
+              f"of one probe at a time (target >= 1.5)")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
