@@ -17,7 +17,8 @@ from leanconv.errors import LeanconvError
 from leanconv.models import create, names
 
 __all__ = [
-    "add_data_args", "add_model_args", "load_model", "load_data", "data_from_meta", "parse_shape",
+    "add_data_args", "add_model_args", "add_seed_arg", "add_repeats_arg", "add_output_args",
+    "load_model", "load_data", "data_from_meta", "parse_shape",
     "progress_bar", "write_json", "positive_int", "fraction", "input_shape_of", "resolution_of",
 ]
 
@@ -70,6 +71,21 @@ def add_data_args(parser: argparse.ArgumentParser, default: str | None = DEFAULT
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--constructor", default=None, metavar="PKG.MODULE:FN",
                         help="the user model constructor a checkpoint was built from (never imported unless named here)")
+
+
+def add_seed_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+
+
+def add_repeats_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repeats", type=positive_int, default=10, help="timed runs per latency figure (default: 10)")
+
+
+def add_output_args(parser: argparse.ArgumentParser, out_help: str = "output folder",
+                    progress_help: str = "no progress bars") -> None:
+    """``--out DIR`` (required) and ``--no-progress``, the last arguments of a run that writes a folder."""
+    parser.add_argument("--out", required=True, metavar="DIR", help=out_help)
+    parser.add_argument("--no-progress", action="store_true", help=progress_help)
 
 
 def load_model(spec: str, *, constructor: str | None = None, input_shape: tuple[int, int, int] | None = None,

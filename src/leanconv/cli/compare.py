@@ -7,8 +7,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from leanconv.cli.common import (add_data_args, add_model_args, data_from_meta, input_shape_of, load_model,
-                                 positive_int, progress_bar, resolution_of)
+from leanconv.cli.common import (add_data_args, add_model_args, add_output_args, add_seed_arg, data_from_meta,
+                                 input_shape_of, load_model, positive_int, progress_bar, resolution_of)
 from leanconv.compare import CONTENDERS, DEFAULT_METHODS, CompareConfig, run_compare
 from leanconv.errors import LeanconvError
 from leanconv.report.build import build_report
@@ -47,10 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-subset", type=positive_int, default=None, help="fine-tune on this many images only")
     p.add_argument("--no-onnx", action="store_true", help="skip ONNX export and ONNX Runtime latency")
     p.add_argument("--quick", action="store_true", help="label the report as a quick run with tiny budgets")
-    p.add_argument("--seed", type=int, default=0)
+    add_seed_arg(p)
     add_data_args(p, default=None)
-    p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--no-progress", action="store_true")
+    add_output_args(p)
     p.set_defaults(func=run)
 
 

@@ -11,7 +11,8 @@ import argparse
 from pathlib import Path
 from typing import Callable
 
-from leanconv.cli.common import DEFAULT_DATA, positive_int, progress_bar
+from leanconv.cli.common import (add_data_args, add_output_args, add_repeats_arg, add_seed_arg, positive_int,
+                                 progress_bar)
 from leanconv.explore import PAPER_OVERLAPS, ExploreConfig, run_explore, write_summary
 from leanconv.models import names
 from leanconv.report.plots import tradeoff_chart
@@ -49,8 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "same budget, and record test accuracy, params, MACs and measured latency. Resumable: "
                        "finished variants in DIR/results.jsonl are never redone.")
     p.add_argument("--model", default="resnet20", choices=names(), help="zoo model (default: resnet20)")
-    p.add_argument("--data", default=DEFAULT_DATA, help=f"dataset (default: {DEFAULT_DATA})")
-    p.add_argument("--data-dir", default=None, help="folder with the dataset files (default: the system copy)")
+    add_data_args(p)
     p.add_argument("--scc-groups", type=_int_list, default=(), metavar="G,G,...",
                    help="SCC channel groups to try, e.g. 1,2,4,8 (default: none)")
     p.add_argument("--scc-overlap", type=_float_list, default=PAPER_OVERLAPS, metavar="O,O,...",
@@ -60,13 +60,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--include-dense", action="store_true", help="also train the unconverted model")
     p.add_argument("--epochs", type=positive_int, default=3, help="training epochs per variant (default: 3)")
     p.add_argument("--subset", type=positive_int, default=None, help="train on this many images only")
-    p.add_argument("--batch-size", type=positive_int, default=128, help="images per batch (default: 128)")
     p.add_argument("--lr", type=float, default=0.1, help="peak learning rate (default: 0.1)")
-    p.add_argument("--seed", type=int, default=0)
+    add_seed_arg(p)
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: PyTorch's)")
-    p.add_argument("--repeats", type=positive_int, default=10, help="timed runs per latency figure (default: 10)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (re-use it to resume)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_repeats_arg(p)
+    add_output_args(p, out_help="output folder (re-use it to resume)")
     p.set_defaults(func=run)
 
 

@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 
 from leanconv import checkpoint
-from leanconv.cli.common import (add_data_args, add_model_args, data_from_meta, fraction, input_shape_of,
-                                 load_model, positive_int, progress_bar, resolution_of, write_json)
+from leanconv.cli.common import (add_data_args, add_model_args, add_output_args, add_repeats_arg, add_seed_arg,
+                                 data_from_meta, fraction, input_shape_of, load_model, positive_int, progress_bar,
+                                 resolution_of, write_json)
 from leanconv.errors import LeanconvError
 from leanconv.importance import criterion_names
 from leanconv.prune.pipeline import PruneConfig, run_pruning
@@ -39,11 +40,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--finetune-lr", type=float, default=0.01, help="fine-tuning learning rate (default: 0.01)")
     p.add_argument("--score-images", type=positive_int, default=512, help="validation images for scoring (default: 512)")
     p.add_argument("--probes", type=positive_int, default=64, help="cap on Hutchinson probes for hap (default: 64)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=positive_int, default=10, help="timed runs per latency figure (default: 10)")
+    add_seed_arg(p)
+    add_repeats_arg(p)
     add_data_args(p, default=None)
-    p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--no-progress", action="store_true")
+    add_output_args(p)
     p.set_defaults(func=run)
 
 

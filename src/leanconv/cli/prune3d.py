@@ -7,7 +7,8 @@ import json
 import os
 from pathlib import Path
 
-from leanconv.cli.common import add_data_args, fraction, positive_int, progress_bar
+from leanconv.cli.common import (add_data_args, add_output_args, add_repeats_arg, add_seed_arg, fraction, positive_int,
+                                 progress_bar)
 from leanconv.errors import LeanconvError
 from leanconv.importance import criterion_names
 from leanconv.report.plots3d import prune3d_plots
@@ -63,11 +64,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--w-min", type=fraction, default=0.4, help="smallest width in the search box (default: 0.4)")
     p.add_argument("--r-min", type=fraction, default=0.5, help="smallest resolution ratio (default: 0.5; side >= 8)")
     p.add_argument("--min-blocks-per-stage", type=_whole, default=1, help="blocks each stage keeps (default: 1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=positive_int, default=10, help="timed runs per latency figure (default: 10)")
+    add_seed_arg(p)
+    add_repeats_arg(p)
     add_data_args(p, default=None)
-    p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--no-progress", action="store_true")
+    add_output_args(p)
     p.set_defaults(func=run)
 
 

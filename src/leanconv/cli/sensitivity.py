@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from leanconv.cli.common import (add_data_args, add_model_args, data_from_meta, load_model, positive_int,
-                                 progress_bar, resolution_of, write_json)
+from leanconv.cli.common import (add_data_args, add_model_args, add_output_args, add_seed_arg, data_from_meta,
+                                 load_model, positive_int, progress_bar, resolution_of, write_json)
 from leanconv.errors import LeanconvError
 from leanconv.importance import hessian
 from leanconv.prune.pipeline import scoring_batches
@@ -33,11 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="split each probe into G groups of layers (or 'layer': one per layer): G times the HVPs "
                    "per probe, no cross-group noise in the per-channel estimates (default: 1)")
     p.add_argument("--images", type=positive_int, default=512, help="validation images (default: 512)")
-    p.add_argument("--seed", type=int, default=0)
+    add_seed_arg(p)
     p.add_argument("--cache-dir", default=None, help="trace cache folder (default: DIR/cache)")
     add_data_args(p, default=None)
-    p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--no-progress", action="store_true")
+    add_output_args(p)
     p.set_defaults(func=run)
 
 
