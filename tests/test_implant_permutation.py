@@ -17,14 +17,6 @@ from leanconv.prune.permute import fold_channel_orders
 from prune_toys import CatToy, DepthwiseToy, FlattenToy, GroupedToy, ResToy, cbr, randomize_bn
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 X = torch.randn(2, 3, 8, 8)
 X16 = torch.randn(2, 3, 16, 16)
 

@@ -18,14 +18,6 @@ from leanconv.prune.groups import trace_groups
 from prune_toys import ResToy, l1_scores, randomize_bn, silence
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 X16 = torch.randn(2, 3, 16, 16)
 
 

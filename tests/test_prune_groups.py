@@ -10,14 +10,6 @@ from leanconv.prune.groups import trace_groups
 from prune_toys import CatToy, DepthwiseToy, FlattenToy, GroupedToy, ResToy, RollToy, ScaleToy
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 X = torch.randn(2, 3, 8, 8)
 
 
