@@ -251,3 +251,13 @@ def test_profile_record_and_table():
     assert "99.9" in table  # the conv's share of MACs: 6912 / 6920 = 99.88 %
     quiet = profile(_tiny(), (3, 8, 8), latency=False)
     assert quiet["latency_ms"] == {} and quiet["macs"] == record["macs"]
+
+
+def test_measure_fastest_layout_picks_one_of_the_two_layouts():
+    from leanconv.cost import measure_fastest_layout
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    stats = measure_fastest_layout(model, (3, 8, 8), 2, repeats=2, warmup=0)
+    assert stats.memory_format in ("channels_last", "contiguous") and stats.median_ms > 0
+    cpu = measure_fastest_layout(model, (3, 8, 8), 2, repeats=2, warmup=0, clock="cpu")
+    assert cpu.clock == "cpu" and cpu.threads == 1

@@ -8,7 +8,7 @@
 """
 
 from leanconv.cost.counting import CostReport, LayerCost, count
-from leanconv.cost.latency import LatencyStats, measure_latency, measure_onnx_latency
+from leanconv.cost.latency import LatencyStats, measure_fastest_layout, measure_latency, measure_onnx_latency
 from leanconv.cost.memory import activation_memory
 from leanconv.cost.profiling import UNITS, format_profile, profile
 
@@ -18,7 +18,7 @@ __all__ = [
     # memory
     "activation_memory",
     # latency
-    "measure_latency", "measure_onnx_latency", "LatencyStats",
+    "measure_latency", "measure_fastest_layout", "measure_onnx_latency", "LatencyStats",
     # profile
     "profile", "format_profile", "UNITS",
 ]
