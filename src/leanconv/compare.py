@@ -60,6 +60,7 @@ class CompareConfig:
     samples: int = 6  # 3-D pruning: samples to collect
     latency_repeats: int = 10
     onnx: bool = True
+    onnx_opset: int | None = None  # None: torch's dynamo exporter; < 18: the faster TorchScript one
     quick: bool = False
     seed: int = 0
     scc_groups: int = 2
@@ -116,7 +117,8 @@ def _measured(model: nn.Module, ctx: _Context, folder: Path) -> dict[str, Any]:
     test = ctx.data.loader("test", 256, resolution=resolution)
     onnx = None
     if ctx.config.onnx:
-        info = export_onnx(model, shape, folder / "model.onnx", repeats=ctx.config.latency_repeats, warmup=3)
+        info = export_onnx(model, shape, folder / "model.onnx", opset=ctx.config.onnx_opset,
+                           repeats=ctx.config.latency_repeats, warmup=3)
         onnx = {k: v["median_ms"] for k, v in info["latency_ms"].items()}
     return {"accuracy": evaluate(model, test)["accuracy"], "params": cost.params, "macs": cost.macs,
             "latency_ms": {"torch": _latency(model, shape, ctx.config.latency_repeats), "onnx": onnx},
@@ -152,7 +154,8 @@ def _width_entry(ctx: _Context, key: str, method: str, target: float) -> tuple[n
     config = PruneConfig(method=criterion, target=target, implant=implant, finetune_epochs=c.finetune_epochs,
                          finetune_lr=c.finetune_lr, score_images=c.score_images, probes=c.probes, seed=c.seed,
                          latency_repeats=2, train_subset=c.train_subset)
-    record = run_pruning(model, ctx.data, ctx.shape, config, resolution=ctx.resolution, progress=ctx.progress)
+    record = run_pruning(model, ctx.data, ctx.shape, config, resolution=ctx.resolution, progress=ctx.progress,
+                         measured=False)  # compare measures every entry itself
     args = ["leanconv", "prune", str(ctx.ckpt), "--method", criterion, "--target-flops", f"{target:g}",
             "--finetune-epochs", str(c.finetune_epochs), "--finetune-lr", f"{c.finetune_lr:g}",
             "--probes", str(c.probes), "--score-images", str(c.score_images), "--seed", str(c.seed),

@@ -102,16 +102,30 @@ def _finetune_fn(data, config: PruneConfig, resolution, progress):
     return finetune
 
 
+def _counted(model: nn.Module, shape) -> dict[str, Any]:
+    cost = count(model, shape)
+    return {"params": cost.params, "macs": cost.macs, "flops": cost.flops}
+
+
+def _speedup(before: dict, after: dict, batch: str) -> float | None:
+    if "latency_ms" not in before:
+        return None
+    return before["latency_ms"][batch]["median_ms"] / after["latency_ms"][batch]["median_ms"]
+
+
 def run_pruning(model: nn.Module, data: DatasetSplits, shape: tuple[int, int, int], config: PruneConfig, *,
                 resolution: int | None = None, progress: Progress | None = None,
-                stage: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Prune ``model`` in place per ``config``; returns the JSON-able record."""
+                stage: Callable[[str], None] | None = None, measured: bool = True) -> dict[str, Any]:
+    """Prune ``model`` in place per ``config``; returns the JSON-able record. With ``measured``
+    False only counted costs are recorded (a caller that measures the result itself, like
+    ``compare``, skips the test-set evaluations and latency runs)."""
     say = stage or (lambda text: None)
     t0 = time.perf_counter()
     test = data.loader("test", 256, resolution=resolution)
     criterion = _criterion(config, progress)  # unknown method fails here, before any work
     say("measuring the unpruned model")
-    before = measure(model, shape, test, config.latency_repeats)
+    gauge = (lambda m: measure(m, shape, test, config.latency_repeats)) if measured else (lambda m: _counted(m, shape))
+    before = gauge(model)
     scoring = ScoringData(scoring_batches(data, config.score_images, config.batch_size, resolution),
                           extra={"input_shape": shape})
     example = torch.randn(1, *shape)
@@ -119,25 +133,27 @@ def run_pruning(model: nn.Module, data: DatasetSplits, shape: tuple[int, int, in
     options = {"kind": config.kind, "input_shape": shape, "data": scoring, "round_to": config.round_to,
                "normalize": "none" if config.method == "hap" else "mean"}
     say(f"scoring with {config.method} and pruning to {config.target:g} of the {config.kind}")
+    pruned = None  # with several rounds, fine-tuning is interleaved with them
     if config.steps == 1:
         results = [prune_to_budget(model, criterion, example, target=config.target, implant=config.implant, **options)]
-        pruned = measure_quick(model, shape, test)
+        pruned = measure_quick(model, shape, test) if measured else None
         say(f"fine-tuning for {config.finetune_epochs} epochs")
         finetune(model, config.finetune_epochs)
     else:
         epochs = _split(config.finetune_epochs, config.steps)
         results = iterative_prune(model, criterion, example, lambda m, s: finetune(m, epochs[s - 1]),
                                   target=config.target, steps=config.steps, implant=config.implant, **options)
-        pruned = None  # fine-tuning is interleaved with the rounds
     say("measuring the pruned model")
-    after = measure(model, shape, test, config.latency_repeats)
-    traces = getattr(criterion, "last_traces", None)
+    after = gauge(model)
+    return _record(config, shape, before, after, pruned, results, getattr(criterion, "last_traces", None), t0)
+
+
+def _record(config, shape, before, after, pruned, results, traces, t0) -> dict[str, Any]:
     return {
         "method": config.method, "config": asdict(config), "input_shape": list(shape),
         "before": before, "after": after, "after_prune_before_finetune": pruned,
         "achieved": {"macs": after["macs"] / before["macs"], "params": after["params"] / before["params"]},
-        "speedup_batch64": before["latency_ms"]["batch64"]["median_ms"] / after["latency_ms"]["batch64"]["median_ms"],
-        "speedup_batch1": before["latency_ms"]["batch1"]["median_ms"] / after["latency_ms"]["batch1"]["median_ms"],
+        "speedup_batch64": _speedup(before, after, "batch64"), "speedup_batch1": _speedup(before, after, "batch1"),
         "mac_reduction": before["macs"] / after["macs"],
         "rounds": [r.to_dict() for r in results],
         "layers": _merge_layers(results),
