@@ -33,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     budget.add_argument("--target-params", type=fraction, metavar="R", help="keep this fraction of the parameters")
     p.add_argument("--implant", type=float, default=0.0, metavar="F",
                    help="share of the pruned channels to implant as a 1x1 conv instead of removing (default: 0)")
+    p.add_argument("--normalize", choices=["auto", "mean", "none"], default="auto",
+                   help="scale each group's scores before the global ranking: mean = divide by the group's mean, "
+                   "none = raw; auto = none for hap, mean for the others (default: auto)")
     p.add_argument("--round-to", type=positive_int, default=None, metavar="N", help="keep channel counts multiples of N")
     p.add_argument("--steps", type=positive_int, default=1, metavar="K",
                    help="prune in K rounds with fine-tuning between them (default: 1)")
@@ -54,7 +57,7 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
     return PruneConfig(method=args.method, target=target, kind=kind, implant=args.implant, round_to=args.round_to,
                        steps=args.steps, finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
                        batch_size=args.batch_size, score_images=args.score_images, probes=args.probes,
-                       seed=args.seed, latency_repeats=args.repeats)
+                       seed=args.seed, latency_repeats=args.repeats, normalize=args.normalize)
 
 
 def run(args: argparse.Namespace) -> int:

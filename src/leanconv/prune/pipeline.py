@@ -48,6 +48,9 @@ class PruneConfig:
     score_images: int = 512  # validation images used for scoring
     probes: int = 64  # cap on Hutchinson probes (hap)
     train_subset: int | None = None  # fine-tune on this many training images only (quick runs)
+    # score scaling before the global ranking: "auto" = raw for hap (its scores are loss
+    # changes, comparable across layers), divided by each group's mean for the others
+    normalize: str = "auto"
     seed: int = 0
     latency_repeats: int = 10
 
@@ -58,6 +61,8 @@ class PruneConfig:
             raise LeanconvError(f"budget kind must be macs or params, got {self.kind!r}")
         if not 0.0 <= self.implant < 1.0:
             raise LeanconvError(f"--implant must lie in [0, 1), got {self.implant}")
+        if self.normalize not in ("auto", "mean", "none"):
+            raise LeanconvError(f"normalize must be auto, mean or none, got {self.normalize!r}")
         if self.steps < 1 or self.finetune_epochs < 0 or self.score_images < 1 or self.probes < 1:
             raise LeanconvError("steps, probes and scoring images must be positive, fine-tuning epochs >= 0")
 
@@ -102,6 +107,12 @@ def _finetune_fn(data, config: PruneConfig, resolution, progress):
     return finetune
 
 
+def _normalize(config: PruneConfig) -> str:
+    if config.normalize != "auto":
+        return config.normalize
+    return "none" if config.method == "hap" else "mean"
+
+
 def _counted(model: nn.Module, shape) -> dict[str, Any]:
     cost = count(model, shape)
     return {"params": cost.params, "macs": cost.macs, "flops": cost.flops}
@@ -131,7 +142,7 @@ def run_pruning(model: nn.Module, data: DatasetSplits, shape: tuple[int, int, in
     example = torch.randn(1, *shape)
     finetune = _finetune_fn(data, config, resolution, progress)
     options = {"kind": config.kind, "input_shape": shape, "data": scoring, "round_to": config.round_to,
-               "normalize": "none" if config.method == "hap" else "mean"}
+               "normalize": _normalize(config)}
     say(f"scoring with {config.method} and pruning to {config.target:g} of the {config.kind}")
     pruned = None  # with several rounds, fine-tuning is interleaved with them
     if config.steps == 1:
