@@ -21,15 +21,13 @@ from pathlib import Path
 import torch
 
 from leanconv import checkpoint
+from leanconv.compare import WIDTH
 from leanconv.data import load_dataset
 from leanconv.prune.pipeline import PruneConfig, run_pruning
 from leanconv.report.plots import tradeoff_chart
 from leanconv.train import evaluate
 
-VARIANTS = {  # label -> (criterion, implant share)
-    "hap": ("hap", 0.0), "hap+implant": ("hap", 0.1), "l1": ("l1", 0.0), "l2": ("l2", 0.0), "bn": ("bn", 0.0),
-    "taylor": ("taylor", 0.0), "random": ("random", 0.0), "synflow": ("synflow", 0.0),
-}
+VARIANTS = WIDTH  # label -> (criterion, implant share), the same variants `leanconv compare` runs
 
 
 def done_keys(path: Path) -> set[tuple]:

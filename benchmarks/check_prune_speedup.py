@@ -23,22 +23,23 @@ from pathlib import Path
 import torch
 
 from leanconv import checkpoint
+from leanconv.compare import WIDTH
 from leanconv.cost import count, measure_latency
 from leanconv.data import load_dataset
 from leanconv.importance import ScoringData, create_criterion
 from leanconv.prune import prune_to_budget
 from leanconv.prune.pipeline import scoring_batches
 
-METHODS = ["hap", "hap+implant", "l1", "l2", "bn", "taylor", "random", "synflow"]
+METHODS = list(WIDTH)  # label -> (criterion, implant share), as `leanconv compare` runs them
 
 
 def prune_copy(model, label, target, shape, data, round_to):
-    method = label.split("+")[0]
+    method, implant = WIDTH[label]
     kwargs = {"max_probes": 16, "min_probes": 8} if method == "hap" else {}
     pruned = copy.deepcopy(model)
     scoring = ScoringData(scoring_batches(data, 256, 128, None), extra={"input_shape": shape})
     prune_to_budget(pruned, create_criterion(method, **kwargs), torch.randn(1, *shape), target=target,
-                    input_shape=shape, data=scoring, implant=0.1 if "implant" in label else 0.0, round_to=round_to,
+                    input_shape=shape, data=scoring, implant=implant, round_to=round_to,
                     normalize="none" if method == "hap" else "mean")
     return pruned
 

@@ -92,3 +92,16 @@ def test_recalibrate_bn_resets_statistics(tiny_data):
     n = recalibrate_bn(model, train, max_batches=4)
     assert n > 0
     assert model.bn1.running_mean.abs().max() < 50
+
+
+def test_finetune_trains_recalibrates_and_leaves_nchw(tiny_data):
+    from leanconv.train import finetune
+
+    model, _, _ = _setup(tiny_data)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    finetune(model, tiny_data, epochs=0, lr=0.05)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    finetune(model, tiny_data, epochs=1, lr=0.05, images=100)
+    assert not torch.equal(before["conv1.weight"], model.conv1.weight)
+    assert not torch.equal(before["bn1.running_mean"], model.bn1.running_mean)
+    assert model.conv1.weight.is_contiguous()

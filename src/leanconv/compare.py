@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import shlex
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -219,6 +219,3 @@ def run_compare(ckpt: str | Path, data: DatasetSplits, shape: tuple[int, int, in
         stage(len(steps), len(steps), "done")
     return results
 
-
-def config_dict(config: CompareConfig) -> dict[str, Any]:
-    return asdict(config)

@@ -46,7 +46,7 @@ def layer_entry(ctx, key: str, method: str, target: float | None) -> tuple[nn.Mo
     (``psconv``) convolutions, keep every other trained weight, and train for the comparison's
     fine-tuning epochs (learning rate at least ``LAYER_LR``, cosine)."""
     from leanconv.convert import convert
-    from leanconv.train import TrainConfig, fit, recalibrate_bn
+    from leanconv.train import finetune
 
     c = ctx.config
     model = ctx.fresh_model()
@@ -58,13 +58,8 @@ def layer_entry(ctx, key: str, method: str, target: float | None) -> tuple[nn.Mo
         convert(model, "psconv", pattern=c.psconv_pattern)
         label, opts = f"psconv {c.psconv_pattern}", ["--pattern", c.psconv_pattern]
     lr = max(c.finetune_lr, LAYER_LR)
-    if c.finetune_epochs:
-        subset = None if c.train_subset is None else min(c.train_subset, len(ctx.data.train))
-        train = ctx.data.loader("train", 128, shuffle=True, augment=True, resolution=ctx.resolution, seed=c.seed,
-                                drop_last=True, subset=subset)
-        fit(model, train, TrainConfig(epochs=c.finetune_epochs, lr=lr, seed=c.seed), progress=ctx.progress)
-        recalibrate_bn(model, ctx.data.loader("train", 128, resolution=ctx.resolution,
-                                              subset=min(6400, len(ctx.data.train))))
+    finetune(model, ctx.data, epochs=c.finetune_epochs, lr=lr, seed=c.seed, resolution=ctx.resolution,
+             images=c.train_subset, progress=ctx.progress)
     out = ctx.out / "entries" / key
     command = (shlex.join(["leanconv", "convert", str(ctx.ckpt), "--to", method, *opts, "--out", f"{out}/converted"])
                + " && " + shlex.join(["leanconv", "train", "--from", f"{out}/converted/model.safetensors",

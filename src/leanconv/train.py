@@ -42,7 +42,7 @@ from leanconv import checkpoint
 from leanconv import distributed as dist
 from leanconv.errors import LeanconvError
 
-__all__ = ["TrainConfig", "TrainResult", "fit", "evaluate", "recalibrate_bn", "learning_rate"]
+__all__ = ["TrainConfig", "TrainResult", "fit", "evaluate", "recalibrate_bn", "finetune", "learning_rate"]
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int, dict], None]
@@ -359,3 +359,21 @@ def recalibrate_bn(model: nn.Module, loader: Loader, max_batches: int = 50, chan
         m.momentum = mom
     model.train(was_training)
     return len(bns)
+
+
+def finetune(model: nn.Module, data, *, epochs: int, lr: float, seed: int = 0, batch_size: int = 128,
+             resolution: int | None = None, images: int | None = None, progress: Progress | None = None) -> None:
+    """Fine-tune ``model`` in place on the training split of ``data`` (a ``DatasetSplits``):
+    ``epochs`` of the shared loop (augmented, cosine from ``lr``) on the first ``images``
+    training images (all when None), then re-estimate BatchNorm statistics on up to 6,400
+    un-augmented training images. Leaves plain NCHW weights, which the pruning engine's
+    dependency graph traces. Every compression path (pruning, 3-D samples, converted layers)
+    fine-tunes through here."""
+    if epochs <= 0:
+        return
+    n = len(data.train) if images is None else min(int(images), len(data.train))
+    train = data.loader("train", min(batch_size, n), shuffle=True, augment=True, resolution=resolution, seed=seed,
+                        drop_last=True, subset=None if images is None else n)
+    fit(model, train, TrainConfig(epochs=epochs, lr=lr, seed=seed), progress=progress)
+    recalibrate_bn(model, data.loader("train", batch_size, resolution=resolution, subset=min(6400, len(data.train))))
+    model.to(memory_format=torch.contiguous_format)

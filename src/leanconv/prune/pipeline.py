@@ -24,7 +24,7 @@ from leanconv.data.splits import DatasetSplits
 from leanconv.errors import LeanconvError
 from leanconv.importance import ScoringData, create_criterion
 from leanconv.prune.budget import iterative_prune, prune_to_budget
-from leanconv.train import TrainConfig, evaluate, fit, recalibrate_bn
+from leanconv.train import evaluate, finetune
 
 __all__ = ["PruneConfig", "run_pruning", "measure", "scoring_batches"]
 
@@ -76,12 +76,11 @@ def scoring_batches(data: DatasetSplits, n_images: int, batch_size: int, resolut
 def measure(model: nn.Module, shape, test_loader, repeats: int) -> dict[str, Any]:
     """Counted params/MACs (one image), test accuracy, and measured latency at batch 1 and 64
     (each in the model's faster memory layout)."""
-    cost = count(model, shape)
     metrics = evaluate(model, test_loader)
     latency = {f"batch{b}": measure_fastest_layout(model, shape, b, repeats=repeats, warmup=3).to_dict()
                for b in (1, 64)}
-    return {"params": cost.params, "macs": cost.macs, "flops": cost.flops, "test_accuracy": metrics["accuracy"],
-            "test_loss": metrics["loss"], "latency_ms": latency}
+    return {**_counted(model, shape), "test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"],
+            "latency_ms": latency}
 
 
 def _criterion(config: PruneConfig, progress: Progress | None):
@@ -95,16 +94,9 @@ def _criterion(config: PruneConfig, progress: Progress | None):
 
 
 def _finetune_fn(data, config: PruneConfig, resolution, progress):
-    def finetune(model: nn.Module, epochs: int) -> None:
-        if epochs <= 0:
-            return
-        subset = None if config.train_subset is None else min(config.train_subset, len(data.train))
-        train = data.loader("train", config.batch_size, shuffle=True, augment=True, resolution=resolution,
-                            seed=config.seed, drop_last=True, subset=subset)
-        fit(model, train, TrainConfig(epochs=epochs, lr=config.finetune_lr, seed=config.seed), progress=progress)
-        recalibrate_bn(model, data.loader("train", config.batch_size, resolution=resolution, subset=min(6400, len(data.train))))
-        model.to(memory_format=torch.contiguous_format)  # the dependency graph traces plain NCHW weights
-    return finetune
+    return lambda model, epochs: finetune(model, data, epochs=epochs, lr=config.finetune_lr, seed=config.seed,
+                                          batch_size=config.batch_size, resolution=resolution,
+                                          images=config.train_subset, progress=progress)
 
 
 def _normalize(config: PruneConfig) -> str:
@@ -114,6 +106,7 @@ def _normalize(config: PruneConfig) -> str:
 
 
 def _counted(model: nn.Module, shape) -> dict[str, Any]:
+    """Counted params, MACs and FLOPs of one image."""
     cost = count(model, shape)
     return {"params": cost.params, "macs": cost.macs, "flops": cost.flops}
 
@@ -176,8 +169,7 @@ def _record(config, shape, before, after, pruned, results, traces, t0) -> dict[s
 
 def measure_quick(model: nn.Module, shape, test_loader) -> dict[str, Any]:
     """Counted cost and test accuracy, no latency (used between pruning and fine-tuning)."""
-    cost = count(model, shape)
-    return {"params": cost.params, "macs": cost.macs, "test_accuracy": evaluate(model, test_loader)["accuracy"]}
+    return {**_counted(model, shape), "test_accuracy": evaluate(model, test_loader)["accuracy"]}
 
 
 def _split(total: int, parts: int) -> list[int]:

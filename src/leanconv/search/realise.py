@@ -46,7 +46,7 @@ from leanconv.prune.blocks import BlockInfo, find_residual_blocks, prune_blocks
 from leanconv.prune.budget import prune_to_budget
 from leanconv.prune.pipeline import scoring_batches
 from leanconv.prune.resolution import MIN_SIDE, resolution_ratio_to_side, set_resolution
-from leanconv.train import TrainConfig, evaluate, fit, recalibrate_bn
+from leanconv.train import evaluate, finetune
 
 __all__ = [
     "StepSettings",
@@ -232,14 +232,8 @@ def brief_finetune(model: nn.Module, data: DatasetSplits, settings: StepSettings
     images = settings.images if images == "settings" else images
     if epochs <= 0:
         return
-    res = _resolution(data, side_of(model))
-    n = len(data.train) if images is None else min(int(images), len(data.train))
-    batch = min(settings.batch_size, n)
-    train = data.loader("train", batch, shuffle=True, augment=True, resolution=res, seed=settings.seed,
-                        subset=n, drop_last=True)
-    fit(model, train, TrainConfig(epochs=epochs, lr=settings.lr, seed=settings.seed))
-    recalibrate_bn(model, data.loader("train", settings.batch_size, resolution=res, subset=min(6400, len(data.train))))
-    model.to(memory_format=torch.contiguous_format)  # the dependency graph traces plain NCHW weights
+    finetune(model, data, epochs=epochs, lr=settings.lr, seed=settings.seed, batch_size=settings.batch_size,
+             resolution=_resolution(data, side_of(model)), images=images)
     model.eval()
 
 
