@@ -14,7 +14,7 @@ from leanconv.errors import LeanconvError
 from leanconv.search.optimum import CalibratedCost, discrete_ratios, resolve
 from leanconv.search.predictor import FullPolynomial
 from leanconv.search.realise import StepSettings, load_origin, realise
-from leanconv.search.three_d import Prune3dConfig
+from leanconv.search.three_d import Prune3dConfig, sampling_floors
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +93,9 @@ def test_prune3d_cli_end_to_end(trained_ckpt, tmp_path, capsys):
     samples = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == len(record["samples"]) == 8
     assert {s["kind"] for s in samples} >= {"base", "depth", "width", "resolution"}
+    box = record["search_box"]  # clipped by default: no width sample far below sqrt(target)
+    assert box["w_sampled_min"] == pytest.approx(0.9 * 0.4 ** 0.5, abs=1e-4) and box["w_sampled_min"] > box["w_min"]
+    assert min(s["w"] for s in samples) >= box["w_sampled_min"] - 0.03
     assert all(s["accuracy"] == pytest.approx(s["accuracy"]) for s in samples)
     holdout = record["holdout"]
     assert holdout["n_train"] == 6 and holdout["full_rmse"] >= 0 and holdout["lowrank_rmse"] >= 0
@@ -103,6 +106,16 @@ def test_prune3d_cli_end_to_end(trained_ckpt, tmp_path, capsys):
     assert record["after"]["latency_ms"]["batch64"]["median_ms"] > 0
     for name in ("surface.png", "budget.png"):
         assert (out / name).stat().st_size > 5000
+
+
+def test_sampling_floors_clip_to_the_budget_inside_the_box():
+    box = {"w_min": 0.4, "side_min": 14}
+    assert sampling_floors(box, 28, 0.33, clip=False) == (0.4, 14)
+    w, side = sampling_floors(box, 28, 0.33, clip=True)
+    assert w == pytest.approx(0.9 * 0.33 ** 0.5, abs=1e-4) and side == 14  # 0.517 * 28 = 14.5 -> 14
+    assert sampling_floors(box, 28, 0.8, clip=True) == (pytest.approx(0.805, abs=1e-3), 22)
+    assert sampling_floors({"w_min": 0.7, "side_min": 20}, 28, 0.1, clip=True) == (0.7, 20)  # never outside the box
+    assert sampling_floors(box, 28, 0.999, clip=True)[1] <= 27  # a chain always has a level
 
 
 def test_impossible_target_fails_before_work(trained_ckpt, tmp_path, capsys):

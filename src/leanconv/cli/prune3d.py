@@ -64,6 +64,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--w-min", type=fraction, default=0.4, help="smallest width in the search box (default: 0.4)")
     p.add_argument("--r-min", type=fraction, default=0.5, help="smallest resolution ratio (default: 0.5; side >= 8)")
     p.add_argument("--min-blocks-per-stage", type=_whole, default=1, help="blocks each stage keeps (default: 1)")
+    p.add_argument("--full-box", action="store_true",
+                   help="sample width and resolution down to --w-min/--r-min (default: only to just below "
+                        "the level that alone meets the budget)")
     add_seed_arg(p)
     add_repeats_arg(p)
     add_data_args(p, default=None)
@@ -78,7 +81,7 @@ def config_from_args(args: argparse.Namespace) -> Prune3dConfig:
                          sample_epochs=args.sample_epochs, sample_images=args.sample_images,
                          finetune_epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size,
                          score_images=args.score_images, probes=args.probes, w_min=args.w_min, r_min=args.r_min,
-                         min_blocks_per_stage=args.min_blocks_per_stage, seed=args.seed,
+                         clip_box=not args.full_box, min_blocks_per_stage=args.min_blocks_per_stage, seed=args.seed,
                          latency_repeats=args.repeats)
 
 

@@ -7,7 +7,10 @@ ICML 2021 (methods.md Sec. 1). ``run_prune3d`` is what ``leanconv prune3d`` call
    ``r_min``) before any work;
 2. collect samples ``(d, w, r, validation accuracy)`` by iterative one-dimensional pruning
    plus a few mixed points (:mod:`.samples`), on any executor (:mod:`.executors`), kept in
-   ``OUT/samples.jsonl`` (resumable);
+   ``OUT/samples.jsonl`` (resumable). With ``clip_box`` (the default) the width and
+   resolution chains stop a little below the level that alone meets the budget (see
+   :func:`sampling_floors`): no point under the budget needs less, and samples far beyond
+   it (a collapsed w=0.4 network, say) only drag the fit away from where the optimum lies;
 3. fit the accuracy predictor (``select_predictor``: form, K, R by cross-validation; the
    held-out check of the low-rank form against the full polynomial with <= 10 training
    samples is recorded) and calibrate the MACs model on the samples' counted MACs;
@@ -70,6 +73,7 @@ class Prune3dConfig:
     w_min: float = 0.4  # the search box: width down to w_min ...
     r_min: float = 0.5  # ... resolution down to r_min (and 8 pixels) ...
     min_blocks_per_stage: int = 1  # ... and depth down to this many blocks per stage
+    clip_box: bool = True  # sample width/resolution only down to just below their budget level
     monotone: bool = True  # prefer predictors non-decreasing in d, w, r (falls back if none)
     holdout_train: int = 10  # training samples of the full vs low-rank held-out check
     grid: int = 101  # width grid of the optimum
@@ -118,6 +122,20 @@ def check_budget(origin: Origin, config: Prune3dConfig) -> dict:
             f"(d={box['d_min']:.3g}, w={config.w_min:g}, side {side}) keeps {smallest:.3f}; "
             "raise --target-flops or lower --w-min/--r-min")
     return box
+
+
+CLIP_MARGIN = 0.9  # sample this far below the single-dimension budget level, to bracket it
+
+
+def sampling_floors(box: dict, side: int, target: float, clip: bool) -> tuple[float, int]:
+    """The width and side the sampling chains go down to. MACs fall about as ``w^2`` and
+    ``r^2``, and depth or resolution cuts only raise the width a budgeted point can keep,
+    so every point under the budget has ``w >= sqrt(target)`` (likewise ``r``); clipped, the
+    chains stop at ``CLIP_MARGIN`` of that, inside the search box."""
+    if not clip:
+        return box["w_min"], box["side_min"]
+    level = CLIP_MARGIN * target ** 0.5
+    return max(box["w_min"], round(level, 4)), max(box["side_min"], min(side - 1, int(level * side)))
 
 
 def _select(X: np.ndarray, y: np.ndarray, config: Prune3dConfig):
@@ -225,8 +243,10 @@ def run_prune3d(ckpt: str | Path, out_dir: str | Path, config: Prune3dConfig, *,
                                                          (meta.get("data_dir") if name == meta.get("name") else None)))
     box = check_budget(origin, config)  # impossible budget: fails here, before any work
     budget = config.target * origin.macs
+    w_floor, side_floor = sampling_floors(box, origin.side, config.target, config.clip_box)
+    box.update(w_sampled_min=w_floor, side_sampled_min=side_floor)
     tasks = plan_tasks(config.samples, n_blocks=len(origin.blocks), min_keep=origin.min_keep, side=origin.side,
-                       min_side=box["side_min"], w_min=config.w_min, target=config.target, mixed=config.mixed)
+                       min_side=side_floor, w_min=w_floor, target=config.target, mixed=config.mixed)
     say(f"collecting {config.samples} samples ({len(tasks)} tasks)")
     out = Path(out_dir)
     samples = collect_samples(ckpt, origin.settings, tasks, SampleStore(out / "samples.jsonl"),
