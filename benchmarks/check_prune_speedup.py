@@ -33,14 +33,14 @@ from leanconv.prune.pipeline import scoring_batches
 METHODS = list(WIDTH)  # label -> (criterion, implant share), as `leanconv compare` runs them
 
 
-def prune_copy(model, label, target, shape, data, round_to):
+def prune_copy(model, label, target, shape, data, round_to, latency_aware=False):
     method, implant = WIDTH[label]
     kwargs = {"max_probes": 16, "min_probes": 8} if method == "hap" else {}
     pruned = copy.deepcopy(model)
     scoring = ScoringData(scoring_batches(data, 256, 128, None), extra={"input_shape": shape})
     prune_to_budget(pruned, create_criterion(method, **kwargs), torch.randn(1, *shape), target=target,
                     input_shape=shape, data=scoring, implant=implant, round_to=round_to,
-                    normalize="none" if method == "hap" else "mean")
+                    normalize="none" if method == "hap" else "mean", latency_aware=latency_aware)
     return pruned
 
 
@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--target", type=float, default=0.5)
     parser.add_argument("--round-to", type=int, default=None)
+    parser.add_argument("--latency-aware", action="store_true", help="prune with leanconv prune --latency-aware")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None)
@@ -85,7 +86,7 @@ def main() -> None:
     print(f"{args.ckpt}: {macs0 / 1e6:.2f} M MACs, input {shape}, "
           f"{1 if args.clock == 'cpu' else torch.get_num_threads()} threads, {args.clock} clock")
     for label in args.methods.split(","):
-        pruned = prune_copy(model, label, args.target, shape, data, args.round_to)
+        pruned = prune_copy(model, label, args.target, shape, data, args.round_to, args.latency_aware)
         macs = count(pruned, shape).macs
         b64 = latency_pair(model, pruned, shape, 64, args.rounds, args.repeats, args.clock)
         b1 = latency_pair(model, pruned, shape, 1, args.rounds, args.repeats * 3, args.clock)
@@ -100,6 +101,7 @@ def main() -> None:
               f"b1 {row['speedup_b1']:.2f}x", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"ckpt": args.ckpt, "target": args.target, "round_to": args.round_to,
+                                              "latency_aware": args.latency_aware,
                                               "clock": args.clock,
                                               "threads": torch.get_num_threads(), "rows": rows}, indent=2))
 

@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--normalize", choices=["auto", "mean", "none"], default="auto",
                    help="scale each group's scores before the global ranking: mean = divide by the group's mean, "
                    "none = raw; auto = none for hap, mean for the others (default: auto)")
+    p.add_argument("--latency-aware", action="store_true",
+                   help="time every resized layer on this machine first and prefer cutting channels that cost "
+                   "more time per MAC (same MAC budget, more speed)")
     p.add_argument("--round-to", type=positive_int, default=None, metavar="N", help="keep channel counts multiples of N")
     p.add_argument("--steps", type=positive_int, default=1, metavar="K",
                    help="prune in K rounds with fine-tuning between them (default: 1)")
@@ -57,7 +60,8 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
     return PruneConfig(method=args.method, target=target, kind=kind, implant=args.implant, round_to=args.round_to,
                        steps=args.steps, finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
                        batch_size=args.batch_size, score_images=args.score_images, probes=args.probes,
-                       seed=args.seed, latency_repeats=args.repeats, normalize=args.normalize)
+                       seed=args.seed, latency_repeats=args.repeats, normalize=args.normalize,
+                       latency_aware=args.latency_aware)
 
 
 def run(args: argparse.Namespace) -> int:

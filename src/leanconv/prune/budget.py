@@ -11,7 +11,9 @@ original cost. How it decides:
    ``normalize="mean"`` (default) each group's scores are divided by their mean absolute
    value, so layers whose weights are simply larger are not favoured; use
    ``normalize="none"`` for scores that are already comparable across layers, such as HAP's
-   estimated loss change. A unit scores the mean of its channels.
+   estimated loss change. A unit scores the mean of its channels. With
+   ``latency_aware=True`` each group's scores are then divided by its measured time per MAC
+   relative to the network's (:mod:`.latency_weights`), so the MAC budget buys more speed.
 3. **Per-layer constraints.** However low its scores, a group keeps at least ``floor``
    channels (an int, or a fraction of its channels) and at least one unit: a global ranking
    never empties a layer. With ``round_to=N``, a pruned group keeps a multiple of ``N``
@@ -47,6 +49,7 @@ from leanconv.layers.implant import ImplantConv2d
 from leanconv.prune.channels import can_implant, channel_counts, implant_channels, remove_channels
 from leanconv.prune.cost_model import Cost, CostModel
 from leanconv.prune.groups import TracedGroup, trace_groups
+from leanconv.prune.latency_weights import latency_weights
 from leanconv.prune.permute import fold_channel_orders
 
 __all__ = ["PruneResult", "prune_to_budget", "iterative_prune"]
@@ -282,6 +285,7 @@ def prune_to_budget(
     floor: float = 1,
     implant: float = 0.0,
     normalize: str = "mean",
+    latency_aware: bool = False,
     tol: float = 0.02,
     ignored: Sequence[str] = (),
     strict: bool = True,
@@ -311,7 +315,11 @@ def prune_to_budget(
     if lowest > goal * (1 + tol):
         raise LeanconvError(f"target {target} of the original {kind} is unreachable: with floor={floor} and "
                             f"round_to={round_to} the smallest model keeps {lowest / costs.base.of(kind):.3f}")
-    planner.rank(_normalized(_scores(importance, model, [t.group for t in traced], data), normalize))
+    scores = _normalized(_scores(importance, model, [t.group for t in traced], data), normalize)
+    if latency_aware:
+        weights = latency_weights(model, traced, example_input, shape)
+        scores = [s / w for s, w in zip(scores, weights)]
+    planner.rank(scores)
     report(2, 4, {"stage": "scores"})
     trial, plan, cost = _realise(model, traced, planner, costs, goal, kind, tol, example_input, shape)
     fold_channel_orders(trial, example_input)  # implants output [kept..., implanted...]: no re-ordering
@@ -376,7 +384,8 @@ def iterative_prune(
     the current model each round and ``finetune_fn(model, s)`` (the caller's training, may be
     None) runs after each round. Neural Implant (``implant``) is applied in the last round only,
     because implanted outputs are not pruned again. ``options`` go to :func:`prune_to_budget`
-    (``data``, ``round_to``, ``floor``, ``normalize``, ``tol``, ``input_shape``, ``ignored``).
+    (``data``, ``round_to``, ``floor``, ``normalize``, ``latency_aware``, ``tol``, ``input_shape``,
+    ``ignored``).
     Returns one :class:`PruneResult` per round (ratios relative to that round's input)."""
     if int(steps) != steps or steps < 1:
         raise LeanconvError(f"steps must be a positive integer, got {steps}")

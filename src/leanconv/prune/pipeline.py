@@ -51,6 +51,7 @@ class PruneConfig:
     # score scaling before the global ranking: "auto" = raw for hap (its scores are loss
     # changes, comparable across layers), divided by each group's mean for the others
     normalize: str = "auto"
+    latency_aware: bool = False  # rank by score per measured ms-per-MAC (prune.latency_weights)
     seed: int = 0
     latency_repeats: int = 10
 
@@ -135,7 +136,7 @@ def run_pruning(model: nn.Module, data: DatasetSplits, shape: tuple[int, int, in
     example = torch.randn(1, *shape)
     finetune = _finetune_fn(data, config, resolution, progress)
     options = {"kind": config.kind, "input_shape": shape, "data": scoring, "round_to": config.round_to,
-               "normalize": _normalize(config)}
+               "normalize": _normalize(config), "latency_aware": config.latency_aware}
     say(f"scoring with {config.method} and pruning to {config.target:g} of the {config.kind}")
     pruned = None  # with several rounds, fine-tuning is interleaved with them
     if config.steps == 1:
