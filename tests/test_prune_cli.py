@@ -19,7 +19,8 @@ def _logits(model, shape):
 
 @pytest.mark.parametrize("method,extra", [("l1", []), ("hap", ["--implant", "0.2", "--probes", "8"]),
                                           ("taylor", ["--steps", "2", "--finetune-epochs", "2"]),
-                                          ("hap", ["--normalize", "mean", "--probes", "8"])])
+                                          ("hap", ["--normalize", "mean", "--probes", "8"]),
+                                          ("l2", ["--latency-aware"])])
 def test_prune_meets_budget_and_reloads(trained_ckpt, tmp_path, capsys, method, extra):
     out = tmp_path / method
     code = main(["prune", str(trained_ckpt), "--method", method, "--target-flops", "0.5", "--finetune-epochs", "1",
@@ -40,6 +41,7 @@ def test_prune_meets_budget_and_reloads(trained_ckpt, tmp_path, capsys, method, 
     # the saved file rebuilds the very model that was measured
     again = checkpoint.load(out / "model.safetensors")
     torch.testing.assert_close(_logits(again, shape), _logits(pruned, shape), rtol=0, atol=0)
+    assert record["config"]["latency_aware"] == ("--latency-aware" in extra)
     if "--implant" in extra:
         assert any(e["module"]["type"] == "ImplantConv2d" for e in checkpoint.read_header(out / "model.safetensors")["edits"])
 
