@@ -43,10 +43,10 @@ def one_run(ckpt: str, label: str, target: float, seed: int, args) -> dict:
     method, implant = VARIANTS[label]
     config = PruneConfig(method=method, target=target, implant=implant, finetune_epochs=args.finetune_epochs,
                          finetune_lr=args.finetune_lr, seed=seed, probes=args.probes, latency_repeats=args.repeats,
-                         normalize=args.normalize)
+                         normalize=args.normalize, latency_aware=args.latency_aware)
     torch.manual_seed(seed)
     record = run_pruning(model, data, shape, config)
-    return {"label": labelled(label, args.normalize), "target": target, "seed": seed, "accuracy": record["after"]["test_accuracy"],
+    return {"label": labelled(label, args), "target": target, "seed": seed, "accuracy": record["after"]["test_accuracy"],
             "accuracy_before_finetune": (record["after_prune_before_finetune"] or {}).get("test_accuracy"),
             "baseline_accuracy": record["before"]["test_accuracy"], "macs": record["after"]["macs"],
             "params": record["after"]["params"], "macs_ratio": record["achieved"]["macs"],
@@ -54,9 +54,10 @@ def one_run(ckpt: str, label: str, target: float, seed: int, args) -> dict:
             "hessian": record["hessian"], "seconds": record["seconds"]}
 
 
-def labelled(label: str, normalize: str) -> str:
-    """A run with a non-default score scaling is its own row: ``hap/mean``."""
-    return label if normalize == "auto" else f"{label}/{normalize}"
+def labelled(label: str, args) -> str:
+    """A run with non-default ranking options is its own row: ``hap/mean``, ``l1+lat``."""
+    label = label if args.normalize == "auto" else f"{label}/{args.normalize}"
+    return label + "+lat" if args.latency_aware else label
 
 
 def table(rows: list[dict], baseline: float) -> str:
@@ -89,6 +90,7 @@ def main() -> None:
     parser.add_argument("--normalize", choices=("auto", "mean", "none"), default="auto",
                         help="score scaling of the global ranking (leanconv prune --normalize); "
                              "non-default runs are labelled METHOD/SCALING")
+    parser.add_argument("--latency-aware", action="store_true", help="leanconv prune --latency-aware (label +lat)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     if args.threads:
@@ -100,7 +102,7 @@ def main() -> None:
     for seed in map(int, args.seeds.split(",")):
         for target in map(float, args.budgets.split(",")):
             for label in args.methods.split(","):
-                if (labelled(label, args.normalize), target, seed) in finished:
+                if (labelled(label, args), target, seed) in finished:
                     continue
                 t0 = time.perf_counter()
                 row = one_run(args.ckpt, label, target, seed, args)
