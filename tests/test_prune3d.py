@@ -14,7 +14,7 @@ from leanconv.errors import LeanconvError
 from leanconv.search.optimum import CalibratedCost, discrete_ratios, resolve
 from leanconv.search.predictor import FullPolynomial
 from leanconv.search.realise import StepSettings, load_origin, realise
-from leanconv.search.three_d import Prune3dConfig, sampling_floors
+from leanconv.search.three_d import Prune3dConfig, _fill_budget, sampling_floors
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,28 @@ def test_realise_applies_depth_then_width_then_resolution(origin):
     assert abs(point.w - 0.6) <= 0.6 * 0.02  # w^2 of the post-depth MACs, within prune_to_budget's 2%
     assert point.macs == count(model, (3, 12, 12)).macs < 0.25 * origin.macs
     assert count(origin.model, origin.shape).macs == origin.macs  # the trained model is untouched
+
+
+class _Linear:
+    def __init__(self, slope):
+        self.slope = slope
+
+    def predict(self, X):
+        return self.slope * X[:, 1]
+
+
+def test_fill_spends_the_unused_budget_on_width(origin):
+    model, point = realise(origin, 1.0, 0.6, 1.0)
+    budget = 1.15 * point.macs
+    built = {"model": model, "point": point}
+    fill = _fill_budget(origin, _Linear(1.0), built, budget, 1.0, 0.6, 1.0)
+    assert fill is not None and fill["w_filled"] > 0.6
+    assert point.macs < built["point"].macs == fill["macs_after"] <= budget
+    assert built["point"].macs == count(built["model"], origin.shape).macs
+    # a predictor that prefers narrower models, or a choice already at the budget: nothing changes
+    built = {"model": model, "point": point}
+    assert _fill_budget(origin, _Linear(-1.0), built, budget, 1.0, 0.6, 1.0) is None and built["point"] is point
+    assert _fill_budget(origin, _Linear(1.0), built, point.macs * 1.005, 1.0, 0.6, 1.0) is None
 
 
 def test_calibrated_cost_tracks_counted_macs_and_resolve_meets_budget(origin):
@@ -103,6 +125,7 @@ def test_prune3d_cli_end_to_end(trained_ckpt, tmp_path, capsys):
     assert record["cost_model"]["calibrated"]["max_rel_error"] < 0.2
     assert {"predicted_val", "measured_val_protocol", "test_after"} <= set(record["accuracy"])
     assert record["resolve_trail"][-1]["within_budget"] and record["budget_curve"]
+    assert record["fill"] is None or record["fill"]["macs_after"] == macs
     assert record["after"]["latency_ms"]["batch64"]["median_ms"] > 0
     for name in ("surface.png", "budget.png"):
         assert (out / name).stat().st_size > 5000

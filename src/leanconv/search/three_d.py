@@ -16,7 +16,8 @@ ICML 2021 (methods.md Sec. 1). ``run_prune3d`` is what ``leanconv prune3d`` call
    samples is recorded) and calibrate the MACs model on the samples' counted MACs;
 4. maximise the predicted accuracy under ``MACs <= target * MACs_0`` over whole block
    counts and integer sides >= 8, realise the choice (:mod:`.realise`), count its MACs and
-   re-solve with a tighter budget while the count misses (``resolve``);
+   re-solve with a tighter budget while the count misses (``resolve``); a choice well under
+   the budget is widened to just under it (:func:`_fill_budget`);
 5. fine-tune the realised model at its resolution, re-estimate BatchNorm, evaluate (test
    split for the report only), measure latency, and write ``OUT/model.safetensors`` and
    ``OUT/record.json`` (plots: :mod:`leanconv.report.plots3d`, from the record alone).
@@ -29,6 +30,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -192,6 +194,31 @@ def budget_curve(predictor, cost, budget: float, bounds, d_values, r_values, poi
     return rows
 
 
+FILL_AIMS = (0.99, 0.97)  # of the budget: the width engine lands within 2% of what it is asked
+
+
+def _fill_budget(origin: Origin, predictor: Any, built: dict, budget: float, d: float, w: float,
+                 r: float) -> dict | None:
+    """Spend the budget that whole block counts and integer sides leave unused on width.
+
+    A choice under ``FILL_AIMS[0]`` of the budget is realised again with a wider ``w`` aimed
+    just under the budget (MACs scale as ``w^2``), kept when its counted MACs fit and the
+    predictor rates it no worse; ``built`` then holds the wider model. Returns what was done."""
+    macs = built["point"].macs
+    if macs >= FILL_AIMS[0] * budget or macs > budget or w >= 1:
+        return None
+    base = float(predictor.predict(np.array([[d, w, r]]))[0])
+    for aim in FILL_AIMS:
+        wider = min(1.0, w * math.sqrt(aim * budget / macs))
+        if float(predictor.predict(np.array([[d, wider, r]]))[0]) < base:
+            return None
+        model, point = realise(origin, d, wider, r)
+        if macs < point.macs <= budget:
+            built["model"], built["point"] = model, point
+            return {"w_solver": w, "w_filled": wider, "macs_before": macs, "macs_after": point.macs}
+    return None
+
+
 def _optimum(origin: Origin, fit: dict, budget: float, config: Prune3dConfig) -> tuple[Any, nn.Module, Any, dict]:
     """Maximise, realise, count, re-solve until the counted MACs meet the budget."""
     predictor, cost = fit["selection"].model, fit["cost"]
@@ -202,6 +229,7 @@ def _optimum(origin: Origin, fit: dict, budget: float, config: Prune3dConfig) ->
 
     def realise_fn(d: float, w: float, r: float) -> float:
         built["model"], built["point"] = realise(origin, d, w, r)
+        built["fill"] = _fill_budget(origin, predictor, built, budget, d, w, r)
         return built["point"].macs
 
     options = {"allowed_d": d_values, "allowed_r": r_values, "grid": config.grid}
@@ -210,7 +238,8 @@ def _optimum(origin: Origin, fit: dict, budget: float, config: Prune3dConfig) ->
     solver_budget = result.trail[-1]["solver_budget"]
     curve = budget_curve(predictor, cost, solver_budget, bounds, [d for d in d_values if d >= bounds[0][0] - 1e-12],
                          r_values)
-    return result, built["model"], built["point"], {"curve": curve, "solver_budget": solver_budget}
+    return result, built["model"], built["point"], {"curve": curve, "solver_budget": solver_budget,
+                                                   "fill": built["fill"]}
 
 
 def _finish(origin: Origin, model: nn.Module, config: Prune3dConfig, stage: Callable[[str], None]) -> dict:
@@ -284,7 +313,7 @@ def _record(origin, config, box, samples, fit, result, point, curve, accuracy, b
         "predictor": fit["predictor"], "holdout": fit["holdout"], "cost_model": fit["cost_model"],
         "choice": {**choice.to_dict(), "realised": point.to_dict(), "counted_macs": result.counted_macs,
                    "within_budget": result.counted_macs <= config.target * origin.macs},
-        "resolve_trail": list(result.trail), "budget_curve": curve["curve"],
+        "resolve_trail": list(result.trail), "budget_curve": curve["curve"], "fill": curve["fill"],
         "accuracy": {"predicted_val": choice.predicted_accuracy, "measured_val_protocol": accuracy["val_protocol"],
                      "val_after_finetune": accuracy["val_after_finetune"],
                      "test_before": before["test_accuracy"], "test_after": after["test_accuracy"]},
