@@ -56,7 +56,7 @@ def one_run(ckpt: str, label: str, target: float, seed: int, args) -> dict:
 
 def labelled(label: str, args) -> str:
     """A run with non-default ranking options is its own row: ``hap/mean``, ``l1+lat``."""
-    label = label if args.normalize == "auto" else f"{label}/{args.normalize}"
+    label = label if args.normalize == "mean" else f"{label}/{args.normalize}"
     return label + "+lat" if args.latency_aware else label
 
 
@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--normalize", choices=("auto", "mean", "none"), default="auto",
+    parser.add_argument("--normalize", choices=("mean", "none"), default="mean",
                         help="score scaling of the global ranking (leanconv prune --normalize); "
                              "non-default runs are labelled METHOD/SCALING")
     parser.add_argument("--latency-aware", action="store_true", help="leanconv prune --latency-aware (label +lat)")

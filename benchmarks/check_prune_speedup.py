@@ -40,7 +40,7 @@ def prune_copy(model, label, target, shape, data, round_to, latency_aware=False)
     scoring = ScoringData(scoring_batches(data, 256, 128, None), extra={"input_shape": shape})
     prune_to_budget(pruned, create_criterion(method, **kwargs), torch.randn(1, *shape), target=target,
                     input_shape=shape, data=scoring, implant=implant, round_to=round_to,
-                    normalize="none" if method == "hap" else "mean", latency_aware=latency_aware)
+                    latency_aware=latency_aware)
     return pruned
 
 

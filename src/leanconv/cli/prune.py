@@ -33,9 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     budget.add_argument("--target-params", type=fraction, metavar="R", help="keep this fraction of the parameters")
     p.add_argument("--implant", type=float, default=0.0, metavar="F",
                    help="share of the pruned channels to implant as a 1x1 conv instead of removing (default: 0)")
-    p.add_argument("--normalize", choices=["auto", "mean", "none"], default="auto",
-                   help="scale each group's scores before the global ranking: mean = divide by the group's mean, "
-                   "none = raw; auto = none for hap, mean for the others (default: auto)")
+    p.add_argument("--normalize", choices=["mean", "none"], default="mean",
+                   help="scale each group's scores before the global ranking: mean = divide by the group's mean "
+                   "(default), none = raw (comparable across layers only if the criterion makes them so)")
     p.add_argument("--latency-aware", action="store_true",
                    help="time every resized layer on this machine first and prefer cutting channels that cost "
                    "more time per MAC (same MAC budget, more speed)")

@@ -48,9 +48,9 @@ class PruneConfig:
     score_images: int = 512  # validation images used for scoring
     probes: int = 64  # cap on Hutchinson probes (hap)
     train_subset: int | None = None  # fine-tune on this many training images only (quick runs)
-    # score scaling before the global ranking: "auto" = raw for hap (its scores are loss
-    # changes, comparable across layers), divided by each group's mean for the others
-    normalize: str = "auto"
+    # score scaling before the global ranking: "mean" divides each group's scores by their
+    # mean (every criterion, hap included: measured better for hap too), "none" keeps them raw
+    normalize: str = "mean"
     latency_aware: bool = False  # rank by score per measured ms-per-MAC (prune.latency_weights)
     seed: int = 0
     latency_repeats: int = 10
@@ -62,8 +62,8 @@ class PruneConfig:
             raise LeanconvError(f"budget kind must be macs or params, got {self.kind!r}")
         if not 0.0 <= self.implant < 1.0:
             raise LeanconvError(f"--implant must lie in [0, 1), got {self.implant}")
-        if self.normalize not in ("auto", "mean", "none"):
-            raise LeanconvError(f"normalize must be auto, mean or none, got {self.normalize!r}")
+        if self.normalize not in ("mean", "none"):
+            raise LeanconvError(f"normalize must be mean or none, got {self.normalize!r}")
         if self.steps < 1 or self.finetune_epochs < 0 or self.score_images < 1 or self.probes < 1:
             raise LeanconvError("steps, probes and scoring images must be positive, fine-tuning epochs >= 0")
 
@@ -100,12 +100,6 @@ def _finetune_fn(data, config: PruneConfig, resolution, progress):
                                           images=config.train_subset, progress=progress)
 
 
-def _normalize(config: PruneConfig) -> str:
-    if config.normalize != "auto":
-        return config.normalize
-    return "none" if config.method == "hap" else "mean"
-
-
 def _counted(model: nn.Module, shape) -> dict[str, Any]:
     """Counted params, MACs and FLOPs of one image."""
     cost = count(model, shape)
@@ -136,7 +130,7 @@ def run_pruning(model: nn.Module, data: DatasetSplits, shape: tuple[int, int, in
     example = torch.randn(1, *shape)
     finetune = _finetune_fn(data, config, resolution, progress)
     options = {"kind": config.kind, "input_shape": shape, "data": scoring, "round_to": config.round_to,
-               "normalize": _normalize(config), "latency_aware": config.latency_aware}
+               "normalize": config.normalize, "latency_aware": config.latency_aware}
     say(f"scoring with {config.method} and pruning to {config.target:g} of the {config.kind}")
     pruned = None  # with several rounds, fine-tuning is interleaved with them
     if config.steps == 1:

@@ -73,6 +73,7 @@ class StepSettings:
     data: str  # dataset name as load_dataset accepts it (e.g. "fashion-mnist", "synthetic")
     data_dir: str | None = None
     method: str = "hap"  # channel criterion for the width step
+    normalize: str = "mean"  # its score scaling (prune_to_budget); part of the samples' settings hash
     score_images: int = 512  # validation images for block and channel scores
     probes: int = 32  # cap on Hutchinson probes (hap)
     min_per_stage: int = 1  # residual blocks each stage keeps at least
@@ -175,7 +176,7 @@ def prune_width(model: nn.Module, origin: Origin, share: float) -> None:
     data = ScoringData(origin.batches(shape[-1]), extra={"input_shape": shape})
     model.eval()
     prune_to_budget(model, _criterion(settings), torch.zeros(1, *shape), target=share, kind="macs",
-                    input_shape=shape, data=data, normalize="none" if settings.method == "hap" else "mean")
+                    input_shape=shape, data=data, normalize=settings.normalize)
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,7 @@ class Prune3dConfig:
     samples: int = 16  # samples in all, the unpruned point included
     mixed: int | None = None  # mixed (d, w, r) samples; None: a quarter of the rest
     method: str = "hap"  # channel criterion for the width steps
+    normalize: str = "mean"  # ... and its score scaling (leanconv prune --normalize)
     sample_epochs: int = 1  # brief fine-tuning after each sampling step
     sample_images: int | None = 2000  # ... on this many training images (None: all)
     finetune_epochs: int = 3  # final fine-tuning of the chosen model, full training split
@@ -93,8 +94,9 @@ class Prune3dConfig:
             raise LeanconvError("finetune epochs >= 0, holdout_train >= 3, grid >= 2, latency repeats >= 1")
 
     def step_settings(self, data: str, data_dir: str | None = None) -> StepSettings:
-        return StepSettings(data=data, data_dir=data_dir, method=self.method, score_images=self.score_images,
-                            probes=self.probes, min_per_stage=self.min_blocks_per_stage, epochs=self.sample_epochs,
+        return StepSettings(data=data, data_dir=data_dir, method=self.method, normalize=self.normalize,
+                            score_images=self.score_images, probes=self.probes,
+                            min_per_stage=self.min_blocks_per_stage, epochs=self.sample_epochs,
                             images=self.sample_images, lr=self.lr, batch_size=self.batch_size, seed=self.seed)
 
 
