@@ -19,15 +19,13 @@ member layer's time and MACs (a BatchNorm only time).
 
 from __future__ import annotations
 
-import copy
 import statistics
-import time
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from leanconv.cost import count
+from leanconv.cost import count, measure_latency
 from leanconv.layers.implant import ImplantConv2d
 from leanconv.modes import eval_mode
 from leanconv.prune.groups import TracedGroup
@@ -41,22 +39,7 @@ _TIMED = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, ImplantConv2d)
 def time_layer(module: nn.Module, input_shape: Sequence[int], repeats: int = 5) -> float:
     """Median milliseconds (thread CPU time, one thread) of ``module`` on a random input of
     ``input_shape`` (batch included), in eval mode and channels_last for 4-D inputs."""
-    previous = torch.get_num_threads()
-    net, x = copy.deepcopy(module), torch.randn(*input_shape)
-    if x.dim() == 4:
-        net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    try:
-        torch.set_num_threads(1)
-        with eval_mode(net), torch.inference_mode():
-            net(x)  # warm-up: the backend picks and caches its kernel here
-            times = []
-            for _ in range(repeats):
-                start = time.thread_time()
-                net(x)
-                times.append(time.thread_time() - start)
-    finally:
-        torch.set_num_threads(previous)
-    return statistics.median(times) * 1e3
+    return measure_latency(module, input_shape[1:], input_shape[0], warmup=0, repeats=repeats, clock="cpu").median_ms
 
 
 def _input_shapes(model: nn.Module, names: set[str], example_input: torch.Tensor) -> dict[str, tuple[int, ...]]:
