@@ -12,8 +12,13 @@ torch.set_num_threads(1)
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
+    """Every test starts seeded and on one thread (tiny ops thrash when several processes
+    share two cores); a test that changes the thread count gets it restored."""
     torch.manual_seed(0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -17,15 +17,6 @@ from leanconv.importance.hessian import TraceResult, channel_traces, default_par
 from leanconv.importance.hessian_cache import cached_channel_traces
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops thrash when several test processes share two cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_net() -> nn.Module:
     """conv(2->3, 3x3) + BN + ReLU + conv(3->2, 3x3) + avgpool + linear(2->3): 120 weights."""
     torch.manual_seed(0)

@@ -10,15 +10,6 @@ from leanconv.importance.hessian import channel_traces, default_params
 from leanconv.importance.hessian_hvp import HVP_METHODS, _LeanOps, hvp, rademacher_probes
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops thrash when several test processes share two cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def net() -> nn.Module:
     """Stride, padding, dilation, groups, bias, eval batch norm, a residual add and a Linear."""
     torch.manual_seed(0)
