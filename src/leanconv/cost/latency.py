@@ -21,6 +21,7 @@ from torch import nn
 
 from leanconv.cost._model_io import check_shape, example_input, run_forward
 from leanconv.errors import LeanconvError
+from leanconv.fold import fold_batchnorm
 from leanconv.modes import eval_mode
 
 __all__ = ["LatencyStats", "measure_latency", "measure_fastest_layout", "measure_onnx_latency"]
@@ -43,6 +44,7 @@ class LatencyStats:
     memory_format: str
     backend: str = "torch"
     clock: str = "wall"  # "wall" (perf_counter) or "cpu" (this thread's CPU time; 1 thread only)
+    bn_folded: bool = False  # timed the deployment form: BatchNorm folded into its conv (leanconv.fold)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,7 +83,7 @@ def _stats(times: np.ndarray, threads: int, batch_size: int, memory_format: str,
 
 def measure_latency(model: nn.Module, input_shape: Sequence[int], batch_size: int, *, warmup: int = 5,
                     repeats: int = 20, threads: int | None = None, channels_last: bool = True,
-                    clock: str = "wall") -> LatencyStats:
+                    clock: str = "wall", fold_bn: bool = False) -> LatencyStats:
     """Time ``model`` on a random batch ``[batch_size, *input_shape]`` under ``torch.inference_mode``.
 
     ``threads`` sets ``torch.set_num_threads`` for the measurement (default: the current
@@ -91,7 +93,11 @@ def measure_latency(model: nn.Module, input_shape: Sequence[int], batch_size: in
 
     ``clock="cpu"`` times the CPU time of the calling thread instead of wall time: with one
     thread (it forces ``threads=1``) all the work runs on that thread, so the figure is immune
-    to other processes competing for the cores (used for side-by-side ratios on a busy box)."""
+    to other processes competing for the cores (used for side-by-side ratios on a busy box).
+
+    ``fold_bn`` times the deployment form instead: a copy with every Conv2d -> BatchNorm2d pair
+    folded into one conv (:func:`leanconv.fold.fold_batchnorm`), as ONNX Runtime or a frozen
+    TorchScript model would run it."""
     shape = check_shape(input_shape)
     if clock not in CLOCKS:
         raise LeanconvError(f"clock must be one of {', '.join(CLOCKS)}, got {clock!r}")
@@ -104,9 +110,14 @@ def measure_latency(model: nn.Module, input_shape: Sequence[int], batch_size: in
         if threads is not None:
             torch.set_num_threads(threads)
         used = torch.get_num_threads()
-        net = copy.deepcopy(model).to(memory_format=torch.channels_last) if use_nhwc else model
         x = example_input(model, shape, batch_size)
+        net = model
+        if fold_bn:
+            with eval_mode(model), torch.inference_mode():
+                run_forward(model, x[:1])  # a shape error surfaces as LeanconvError, not inside the trace
+            net = fold_batchnorm(model, x[:1])
         if use_nhwc:
+            net = (net if fold_bn else copy.deepcopy(model)).to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
         with eval_mode(net), torch.inference_mode():
             run_forward(net, x)  # surfaces a shape error as LeanconvError before timing
@@ -114,7 +125,7 @@ def measure_latency(model: nn.Module, input_shape: Sequence[int], batch_size: in
     finally:
         torch.set_num_threads(previous)
     stats = _stats(times, used, batch_size, "channels_last" if use_nhwc else "contiguous", "torch")
-    return LatencyStats(**{**stats.to_dict(), "clock": clock})
+    return LatencyStats(**{**stats.to_dict(), "clock": clock, "bn_folded": fold_bn})
 
 
 def measure_fastest_layout(model: nn.Module, input_shape: Sequence[int], batch_size: int, **kwargs: Any) -> LatencyStats:
