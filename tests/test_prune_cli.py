@@ -7,7 +7,7 @@ import torch
 
 from leanconv import checkpoint
 from leanconv.cli.main import main
-from leanconv.cost import count
+from leanconv.cost import count, simd_channels
 
 
 def _logits(model, shape):
@@ -20,7 +20,7 @@ def _logits(model, shape):
 @pytest.mark.parametrize("method,extra", [("l1", []), ("hap", ["--implant", "0.2", "--probes", "8"]),
                                           ("taylor", ["--steps", "2", "--finetune-epochs", "2"]),
                                           ("hap", ["--normalize", "mean", "--probes", "8"]),
-                                          ("l2", ["--latency-aware"])])
+                                          ("l2", ["--latency-aware"]), ("l1", ["--round-to", "auto"])])
 def test_prune_meets_budget_and_reloads(trained_ckpt, tmp_path, capsys, method, extra):
     out = tmp_path / method
     code = main(["prune", str(trained_ckpt), "--method", method, "--target-flops", "0.5", "--finetune-epochs", "1",
@@ -36,12 +36,16 @@ def test_prune_meets_budget_and_reloads(trained_ckpt, tmp_path, capsys, method, 
     assert summary["macs"] == [macs0, macs1] and record["after"]["macs"] == macs1
     assert count(pruned, shape).params < count(base, shape).params
     assert (out / "channels.png").stat().st_size > 1000
-    for key in ("before", "after", "speedup_batch64", "mac_reduction", "layers"):
+    for key in ("before", "after", "speedup_batch64", "speedup_batch64_bn_folded", "mac_reduction", "layers"):
         assert key in record
+    assert record["after"]["latency_ms"]["batch64_bn_folded"]["bn_folded"] is True
     # the saved file rebuilds the very model that was measured
     again = checkpoint.load(out / "model.safetensors")
     torch.testing.assert_close(_logits(again, shape), _logits(pruned, shape), rtol=0, atol=0)
     assert record["config"]["latency_aware"] == ("--latency-aware" in extra)
+    if "--round-to" in extra:  # auto: this CPU's vector width, and every conv keeps a multiple of it
+        assert record["config"]["round_to"] == simd_channels()
+        assert all(m.out_channels % simd_channels() == 0 for m in pruned.modules() if isinstance(m, torch.nn.Conv2d))
     if "--implant" in extra:
         assert any(e["module"]["type"] == "ImplantConv2d" for e in checkpoint.read_header(out / "model.safetensors")["edits"])
 
@@ -53,6 +57,13 @@ def test_impossible_target_fails_before_work(trained_ckpt, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "unreachable" in err[0]
     assert not (out / "model.safetensors").exists()
+
+
+def test_round_to_rejects_words(trained_ckpt, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prune", str(trained_ckpt), "--target-flops", "0.5", "--round-to", "fast", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "positive whole number or 'auto'" in err
 
 
 def test_target_params(trained_ckpt, tmp_path, capsys):

@@ -4,10 +4,12 @@
 * :mod:`~leanconv.cost.memory`: ``activation_memory`` (bytes, one image, peak and total).
 * :mod:`~leanconv.cost.latency`: ``measure_latency`` (eager PyTorch) and
   ``measure_onnx_latency`` (onnxruntime CPU), both returning ``LatencyStats`` in ms.
+* :mod:`~leanconv.cost.hardware`: ``simd_channels`` (the channel block a CPU conv computes in).
 * :mod:`~leanconv.cost.profiling`: ``profile`` (the JSON record) and ``format_profile`` (a table).
 """
 
 from leanconv.cost.counting import CostReport, LayerCost, count
+from leanconv.cost.hardware import simd_channels
 from leanconv.cost.latency import LatencyStats, measure_fastest_layout, measure_latency, measure_onnx_latency
 from leanconv.cost.memory import activation_memory
 from leanconv.cost.profiling import UNITS, format_profile, profile
@@ -19,6 +21,8 @@ __all__ = [
     "activation_memory",
     # latency
     "measure_latency", "measure_fastest_layout", "measure_onnx_latency", "LatencyStats",
+    # hardware
+    "simd_channels",
     # profile
     "profile", "format_profile", "UNITS",
 ]

@@ -76,10 +76,13 @@ def scoring_batches(data: DatasetSplits, n_images: int, batch_size: int, resolut
 
 def measure(model: nn.Module, shape, test_loader, repeats: int) -> dict[str, Any]:
     """Counted params/MACs (one image), test accuracy, and measured latency at batch 1 and 64
-    (each in the model's faster memory layout)."""
+    (each in the model's faster memory layout), and at batch 64 in the deployment form
+    (BatchNorm folded into its conv, :mod:`leanconv.fold`)."""
     metrics = evaluate(model, test_loader)
     latency = {f"batch{b}": measure_fastest_layout(model, shape, b, repeats=repeats, warmup=3).to_dict()
                for b in (1, 64)}
+    latency["batch64_bn_folded"] = measure_fastest_layout(model, shape, 64, repeats=repeats, warmup=3,
+                                                          fold_bn=True).to_dict()
     return {**_counted(model, shape), "test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"],
             "latency_ms": latency}
 
@@ -153,6 +156,7 @@ def _record(config, shape, before, after, pruned, results, traces, t0) -> dict[s
         "before": before, "after": after, "after_prune_before_finetune": pruned,
         "achieved": {"macs": after["macs"] / before["macs"], "params": after["params"] / before["params"]},
         "speedup_batch64": _speedup(before, after, "batch64"), "speedup_batch1": _speedup(before, after, "batch1"),
+        "speedup_batch64_bn_folded": _speedup(before, after, "batch64_bn_folded"),
         "mac_reduction": before["macs"] / after["macs"],
         "rounds": [r.to_dict() for r in results],
         "layers": _merge_layers(results),
