@@ -22,6 +22,7 @@ import torch
 
 from leanconv import checkpoint
 from leanconv.compare import WIDTH
+from leanconv.cost import simd_channels
 from leanconv.data import load_dataset
 from leanconv.prune.pipeline import PruneConfig, run_pruning
 from leanconv.report.plots import tradeoff_chart
@@ -43,7 +44,7 @@ def one_run(ckpt: str, label: str, target: float, seed: int, args) -> dict:
     method, implant = VARIANTS[label]
     config = PruneConfig(method=method, target=target, implant=implant, finetune_epochs=args.finetune_epochs,
                          finetune_lr=args.finetune_lr, seed=seed, probes=args.probes, latency_repeats=args.repeats,
-                         normalize=args.normalize, latency_aware=args.latency_aware)
+                         normalize=args.normalize, latency_aware=args.latency_aware, round_to=round_to(args))
     torch.manual_seed(seed)
     record = run_pruning(model, data, shape, config)
     return {"label": labelled(label, args), "target": target, "seed": seed, "accuracy": record["after"]["test_accuracy"],
@@ -54,10 +55,15 @@ def one_run(ckpt: str, label: str, target: float, seed: int, args) -> dict:
             "hessian": record["hessian"], "seconds": record["seconds"]}
 
 
+def round_to(args) -> int | None:
+    return simd_channels() if args.round_to == "auto" else (int(args.round_to) if args.round_to else None)
+
+
 def labelled(label: str, args) -> str:
-    """A run with non-default ranking options is its own row: ``hap/mean``, ``l1+lat``."""
+    """A run with non-default options is its own row: ``hap/none``, ``l1+lat``, ``l2@16``."""
     label = label if args.normalize == "mean" else f"{label}/{args.normalize}"
-    return label + "+lat" if args.latency_aware else label
+    label = label + "+lat" if args.latency_aware else label
+    return f"{label}@{round_to(args)}" if round_to(args) else label
 
 
 def table(rows: list[dict], baseline: float) -> str:
@@ -91,6 +97,8 @@ def main() -> None:
                         help="score scaling of the global ranking (leanconv prune --normalize); "
                              "non-default runs are labelled METHOD/SCALING")
     parser.add_argument("--latency-aware", action="store_true", help="leanconv prune --latency-aware (label +lat)")
+    parser.add_argument("--round-to", default=None,
+                        help="N or auto: leanconv prune --round-to (label @N, N resolved on this CPU)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     if args.threads:

@@ -7,6 +7,10 @@ fine-tuning: this checks the structure, not the accuracy), then:
 - latency at batch 64 (and 1) is measured for the original and the pruned model in
   alternating rounds (so drift hits both), and the measured speedup is printed next to the
   MAC reduction. Target: speedup >= 0.8 x MAC reduction at batch 64.
+- the same at batch 64 in the deployment form (BatchNorm folded into its conv, both models).
+
+``--round-to auto`` keeps every pruned channel count a multiple of this CPU's float32 vector
+width (see leanconv.cost.hardware), as ``leanconv prune --round-to auto`` does.
 
     .venv/bin/python benchmarks/check_prune_speedup.py runs/r20_fm10/model.safetensors --out runs/speedup_r20.json
 """
@@ -24,7 +28,7 @@ import torch
 
 from leanconv import checkpoint
 from leanconv.compare import WIDTH
-from leanconv.cost import count, measure_latency
+from leanconv.cost import count, measure_fastest_layout, measure_latency, simd_channels
 from leanconv.data import load_dataset
 from leanconv.importance import ScoringData, create_criterion
 from leanconv.prune import prune_to_budget
@@ -44,11 +48,14 @@ def prune_copy(model, label, target, shape, data, round_to, latency_aware=False)
     return pruned
 
 
-def latency_pair(a, b, shape, batch, rounds, repeats, clock):
+def latency_pair(a, b, shape, batch, rounds, repeats, clock, fold_bn=False, layout="fastest"):
+    """Median over alternating rounds of each model's latency; ``layout="fastest"`` times each
+    model in NCHW and channels_last and keeps its faster one (as ``leanconv prune`` records)."""
+    time = measure_fastest_layout if layout == "fastest" else measure_latency
     ta, tb = [], []
     for _ in range(rounds):
-        ta.append(measure_latency(a, shape, batch, repeats=repeats, warmup=2, clock=clock).median_ms)
-        tb.append(measure_latency(b, shape, batch, repeats=repeats, warmup=2, clock=clock).median_ms)
+        ta.append(time(a, shape, batch, repeats=repeats, warmup=2, clock=clock, fold_bn=fold_bn).median_ms)
+        tb.append(time(b, shape, batch, repeats=repeats, warmup=2, clock=clock, fold_bn=fold_bn).median_ms)
     return statistics.median(ta), statistics.median(tb)
 
 
@@ -67,8 +74,10 @@ def main() -> None:
     parser.add_argument("ckpt")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--target", type=float, default=0.5)
-    parser.add_argument("--round-to", type=int, default=None)
+    parser.add_argument("--round-to", default=None, help="N or auto (this CPU's float32 vector width), as leanconv prune")
     parser.add_argument("--latency-aware", action="store_true", help="prune with leanconv prune --latency-aware")
+    parser.add_argument("--layout", choices=["fastest", "channels_last"], default="fastest",
+                        help="fastest: each model in its faster memory layout, as leanconv prune records (default)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None)
@@ -78,6 +87,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    round_to = simd_channels() if args.round_to == "auto" else (int(args.round_to) if args.round_to else None)
     model = checkpoint.load(args.ckpt)
     shape = tuple(model.leanconv_meta["input_shape"])
     data = load_dataset(model.leanconv_meta["dataset"]["name"])
@@ -86,23 +96,31 @@ def main() -> None:
     print(f"{args.ckpt}: {macs0 / 1e6:.2f} M MACs, input {shape}, "
           f"{1 if args.clock == 'cpu' else torch.get_num_threads()} threads, {args.clock} clock")
     for label in args.methods.split(","):
-        pruned = prune_copy(model, label, args.target, shape, data, args.round_to, args.latency_aware)
+        pruned = prune_copy(model, label, args.target, shape, data, round_to, args.latency_aware)
         macs = count(pruned, shape).macs
-        b64 = latency_pair(model, pruned, shape, 64, args.rounds, args.repeats, args.clock)
-        b1 = latency_pair(model, pruned, shape, 1, args.rounds, args.repeats * 3, args.clock)
+        b64 = latency_pair(model, pruned, shape, 64, args.rounds, args.repeats, args.clock, layout=args.layout)
+        b1 = latency_pair(model, pruned, shape, 1, args.rounds, args.repeats * 3, args.clock, layout=args.layout)
+        folded = latency_pair(model, pruned, shape, 64, args.rounds, args.repeats, args.clock, fold_bn=True,
+                              layout=args.layout)
         row = {"method": label, "macs_ratio": macs / macs0, "within_2pct": abs(macs / macs0 - args.target) <= 0.02 * args.target,
                "reload_identical": identical_reload(pruned, shape), "mac_reduction": macs0 / macs,
                "latency_b64_ms": b64, "speedup_b64": b64[0] / b64[1], "latency_b1_ms": b1, "speedup_b1": b1[0] / b1[1]}
         row["speedup_over_mac_reduction"] = row["speedup_b64"] / row["mac_reduction"]
+        row["latency_b64_bn_folded_ms"] = folded
+        row["speedup_b64_bn_folded"] = folded[0] / folded[1]
+        row["bn_folded_speedup_over_mac_reduction"] = row["speedup_b64_bn_folded"] / row["mac_reduction"]
+        row["channels"] = [m.out_channels for m in pruned.modules() if isinstance(m, torch.nn.Conv2d)]
         rows.append(row)
         print(f"{label:12s} MACs x{row['macs_ratio']:.3f} (within 2%: {row['within_2pct']}), reload identical: "
               f"{row['reload_identical']}, MAC reduction {row['mac_reduction']:.2f}x, measured speedup b64 "
               f"{row['speedup_b64']:.2f}x (ratio {row['speedup_over_mac_reduction']:.2f}, target >= 0.8), "
-              f"b1 {row['speedup_b1']:.2f}x", flush=True)
+              f"b1 {row['speedup_b1']:.2f}x; BN folded: b64 {row['speedup_b64_bn_folded']:.2f}x "
+              f"(ratio {row['bn_folded_speedup_over_mac_reduction']:.2f})", flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps({"ckpt": args.ckpt, "target": args.target, "round_to": args.round_to,
+        Path(args.out).write_text(json.dumps({"ckpt": args.ckpt, "target": args.target, "round_to": round_to,
+                                              "round_to_arg": args.round_to,
                                               "latency_aware": args.latency_aware,
-                                              "clock": args.clock,
+                                              "clock": args.clock, "layout": args.layout,
                                               "threads": torch.get_num_threads(), "rows": rows}, indent=2))
 
 
