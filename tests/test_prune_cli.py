@@ -26,7 +26,8 @@ def test_prune_meets_budget_and_reloads(trained_ckpt, tmp_path, capsys, method, 
     code = main(["prune", str(trained_ckpt), "--method", method, "--target-flops", "0.5", "--finetune-epochs", "1",
                  "--repeats", "2", "--score-images", "64", "--out", str(out), "--no-progress", *extra])
     assert code == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
     record = json.loads((out / "record.json").read_text())
     base = checkpoint.load(trained_ckpt)
     shape = tuple(base.leanconv_meta["input_shape"])
@@ -43,6 +44,8 @@ def test_prune_meets_budget_and_reloads(trained_ckpt, tmp_path, capsys, method, 
     again = checkpoint.load(out / "model.safetensors")
     torch.testing.assert_close(_logits(again, shape), _logits(pruned, shape), rtol=0, atol=0)
     assert record["config"]["latency_aware"] == ("--latency-aware" in extra)
+    note = "--round-to auto gives more speed" in captured.err
+    assert note == ("--round-to" not in extra and any(a != b and a % simd_channels() for b, a in record["layers"].values()))
     if "--round-to" in extra:  # auto: this CPU's vector width, and every conv keeps a multiple of it
         assert record["config"]["round_to"] == simd_channels()
         assert all(m.out_channels % simd_channels() == 0 for m in pruned.modules() if isinstance(m, torch.nn.Conv2d))
