@@ -1,5 +1,7 @@
 """BatchNorm folding (the deployment form): same function, fewer layers, only safe pairs fold."""
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -101,3 +103,28 @@ def test_latency_of_the_folded_form():
 def test_rejects_a_non_module():
     with pytest.raises(LeanconvError, match="nn.Module"):
         fold_batchnorm("resnet20", torch.randn(1, 1, 28, 28))
+
+
+def test_fold_cli_writes_a_checked_checkpoint(trained_ckpt, tmp_path, capsys):
+    from leanconv.cli.main import main
+
+    out = tmp_path / "folded.safetensors"
+    assert main(["fold", str(trained_ckpt), "--out", str(out), "--repeats", "2"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    original, folded = checkpoint.load(trained_ckpt).eval(), checkpoint.load(out).eval()
+    assert _bns(folded) == 0 and len(result["folded"]) == _bns(original) == 21
+    assert result["params"][1] < result["params"][0] and result["macs"][0] == result["macs"][1]
+    x = torch.randn(4, *original.leanconv_meta["input_shape"])
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), original(x), rtol=1e-4, atol=1e-4)
+    assert result["speedup_b64"] > 0
+
+
+def test_fold_cli_errors_are_one_line(trained_ckpt, tmp_path, capsys):
+    from leanconv.cli.main import main
+
+    assert main(["fold", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "f.safetensors")]) == 2
+    assert main(["fold", str(trained_ckpt), "--out", str(trained_ckpt), "--no-latency"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("leanconv: error:") for line in err)
+    assert "overwrite" in err[1] and not (tmp_path / "f.safetensors").exists()

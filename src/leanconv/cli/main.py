@@ -19,7 +19,7 @@ __all__ = ["main", "build_parser", "SUBCOMMANDS"]
 
 # Subcommand modules, in the order --help lists them.
 SUBCOMMANDS = ["demo", "train", "eval", "profile", "sensitivity", "prune", "prune3d", "convert", "explore",
-               "compare", "report", "export"]
+               "compare", "report", "export", "fold"]
 
 
 class _Parser(argparse.ArgumentParser):

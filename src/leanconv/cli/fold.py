@@ -1,0 +1,61 @@
+"""``leanconv fold CKPT --out OUT.safetensors``: the deployment form, BatchNorm folded into its conv."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from leanconv import checkpoint
+from leanconv.cli.common import add_model_args, input_shape_of, load_model, positive_int
+from leanconv.cost import count, measure_fastest_layout
+from leanconv.errors import LeanconvError
+from leanconv.fold import fold_batchnorm, foldable_pairs
+from leanconv.modes import eval_mode
+
+__all__ = ["register", "run"]
+
+TOLERANCE = 1e-4  # largest accepted |folded - original| relative to the largest original logit
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("fold", help="fold BatchNorm into the convs before it (the deployment form)",
+                       description="Merge every inference BatchNorm into the conv whose output feeds only that "
+                       "BatchNorm (found by tracing one forward pass), check that the folded model computes the "
+                       f"same outputs (relative difference at most {TOLERANCE:g}), write it as a leanconv "
+                       "checkpoint and time both at batch 64. The folded model is for inference: fine-tune the "
+                       "original.")
+    p.add_argument("ckpt", metavar="CKPT", help="a leanconv checkpoint")
+    p.add_argument("--out", required=True, metavar="OUT.safetensors", help="where to write the folded checkpoint")
+    p.add_argument("--repeats", type=positive_int, default=10, help="timed runs per model (default: 10)")
+    p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    add_model_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.resolve() == Path(args.ckpt).resolve():
+        raise LeanconvError(f"--out {out} would overwrite the checkpoint being folded; choose another file")
+    model = load_model(args.ckpt, constructor=args.constructor)
+    shape = input_shape_of(model)
+    x = torch.randn(8, *shape, generator=torch.Generator().manual_seed(0))
+    pairs = foldable_pairs(model, x[:1])
+    folded = fold_batchnorm(model, x[:1])
+    with eval_mode(model), torch.no_grad():
+        y, z = model(x), folded(x)
+    diff = float((y - z).abs().max() / y.abs().max().clamp_min(1e-12))
+    if diff > TOLERANCE:
+        raise LeanconvError(f"the folded model differs from {args.ckpt} by {diff:.3g} (relative), above {TOLERANCE:g}; "
+                            "nothing written")
+    checkpoint.save(folded, out, constructor=args.constructor)
+    before, after = count(model, shape), count(folded, shape)
+    result = {"out": str(out), "folded": [list(p) for p in pairs], "max_rel_diff": diff,
+              "params": [before.params, after.params], "macs": [before.macs, after.macs]}
+    if not args.no_latency:
+        times = [measure_fastest_layout(m, shape, 64, repeats=args.repeats, warmup=3).median_ms for m in (model, folded)]
+        result.update({"latency_b64_ms": times, "speedup_b64": times[0] / times[1]})
+    print(json.dumps(result))
+    return 0
