@@ -62,6 +62,16 @@ def test_impossible_target_fails_before_work(trained_ckpt, tmp_path, capsys):
     assert not (out / "model.safetensors").exists()
 
 
+def test_implant_lost_to_rounding_is_reported(trained_ckpt, tmp_path, capsys):
+    out = tmp_path / "implant16"
+    assert main(["prune", str(trained_ckpt), "--method", "hap", "--target-flops", "0.5", "--implant", "0.1",
+                 "--round-to", "16", "--probes", "4", "--score-images", "32", "--repeats", "1", "--out", str(out),
+                 "--no-progress"]) == 0
+    record = json.loads((out / "record.json").read_text())
+    assert not any(any(r["implanted"].values()) for r in record["rounds"])
+    assert "--implant 0.1 implanted no channels (with --round-to 16" in capsys.readouterr().err
+
+
 def test_round_to_rejects_words(trained_ckpt, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["prune", str(trained_ckpt), "--target-flops", "0.5", "--round-to", "fast", "--out", str(tmp_path / "x")])

@@ -89,6 +89,14 @@ def _hint_alignment(layers: dict[str, list[int]], round_to: int | None) -> None:
               "speed for the same MACs", file=sys.stderr)
 
 
+def _hint_no_implant(record: dict, config: PruneConfig) -> None:
+    """Say (stderr) when ``--implant`` ended up implanting nothing, and the likely reason."""
+    if config.implant > 0 and not any(any(r["implanted"].values()) for r in record["rounds"]):
+        why = (f" (with --round-to {config.round_to} a group implants whole multiples of {config.round_to} channels; "
+               "raise --implant or drop --round-to)" if config.round_to else "")
+        print(f"leanconv: note: --implant {config.implant:g} implanted no channels{why}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     model = load_model(args.ckpt, constructor=args.constructor)
@@ -108,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
     checkpoint.save(model, out / "model.safetensors", constructor=args.constructor)
     write_json(out / "record.json", record)
     _hint_alignment(record["layers"], config.round_to)
+    _hint_no_implant(record, config)
     channels_chart(record["layers"], out / "channels.png",
                    title=f"{args.method}: output channels per layer (target {config.target:g} of {config.kind})")
     b, a = record["before"], record["after"]
