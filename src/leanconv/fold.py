@@ -12,13 +12,16 @@ TorchScript freezing, OpenVINO); doing it in PyTorch makes eager latency measure
 network a deployment runs. BatchNorm counts 0 MACs in leanconv's profiler either way; folding
 removes its memory passes, which do not shrink with a MAC reduction as fast as the convs do.
 
-Which pairs fold is found from one traced forward pass, not from module order: forward hooks
-record each plain ``nn.Conv2d``'s output and each ``nn.BatchNorm2d``'s input, and the autograd
-graph tells how many operations consume the conv's output. A pair folds only when the
-BatchNorm's input *is* the conv's output tensor, nothing else reads that tensor (no residual
-taken before the BatchNorm, not a model output), and each module runs exactly once per
-forward. Anything else (a shared module, a leanconv sparse layer, an implant conv) is left as
-it is, so the folded model always computes the same function, up to float rounding.
+Which pairs fold is found from one forward pass on an example batch, not from module order.
+Forward hooks record each plain ``nn.Conv2d``'s output and each ``nn.BatchNorm2d``'s input,
+and a ``TorchFunctionMode`` counts every torch operation that reads a conv's output (a
+comparison, an in-place op and ``detach`` count; shape queries do not). A pair folds only
+when the BatchNorm's input *is* the conv's output tensor, unmodified, that BatchNorm is its
+only reader and it is not a model output, each module runs exactly once per forward, is
+registered under one name and carries no user hooks. Anything else (a shared module, a
+leanconv sparse layer, an implant conv, a BatchNorm before its conv) is left as it is. The
+folded model is then run on the example batch and must match the original to ``1e-4``
+relative, or :class:`~leanconv.errors.LeanconvError` is raised and nothing is returned.
 """
 
 from __future__ import annotations
@@ -26,13 +29,21 @@ from __future__ import annotations
 import copy
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from leanconv.errors import LeanconvError
 
-__all__ = ["fold_batchnorm", "foldable_pairs"]
+__all__ = ["FoldResult", "fold", "fold_batchnorm", "foldable_pairs"]
+
+TOLERANCE = 1e-4  # largest accepted |folded - original| over the largest |original| output
+
+# Tensor methods that read only metadata, never values: they do not block a fold.
+_METADATA = {"__get__", "size", "dim", "numel", "stride", "is_contiguous", "data_ptr", "is_floating_point",
+             "element_size", "nelement", "ndimension", "storage_offset", "get_device", "__len__"}
 
 
 def _tensors(value) -> Iterable[Tensor]:
@@ -46,65 +57,73 @@ def _tensors(value) -> Iterable[Tensor]:
             yield from _tensors(v)
 
 
-def _consumers(outputs: Iterable[Tensor]) -> Counter:
-    """How many graph edges point at each autograd node, counting a model output as one."""
-    counts: Counter = Counter()
-    seen, stack = set(), []
-    for t in outputs:
-        if t.grad_fn is not None:
-            counts[t.grad_fn] += 1
-            stack.append(t.grad_fn)
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        for child, _ in node.next_functions:
-            if child is not None:
-                counts[child] += 1
-                stack.append(child)
-    return counts
+class _Reads(TorchFunctionMode):
+    """Counts the operations that read each watched tensor (kept alive here, so ids are unique)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watched: dict[int, Tensor] = {}
+        self.reads: Counter = Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.watched and getattr(func, "__name__", "") not in _METADATA:
+            for t in _tensors((args, kwargs)):
+                if id(t) in self.watched:
+                    self.reads[id(t)] += 1
+        return func(*args, **kwargs)
 
 
-def foldable_pairs(model: nn.Module, example_input: Tensor) -> list[tuple[str, str]]:
-    """``(conv name, batchnorm name)`` pairs that :func:`fold_batchnorm` would fold."""
-    entries = list(model.named_modules(remove_duplicate=False))
-    named = {m: n for n, m in entries}
-    shared = {m for m, k in Counter(m for _, m in entries).items() if k > 1}  # registered under two names
-    convs = [m for m in named if type(m) is nn.Conv2d]
-    norms = [m for m in named if type(m) is nn.BatchNorm2d and m.track_running_stats]
-    calls: Counter = Counter()
-    conv_out: dict[nn.Module, Tensor] = {}
-    norm_in: dict[nn.Module, Tensor] = {}
+def _trace(model: nn.Module, example_input: Tensor, convs: list, norms: list):
+    """One eval forward pass: each conv's output, each BN's input, calls, reads, model outputs."""
+    reads, calls = _Reads(), Counter()
+    conv_out: dict[nn.Module, tuple[Tensor, int]] = {}
+    norm_in: dict[nn.Module, tuple[Tensor, int]] = {}
 
     def on_conv(module, _inputs, output):
         calls[module] += 1
-        conv_out[module] = output
+        if isinstance(output, Tensor):
+            conv_out[module] = (output, output._version)
+            reads.watched[id(output)] = output
 
-    def on_norm(module, inputs, _output):
+    def on_norm(module, inputs):
         calls[module] += 1
-        norm_in[module] = inputs[0]
+        if inputs and isinstance(inputs[0], Tensor):
+            norm_in[module] = (inputs[0], inputs[0]._version)
 
-    handles = [m.register_forward_hook(on_conv) for m in convs] + [m.register_forward_hook(on_norm) for m in norms]
+    handles = [m.register_forward_hook(on_conv) for m in convs] + [m.register_forward_pre_hook(on_norm) for m in norms]
     was_training = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        with torch.enable_grad():
-            x = example_input.detach().requires_grad_(True)
-            outputs = list(_tensors(model(x)))
+        # normal tensors even under a caller's inference_mode: version counters tell in-place writes
+        with torch.inference_mode(False), torch.no_grad():
+            x = example_input.clone()
+            with reads:
+                outputs = {id(t) for t in _tensors(model(x))}
     finally:
         for h in handles:
             h.remove()
         for m, mode in was_training.items():
             m.training = mode
-    uses = _consumers(outputs)
-    producer = {id(out): conv for conv, out in conv_out.items()}
+    return conv_out, norm_in, calls, reads.reads, outputs
+
+
+def foldable_pairs(model: nn.Module, example_input: Tensor) -> list[tuple[str, str]]:
+    """``(conv name, batchnorm name)`` pairs that :func:`fold_batchnorm` folds (module docstring)."""
+    entries = list(model.named_modules(remove_duplicate=False))
+    named = {m: n for n, m in entries}
+    shared = {m for m, k in Counter(m for _, m in entries).items() if k > 1}  # registered under two names
+    hooked = {m for m in named if m._forward_hooks or m._forward_pre_hooks}
+    convs = [m for m in named if type(m) is nn.Conv2d and m not in shared | hooked]
+    norms = [m for m in named if type(m) is nn.BatchNorm2d and m.track_running_stats and m not in shared | hooked]
+    conv_out, norm_in, calls, reads, outputs = _trace(model, example_input, convs, norms)
+    producer = {id(t): (conv, version) for conv, (t, version) in conv_out.items()}
     pairs = []
-    for norm, src in norm_in.items():
-        conv = producer.get(id(src))
-        if conv is None or any(calls[m] != 1 or m in shared for m in (conv, norm)):
+    for norm, (src, version) in norm_in.items():
+        conv, made = producer.get(id(src), (None, None))
+        if conv is None or calls[conv] != 1 or calls[norm] != 1 or version != made:
             continue
-        if src.grad_fn is not None and uses[src.grad_fn] == 1 and conv.out_channels == norm.num_features:
+        if reads[id(src)] == 1 and id(src) not in outputs and conv.out_channels == norm.num_features:
             pairs.append((named[conv], named[norm]))
     return pairs
 
@@ -126,17 +145,53 @@ def _fold_into(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> None:
         conv.bias.copy_(new_bias)
 
 
-def fold_batchnorm(model: nn.Module, example_input: Tensor, *, inplace: bool = False) -> nn.Module:
-    """The model with every foldable Conv2d -> BatchNorm2d pair merged (see the module docstring).
+def _max_rel_diff(a, b) -> float:
+    pairs = list(zip(_tensors(a), _tensors(b)))
+    if not pairs:
+        return 0.0
+    return max(float((x - y).abs().max() / x.abs().max().clamp_min(1e-12)) if x.numel() else 0.0
+               for x, y in pairs)
 
-    Returns a copy unless ``inplace``; the result is in eval mode, since a folded BatchNorm no
-    longer normalises batches (train it again from the unfolded model). ``example_input`` is
-    one batch of the model's input (any batch size) used to trace which pairs fold."""
+
+@dataclass(frozen=True)
+class FoldResult:
+    """The folded copy, the ``(conv, batchnorm)`` names folded, and the largest output
+    difference on the example batch relative to the largest original output."""
+
+    model: nn.Module
+    pairs: list[tuple[str, str]]
+    max_rel_diff: float
+
+
+def fold(model: nn.Module, example_input: Tensor, *, tolerance: float = TOLERANCE) -> FoldResult:
+    """Fold every foldable Conv2d -> BatchNorm2d pair of a copy of ``model`` and check it.
+
+    ``example_input`` is one batch of the model's input (any batch size): it traces which
+    pairs fold and then checks the folded copy against the original. The copy is in eval
+    mode (a folded BatchNorm no longer normalises batches: fine-tune the original)."""
     if not isinstance(model, nn.Module):
         raise LeanconvError(f"fold_batchnorm expects an nn.Module, got {type(model).__name__}")
-    net = model if inplace else copy.deepcopy(model)
-    for conv_name, norm_name in foldable_pairs(net, example_input):
+    net = copy.deepcopy(model)
+    pairs = foldable_pairs(net, example_input)
+    for conv_name, norm_name in pairs:
         _fold_into(net.get_submodule(conv_name), net.get_submodule(norm_name))
         parent, _, leaf = norm_name.rpartition(".")
         setattr(net.get_submodule(parent) if parent else net, leaf, nn.Identity())
-    return net.eval()
+    net.eval()
+    was_training = {m: m.training for m in model.modules()}
+    try:
+        with torch.no_grad():
+            diff = _max_rel_diff(model.eval()(example_input), net(example_input))
+    finally:
+        for m, mode in was_training.items():
+            m.training = mode
+    if not diff <= tolerance:
+        raise LeanconvError(f"folding BatchNorm changed the model's outputs by {diff:.3g} (relative, limit "
+                            f"{tolerance:g}); the model reads a conv output in a way leanconv did not see. "
+                            "Use the unfolded model")
+    return FoldResult(net, pairs, diff)
+
+
+def fold_batchnorm(model: nn.Module, example_input: Tensor) -> nn.Module:
+    """A checked copy of ``model`` with its foldable BatchNorms folded (see :func:`fold`)."""
+    return fold(model, example_input).model

@@ -12,13 +12,9 @@ from leanconv import checkpoint
 from leanconv.cli.common import add_model_args, input_shape_of, load_model, positive_int
 from leanconv.cost import count, measure_fastest_layout
 from leanconv.errors import LeanconvError
-from leanconv.fold import fold_batchnorm, foldable_pairs
-from leanconv.modes import eval_mode
+from leanconv.fold import TOLERANCE, fold
 
 __all__ = ["register", "run"]
-
-TOLERANCE = 1e-4  # largest accepted |folded - original| relative to the largest original logit
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fold", help="fold BatchNorm into the convs before it (the deployment form)",
@@ -42,20 +38,14 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.ckpt, constructor=args.constructor)
     shape = input_shape_of(model)
     x = torch.randn(8, *shape, generator=torch.Generator().manual_seed(0))
-    pairs = foldable_pairs(model, x[:1])
-    folded = fold_batchnorm(model, x[:1])
-    with eval_mode(model), torch.no_grad():
-        y, z = model(x), folded(x)
-    diff = float((y - z).abs().max() / y.abs().max().clamp_min(1e-12))
-    if diff > TOLERANCE:
-        raise LeanconvError(f"the folded model differs from {args.ckpt} by {diff:.3g} (relative), above {TOLERANCE:g}; "
-                            "nothing written")
+    result = fold(model, x, tolerance=TOLERANCE)  # raises, writing nothing, if the outputs moved
+    folded = result.model
     checkpoint.save(folded, out, constructor=args.constructor)
     before, after = count(model, shape), count(folded, shape)
-    result = {"out": str(out), "folded": [list(p) for p in pairs], "max_rel_diff": diff,
-              "params": [before.params, after.params], "macs": [before.macs, after.macs]}
+    summary = {"out": str(out), "folded": [list(p) for p in result.pairs], "max_rel_diff": result.max_rel_diff,
+               "params": [before.params, after.params], "macs": [before.macs, after.macs]}
     if not args.no_latency:
         times = [measure_fastest_layout(m, shape, 64, repeats=args.repeats, warmup=3).median_ms for m in (model, folded)]
-        result.update({"latency_b64_ms": times, "speedup_b64": times[0] / times[1]})
-    print(json.dumps(result))
+        summary.update({"latency_b64_ms": times, "speedup_b64": times[0] / times[1]})
+    print(json.dumps(summary))
     return 0
