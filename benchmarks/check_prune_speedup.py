@@ -69,6 +69,25 @@ def identical_reload(model, shape) -> bool:
         return torch.equal(model.eval()(x), again(x))
 
 
+def check_one(label, model, pruned, shape, macs0, args) -> dict:
+    """Budget, reload and the three side-by-side speedups (b64, b1, b64 with BN folded) of one cut."""
+    macs = count(pruned, shape).macs
+
+    def pair(batch, repeats, fold_bn=False):
+        return latency_pair(model, pruned, shape, batch, args.rounds, repeats, args.clock, fold_bn=fold_bn,
+                            layout=args.layout)
+
+    b64, b1, folded = pair(64, args.repeats), pair(1, args.repeats * 3), pair(64, args.repeats, fold_bn=True)
+    row = {"method": label, "macs_ratio": macs / macs0, "within_2pct": abs(macs / macs0 - args.target) <= 0.02 * args.target,
+           "reload_identical": identical_reload(pruned, shape), "mac_reduction": macs0 / macs,
+           "latency_b64_ms": b64, "speedup_b64": b64[0] / b64[1], "latency_b1_ms": b1, "speedup_b1": b1[0] / b1[1],
+           "latency_b64_bn_folded_ms": folded, "speedup_b64_bn_folded": folded[0] / folded[1],
+           "channels": [m.out_channels for m in pruned.modules() if isinstance(m, torch.nn.Conv2d)]}
+    row["speedup_over_mac_reduction"] = row["speedup_b64"] / row["mac_reduction"]
+    row["bn_folded_speedup_over_mac_reduction"] = row["speedup_b64_bn_folded"] / row["mac_reduction"]
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ckpt")
@@ -97,19 +116,7 @@ def main() -> None:
           f"{1 if args.clock == 'cpu' else torch.get_num_threads()} threads, {args.clock} clock")
     for label in args.methods.split(","):
         pruned = prune_copy(model, label, args.target, shape, data, round_to, args.latency_aware)
-        macs = count(pruned, shape).macs
-        b64 = latency_pair(model, pruned, shape, 64, args.rounds, args.repeats, args.clock, layout=args.layout)
-        b1 = latency_pair(model, pruned, shape, 1, args.rounds, args.repeats * 3, args.clock, layout=args.layout)
-        folded = latency_pair(model, pruned, shape, 64, args.rounds, args.repeats, args.clock, fold_bn=True,
-                              layout=args.layout)
-        row = {"method": label, "macs_ratio": macs / macs0, "within_2pct": abs(macs / macs0 - args.target) <= 0.02 * args.target,
-               "reload_identical": identical_reload(pruned, shape), "mac_reduction": macs0 / macs,
-               "latency_b64_ms": b64, "speedup_b64": b64[0] / b64[1], "latency_b1_ms": b1, "speedup_b1": b1[0] / b1[1]}
-        row["speedup_over_mac_reduction"] = row["speedup_b64"] / row["mac_reduction"]
-        row["latency_b64_bn_folded_ms"] = folded
-        row["speedup_b64_bn_folded"] = folded[0] / folded[1]
-        row["bn_folded_speedup_over_mac_reduction"] = row["speedup_b64_bn_folded"] / row["mac_reduction"]
-        row["channels"] = [m.out_channels for m in pruned.modules() if isinstance(m, torch.nn.Conv2d)]
+        row = check_one(label, model, pruned, shape, macs0, args)
         rows.append(row)
         print(f"{label:12s} MACs x{row['macs_ratio']:.3f} (within 2%: {row['within_2pct']}), reload identical: "
               f"{row['reload_identical']}, MAC reduction {row['mac_reduction']:.2f}x, measured speedup b64 "

@@ -16,9 +16,13 @@ import torch
 
 __all__ = ["simd_channels"]
 
-_LANES = {"AVX512": 16, "AVX2": 8}  # float32 lanes per vector register
+_LANES = {"AVX512": 16, "AVX2": 8, "SVE256": 8}  # float32 lanes per vector register
 
 
 def simd_channels() -> int:
-    """Float32 lanes per vector register on this CPU, as PyTorch dispatches (16, 8 or 4)."""
+    """Float32 lanes per vector register on this CPU (16, 8 or 4).
+
+    Read from PyTorch's own dispatch level (``torch.backends.cpu.get_cpu_capability()``,
+    which ``ATEN_CPU_CAPABILITY`` can lower), taken as a stand-in for the instruction set
+    oneDNN uses; anything not listed (NEON, VSX, DEFAULT) counts as 4 lanes."""
     return _LANES.get(torch.backends.cpu.get_cpu_capability(), 4)
