@@ -4,8 +4,8 @@ oneDNN, PyTorch's CPU convolution library, computes float32 convolutions in bloc
 output channels as one vector register holds: 16 with AVX-512, 8 with AVX2, 4 otherwise.
 Measured on this project's AVX-512 machine (3x3 conv, batch 64, channels_last, one thread),
 the time of a conv grows linearly with its *input* channels but in steps of 16 with its
-*output* channels: at 28x28 with 16 inputs, 11, 13 and 16 outputs all take ~1.08 ms and 20
-outputs take 1.98 ms. A pruned layer whose channel count is not a multiple of the block pays
+*output* channels (``benchmarks/bench_conv_channels.py``: at 28x28 with 16 inputs, 4 to 16
+outputs take 1.1-1.3 ms and 20 to 32 outputs 2.2-2.3 ms). A pruned layer whose channel count is not a multiple of the block pays
 for the full block, so its speedup falls short of its MAC reduction; ``--round-to auto`` keeps
 every pruned channel count a multiple of :func:`simd_channels`.
 """
