@@ -13,6 +13,7 @@ from leanconv.errors import LeanconvError
 from leanconv.layers.implant import ImplantConv2d
 from leanconv.models import create
 from leanconv.prune import channel_groups, iterative_prune, prune_to_budget
+from leanconv.prune.channels import WAKE
 from leanconv.prune.cost_model import CostModel
 from leanconv.prune.groups import trace_groups
 from prune_toys import ResToy, l1_scores, randomize_bn, silence
@@ -149,7 +150,8 @@ def test_implant_keeps_channels_as_cheap_1x1_filters(caplog):
 
 def test_implanted_model_equals_silenced_and_zeroed_original():
     """Before fine-tuning, the pruned + implanted model computes what the original computes
-    when the removed channels are silenced and the implanted kxk filters are zeroed."""
+    when the removed channels are silenced, the implanted kxk filters are zeroed and their
+    BatchNorm entries restarted (mean 0, variance 1, shift >= WAKE)."""
     model = randomize_bn(_resnet20())
     reference = copy.deepcopy(model)
     result = prune_to_budget(model, l1_scores, X16, target=0.6, implant=0.3)
@@ -161,8 +163,12 @@ def test_implanted_model_equals_silenced_and_zeroed_original():
         for root, channels in result.implanted.items():
             for m in groups[root].out_members():
                 conv = reference.get_submodule(m.module)
+                idx = [m.idxs[k] for k in channels]
                 if isinstance(conv, nn.Conv2d) and conv.kernel_size != (1, 1):
-                    conv.weight[[m.idxs[k] for k in channels]] = 0
+                    conv.weight[idx] = 0
+                elif isinstance(conv, nn.BatchNorm2d):
+                    conv.running_mean[idx], conv.running_var[idx] = 0.0, 1.0 - conv.eps
+                    conv.bias[idx] = conv.bias[idx].clamp_min(WAKE)
     assert_close(model(X16), reference(X16))
 
 

@@ -8,6 +8,7 @@ from torch.testing import assert_close
 from leanconv.errors import LeanconvError
 from leanconv.prune import channel_counts, channel_groups, implant_channels, remove_channels
 from leanconv.layers.implant import ImplantConv2d
+from leanconv.prune.channels import WAKE
 from leanconv.prune.permute import fold_channel_orders
 from prune_toys import CatToy, DepthwiseToy, FlattenToy, GroupedToy, ResToy, randomize_bn, silence
 
@@ -142,12 +143,31 @@ def test_implant_after_removal_matches_zeroed_filters():
     reference.load_state_dict(model.state_dict())
     silence(reference, groups[gi], [2])
     silence(model, groups[gi], [2])
-    with torch.no_grad():  # an implant starts at zero: same as zeroing the implanted filters
-        reference.conv_a.weight[[4, 6]] = 0
+    with torch.no_grad():  # an implant starts at zero: same as zeroing the implanted filters,
+        reference.conv_a.weight[[4, 6]] = 0  # with their BN restarted (mean 0, variance 1, shift >= WAKE)
+        reference.bn_a.running_mean[[4, 6]] = 0
+        reference.bn_a.running_var[[4, 6]] = 1 - reference.bn_a.eps
+        reference.bn_a.bias[[4, 6]] = reference.bn_a.bias[[4, 6]].clamp_min(WAKE)
     remove_channels(model, groups, {gi: [2]}, X)
     assert implant_channels(model, groups[gi], [4, 6], removed=[2]) == ["conv_a"]
     assert isinstance(model.conv_a, ImplantConv2d) and model.conv_a.out_channels == 7
     assert_close(model(X), reference(X))
+
+
+def test_an_implant_behind_a_negative_shift_and_relu_still_learns():
+    """conv -> BN -> ReLU with a negative BN shift: a zero implant would feed the ReLU a
+    constant negative value and never get a gradient; the restarted BN lets it learn."""
+    model = randomize_bn(ResToy())
+    with torch.no_grad():
+        model.bn_a.bias[[1, 5]] = -0.5
+    groups = channel_groups(model, X)
+    gi = next(i for i, g in enumerate(groups) if g.root == "conv_a")
+    implant_channels(model, groups[gi], [1, 5])
+    assert torch.equal(model.bn_a.running_mean[[1, 5]], torch.zeros(2))
+    assert (model.bn_a.bias[[1, 5]] >= WAKE).all()
+    model.train()
+    nn.functional.cross_entropy(model(X), torch.tensor([0, 1])).backward()
+    assert model.conv_a.implant.weight.grad.abs().sum() > 0
 
 
 def test_implanted_layer_inputs_stay_prunable_and_its_outputs_are_frozen():

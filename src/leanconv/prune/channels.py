@@ -162,4 +162,29 @@ def implant_channels(
         parent, _, leaf = member.module.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf, ImplantConv2d.from_conv(conv, new_idx))
         paths.append(member.module)
+    _restart_norms(model, group, channels, removed)
     return paths
+
+
+WAKE = 0.01  # smallest BN shift of an implanted channel, so a ReLU after it passes gradient
+
+
+@torch.no_grad()
+def _restart_norms(model: nn.Module, group: ChannelGroup, channels: Sequence[int], removed: Sequence[int]) -> None:
+    """Re-initialise the BatchNorm entries of freshly implanted channels.
+
+    An implant starts at zero, so its BatchNorm sees a constant 0: its statistics are reset
+    (mean 0, variance 1, so it outputs its shift ``beta``, the channel's mean output before),
+    and a shift at or below zero is raised to ``WAKE``. Otherwise a conv -> BN -> ReLU whose
+    shift is negative feeds the ReLU a constant negative value: no gradient ever reaches the
+    zero 1x1 weights and the implanted channel stays dead through fine-tuning, costing MACs."""
+    for member in group.out_members():
+        norm = model.get_submodule(member.module)
+        if not isinstance(norm, nn.modules.batchnorm._BatchNorm) or norm.running_mean is None:
+            continue
+        gone = sorted(member.idxs[k] for k in removed)
+        idx = torch.tensor([member.idxs[k] - sum(1 for j in gone if j < member.idxs[k]) for k in channels])
+        norm.running_mean[idx] = 0.0
+        norm.running_var[idx] = 1.0 - norm.eps
+        if norm.affine:
+            norm.bias[idx] = norm.bias[idx].clamp_min(WAKE)
