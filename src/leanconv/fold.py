@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from leanconv.errors import LeanconvError
+from leanconv.modes import eval_mode
 
 __all__ = ["FoldResult", "fold", "fold_batchnorm", "foldable_pairs"]
 
@@ -92,19 +93,15 @@ def _trace(model: nn.Module, example_input: Tensor, convs: list, norms: list):
             norm_in[module] = (inputs[0], inputs[0]._version)
 
     handles = [m.register_forward_hook(on_conv) for m in convs] + [m.register_forward_pre_hook(on_norm) for m in norms]
-    was_training = {m: m.training for m in model.modules()}
     try:
-        model.eval()
         # normal tensors even under a caller's inference_mode: version counters tell in-place writes
-        with torch.inference_mode(False), torch.no_grad():
+        with eval_mode(model), torch.inference_mode(False), torch.no_grad():
             x = example_input.clone()
             with reads:
                 outputs = {id(t) for t in _tensors(model(x))}
     finally:
         for h in handles:
             h.remove()
-        for m, mode in was_training.items():
-            m.training = mode
     return conv_out, norm_in, calls, reads.reads, outputs
 
 
@@ -178,13 +175,8 @@ def fold(model: nn.Module, example_input: Tensor, *, tolerance: float = TOLERANC
         parent, _, leaf = norm_name.rpartition(".")
         setattr(net.get_submodule(parent) if parent else net, leaf, nn.Identity())
     net.eval()
-    was_training = {m: m.training for m in model.modules()}
-    try:
-        with torch.no_grad():
-            diff = _max_rel_diff(model.eval()(example_input), net(example_input))
-    finally:
-        for m, mode in was_training.items():
-            m.training = mode
+    with eval_mode(model), torch.no_grad():
+        diff = _max_rel_diff(model(example_input), net(example_input))
     if not diff <= tolerance:
         raise LeanconvError(f"folding BatchNorm changed the model's outputs by {diff:.3g} (relative, limit "
                             f"{tolerance:g}); the model reads a conv output in a way leanconv did not see. "
