@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from leanconv.errors import LeanconvError
-from leanconv.importance.base import ChannelGroup
+from leanconv.importance.base import ChannelGroup, Member
 from leanconv.layers.implant import ImplantConv2d
 from leanconv.modes import eval_mode
 from leanconv.prune.groups import build_graph, channel_units
@@ -157,13 +157,18 @@ def implant_channels(
         conv = model.get_submodule(member.module)
         if not isinstance(conv, nn.Conv2d) or max(conv.kernel_size) == 1:
             continue
-        gone = sorted(member.idxs[k] for k in removed)
-        new_idx = [member.idxs[k] - sum(1 for j in gone if j < member.idxs[k]) for k in channels]
+        new_idx = _after_removal(member, channels, removed)
         parent, _, leaf = member.module.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf, ImplantConv2d.from_conv(conv, new_idx))
         paths.append(member.module)
     _restart_norms(model, group, channels, removed)
     return paths
+
+
+def _after_removal(member: Member, channels: Sequence[int], removed: Sequence[int]) -> list[int]:
+    """``member``'s indices of group ``channels`` once group channels ``removed`` are cut out."""
+    gone = sorted(member.idxs[k] for k in removed)
+    return [member.idxs[k] - sum(1 for j in gone if j < member.idxs[k]) for k in channels]
 
 
 WAKE = 0.01  # smallest BN shift of an implanted channel, so a ReLU after it passes gradient
@@ -182,8 +187,7 @@ def _restart_norms(model: nn.Module, group: ChannelGroup, channels: Sequence[int
         norm = model.get_submodule(member.module)
         if not isinstance(norm, nn.modules.batchnorm._BatchNorm) or norm.running_mean is None:
             continue
-        gone = sorted(member.idxs[k] for k in removed)
-        idx = torch.tensor([member.idxs[k] - sum(1 for j in gone if j < member.idxs[k]) for k in channels])
+        idx = torch.tensor(_after_removal(member, channels, removed))
         norm.running_mean[idx] = 0.0
         norm.running_var[idx] = 1.0 - norm.eps
         if norm.affine:
