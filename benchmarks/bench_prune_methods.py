@@ -22,7 +22,7 @@ import torch
 
 from leanconv import checkpoint
 from leanconv.compare import WIDTH
-from leanconv.cost import simd_channels
+from leanconv.cli.prune import resolve_round_to
 from leanconv.data import load_dataset
 from leanconv.prune.pipeline import PruneConfig, run_pruning
 from leanconv.report.plots import tradeoff_chart
@@ -44,7 +44,8 @@ def one_run(ckpt: str, label: str, target: float, seed: int, args) -> dict:
     method, implant = VARIANTS[label]
     config = PruneConfig(method=method, target=target, implant=implant, finetune_epochs=args.finetune_epochs,
                          finetune_lr=args.finetune_lr, seed=seed, probes=args.probes, latency_repeats=args.repeats,
-                         normalize=args.normalize, latency_aware=args.latency_aware, round_to=round_to(args))
+                         normalize=args.normalize, latency_aware=args.latency_aware,
+                         round_to=resolve_round_to(args.round_to))
     torch.manual_seed(seed)
     record = run_pruning(model, data, shape, config)
     return {"label": labelled(label, args), "target": target, "seed": seed, "accuracy": record["after"]["test_accuracy"],
@@ -55,15 +56,12 @@ def one_run(ckpt: str, label: str, target: float, seed: int, args) -> dict:
             "hessian": record["hessian"], "seconds": record["seconds"]}
 
 
-def round_to(args) -> int | None:
-    return simd_channels() if args.round_to == "auto" else (int(args.round_to) if args.round_to else None)
-
-
 def labelled(label: str, args) -> str:
     """A run with non-default options is its own row: ``hap/none``, ``l1+lat``, ``l2@16``."""
     label = label if args.normalize == "mean" else f"{label}/{args.normalize}"
     label = label + "+lat" if args.latency_aware else label
-    return f"{label}@{round_to(args)}" if round_to(args) else label
+    round_to = resolve_round_to(args.round_to)
+    return f"{label}@{round_to}" if round_to else label
 
 
 def table(rows: list[dict], baseline: float) -> str:

@@ -28,7 +28,8 @@ import torch
 
 from leanconv import checkpoint
 from leanconv.compare import WIDTH
-from leanconv.cost import count, measure_fastest_layout, measure_latency, simd_channels
+from leanconv.cli.prune import resolve_round_to
+from leanconv.cost import count, measure_fastest_layout, measure_latency
 from leanconv.data import load_dataset
 from leanconv.importance import ScoringData, create_criterion
 from leanconv.prune import prune_to_budget
@@ -106,7 +107,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    round_to = simd_channels() if args.round_to == "auto" else (int(args.round_to) if args.round_to else None)
+    round_to = resolve_round_to(args.round_to)
     model = checkpoint.load(args.ckpt)
     shape = tuple(model.leanconv_meta["input_shape"])
     data = load_dataset(model.leanconv_meta["dataset"]["name"])

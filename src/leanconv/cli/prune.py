@@ -67,12 +67,17 @@ def round_to_arg(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a positive whole number or 'auto', got {text!r}") from None
 
 
+def resolve_round_to(value: int | str | None) -> int | None:
+    """``--round-to`` as a number: ``auto`` becomes this CPU's float32 vector width."""
+    return simd_channels() if value == "auto" else (int(value) if value else None)
+
+
 def config_from_args(args: argparse.Namespace) -> PruneConfig:
     if args.finetune_epochs < 0:
         raise LeanconvError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
     kind, target = ("macs", args.target_flops) if args.target_flops is not None else ("params", args.target_params)
-    round_to = simd_channels() if args.round_to == "auto" else args.round_to
-    return PruneConfig(method=args.method, target=target, kind=kind, implant=args.implant, round_to=round_to,
+    return PruneConfig(method=args.method, target=target, kind=kind, implant=args.implant,
+                       round_to=resolve_round_to(args.round_to),
                        steps=args.steps, finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
                        batch_size=args.batch_size, score_images=args.score_images, probes=args.probes,
                        seed=args.seed, latency_repeats=args.repeats, normalize=args.normalize,
