@@ -1,10 +1,11 @@
 """Latency-aware ranking: weigh each channel group by what its channels cost in time.
 
 A MAC budget treats every multiply-accumulate alike, but on a CPU they are not: a narrow
-conv at high resolution (16 channels at 28x28) spends about twice the time per MAC of a
-wide one at low resolution (64 channels at 7x7), since it moves more activation bytes per
-MAC and fills the vector units worse. A cut that lands on the MAC target by removing cheap
-MACs gives a smaller speedup than its MAC reduction promises.
+conv at high resolution (16 channels at 28x28) spends more time per MAC than a wide one at
+low resolution (64 channels at 7x7), and its BatchNorm moves more activation bytes per MAC.
+A cut that lands on the MAC target by removing cheap MACs gives a smaller speedup than its
+MAC reduction promises. (Channel counts off the CPU's 16-channel output block are a larger
+effect that these linear weights cannot see: ``leanconv.cost.hardware``, ``--round-to auto``.)
 
 With ``latency_aware=True`` the budget search (:func:`leanconv.prune.prune_to_budget`)
 divides each group's scores by :func:`latency_weights`: the group's measured milliseconds
