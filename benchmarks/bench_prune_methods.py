@@ -42,7 +42,8 @@ def one_run(ckpt: str, label: str, target: float, seed: int, args) -> dict:
     data = load_dataset(model.leanconv_meta["dataset"]["name"])
     shape = tuple(model.leanconv_meta["input_shape"])
     method, implant = VARIANTS[label]
-    config = PruneConfig(method=method, target=target, implant=implant, finetune_epochs=args.finetune_epochs,
+    config = PruneConfig(method=method, target=target, implant=implant, implant_init=args.implant_init,
+                         finetune_epochs=args.finetune_epochs,
                          finetune_lr=args.finetune_lr, seed=seed, probes=args.probes, latency_repeats=args.repeats,
                          normalize=args.normalize, latency_aware=args.latency_aware,
                          round_to=resolve_round_to(args.round_to))
@@ -57,8 +58,10 @@ def one_run(ckpt: str, label: str, target: float, seed: int, args) -> dict:
 
 
 def labelled(label: str, args) -> str:
-    """A run with non-default options is its own row: ``hap/none``, ``l1+lat``, ``l2@16``."""
+    """A run with non-default options is its own row: ``hap/none``, ``l1+lat``, ``l2@16``,
+    ``hap+implant:fit`` (``--implant-init fit``, variants with implants only)."""
     label = label if args.normalize == "mean" else f"{label}/{args.normalize}"
+    label = f"{label}:{args.implant_init}" if args.implant_init != "zero" and VARIANTS[label.split("/")[0]][1] else label
     label = label + "+lat" if args.latency_aware else label
     round_to = resolve_round_to(args.round_to)
     return f"{label}@{round_to}" if round_to else label
@@ -97,6 +100,8 @@ def main() -> None:
     parser.add_argument("--latency-aware", action="store_true", help="leanconv prune --latency-aware (label +lat)")
     parser.add_argument("--round-to", default=None,
                         help="N or auto: leanconv prune --round-to (label @N, N resolved on this CPU)")
+    parser.add_argument("--implant-init", choices=("zero", "fit"), default="zero",
+                        help="leanconv prune --implant-init (label :fit on variants with implants)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     if args.threads:

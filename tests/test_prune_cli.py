@@ -20,7 +20,8 @@ def _logits(model, shape):
 @pytest.mark.parametrize("method,extra", [("l1", []), ("hap", ["--implant", "0.2", "--probes", "8"]),
                                           ("taylor", ["--steps", "2", "--finetune-epochs", "2"]),
                                           ("hap", ["--normalize", "mean", "--probes", "8"]),
-                                          ("l2", ["--latency-aware"]), ("l1", ["--round-to", "auto"])])
+                                          ("l2", ["--latency-aware"]), ("l1", ["--round-to", "auto"]),
+                                          ("l1", ["--implant", "0.2", "--implant-init", "fit"])])
 def test_prune_meets_budget_and_reloads(trained_ckpt, tmp_path, capsys, method, extra):
     out = tmp_path / method
     code = main(["prune", str(trained_ckpt), "--method", method, "--target-flops", "0.5", "--finetune-epochs", "1",
@@ -51,6 +52,7 @@ def test_prune_meets_budget_and_reloads(trained_ckpt, tmp_path, capsys, method, 
         assert all(m.out_channels % simd_channels() == 0 for m in pruned.modules() if isinstance(m, torch.nn.Conv2d))
     if "--implant" in extra:
         assert any(e["module"]["type"] == "ImplantConv2d" for e in checkpoint.read_header(out / "model.safetensors")["edits"])
+        assert bool(record["rounds"][-1]["implant_fit"]) == ("fit" in extra)
 
 
 def test_impossible_target_fails_before_work(trained_ckpt, tmp_path, capsys):

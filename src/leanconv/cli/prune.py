@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     budget.add_argument("--target-params", type=fraction, metavar="R", help="keep this fraction of the parameters")
     p.add_argument("--implant", type=float, default=0.0, metavar="F",
                    help="share of the pruned channels to implant as a 1x1 conv instead of removing (default: 0)")
+    p.add_argument("--implant-init", choices=["zero", "fit"], default="zero",
+                   help="how implants start: zero (HAP, default) or fit = least-squares stand-in for the replaced "
+                   "filters, fitted on the scoring images")
     p.add_argument("--normalize", choices=["mean", "none"], default="mean",
                    help="scale each group's scores before the global ranking: mean = divide by the group's mean "
                    "(default), none = raw (comparable across layers only if the criterion makes them so)")
@@ -77,6 +80,7 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
         raise LeanconvError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
     kind, target = ("macs", args.target_flops) if args.target_flops is not None else ("params", args.target_params)
     return PruneConfig(method=args.method, target=target, kind=kind, implant=args.implant,
+                       implant_init=args.implant_init,
                        round_to=resolve_round_to(args.round_to),
                        steps=args.steps, finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
                        batch_size=args.batch_size, score_images=args.score_images, probes=args.probes,

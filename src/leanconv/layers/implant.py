@@ -175,6 +175,15 @@ class ImplantConv2d(nn.Module):
             return torch.cat(parts, dim=1)
         return torch.cat([parts[p][:, a:b] for p, a, b in self._runs], dim=1)
 
+    def centre_inputs(self, x: Tensor) -> Tensor:
+        """What the 1x1 implant multiplies: every input channel at the centre tap of each output
+        position, ``[N, in_channels, H_out, W_out]`` (the implant's output is ``implant.weight``
+        applied to this per position, plus its bias)."""
+        ch, cw = self._crop
+        xi = x[:, :, ch : x.shape[2] - ch, cw : x.shape[3] - cw] if (ch or cw) else x
+        eye = torch.eye(self.in_channels, dtype=x.dtype, device=x.device).view(self.in_channels, -1, 1, 1)
+        return self.implant._conv_forward(xi, eye, None)
+
     def _dense_params(self) -> tuple[Tensor, Tensor | None]:
         """:meth:`dense_weight`, cached while gradients are off and the parameters are the same
         storage at the same in-place version (the cache holds views, so no other tensor can

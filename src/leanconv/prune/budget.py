@@ -28,7 +28,9 @@ original cost. How it decides:
    important fraction ``F`` of the units the plan would remove are implanted instead
    (:class:`~leanconv.layers.implant.ImplantConv2d`); the search counts their 1x1 cost. The
    channels of each implanted group are then renumbered so that implants need no re-ordering
-   at run time (:func:`~leanconv.prune.permute.fold_channel_orders`).
+   at run time (:func:`~leanconv.prune.permute.fold_channel_orders`). Implants start at zero
+   (HAP), or with ``implant_init="fit"`` as the least-squares stand-in for the filters they
+   replace, fitted on ``data``'s batches (:mod:`.implant_fit`).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from leanconv.errors import LeanconvError
 from leanconv.importance.base import ChannelGroup, ScoringData, check_scores
 from leanconv.layers.implant import ImplantConv2d
 from leanconv.prune.channels import can_implant, channel_counts, implant_channels, remove_channels
+from leanconv.prune.implant_fit import IMPLANT_INITS, fit_implants
 from leanconv.prune.cost_model import Cost, CostModel
 from leanconv.prune.groups import TracedGroup, trace_groups
 from leanconv.prune.latency_weights import latency_weights
@@ -67,7 +70,9 @@ class PruneResult:
     realised cost of ``kind`` over the original. ``layers`` maps each conv/linear path to its
     output channels (before, after; implanted channels count as kept). ``removed`` and
     ``implanted`` list group channels (indices into the root layer's original outputs) by
-    group root."""
+    group root. ``implant_fit`` (``implant_init="fit"`` only) gives, per implanted conv, the
+    share of its replaced filters' output (sum of squares) the fitted implant leaves
+    unexplained: 0 = exact, 1 = no better than a zero implant."""
 
     kind: str
     target: float
@@ -79,6 +84,7 @@ class PruneResult:
     layers: dict[str, tuple[int, int]] = field(default_factory=dict)
     removed: dict[str, list[int]] = field(default_factory=dict)
     implanted: dict[str, list[int]] = field(default_factory=dict)
+    implant_fit: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -93,14 +99,16 @@ class _Plan:
     removed: list[list[int]]
     implanted: list[list[int]]
     implant_convs: dict[int, dict[str, int]]
+    restart_norms: bool = True  # zero implants: restart their BatchNorm entries
 
 
 class _Planner:
     """Turns "remove the first n units of the global order" into a plan (steps 3 and 5)."""
 
     def __init__(self, model: nn.Module, traced: Sequence[TracedGroup], *, floor: float, round_to: int | None,
-                 implant: float) -> None:
+                 implant: float, implant_init: str = "zero") -> None:
         self.traced, self.round_to, self.implant = list(traced), round_to, implant
+        self.implant_init = implant_init
         self.unit_size = [t.group.size // len(t.units) for t in traced]
         self.min_kept = [max(1, math.ceil(_floor_channels(floor, t.group.size) / u)) for t, u in
                          zip(traced, self.unit_size)]
@@ -152,7 +160,7 @@ class _Planner:
         return counts
 
     def plan(self, candidates: Sequence[int]) -> _Plan:
-        plan = _Plan([], [], {})
+        plan = _Plan([], [], {}, restart_norms=self.implant_init == "zero")
         for g, t in enumerate(self.traced):
             r, m = self.removable(g, candidates[g])
             chosen = [t.units[i] for i in self.order[g][:r]]
@@ -239,7 +247,7 @@ def _apply(model: nn.Module, traced: Sequence[TracedGroup], plan: _Plan, x: Tens
     remove_channels(model, groups, {g: r for g, r in enumerate(plan.removed) if r}, x)
     for g, channels in enumerate(plan.implanted):
         if channels:
-            implant_channels(model, groups[g], channels, removed=plan.removed[g])
+            implant_channels(model, groups[g], channels, removed=plan.removed[g], restart_norms=plan.restart_norms)
 
 
 def _counted(model: nn.Module, input_shape) -> Cost:
@@ -284,6 +292,7 @@ def prune_to_budget(
     round_to: int | None = None,
     floor: float = 1,
     implant: float = 0.0,
+    implant_init: str = "zero",
     normalize: str = "mean",
     latency_aware: bool = False,
     tol: float = 0.02,
@@ -300,6 +309,10 @@ def prune_to_budget(
     instead of raising. Raises :class:`LeanconvError` (model untouched) for bad options or
     an unreachable target."""
     _check_options(target, kind, round_to, floor, implant, tol, normalize)
+    if implant_init not in IMPLANT_INITS:
+        raise LeanconvError(f"implant_init must be one of {', '.join(IMPLANT_INITS)}, got {implant_init!r}")
+    if implant and implant_init == "fit" and (data is None or not data.batches):
+        raise LeanconvError("implant_init='fit' fits the implants on data: pass scoring batches (data=...)")
     report = progress or (lambda done, total, info: None)
     shape = tuple(input_shape) if input_shape is not None else tuple(example_input.shape[1:])
     traced = trace_groups(model, example_input, ignored=ignored, strict=strict)
@@ -307,7 +320,7 @@ def prune_to_budget(
         raise LeanconvError("the model has no prunable channels (every layer is an output or excluded)")
     report(1, 4, {"stage": "groups", "groups": len(traced)})
     costs = CostModel(model, traced, shape)
-    planner = _Planner(model, traced, floor=floor, round_to=round_to, implant=implant)
+    planner = _Planner(model, traced, floor=floor, round_to=round_to, implant=implant, implant_init=implant_init)
     if implant and not any(planner.implant_paths):
         log.info("no channel group is produced by a plain kxk conv; nothing will be implanted")
     goal = target * costs.base.of(kind)
@@ -322,6 +335,9 @@ def prune_to_budget(
     planner.rank(scores)
     report(2, 4, {"stage": "scores"})
     trial, plan, cost = _realise(model, traced, planner, costs, goal, kind, tol, example_input, shape)
+    fitted = {}
+    if implant_init == "fit" and any(plan.implanted):
+        fitted = fit_implants(trial, model, _implant_targets(traced, planner, plan), data.batches)
     fold_channel_orders(trial, example_input)  # implants output [kept..., implanted...]: no re-ordering
     report(3, 4, {"stage": "search", "ratio": cost.of(kind) / costs.base.of(kind)})
     layers = _layer_changes(model, trial)
@@ -333,7 +349,7 @@ def prune_to_budget(
         kind=kind, target=target, achieved=cost.of(kind) / b.of(kind), params_before=b.params,
         params_after=cost.params, macs_before=b.macs, macs_after=cost.macs, layers=layers,
         removed={t.group.root: r for t, r in zip(traced, plan.removed) if r},
-        implanted={t.group.root: i for t, i in zip(traced, plan.implanted) if i},
+        implanted={t.group.root: i for t, i in zip(traced, plan.implanted) if i}, implant_fit=fitted,
     )
 
 
@@ -353,6 +369,13 @@ def _realise(model, traced, planner: _Planner, costs: CostModel, goal: float, ki
         raise LeanconvError(f"cannot land within {tol:.0%} of the target: the nearest plan keeps "
                             f"{cost.of(kind) / costs.base.of(kind):.3f} of the {kind}; lower round_to or raise tol")
     return trial, planner.plan(chosen), cost
+
+
+def _implant_targets(traced, planner: _Planner, plan: _Plan) -> dict[str, list[int]]:
+    """Per implanted conv path: the original output channels its implant stands in for."""
+    return {member.module: sorted(member.idxs[k] for k in plan.implanted[g])
+            for g, t in enumerate(traced) if plan.implanted[g]
+            for member in t.group.out_members() if member.module in planner.implant_paths[g]}
 
 
 def _parts(plan: _Plan) -> tuple[list[list[int]], dict[int, dict[str, int]]]:

@@ -136,7 +136,8 @@ def can_implant(model: nn.Module, group: ChannelGroup) -> bool:
 
 
 def implant_channels(
-    model: nn.Module, group: ChannelGroup, channels: Sequence[int], removed: Sequence[int] = ()
+    model: nn.Module, group: ChannelGroup, channels: Sequence[int], removed: Sequence[int] = (), *,
+    restart_norms: bool = True,
 ) -> list[str]:
     """Replace the filters of group ``channels`` in every kxk conv of ``group`` by zero 1x1
     implants (HAP Neural Implant); 1x1 convs, norms and consumers keep the channels as they are.
@@ -145,7 +146,10 @@ def implant_channels(
     :func:`remove_channels`); ``channels`` and ``removed`` use its numbering. Returns the
     paths of the new :class:`ImplantConv2d` layers. They keep every channel in place (a
     ``channel_order``); :func:`leanconv.prune.permute.fold_channel_orders` then renumbers the
-    coupled layers instead, as :func:`~leanconv.prune.prune_to_budget` does."""
+    coupled layers instead, as :func:`~leanconv.prune.prune_to_budget` does. ``restart_norms``
+    re-initialises the implanted channels' BatchNorm entries for a zero start (see
+    :func:`_restart_norms`); pass False when the implants will be fitted
+    (:mod:`leanconv.prune.implant_fit`)."""
     if not channels:
         return []
     if not can_implant(model, group):
@@ -161,7 +165,8 @@ def implant_channels(
         parent, _, leaf = member.module.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf, ImplantConv2d.from_conv(conv, new_idx))
         paths.append(member.module)
-    _restart_norms(model, group, channels, removed)
+    if restart_norms:
+        _restart_norms(model, group, channels, removed)
     return paths
 
 

@@ -24,6 +24,7 @@ from leanconv.data.splits import DatasetSplits
 from leanconv.errors import LeanconvError
 from leanconv.importance import ScoringData, create_criterion
 from leanconv.prune.budget import iterative_prune, prune_to_budget
+from leanconv.prune.implant_fit import IMPLANT_INITS
 from leanconv.train import evaluate, finetune
 
 __all__ = ["PruneConfig", "run_pruning", "measure", "scoring_batches"]
@@ -40,6 +41,7 @@ class PruneConfig:
     target: float = 0.5  # fraction of the original cost to keep
     kind: str = "macs"  # "macs" (= FLOPs / 2, same ratio) or "params"
     implant: float = 0.0  # HAP Neural Implant: share of pruned channels implanted
+    implant_init: str = "zero"  # "zero" (HAP) or "fit" (least squares on the scoring batches)
     round_to: int | None = None
     steps: int = 1  # >1: prune a share, fine-tune, repeat
     finetune_epochs: int = 0
@@ -62,6 +64,8 @@ class PruneConfig:
             raise LeanconvError(f"budget kind must be macs or params, got {self.kind!r}")
         if not 0.0 <= self.implant < 1.0:
             raise LeanconvError(f"--implant must lie in [0, 1), got {self.implant}")
+        if self.implant_init not in IMPLANT_INITS:
+            raise LeanconvError(f"--implant-init must be one of {', '.join(IMPLANT_INITS)}, got {self.implant_init!r}")
         if self.normalize not in ("mean", "none"):
             raise LeanconvError(f"normalize must be mean or none, got {self.normalize!r}")
         if self.steps < 1 or self.finetune_epochs < 0 or self.score_images < 1 or self.probes < 1:
@@ -133,7 +137,8 @@ def run_pruning(model: nn.Module, data: DatasetSplits, shape: tuple[int, int, in
     example = torch.randn(1, *shape)
     finetune = _finetune_fn(data, config, resolution, progress)
     options = {"kind": config.kind, "input_shape": shape, "data": scoring, "round_to": config.round_to,
-               "normalize": config.normalize, "latency_aware": config.latency_aware}
+               "normalize": config.normalize, "latency_aware": config.latency_aware,
+               "implant_init": config.implant_init}
     say(f"scoring with {config.method} and pruning to {config.target:g} of the {config.kind}")
     pruned = None  # with several rounds, fine-tuning is interleaved with them
     if config.steps == 1:
