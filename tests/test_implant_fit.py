@@ -84,3 +84,19 @@ def test_fit_without_data_is_a_clear_error():
         prune_to_budget(model, l1_scores, torch.randn(2, 3, 16, 16), target=0.6, implant=0.2, implant_init="fit")
     with pytest.raises(LeanconvError, match="implant_init must be one of"):
         prune_to_budget(model, l1_scores, torch.randn(2, 3, 16, 16), target=0.6, implant_init="ones")
+
+
+class _Twice(nn.Module):
+    def __init__(self, conv):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        return self.conv(self.conv(x))
+
+
+def test_a_layer_that_runs_twice_cannot_be_fitted():
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    pruned = _Twice(ImplantConv2d.from_conv(conv, [1]))
+    with pytest.raises(LeanconvError, match="ran 2 times; use --implant-init zero"):
+        fit_implants(pruned, _Twice(conv), {"conv": [1]}, _batches())

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from leanconv.errors import LeanconvError
 from leanconv.layers.implant import ImplantConv2d
 from leanconv.modes import eval_mode
 
@@ -30,21 +31,26 @@ __all__ = ["fit_implants", "IMPLANT_INITS"]
 IMPLANT_INITS = ("zero", "fit")
 
 
-def _capture(model: nn.Module, module: nn.Module, x: Tensor, what: str) -> Tensor:
-    """``module``'s input (``what="input"``) or output during ``model(x)``."""
-    seen: list[Tensor] = []
-
-    def hook(_m, args, out):
-        seen.append(args[0] if what == "input" else out)
-
-    handle = module.register_forward_hook(hook)
+def _run_with_hooks(model: nn.Module, modules: Mapping[str, nn.Module], x: Tensor, what: str) -> dict[str, Tensor]:
+    """Per path: the module's input (``what="input"``) or output during one ``model(x)``."""
+    seen: dict[str, list[Tensor]] = {path: [] for path in modules}
+    handles = [m.register_forward_hook(lambda _m, args, out, path=path: seen[path].append(
+        args[0] if what == "input" else out)) for path, m in modules.items()]
     try:
         model(x)
     finally:
-        handle.remove()
-    if len(seen) != 1:
-        raise RuntimeError(f"leanconv bug: the implanted layer ran {len(seen)} times in one forward pass")
-    return seen[0]
+        for h in handles:
+            h.remove()
+    for path, calls in seen.items():
+        if len(calls) != 1:
+            raise LeanconvError(f"--implant-init fit needs {path} to run once per forward pass, but it ran "
+                                f"{len(calls)} times; use --implant-init zero")
+    return {path: calls[0] for path, calls in seen.items()}
+
+
+def _rows(t: Tensor) -> Tensor:
+    """``[N, C, H, W]`` -> ``[C, N*H*W]`` in float64."""
+    return t.transpose(0, 1).reshape(t.shape[1], -1).double()
 
 
 @torch.no_grad()
@@ -64,32 +70,32 @@ def fit_implants(
     averaged over its channels (0 = exact, 1 = no better than the zero implant). Both models
     run in eval mode; neither mode is changed.
     """
-    residual = {}
+    paths = [p for p, _ in pruned.named_modules() if p in targets]
+    layers = {p: pruned.get_submodule(p) for p in paths}
+    for path, layer in layers.items():
+        if not isinstance(layer, ImplantConv2d) or len(targets[path]) != layer.implant.out_channels:
+            raise RuntimeError(f"leanconv bug: {path} is not an implant of {len(targets[path])} channels")
+    device = next(pruned.parameters()).device
+    inputs = [x.to(device) for x, _ in batches]
     with eval_mode(pruned), eval_mode(original):
-        for path in [p for p, _ in pruned.named_modules() if p in targets]:
-            layer = pruned.get_submodule(path)
-            conv = original.get_submodule(path)
-            if not isinstance(layer, ImplantConv2d) or len(targets[path]) != layer.implant.out_channels:
-                raise RuntimeError(f"leanconv bug: {path} is not an implant of {len(targets[path])} channels")
-            channels = torch.as_tensor(list(targets[path]))
-            gram = xty = None
-            ys = []
-            device = layer.implant.weight.device
-            for x, _ in batches:
-                x = x.to(device)
-                feats = layer.centre_inputs(_capture(pruned, layer, x, "input"))
-                y = _capture(original, conv, x, "output")[:, channels]
-                if conv.bias is not None:
-                    y = y - conv.bias[channels].view(1, -1, 1, 1)
-                f2 = feats.transpose(0, 1).reshape(feats.shape[1], -1).double()
-                y2 = y.transpose(0, 1).reshape(y.shape[1], -1).double()
-                gram = f2 @ f2.T if gram is None else gram + f2 @ f2.T
-                xty = f2 @ y2.T if xty is None else xty + f2 @ y2.T
-                ys.append(y2)
+        wanted = []  # per batch, per path: the replaced channels' outputs, bias taken off, [C, rows]
+        for x in inputs:
+            outs = _run_with_hooks(original, {p: original.get_submodule(p) for p in paths}, x, "output")
+            wanted.append({})
+            for path, out in outs.items():
+                conv, channels = original.get_submodule(path), list(targets[path])
+                y = out[:, channels]
+                wanted[-1][path] = _rows(y if conv.bias is None else y - conv.bias[channels].view(1, -1, 1, 1))
+        residual = {}
+        for path, layer in layers.items():  # in model order: later layers see earlier fits
+            gram = xty = 0
+            for x, want in zip(inputs, wanted):
+                feats = _rows(layer.centre_inputs(_run_with_hooks(pruned, {path: layer}, x, "input")[path]))
+                gram, xty = gram + feats @ feats.T, xty + feats @ want[path].T
             lam = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
-            a = torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=gram.dtype), xty)
+            a = torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=gram.dtype, device=gram.device), xty)
             layer.implant.weight.copy_(a.T.reshape(layer.implant.weight.shape))
-            y_all = torch.cat(ys, dim=1)
-            fitted = ((y_all ** 2).sum(1) - 2 * (a * xty).sum(0) + (a * (gram @ a)).sum(0)).clamp_min(0)
-            residual[path] = float((fitted / (y_all ** 2).sum(1).clamp_min(1e-12)).mean())
+            energy = sum((want[path] ** 2).sum(1) for want in wanted)
+            left = (energy - 2 * (a * xty).sum(0) + (a * (gram @ a)).sum(0)).clamp_min(0)
+            residual[path] = float((left / energy.clamp_min(1e-12)).mean())
     return residual
