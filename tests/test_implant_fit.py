@@ -23,8 +23,7 @@ def _batches(n=3, size=8, channels=4, seed=0):
 
 
 def _implanted(conv: nn.Conv2d, channels):
-    pruned = nn.Sequential(ImplantConv2d.from_conv(conv, channels))
-    return pruned
+    return nn.Sequential(ImplantConv2d.from_conv(conv, channels))
 
 
 @pytest.mark.parametrize("stride, padding, dilation", [(1, 1, 1), (2, 1, 1), (1, 2, 2), (2, 0, 1)])
