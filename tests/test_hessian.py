@@ -182,6 +182,26 @@ def test_hap_sensitivity_and_layer_traces_by_hand():
     torch.testing.assert_close(r.hap_sensitivity(net), sens)
 
 
+def _result(traces, stderr):
+    t = {"w": torch.tensor(traces, dtype=torch.float64)}
+    return TraceResult(traces=t, stderr={"w": torch.tensor(stderr, dtype=torch.float64)},
+                       numel_per_channel={"w": 9}, probes=8, converged=False, method="fake", seconds=0.0)
+
+
+def test_shrunk_traces_pull_noisy_estimates_to_the_mean():
+    t = [1.0, 2.0, 3.0, 6.0]
+    # no noise: the raw estimates; noise that explains all the spread: the mean everywhere
+    torch.testing.assert_close(_result(t, [0.0] * 4).shrunk_traces()["w"], torch.tensor(t, dtype=torch.float64))
+    torch.testing.assert_close(_result(t, [5.0] * 4).shrunk_traces()["w"], torch.full((4,), 3.0, dtype=torch.float64))
+    # in between, by hand: mean 3, spread 3.5, mean s^2 1.5625, so tau^2 = 1.9375
+    got = _result(t, [1.0, 1.0, 0.5, 2.0]).shrunk_traces()["w"]
+    want = [3 + 1.9375 / (1.9375 + s2) * (v - 3) for v, s2 in zip(t, [1.0, 1.0, 0.25, 4.0])]
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64))
+    assert float(_result([4.0], [9.0]).shrunk_traces()["w"][0]) == 4.0  # one channel: nothing to pool
+    r = _result(t, [5.0] * 4)
+    assert r.relative_traces(shrink=True)["w"][0] == pytest.approx(3.0 / 9)
+
+
 def test_to_dict_round_trips_through_json():
     r = channel_traces(tiny_net(), tiny_batches(), min_probes=4, max_probes=4)
     back = TraceResult.from_dict(json.loads(json.dumps(r.to_dict())))

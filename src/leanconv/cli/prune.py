@@ -41,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--normalize", choices=["mean", "none"], default="mean",
                    help="scale each group's scores before the global ranking: mean = divide by the group's mean "
                    "(default), none = raw (comparable across layers only if the criterion makes them so)")
+    p.add_argument("--no-shrink", dest="shrink", action="store_false",
+                   help="hap: rank by the raw per-channel trace estimates instead of shrinking them toward their "
+                   "layer's mean by their standard errors")
     p.add_argument("--latency-aware", action="store_true",
                    help="time every resized layer on this machine first and prefer cutting channels that cost "
                    "more time per MAC (same MAC budget, more speed)")
@@ -85,7 +88,7 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
                        steps=args.steps, finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
                        batch_size=args.batch_size, score_images=args.score_images, probes=args.probes,
                        seed=args.seed, latency_repeats=args.repeats, normalize=args.normalize,
-                       latency_aware=args.latency_aware)
+                       latency_aware=args.latency_aware, shrink=args.shrink)
 
 
 def _hint_alignment(layers: dict[str, list[int]], round_to: int | None) -> None:

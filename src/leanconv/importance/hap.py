@@ -14,6 +14,13 @@ by the sum of the member sensitivities); BatchNorm and ``"in"`` members carry no
 Only the weights of those members are probed: a Rademacher vector restricted to them still
 gives unbiased block traces, with less variance from cross terms.
 
+With a few dozen probes most per-channel estimates are dominated by noise (on the trained
+ResNet-20 with 32 probes, a median relative standard error of ~1.1, and a fifth of the
+channels with a negative estimate), so by default (``shrink=True``, our choice) the traces are
+first pulled toward their layer's mean by their standard errors
+(:meth:`~leanconv.importance.hessian.TraceResult.shrunk_traces`): a channel is not ranked by
+noise, and a noisy negative estimate does not send it to the front of the removal queue.
+
 The criterion keeps the estimate it computed in ``last_traces`` (a ``TraceResult``) so that
 a caller can write the sensitivity report without a second estimate.
 """
@@ -49,7 +56,7 @@ class HAP(Criterion):
     ``trace_settings`` go to ``channel_traces`` (``min_probes``, ``max_probes``,
     ``rel_stderr``, ``probes_per_step``, ``method``, ``seed``, ...); ``cache_dir`` keeps the
     traces on disk keyed by model, data and settings; ``progress(done, total, info)`` is
-    called after every step of probes."""
+    called after every step of probes; ``shrink`` ranks by the shrunk traces (module docstring)."""
 
     name = "hap"
     needs_data = True
@@ -58,14 +65,16 @@ class HAP(Criterion):
         self,
         cache_dir: str | Path | None = None,
         progress: Callable[[int, int, dict], None] | None = None,
+        shrink: bool = True,
         **trace_settings,
     ):
         unknown = sorted(set(trace_settings) - _SETTINGS)
         if unknown:
             known = ", ".join(sorted(_SETTINGS))
-            raise LeanconvError(f"hap: unknown setting(s) {', '.join(unknown)}; known: {known}, cache_dir, progress")
+            raise LeanconvError(f"hap: unknown setting(s) {', '.join(unknown)}; known: {known}, cache_dir, progress, shrink")
         self.cache_dir = cache_dir
         self.progress = progress
+        self.shrink = shrink
         self.trace_settings = trace_settings
         self.last_traces: hessian.TraceResult | None = None
 
@@ -80,7 +89,7 @@ class HAP(Criterion):
         else:
             result = hessian.channel_traces(model, batches, **kw)
         self.last_traces = result
-        sens = result.hap_sensitivity(weights)
+        sens = result.hap_sensitivity(weights, shrink=self.shrink)
 
         def score(module: nn.Module, member: Member) -> Tensor | None:
             s = sens.get(f"{member.module}.weight")
@@ -104,6 +113,6 @@ def _out_weights(model: nn.Module, groups: Sequence[ChannelGroup]) -> dict[str, 
 
 
 @register_criterion("hap")
-def hap(cache_dir: str | Path | None = None, progress=None, **trace_settings) -> HAP:
+def hap(cache_dir: str | Path | None = None, progress=None, shrink: bool = True, **trace_settings) -> HAP:
     """Hessian-aware sensitivity (Yu et al. 2022)."""
-    return HAP(cache_dir=cache_dir, progress=progress, **trace_settings)
+    return HAP(cache_dir=cache_dir, progress=progress, shrink=shrink, **trace_settings)

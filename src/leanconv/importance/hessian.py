@@ -99,18 +99,42 @@ class TraceResult:
     seconds: float
     achieved_rel_stderr: float = math.nan
 
-    def relative_traces(self) -> dict[str, Tensor]:
-        """``Tr(H_pp) / numel(W_p)``: HAP's average diagonal of each channel's Hessian block."""
-        return {n: t / self.numel_per_channel[n] for n, t in self.traces.items()}
+    def shrunk_traces(self) -> dict[str, Tensor]:
+        """Each channel's trace estimate pulled toward its weight's mean by how noisy it is.
 
-    def hap_sensitivity(self, params: Mapping[str, Tensor] | nn.Module) -> dict[str, Tensor]:
+        Per weight (empirical Bayes, normal model): with raw estimates ``t_p``, standard
+        errors ``s_p``, mean ``m`` and ``tau^2 = max(0, var(t) - mean(s^2))`` (the spread
+        between channels that the noise does not explain), channel ``p`` gets
+        ``m + tau^2 / (tau^2 + s_p^2) * (t_p - m)``. Where the probes cannot tell the channels
+        apart (``tau = 0``) every channel gets the mean; as the standard errors go to zero the
+        raw estimates come back. Weights with one channel are kept as they are."""
+        out = {}
+        for name, t in self.traces.items():
+            if t.numel() < 2:
+                out[name] = t.clone()
+                continue
+            t64, s2 = t.double(), self.stderr[name].double().pow(2)
+            m = t64.mean()
+            tau2 = (t64.var(unbiased=False) - s2.mean()).clamp_min(0)
+            keep = tau2 / (tau2 + s2) if tau2 > 0 else torch.zeros_like(s2)
+            out[name] = (m + keep * (t64 - m)).to(t.dtype)
+        return out
+
+    def relative_traces(self, shrink: bool = False) -> dict[str, Tensor]:
+        """``Tr(H_pp) / numel(W_p)``: HAP's average diagonal of each channel's Hessian block
+        (from :meth:`shrunk_traces` with ``shrink``)."""
+        traces = self.shrunk_traces() if shrink else self.traces
+        return {n: t / self.numel_per_channel[n] for n, t in traces.items()}
+
+    def hap_sensitivity(self, params: Mapping[str, Tensor] | nn.Module, shrink: bool = False) -> dict[str, Tensor]:
         """HAP's channel sensitivity ``(Tr(H_pp) / numel(W_p)) * ||W_p||^2`` (methods.md, section 3).
 
-        ``params`` maps the weight names of this result to the weights (or is the model)."""
+        ``params`` maps the weight names of this result to the weights (or is the model);
+        ``shrink`` uses :meth:`shrunk_traces` instead of the raw estimates."""
         if isinstance(params, nn.Module):
             params = dict(params.named_parameters())
         out = {}
-        for name, rel in self.relative_traces().items():
+        for name, rel in self.relative_traces(shrink).items():
             if name not in params:
                 raise LeanconvError(f"no weight named {name!r} to score; pass the weights the traces were taken of")
             w = params[name].detach()

@@ -54,6 +54,7 @@ class PruneConfig:
     # mean (every criterion, hap included: measured better for hap too), "none" keeps them raw
     normalize: str = "mean"
     latency_aware: bool = False  # rank by score per measured ms-per-MAC (prune.latency_weights)
+    shrink: bool = True  # hap: rank by traces shrunk toward their layer's mean by their standard errors
     seed: int = 0
     latency_repeats: int = 10
 
@@ -95,7 +96,7 @@ def _criterion(config: PruneConfig, progress: Progress | None):
     kwargs: dict[str, Any] = {}
     if config.method == "hap":
         kwargs = {"max_probes": config.probes, "min_probes": min(8, config.probes), "seed": config.seed,
-                  "progress": progress}
+                  "progress": progress, "shrink": config.shrink}
     elif config.method == "random":
         kwargs = {"seed": config.seed}
     return create_criterion(config.method, **kwargs)
