@@ -95,7 +95,12 @@ def test_sensitivity_writes_json_and_plot(trained_ckpt, tmp_path, capsys):
                  "--no-progress"]) == 0
     record = json.loads((out / "sensitivity.json").read_text())
     assert record["probes"] >= 8 and "conv1.weight" in record["layers"]
-    assert len(record["channels"]["layer1.0.conv1.weight"]["trace"]) == 16
+    channel = record["channels"]["layer1.0.conv1.weight"]
+    assert len(channel["trace"]) == 16 and len(channel["trace_shrunk"]) == 16
+    # shrinking moves each estimate toward the layer's mean, never past it
+    mean = sum(channel["trace"]) / 16
+    assert all(abs(s - mean) <= abs(t - mean) + 1e-6 and (s - mean) * (t - mean) >= 0
+               for t, s in zip(channel["trace"], channel["trace_shrunk"]))
     assert (out / "sensitivity.png").stat().st_size > 1000
     # a second run hits the cache and returns the same numbers
     assert main(["sensitivity", str(trained_ckpt), "--probes", "8", "--images", "64", "--out", str(out),

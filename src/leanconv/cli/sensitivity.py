@@ -41,14 +41,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def sensitivity_record(model, result) -> dict:
-    """Per-channel traces, standard errors and HAP sensitivities, and per-layer sums."""
+    """Per-channel traces, standard errors and HAP sensitivities (raw, and from the shrunk
+    traces that ``leanconv prune --method hap`` ranks by), and per-layer sums."""
     sens = result.hap_sensitivity(model)
+    shrunk, shrunk_sens = result.shrunk_traces(), result.hap_sensitivity(model, shrink=True)
     layers = {n: {"trace": float(result.traces[n].sum()), "trace_stderr": float(result.stderr[n].pow(2).sum().sqrt()),
                   "sensitivity": float(sens[n].sum()), "channels": int(result.traces[n].numel())} for n in sens}
     return {"probes": result.probes, "converged": result.converged, "method": result.method,
             "seconds": result.seconds, "achieved_rel_stderr": result.achieved_rel_stderr, "layers": layers,
             "channels": {n: {"trace": result.traces[n].tolist(), "stderr": result.stderr[n].tolist(),
-                             "sensitivity": sens[n].tolist()} for n in sens}}
+                             "sensitivity": sens[n].tolist(), "trace_shrunk": shrunk[n].tolist(),
+                             "sensitivity_shrunk": shrunk_sens[n].tolist()} for n in sens}}
 
 
 def _groups(text: str) -> int:
