@@ -15,7 +15,7 @@ Only the weights of those members are probed: a Rademacher vector restricted to 
 gives unbiased block traces, with less variance from cross terms.
 
 With a few dozen probes most per-channel estimates are dominated by noise (on the trained
-ResNet-20 with 32 probes, a median relative standard error of ~1.1, and a fifth of the
+ResNet-20 with 32 probes, a median relative standard error of ~1.1, and a quarter of the
 channels with a negative estimate), so by default (``shrink=True``, our choice) the traces are
 first pulled toward their layer's mean by their standard errors
 (:meth:`~leanconv.importance.hessian.TraceResult.shrunk_traces`): a channel is not ranked by
