@@ -4,7 +4,8 @@ For each (method, budget, seed) the trained checkpoint is pruned to the budget (
 MACs), fine-tuned for the same number of epochs with the same schedule, BN-recalibrated and
 evaluated on the test split. One JSON line per run goes to ``OUT/results.jsonl`` (a
 finished run is never redone, so an interrupted benchmark resumes), then ``OUT/table.md``
-and ``OUT/accuracy_vs_macs.png`` are written from all lines.
+and ``OUT/accuracy_vs_macs.png`` are written from all lines (``--methods ''`` only rewrites
+them, e.g. after merging the lines of several runs).
 
     .venv/bin/python benchmarks/bench_prune_methods.py runs/r20_fm10/model.safetensors \
         --budgets 0.5,0.33 --seeds 0,1 --finetune-epochs 3 --out runs/bench_prune
@@ -130,7 +131,7 @@ def main() -> None:
     finished = done_keys(results)
     for seed in map(int, args.seeds.split(",")):
         for target in map(float, args.budgets.split(",")):
-            for label in args.methods.split(","):
+            for label in filter(None, args.methods.split(",")):
                 if (labelled(label, args), target, seed) in finished:
                     continue
                 t0 = time.perf_counter()
