@@ -47,7 +47,7 @@ def one_run(ckpt: str, label: str, target: float, seed: int, args) -> dict:
                          finetune_epochs=args.finetune_epochs,
                          finetune_lr=args.finetune_lr, seed=seed, probes=args.probes, latency_repeats=args.repeats,
                          normalize=args.normalize, latency_aware=args.latency_aware,
-                         round_to=resolve_round_to(args.round_to), shrink=not args.no_shrink)
+                         round_to=resolve_round_to(args.round_to), shrink=args.shrink)
     torch.manual_seed(seed)
     record = run_pruning(model, data, shape, config)
     return {"label": labelled(label, args), "target": target, "seed": seed, "accuracy": record["after"]["test_accuracy"],
@@ -60,11 +60,11 @@ def one_run(ckpt: str, label: str, target: float, seed: int, args) -> dict:
 
 def labelled(label: str, args) -> str:
     """A run with non-default options is its own row: ``hap/none``, ``l1+lat``, ``l2@16``,
-    ``hap+implant:fit`` (``--implant-init fit``, variants with implants only), ``hap~raw`` (``--no-shrink``)."""
+    ``hap+implant:fit`` (``--implant-init fit``, variants with implants only), ``hap~shrunk`` (``--shrink``)."""
     label = label if args.normalize == "mean" else f"{label}/{args.normalize}"
     label = f"{label}:{args.implant_init}" if args.implant_init != "zero" and VARIANTS[label.split("/")[0]][1] else label
     label = label + "+lat" if args.latency_aware else label
-    label = f"{label}~raw" if args.no_shrink and label.startswith("hap") else label
+    label = f"{label}~shrunk" if args.shrink and label.startswith("hap") else label
     round_to = resolve_round_to(args.round_to)
     return f"{label}@{round_to}" if round_to else label
 
@@ -117,8 +117,8 @@ def main() -> None:
     parser.add_argument("--latency-aware", action="store_true", help="leanconv prune --latency-aware (label +lat)")
     parser.add_argument("--round-to", default=None,
                         help="N or auto: leanconv prune --round-to (label @N, N resolved on this CPU)")
-    parser.add_argument("--no-shrink", action="store_true",
-                        help="hap: leanconv prune --no-shrink (label ~raw on hap variants)")
+    parser.add_argument("--shrink", action="store_true",
+                        help="hap: leanconv prune --shrink (label ~shrunk on hap variants)")
     parser.add_argument("--implant-init", choices=("zero", "fit"), default="zero",
                         help="leanconv prune --implant-init (label :fit on variants with implants)")
     parser.add_argument("--out", required=True)

@@ -412,9 +412,9 @@ def test_hap_uses_cache_when_given_a_dir(monkeypatch, tmp_path):
 
 
 def test_hap_shrinks_noisy_traces_toward_the_layer_mean(monkeypatch):
-    """With standard errors that explain all the spread, every channel of a layer gets the
-    layer's mean trace: a noisy negative estimate no longer puts a channel first, and the
-    layer ranks by ||W_p||^2. ``shrink=False`` ranks by the raw estimates."""
+    """With ``shrink=True`` and standard errors that explain all the spread, every channel of
+    a layer gets the layer's mean trace: a noisy negative estimate no longer puts a channel
+    first, and the layer ranks by ||W_p||^2. By default hap ranks by the raw estimates."""
     torch.manual_seed(8)
     model = randomize_bn(ResToy())
     raw = {"stem.weight": [1.0, -2.0, 3.0, 2.0], "conv2.weight": [1.0] * 4, "conv1.weight": [0.5, -1.0, 2.5, 1.0]}
@@ -426,9 +426,9 @@ def test_hap_shrinks_noisy_traces_toward_the_layer_mean(monkeypatch):
 
     monkeypatch.setattr(hessian, "channel_traces", fake)
     sq = lambda w: w.detach().reshape(4, -1).double().pow(2).sum(1)  # noqa: E731
-    _, inner = create_criterion("hap")(model, res_groups(), ScoringData(batches(1)))
+    _, inner = create_criterion("hap", shrink=True)(model, res_groups(), ScoringData(batches(1)))
     torch.testing.assert_close(inner, (0.75 / 36 * sq(model.conv1.weight)).float())
-    _, inner_raw = create_criterion("hap", shrink=False)(model, res_groups(), ScoringData(batches(1)))
+    _, inner_raw = create_criterion("hap")(model, res_groups(), ScoringData(batches(1)))
     assert int(inner_raw.argmin()) == 1 and inner_raw[1] < 0
 
 
@@ -446,7 +446,7 @@ def test_hap_real_traces_match_last_traces():
     residual, inner = crit(model, res_groups(), ScoringData(batches(1)))
     res = crit.last_traces
     assert res.probes == 4 and set(res.traces) == {"stem.weight", "conv1.weight", "conv2.weight"}
-    sens = res.hap_sensitivity(model, shrink=True)
+    sens = res.hap_sensitivity(model)
     torch.testing.assert_close(inner, sens["conv1.weight"].float())
     torch.testing.assert_close(residual, (sens["stem.weight"] + sens["conv2.weight"]).float())
     assert inner[1] == 0.0 and (inner != 0).sum() == 3

@@ -41,9 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--normalize", choices=["mean", "none"], default="mean",
                    help="scale each group's scores before the global ranking: mean = divide by the group's mean "
                    "(default), none = raw (comparable across layers only if the criterion makes them so)")
-    p.add_argument("--no-shrink", dest="shrink", action="store_false",
-                   help="hap: rank by the raw per-channel trace estimates instead of shrinking them toward their "
-                   "layer's mean by their standard errors")
+    p.add_argument("--shrink", action="store_true",
+                   help="hap: shrink each channel's trace estimate toward its layer's mean by its standard error "
+                   "before ranking (default: raw estimates, measured more accurate here)")
     p.add_argument("--latency-aware", action="store_true",
                    help="time every resized layer on this machine first and prefer cutting channels that cost "
                    "more time per MAC (same MAC budget, more speed)")

@@ -16,10 +16,11 @@ gives unbiased block traces, with less variance from cross terms.
 
 With a few dozen probes most per-channel estimates are dominated by noise (on the trained
 ResNet-20 with 32 probes, a median relative standard error of ~1.1, and a quarter of the
-channels with a negative estimate), so by default (``shrink=True``, our choice) the traces are
-first pulled toward their layer's mean by their standard errors
-(:meth:`~leanconv.importance.hessian.TraceResult.shrunk_traces`): a channel is not ranked by
-noise, and a noisy negative estimate does not send it to the front of the removal queue.
+channels with a negative estimate). With ``shrink=True`` the traces are first pulled toward
+their layer's mean by their standard errors
+(:meth:`~leanconv.importance.hessian.TraceResult.shrunk_traces`), so that a channel is not
+ranked by noise. It is off by default: on that ResNet-20 it was less accurate after
+fine-tuning than the raw estimates (README, Benchmarks).
 
 The criterion keeps the estimate it computed in ``last_traces`` (a ``TraceResult``) so that
 a caller can write the sensitivity report without a second estimate.
@@ -65,7 +66,7 @@ class HAP(Criterion):
         self,
         cache_dir: str | Path | None = None,
         progress: Callable[[int, int, dict], None] | None = None,
-        shrink: bool = True,
+        shrink: bool = False,
         **trace_settings,
     ):
         unknown = sorted(set(trace_settings) - _SETTINGS)
@@ -113,6 +114,6 @@ def _out_weights(model: nn.Module, groups: Sequence[ChannelGroup]) -> dict[str, 
 
 
 @register_criterion("hap")
-def hap(cache_dir: str | Path | None = None, progress=None, shrink: bool = True, **trace_settings) -> HAP:
+def hap(cache_dir: str | Path | None = None, progress=None, shrink: bool = False, **trace_settings) -> HAP:
     """Hessian-aware sensitivity (Yu et al. 2022)."""
     return HAP(cache_dir=cache_dir, progress=progress, shrink=shrink, **trace_settings)

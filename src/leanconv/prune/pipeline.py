@@ -54,7 +54,7 @@ class PruneConfig:
     # mean (every criterion, hap included: measured better for hap too), "none" keeps them raw
     normalize: str = "mean"
     latency_aware: bool = False  # rank by score per measured ms-per-MAC (prune.latency_weights)
-    shrink: bool = True  # hap: rank by traces shrunk toward their layer's mean by their standard errors
+    shrink: bool = False  # hap: rank by traces shrunk toward their layer's mean by their standard errors
     seed: int = 0
     latency_repeats: int = 10
 
