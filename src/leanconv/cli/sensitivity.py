@@ -41,8 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def sensitivity_record(model, result) -> dict:
-    """Per-channel traces, standard errors and HAP sensitivities (raw, and from the shrunk
-    traces that ``leanconv prune --method hap`` ranks by), and per-layer sums."""
+    """Per-channel traces, standard errors and HAP sensitivities (from the raw traces, which
+    ``leanconv prune --method hap`` ranks by, and from the shrunk ones, which ``--shrink``
+    ranks by), and per-layer sums."""
     sens = result.hap_sensitivity(model)
     shrunk, shrunk_sens = result.shrunk_traces(), result.hap_sensitivity(model, shrink=True)
     layers = {n: {"trace": float(result.traces[n].sum()), "trace_stderr": float(result.stderr[n].pow(2).sum().sqrt()),

@@ -72,7 +72,8 @@ class HAP(Criterion):
         unknown = sorted(set(trace_settings) - _SETTINGS)
         if unknown:
             known = ", ".join(sorted(_SETTINGS))
-            raise LeanconvError(f"hap: unknown setting(s) {', '.join(unknown)}; known: {known}, cache_dir, progress, shrink")
+            raise LeanconvError(f"hap: unknown setting(s) {', '.join(unknown)}; "
+                                f"known: {known}, cache_dir, progress, shrink")
         self.cache_dir = cache_dir
         self.progress = progress
         self.shrink = shrink

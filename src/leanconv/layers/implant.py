@@ -168,9 +168,7 @@ class ImplantConv2d(nn.Module):
         if self.runs_dense():
             weight, bias = self._dense_params()
             return self.conv._conv_forward(x, weight, bias)
-        ch, cw = self._crop
-        xi = x[:, :, ch : x.shape[2] - ch, cw : x.shape[3] - cw] if (ch or cw) else x
-        parts = (self.conv(x), self.implant(xi))
+        parts = (self.conv(x), self.implant(self._crop_input(x)))
         if self.channel_order is None:
             return torch.cat(parts, dim=1)
         return torch.cat([parts[p][:, a:b] for p, a, b in self._runs], dim=1)
@@ -179,10 +177,13 @@ class ImplantConv2d(nn.Module):
         """What the 1x1 implant multiplies: every input channel at the centre tap of each output
         position, ``[N, in_channels, H_out, W_out]`` (the implant's output is ``implant.weight``
         applied to this per position, plus its bias)."""
-        ch, cw = self._crop
-        xi = x[:, :, ch : x.shape[2] - ch, cw : x.shape[3] - cw] if (ch or cw) else x
         eye = torch.eye(self.in_channels, dtype=x.dtype, device=x.device).view(self.in_channels, -1, 1, 1)
-        return self.implant._conv_forward(xi, eye, None)
+        return self.implant._conv_forward(self._crop_input(x), eye, None)
+
+    def _crop_input(self, x: Tensor) -> Tensor:
+        """The input as the 1x1 implant reads it (cropped where the kxk padding is too small)."""
+        ch, cw = self._crop
+        return x[:, :, ch : x.shape[2] - ch, cw : x.shape[3] - cw] if (ch or cw) else x
 
     def _dense_params(self) -> tuple[Tensor, Tensor | None]:
         """:meth:`dense_weight`, cached while gradients are off and the parameters are the same
