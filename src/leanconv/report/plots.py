@@ -70,14 +70,17 @@ def sensitivity_chart(per_layer: Mapping[str, float], path: str | Path, *, stder
 def tradeoff_chart(points: Sequence[Mapping], path: str | Path, *, x: str, y: str = "accuracy",
                    xlabel: str = "", ylabel: str = "test accuracy (%)", title: str = "",
                    baseline: float | None = None, pareto: bool = True) -> Path:
-    """Scatter of ``points`` (dicts with ``label``, ``x`` and ``y`` keys), one colour per label,
-    with the Pareto front (lower x, higher y) drawn as a line."""
+    """Scatter of ``points`` (dicts with ``label``, ``x`` and ``y`` keys), one colour and marker
+    pair per label (unique for up to 50 labels), with the Pareto front (lower x, higher y)
+    drawn as a line."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     labels = sorted({p["label"] for p in points})
     cmap = plt.get_cmap("tab10")
+    markers = "osD^v"
     for i, label in enumerate(labels):
         mine = [p for p in points if p["label"] == label]
-        ax.scatter([p[x] for p in mine], [p[y] for p in mine], label=label, color=cmap(i % 10), s=36, zorder=3)
+        ax.scatter([p[x] for p in mine], [p[y] for p in mine], label=label, color=cmap(i % 10),
+                   marker=markers[(i // 10) % len(markers)], s=36, zorder=3)
     if pareto and points:
         front, best = [], float("-inf")
         for p in sorted(points, key=lambda p: (p[x], -p[y])):
