@@ -7,7 +7,10 @@ fine-tuning: this checks the structure, not the accuracy), then:
 - latency at batch 64 (and 1) is measured for the original and the pruned model in
   alternating rounds (so drift hits both), and the measured speedup is printed next to the
   MAC reduction. Target: speedup >= 0.8 x MAC reduction at batch 64.
-- the same at batch 64 in the deployment form (BatchNorm folded into its conv, both models).
+- the same at batch 64 in the deployment form (BatchNorm folded into its conv, both models);
+- with ``--onnx``, also at batch 64 in ONNX Runtime (both models exported; ORT folds BatchNorm
+  and fuses activations itself). ORT is timed by wall clock on the same thread count
+  (1 with ``--clock cpu``), so run it on a quiet machine.
 
 ``--round-to auto`` keeps every pruned channel count a multiple of this CPU's float32 vector
 width (see leanconv.cost.hardware), as ``leanconv prune --round-to auto`` does.
@@ -29,7 +32,8 @@ import torch
 from leanconv import checkpoint
 from leanconv.compare import WIDTH
 from leanconv.cli.prune import resolve_round_to
-from leanconv.cost import count, measure_fastest_layout, measure_latency
+from leanconv.cost import count, measure_fastest_layout, measure_latency, measure_onnx_latency
+from leanconv.export import export_onnx
 from leanconv.data import load_dataset
 from leanconv.importance import ScoringData, create_criterion
 from leanconv.prune import prune_to_budget
@@ -60,6 +64,19 @@ def latency_pair(a, b, shape, batch, rounds, repeats, clock, fold_bn=False, layo
     return statistics.median(ta), statistics.median(tb)
 
 
+def onnx_pair(a, b, shape, rounds, repeats, threads):
+    """Median over alternating rounds of each model's ONNX Runtime latency at batch 64."""
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = [Path(tmp) / f"{name}.onnx" for name in ("a", "b")]
+        for net, path in zip((a, b), paths):
+            export_onnx(net, shape, path, latency=False)
+        times = [[], []]
+        for _ in range(rounds):
+            for t, path in zip(times, paths):
+                t.append(measure_onnx_latency(path, shape, 64, repeats=repeats, warmup=2, threads=threads).median_ms)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 def identical_reload(model, shape) -> bool:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "m.safetensors"
@@ -86,6 +103,11 @@ def check_one(label, model, pruned, shape, macs0, args) -> dict:
            "channels": [m.out_channels for m in pruned.modules() if isinstance(m, torch.nn.Conv2d)]}
     row["speedup_over_mac_reduction"] = row["speedup_b64"] / row["mac_reduction"]
     row["bn_folded_speedup_over_mac_reduction"] = row["speedup_b64_bn_folded"] / row["mac_reduction"]
+    if args.onnx:
+        threads = 1 if args.clock == "cpu" else torch.get_num_threads()
+        ort = onnx_pair(model, pruned, shape, args.rounds, args.repeats, threads)
+        row.update(latency_b64_onnx_ms=ort, speedup_b64_onnx=ort[0] / ort[1],
+                   onnx_speedup_over_mac_reduction=ort[0] / ort[1] / row["mac_reduction"])
     return row
 
 
@@ -103,6 +125,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="cpu: thread CPU time on 1 thread, immune to other processes on a busy machine")
+    parser.add_argument("--onnx", action="store_true", help="also time both models in ONNX Runtime (wall clock)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.threads:
@@ -123,12 +146,14 @@ def main() -> None:
               f"{row['reload_identical']}, MAC reduction {row['mac_reduction']:.2f}x, measured speedup b64 "
               f"{row['speedup_b64']:.2f}x (ratio {row['speedup_over_mac_reduction']:.2f}, target >= 0.8), "
               f"b1 {row['speedup_b1']:.2f}x; BN folded: b64 {row['speedup_b64_bn_folded']:.2f}x "
-              f"(ratio {row['bn_folded_speedup_over_mac_reduction']:.2f})", flush=True)
+              f"(ratio {row['bn_folded_speedup_over_mac_reduction']:.2f})"
+              + (f"; ONNX Runtime: b64 {row['speedup_b64_onnx']:.2f}x (ratio {row['onnx_speedup_over_mac_reduction']:.2f})"
+                 if args.onnx else ""), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"ckpt": args.ckpt, "target": args.target, "round_to": round_to,
                                               "round_to_arg": args.round_to,
                                               "latency_aware": args.latency_aware,
-                                              "clock": args.clock, "layout": args.layout,
+                                              "clock": args.clock, "layout": args.layout, "onnx": args.onnx,
                                               "threads": torch.get_num_threads(), "rows": rows}, indent=2))
 
 
