@@ -97,8 +97,8 @@ def _hint_alignment(layers: dict[str, list[int]], round_to: int | None) -> None:
     off = [n for n, (before, after) in layers.items() if after != before and after % block]
     if round_to is None and off:
         print(f"leanconv: note: {len(off)} pruned layers keep channel counts that are not multiples of {block}; "
-              f"this CPU computes convs in blocks of {block} output channels, so --round-to auto gives more "
-              "speed for the same MACs", file=sys.stderr)
+              f"this CPU computes convs in blocks of {block} output channels (PyTorch and ONNX Runtime alike), so "
+              "--round-to auto gives more speed for the same MACs", file=sys.stderr)
 
 
 def _hint_no_implant(record: dict, config: PruneConfig) -> None:
