@@ -7,6 +7,9 @@ a discarded warm-up. ``batched_vs_single`` gives, per method and overall, the th
 the best batched step over the best one-probe-at-a-time configuration. It also reports
 the median relative standard error per probe-equivalent for plain Hutchinson and for
 layer-split probes (``probe_groups="layer"``), i.e. which one buys more precision per HVP.
+``cost_split`` times the two parts of a step apart: the forward+backward that all of a
+step's probes share, and the second backward each probe needs alone; with FLOPs counted
+too, it gives the ceiling any number of probes per step can reach (``1 + shared / per_probe``).
 Part 2 (``--sens-model``, default resnet56): wall time of ``channel_traces`` with its
 default stopping rule on ``--sens-images`` images (512), as HAP would run it.
 
@@ -21,6 +24,7 @@ zoo lacks falls back to a small local CNN (said so in the record). Writes a JSON
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import time
@@ -29,8 +33,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from leanconv.importance.hessian import channel_traces
-from leanconv.importance.hessian_hvp import HVP_METHODS
+from leanconv.importance.hessian import _select, channel_traces
+from leanconv.importance.hessian_hvp import HVP_METHODS, _LeanOps, rademacher_probes
+from leanconv.modes import eval_mode
 
 
 def local_cnn(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
@@ -104,6 +109,46 @@ def batching_ratios(rows: list[dict]) -> dict[str, dict]:
     return out
 
 
+def cost_split(model, batches, repeats: int = 3) -> dict:
+    """Where one probe's time goes in the lean double backward, summed over the batches: the forward+backward
+    that builds the gradient graph (``shared``: one per step, whatever the step size) and the
+    second backward that every probe needs alone (``per_probe``). Sharing the first among
+    ``k`` probes gives at most ``(shared + per_probe) / (shared / k + per_probe)``, which tends
+    to ``1 + shared / per_probe`` as ``k`` grows: the ceiling of batching probes this way.
+    Times are the fastest of ``repeats``; FLOPs are counted by ``torch.utils.flop_counter``
+    (convolutions and matrix products), which gives the same ceiling free of timing noise."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sel, fixed = _select(model, None)
+    names = list(sel)
+    v = {n: t[0] for n, t in rademacher_probes(torch.Generator().manual_seed(0), sel, 1).items()}
+
+    def one_batch(x, y, count: bool) -> list[float]:
+        """[shared s, per-probe s] for one batch, or their FLOPs with ``count``."""
+        modes = [FlopCounterMode(display=False) if count else contextlib.nullcontext() for _ in range(2)]
+        leaves = {n: sel[n].clone().requires_grad_(True) for n in names}
+        t0 = time.perf_counter()
+        with modes[0]:
+            loss = nn.functional.cross_entropy(torch.func.functional_call(model, {**fixed, **leaves}, (x,)), y)
+            grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
+        t1 = time.perf_counter()
+        with modes[1]:
+            torch.autograd.grad(sum((g * v[n]).sum() for g, n in zip(grads, names)), list(leaves.values()))
+        t2 = time.perf_counter()
+        return [m.get_total_flops() for m in modes] if count else [t1 - t0, t2 - t1]
+
+    def total(count: bool) -> list[float]:
+        return [sum(p) for p in zip(*(one_batch(x, y, count) for x, y in batches))]
+
+    with eval_mode(model), _LeanOps():
+        flops = total(count=True)  # also the warm-up
+        shared, per_probe = (min(t) for t in zip(*(total(count=False) for _ in range(repeats))))
+    return {"method": "lean_double_backward", "shared_seconds": round(shared, 4),
+            "per_probe_seconds": round(per_probe, 4), "ceiling": round(1 + shared / per_probe, 3),
+            "shared_gflops": round(flops[0] / 1e9, 3), "per_probe_gflops": round(flops[1] / 1e9, 3),
+            "flop_ceiling": round(1 + flops[0] / flops[1], 3)}
+
+
 def precision_per_hvp(model, batches, args) -> list[dict]:
     """Median over channels of the per-probe relative standard deviation, scaled to one HVP."""
     rows = []
@@ -163,6 +208,7 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
         "config": {k: v for k, v in vars(args).items() if k != "out"}, "model": label,
         "throughput": throughput(model, batches, args),
+        "cost_split": cost_split(model, batches),
         "precision": precision_per_hvp(model, batches, args),
         "sensitivity": None if args.skip_sensitivity else sensitivity_time(args),
     }
@@ -178,6 +224,11 @@ def main() -> None:
         else:
             print(f"{method}: batched probes {ratio['best_step']} per step give {ratio['ratio']:.2f}x the throughput "
                   f"of one probe at a time")
+    c = record["cost_split"]
+    print(f"{args.images} images, lean double backward: forward+backward shared by a step's probes {c['shared_seconds']:.3f} s "
+          f"({c['shared_gflops']:.2f} GFLOP), second backward per probe {c['per_probe_seconds']:.3f} s "
+          f"({c['per_probe_gflops']:.2f} GFLOP): batching can give at most {c['ceiling']:.2f}x by time, "
+          f"{c['flop_ceiling']:.2f}x by FLOPs")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
