@@ -12,6 +12,10 @@ fine-tuning: this checks the structure, not the accuracy), then:
   and fuses activations itself). ORT is timed by wall clock on the same thread count
   (1 with ``--clock cpu``), so run it on a quiet machine.
 
+- with ``--stages``, each top-level module (stem, each stage, head) timed alone by forward
+  hooks in the BN-folded form (thread CPU time: use with ``--threads 1``): its share of the
+  time and of the MACs, and its own speedup next to its own MAC reduction.
+
 ``--round-to auto`` keeps every pruned channel count a multiple of this CPU's float32 vector
 width (see leanconv.cost.hardware), as ``leanconv prune --round-to auto`` does.
 
@@ -25,6 +29,7 @@ import copy
 import json
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -34,6 +39,7 @@ from leanconv.compare import WIDTH
 from leanconv.cli.prune import resolve_round_to
 from leanconv.cost import count, measure_fastest_layout, measure_latency, measure_onnx_latency
 from leanconv.export import export_onnx
+from leanconv.fold import fold_batchnorm
 from leanconv.data import load_dataset
 from leanconv.importance import ScoringData, create_criterion
 from leanconv.prune import prune_to_budget
@@ -75,6 +81,43 @@ def onnx_pair(a, b, shape, rounds, repeats, threads):
             for t, path in zip(times, paths):
                 t.append(measure_onnx_latency(path, shape, 64, repeats=repeats, warmup=2, threads=threads).median_ms)
     return statistics.median(times[0]), statistics.median(times[1])
+
+
+def stage_times(model, shape, repeats) -> dict[str, float]:
+    """Thread CPU time (ms, median of ``repeats``) of each top-level child of the BN-folded
+    model in channels_last at batch 64, 1 thread, by forward hooks."""
+    net = fold_batchnorm(copy.deepcopy(model).eval(), torch.randn(2, *shape)).to(memory_format=torch.channels_last)
+    start, runs = {}, []
+    for name, child in net.named_children():
+        child.register_forward_pre_hook(lambda mod, a, name=name: start.__setitem__(name, time.thread_time()))
+        child.register_forward_hook(lambda mod, a, o, name=name: runs[-1].__setitem__(
+            name, runs[-1].get(name, 0.0) + time.thread_time() - start[name]))
+    x = torch.randn(64, *shape).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for i in range(repeats + 2):
+            runs.append({})
+            net(x)
+    runs = runs[2:]
+    return {name: 1e3 * statistics.median(r[name] for r in runs) for name in runs[0]}
+
+
+def stage_split(model, pruned, shape, rounds, repeats) -> list[dict]:
+    """Per top-level child: its share of the original's MACs and (BN-folded) time, and its own
+    MAC reduction and speedup after pruning: which parts the cut could not speed up."""
+    macs = [{}, {}]
+    for m, out in zip((model, pruned), macs):
+        for layer in count(m, shape).layers:
+            top = layer.name.split(".")[0]
+            out[top] = out.get(top, 0) + layer.macs
+    times = [[], []]
+    for _ in range(rounds):
+        for m, t in zip((model, pruned), times):
+            t.append(stage_times(m, shape, repeats))
+    t0, t1 = ({k: statistics.median(r[k] for r in t) for k in t[0]} for t in times)
+    total_macs, total_ms = sum(macs[0].values()), sum(t0.values())
+    return [{"module": k, "macs_share": macs[0].get(k, 0) / total_macs, "time_share": t0[k] / total_ms,
+             "ms": [t0[k], t1[k]], "mac_reduction": macs[0].get(k, 0) / max(macs[1].get(k, 0), 1),
+             "speedup": t0[k] / t1[k]} for k in t0 if t0[k] / total_ms >= 0.01]
 
 
 def identical_reload(model, shape) -> bool:
@@ -126,6 +169,8 @@ def main() -> None:
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="cpu: thread CPU time on 1 thread, immune to other processes on a busy machine")
     parser.add_argument("--onnx", action="store_true", help="also time both models in ONNX Runtime (wall clock)")
+    parser.add_argument("--stages", action="store_true",
+                        help="also time each top-level module (BN folded, 1 thread, CPU time): where the speedup is lost")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.threads:
@@ -149,6 +194,11 @@ def main() -> None:
               f"(ratio {row['bn_folded_speedup_over_mac_reduction']:.2f})"
               + (f"; ONNX Runtime: b64 {row['speedup_b64_onnx']:.2f}x (ratio {row['onnx_speedup_over_mac_reduction']:.2f})"
                  if args.onnx else ""), flush=True)
+        if args.stages:
+            row["stages"] = stage_split(model, pruned, shape, args.rounds, args.repeats)
+            for st in row["stages"]:
+                print(f"    {st['module']:10s} {st['time_share']:.2f} of the time, {st['macs_share']:.2f} of the MACs; "
+                      f"speedup {st['speedup']:.2f}x for a MAC reduction of {st['mac_reduction']:.2f}x", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"ckpt": args.ckpt, "target": args.target, "round_to": round_to,
                                               "round_to_arg": args.round_to,
