@@ -1,5 +1,6 @@
 """Checkpoints: round trips for every zoo model, structural edits, and refusal of bad files."""
 
+import json
 import os
 import pickle
 import sys
@@ -162,3 +163,62 @@ def test_header_never_names_foreign_layer_types(tmp_path):
     with pytest.raises(LeanconvError, match="not a leanconv layer type"):
         checkpoint.save(model, tmp_path / "c.safetensors")
     assert not (tmp_path / "c.safetensors").exists()
+
+
+def other_net(width=4):
+    """A different user model, for the wrong-constructor message."""
+    return nn.Sequential(nn.Conv2d(3, width, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 3))
+
+
+def failing_net(width=4):
+    raise RuntimeError("needs a GPU")
+
+
+def test_user_model_saves_without_naming_its_constructor_again(tmp_path):
+    target = f"{__name__}:user_net"
+    model = from_constructor(target, width=6)
+    path = tmp_path / "u.safetensors"
+    checkpoint.save(model, path)  # the model remembers the function it was built by
+    loaded = checkpoint.load(path, constructor=target)
+    again = tmp_path / "again.safetensors"
+    checkpoint.save(loaded, again)  # and so does a model loaded with it
+    torch.testing.assert_close(_logits(checkpoint.load(again, constructor=target)), _logits(model))
+
+
+def test_wrong_constructor_is_not_called_a_corrupt_file(tmp_path):
+    path = tmp_path / "u.safetensors"
+    checkpoint.save(from_constructor(f"{__name__}:user_net"), path)
+    with pytest.raises(LeanconvError, match=r"does not build the model the file was saved from") as err:
+        checkpoint.load(path, constructor=f"{__name__}:other_net")
+    assert "corrupt" not in str(err.value)
+
+
+def test_constructor_failures_are_one_line_errors(tmp_path, monkeypatch):
+    with pytest.raises(LeanconvError, match=r"constructor .*failing_net.* failed .*RuntimeError: needs a GPU"):
+        from_constructor(f"{__name__}:failing_net")
+    (tmp_path / "broken_syntax_mod.py").write_text("def f(:\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(LeanconvError, match=r"cannot import 'broken_syntax_mod'.*SyntaxError"):
+        from_constructor("broken_syntax_mod:f")
+
+
+def test_negative_channel_count_in_header_is_corrupt(tmp_path):
+    model = create("resnet20")
+    model.fc = nn.Linear(64, 5)  # one edit in the header
+    path = tmp_path / "m.safetensors"
+    checkpoint.save(model, path)
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    head = json.loads(raw[8 : 8 + n])
+    header = json.loads(head["__metadata__"]["leanconv"])
+    header["edits"][0]["module"]["kwargs"]["out_features"] = -3
+    head["__metadata__"]["leanconv"] = json.dumps(header)
+    text = json.dumps(head).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
+    with pytest.raises(LeanconvError, match="corrupt"):
+        checkpoint.load(path)
+
+
+def test_a_folder_is_not_reported_as_missing(tmp_path):
+    with pytest.raises(LeanconvError, match="is a folder"):
+        checkpoint.load(tmp_path)

@@ -134,13 +134,14 @@ def save(model: nn.Module, path: str | os.PathLike, constructor: Callable[..., n
     """Write ``model`` to ``path`` atomically; returns the header written.
 
     ``model`` must carry ``leanconv_base`` (set by ``leanconv.models.create`` or
-    ``from_constructor``). ``extra_tensors`` (e.g. optimiser state) are stored under the
+    ``from_constructor``). A user model needs ``constructor`` only when it was not built by
+    ``from_constructor`` in this process (which remembers the function, not just its name). ``extra_tensors`` (e.g. optimiser state) are stored under the
     ``__extra__.`` prefix and ignored by :func:`load`.
     """
     base_record = getattr(model, "leanconv_base", None)
     if base_record is None:
         raise LeanconvError("model has no leanconv_base record; build it with leanconv.models.create or from_constructor")
-    base = build_base(base_record, constructor)
+    base = build_base(base_record, constructor or getattr(model, "leanconv_constructor", None))
     header = {
         "format": FORMAT,
         "base": base_record,
@@ -162,6 +163,8 @@ def save(model: nn.Module, path: str | os.PathLike, constructor: Callable[..., n
 def read_header(path: str | os.PathLike) -> dict[str, Any]:
     """Read and validate the JSON header of a leanconv checkpoint without loading weights."""
     path = Path(path)
+    if path.is_dir():
+        raise LeanconvError(f"checkpoint {str(path)!r} is a folder; name the .safetensors file inside it")
     if not path.is_file():
         raise LeanconvError(f"checkpoint {str(path)!r} does not exist")
     try:
@@ -190,20 +193,28 @@ def load(path: str | os.PathLike, constructor: Callable[..., nn.Module] | str | 
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise LeanconvError(f"{str(path)!r} is truncated or corrupt: {exc}") from exc
-    model = build_base(header["base"], constructor)
-    model = apply_edits(model, header.get("edits", []))
+    base = build_base(header["base"], constructor)
+    model = apply_edits(base, header.get("edits", []))
+    if hasattr(base, "leanconv_constructor"):
+        model.leanconv_constructor = base.leanconv_constructor
     model.leanconv_base = header["base"]
     model.leanconv_meta = header.get("meta", {})
     extra = {k[len("__extra__."):]: v for k, v in tensors.items() if k.startswith("__extra__.")}
     state = {k: v for k, v in tensors.items() if not k.startswith("__extra__.")}
+    # With a user constructor the likelier cause is a constructor that differs from the saved one.
+    cause = "the file is corrupt"
+    if "constructor" in header["base"]:
+        given = constructor if isinstance(constructor, str) else getattr(constructor, "__qualname__", constructor)
+        cause = (f"the constructor given ({given!r}) does not build the model the file was saved from "
+                 f"({header['base']['constructor']!r}); pass that one, unchanged")
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatch
-        raise LeanconvError(f"checkpoint {str(path)!r} does not fit its own architecture; the file is corrupt") from exc
+        raise LeanconvError(f"checkpoint {str(path)!r} does not fit its own architecture: {cause}") from exc
     if missing or unexpected:
         raise LeanconvError(
             f"checkpoint {str(path)!r} does not fit its own architecture (missing {list(missing)[:3]}, "
-            f"unexpected {list(unexpected)[:3]}); the file is corrupt"
+            f"unexpected {list(unexpected)[:3]}): {cause}"
         )
     model.eval()
     return (model, extra) if with_extra else model

@@ -146,5 +146,6 @@ def module_from_spec(spec: dict[str, Any]) -> nn.Module:
             kwargs[key] = tuple(kwargs[key])
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise LeanconvError(f"cannot build layer {name} from checkpoint arguments {kwargs}: {exc}") from exc
+    except (TypeError, ValueError, RuntimeError) as exc:  # RuntimeError: e.g. a negative channel count
+        raise LeanconvError(f"cannot build layer {name} from checkpoint arguments {kwargs} ({exc}); "
+                            "the checkpoint is corrupt") from exc

@@ -75,8 +75,9 @@ def resolve_constructor(target: str) -> Callable[..., nn.Module]:
         raise LeanconvError(f"constructor {target!r} must look like package.module:function")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise LeanconvError(f"cannot import {module_name!r} for constructor {target!r}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - the user's module may fail in any way while importing
+        raise LeanconvError(f"cannot import {module_name!r} for constructor {target!r}: "
+                            f"{type(exc).__name__}: {exc}") from exc
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise LeanconvError(f"{module_name!r} has no callable {attr!r}")
@@ -88,8 +89,13 @@ def from_constructor(target: str | Callable[..., nn.Module], **kwargs: Any) -> n
     that checkpoints can record it."""
     fn = resolve_constructor(target) if isinstance(target, str) else target
     name = target if isinstance(target, str) else f"{fn.__module__}:{fn.__qualname__}"
-    model = fn(**kwargs)
+    try:
+        model = fn(**kwargs)
+    except Exception as exc:  # noqa: BLE001 - the user's constructor may fail in any way
+        raise LeanconvError(f"constructor {name!r} failed with {kwargs or 'no arguments'}: "
+                            f"{type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise LeanconvError(f"constructor {name!r} returned {type(model).__name__}, not an nn.Module")
     model.leanconv_base = {"constructor": name, "kwargs": dict(kwargs)}
+    model.leanconv_constructor = fn  # in memory only: lets checkpoint.save rebuild the base it diffs against
     return model
