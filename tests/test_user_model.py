@@ -64,3 +64,19 @@ def test_user_model_prunes_and_reloads(method, tmp_path):
     x = torch.randn(3, *shape)
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(x), model.eval()(x), rtol=0, atol=0)
+
+
+def test_user_model_trains_from_the_cli(tmp_path):
+    """``leanconv train --from CKPT --constructor ...`` writes its checkpoints without asking
+    for the constructor again (the function named on the command line is remembered)."""
+    from leanconv.cli.main import main
+
+    start = tmp_path / "init.safetensors"
+    checkpoint.save(from_constructor(TARGET), start)
+    out = tmp_path / "trained"
+    code = main(["train", "--from", str(start), "--constructor", TARGET, "--data", "synthetic:n=64,c=3,s=16,k=4",
+                 "--epochs", "1", "--batch-size", "32", "--out", str(out), "--no-progress"])
+    assert code == 0
+    trained = checkpoint.load(out / "model.safetensors", constructor=TARGET)
+    before = checkpoint.load(start, constructor=TARGET)
+    assert not torch.equal(trained.head[-1].weight, before.head[-1].weight)  # it did train
