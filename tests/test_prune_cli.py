@@ -106,3 +106,91 @@ def test_sensitivity_writes_json_and_plot(trained_ckpt, tmp_path, capsys):
     assert main(["sensitivity", str(trained_ckpt), "--probes", "8", "--images", "64", "--out", str(out),
                  "--no-progress"]) == 0
     assert json.loads((out / "sensitivity.json").read_text())["layers"] == record["layers"]
+
+
+def _one_line_error(capsys, code, match):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("leanconv: error:") and match in err[0], err
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--data", "synthetic:n=64,c=1,s=16,k=4"], "takes 3 input channels but synthetic:c=1"),
+    (["--data", "synthetic:n=64,c=3,s=16,k=6"], "predicts 4 classes but synthetic:c=3,k=6"),
+    (["--out-is-a-file"], "is a file, not a folder"),
+])
+@pytest.mark.parametrize("command", ["prune", "sensitivity"])
+def test_bad_data_or_out_fail_before_work_in_one_line(trained_ckpt, tmp_path, capsys, command, extra, match):
+    out = tmp_path / "out"
+    if extra == ["--out-is-a-file"]:
+        out.write_text("keep me")
+        extra = []
+    budget = ["--target-flops", "0.5"] if command == "prune" else []
+    code = main([command, str(trained_ckpt), *budget, "--out", str(out), "--no-progress", *extra])
+    _one_line_error(capsys, code, match)
+    assert (out.read_text() == "keep me") if out.is_file() else not out.exists()
+
+
+def test_sensitivity_probe_settings_are_checked(trained_ckpt, tmp_path, capsys):
+    out = tmp_path / "s"
+    code = main(["sensitivity", str(trained_ckpt), "--probes", "8", "--min-probes", "100", "--out", str(out)])
+    _one_line_error(capsys, code, "--min-probes must lie between 2 and --probes (8)")
+    for bad in (["--rel-stderr", "-1"], ["--rel-stderr", "nan"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["sensitivity", str(trained_ckpt), *bad, "--out", str(out)])
+        assert exit_info.value.code == 2 and "finite number above 0" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("lr", ["nan", "-0.1", "0"])
+def test_finetune_lr_is_checked_up_front(trained_ckpt, tmp_path, capsys, lr):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prune", str(trained_ckpt), "--target-flops", "0.5", "--finetune-lr", lr, "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2 and "--finetune-lr: must be a finite number above 0" in capsys.readouterr().err
+
+
+def test_stdout_is_only_the_json_summary(trained_ckpt, tmp_path, capsys):
+    out = tmp_path / "quiet"
+    assert main(["prune", str(trained_ckpt), "--method", "l1", "--target-flops", "0.5", "--repeats", "1",
+                 "--score-images", "32", "--out", str(out)]) == 0  # progress on: it goes to stderr
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["out"] == str(out)
+    assert "leanconv: measuring the unpruned model" in captured.err
+
+
+def test_implanted_model_is_not_pruned_again_and_says_why(trained_ckpt, tmp_path, capsys):
+    first = tmp_path / "implanted"
+    assert main(["prune", str(trained_ckpt), "--method", "l1", "--target-flops", "0.5", "--implant", "0.5",
+                 "--repeats", "1", "--score-images", "32", "--out", str(first), "--no-progress"]) == 0
+    capsys.readouterr()
+    header = checkpoint.read_header(first / "model.safetensors")
+    assert any(e["module"]["type"] == "ImplantConv2d" for e in header["edits"])
+    code = main(["prune", str(first / "model.safetensors"), "--method", "l1", "--target-flops", "0.7",
+                 "--out", str(tmp_path / "again"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Neural Implant" in err and len(err.strip().splitlines()) == 1
+
+
+def test_keep_unprunable_prunes_the_rest_of_a_user_model(tmp_path, capsys):
+    """A layer leanconv cannot resize stops the run with a one-line error that names the way
+    out; ``--keep-unprunable`` keeps those channels and prunes the rest."""
+    from leanconv.models import from_constructor
+
+    model = from_constructor("prune_toys:RollToy")
+    model.leanconv_meta = {"input_shape": [3, 16, 16], "num_classes": 2}
+    ckpt = tmp_path / "scale.safetensors"
+    checkpoint.save(model, ckpt)
+    args = ["prune", str(ckpt), "--constructor", "prune_toys:RollToy", "--method", "l1", "--target-params", "0.875",
+            "--data", "synthetic:n=64,c=3,s=16,k=2", "--repeats", "1", "--score-images", "32", "--no-progress"]
+    _one_line_error(capsys, main([*args, "--out", str(tmp_path / "strict")]), "--keep-unprunable")
+    assert main([*args, "--keep-unprunable", "--out", str(tmp_path / "kept")]) == 0
+    pruned = checkpoint.load(tmp_path / "kept" / "model.safetensors", constructor="prune_toys:RollToy")
+    assert pruned.conv1.out_channels == 6 and pruned.conv2.out_channels < 5  # the rolled channels stay
+
+
+def test_file_system_errors_are_one_line(trained_ckpt, tmp_path, capsys):
+    out = tmp_path / "blocked"
+    (out / "record.json").mkdir(parents=True)  # a folder where the record should go
+    code = main(["prune", str(trained_ckpt), "--method", "l1", "--target-flops", "0.5", "--repeats", "1",
+                 "--score-images", "32", "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and err[0].startswith("leanconv: error:") and "record.json" in err[0], err

@@ -178,15 +178,15 @@ def _format_of(t: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
 
 
-def _check_finite(value: float, ddp: bool, epoch: int, step: int) -> None:
+def _check_finite(value: float, ddp: bool, epoch: int, step: int, config: "TrainConfig") -> None:
     """Stop on a NaN/inf loss; under DDP every process stops together when any one sees it."""
     bad = not math.isfinite(value)
     if ddp:
         bad = dist.all_reduce_sum([float(bad)])[0] > 0
     if bad:
         raise LeanconvError(
-            f"training diverged at epoch {epoch + 1}, step {step} (loss={value}); the last good "
-            "checkpoint is kept; lower --lr or check the data"
+            f"training diverged at epoch {epoch + 1}, step {step} (loss={value}, learning rate {config.lr:g}); "
+            "nothing from this epoch was written; lower the learning rate or check the data"
         )
 
 
@@ -202,7 +202,7 @@ def _train_epoch(net, loader, opt, config, epoch, step0, total_steps, progress, 
         out = net(x)
         loss = F.cross_entropy(out, y, label_smoothing=config.label_smoothing)
         value = loss.item()
-        _check_finite(value, ddp, epoch, step - step0 + 1)
+        _check_finite(value, ddp, epoch, step - step0 + 1, config)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

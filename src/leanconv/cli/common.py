@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -18,7 +20,7 @@ from leanconv.models import create, names
 
 __all__ = [
     "add_data_args", "add_model_args", "add_seed_arg", "add_repeats_arg", "add_output_args",
-    "load_model", "load_data", "data_from_meta", "parse_shape",
+    "load_model", "load_data", "data_from_meta", "parse_shape", "positive_float", "check_out_folder",
     "progress_bar", "write_json", "positive_int", "fraction", "input_shape_of", "resolution_of",
 ]
 
@@ -32,6 +34,17 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number above 0 (learning rates)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
     return value
 
 
@@ -86,6 +99,20 @@ def add_output_args(parser: argparse.ArgumentParser, out_help: str = "output fol
     """``--out DIR`` (required) and ``--no-progress``, the last arguments of a run that writes a folder."""
     parser.add_argument("--out", required=True, metavar="DIR", help=out_help)
     parser.add_argument("--no-progress", action="store_true", help=progress_help)
+    parser.set_defaults(out_is_folder=True)  # main() checks it before any work
+
+
+def check_out_folder(path: str | Path) -> None:
+    """Refuse, before any work, an ``--out`` folder that cannot be written: the path or one of its
+    parents is a file, or the nearest existing folder is read-only. Creates nothing."""
+    p = Path(path).absolute()
+    if p.exists() and not p.is_dir():
+        raise LeanconvError(f"--out {str(path)!r} is a file, not a folder; name a folder (it will be created)")
+    existing = next(q for q in (p, *p.parents) if q.exists())
+    if not existing.is_dir():
+        raise LeanconvError(f"--out {str(path)!r} lies under {str(existing)!r}, which is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise LeanconvError(f"cannot write to {str(existing)!r} for --out {str(path)!r}; pick a writable folder")
 
 
 def load_model(spec: str, *, constructor: str | None = None, input_shape: tuple[int, int, int] | None = None,
@@ -128,13 +155,24 @@ def load_data(name: str, data_dir: str | None) -> DatasetSplits:
 
 
 def data_from_meta(model: nn.Module, args: argparse.Namespace) -> DatasetSplits:
-    """The dataset given on the command line, else the one the model was trained on."""
-    meta = getattr(model, "leanconv_meta", {}).get("dataset") or {}
+    """The dataset given on the command line, else the one the model was trained on; it must
+    have the model's input channels and classes (where the model records them)."""
+    recorded = getattr(model, "leanconv_meta", {})
+    meta = recorded.get("dataset") or {}
     name = args.data or meta.get("name")
     if name is None:
         raise LeanconvError("the model records no dataset; pass --data")
     data_dir = args.data_dir if args.data_dir is not None else (meta.get("data_dir") if name == meta.get("name") else None)
-    return load_dataset(name, data_dir)
+    data = load_dataset(name, data_dir)
+    shape = recorded.get("input_shape")
+    if shape and shape[0] != data.in_channels:
+        raise LeanconvError(f"the model takes {shape[0]} input channels but {data.name} has {data.in_channels}; "
+                            "pass the --data it was trained on")
+    classes = recorded.get("num_classes")
+    if classes and classes != data.num_classes:
+        raise LeanconvError(f"the model predicts {classes} classes but {data.name} has {data.num_classes}; "
+                            "pass the --data it was trained on")
+    return data
 
 
 def progress_bar(desc: str, enabled: bool = True) -> tuple[Callable[[int, int, dict], None], Callable[[], None]]:

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from leanconv.cli.common import (add_data_args, add_model_args, add_output_args, add_seed_arg, data_from_meta,
-                                 input_shape_of, load_model, positive_int, progress_bar, resolution_of)
+                                 input_shape_of, load_model, positive_float, positive_int, progress_bar,
+                                 resolution_of)
 from leanconv.compare import CONTENDERS, DEFAULT_METHODS, CompareConfig, run_compare
 from leanconv.errors import LeanconvError
 from leanconv.report.build import build_report
@@ -40,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma-separated, from: {', '.join(CONTENDERS)} (default: {','.join(DEFAULT_METHODS)})")
     p.add_argument("--finetune-epochs", type=int, default=1, help="fine-tuning epochs for every entry (default: 1)")
-    p.add_argument("--finetune-lr", type=float, default=0.01)
+    p.add_argument("--finetune-lr", type=positive_float, default=0.01)
     p.add_argument("--probes", type=positive_int, default=32, help="Hutchinson probe cap (default: 32)")
     p.add_argument("--score-images", type=positive_int, default=512)
     p.add_argument("--samples", type=positive_int, default=6, help="3-D pruning samples (default: 6)")

@@ -6,7 +6,6 @@ import argparse
 import json
 
 from leanconv.cli.common import add_data_args, add_model_args, data_from_meta, load_model, resolution_of
-from leanconv.errors import LeanconvError
 from leanconv.train import evaluate
 
 __all__ = ["register", "run"]
@@ -28,8 +27,6 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.ckpt, constructor=args.constructor)
     data = data_from_meta(model, args)
     shape = model.leanconv_meta.get("input_shape")
-    if shape and shape[0] != data.in_channels:
-        raise LeanconvError(f"the model takes {shape[0]} input channels but {data.name} has {data.in_channels}")
     loader = data.loader(args.split, args.batch_size, resolution=resolution_of(model, data))
     metrics = evaluate(model, loader)
     result = {"accuracy": metrics["accuracy"], "loss": metrics["loss"], "n": metrics["n"],

@@ -11,8 +11,8 @@ import argparse
 from pathlib import Path
 from typing import Callable
 
-from leanconv.cli.common import (add_data_args, add_output_args, add_repeats_arg, add_seed_arg, positive_int,
-                                 progress_bar)
+from leanconv.cli.common import (add_data_args, add_output_args, add_repeats_arg, add_seed_arg, positive_float,
+                                 positive_int, progress_bar)
 from leanconv.explore import PAPER_OVERLAPS, ExploreConfig, run_explore, write_summary
 from leanconv.models import names
 from leanconv.report.plots import tradeoff_chart
@@ -60,7 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--include-dense", action="store_true", help="also train the unconverted model")
     p.add_argument("--epochs", type=positive_int, default=3, help="training epochs per variant (default: 3)")
     p.add_argument("--subset", type=positive_int, default=None, help="train on this many images only")
-    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate (default: 0.1)")
+    p.add_argument("--lr", type=positive_float, default=0.1, help="peak learning rate (default: 0.1)")
     add_seed_arg(p)
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: PyTorch's)")
     add_repeats_arg(p)

@@ -2,7 +2,8 @@
 
 Each subcommand lives in its own module with ``register(subparsers)``, which adds its parser
 and sets ``func`` to a ``run(args) -> int`` function. User errors (``LeanconvError``, bad
-arguments) print one line and exit with status 2; Ctrl-C exits with 130.
+arguments) print one line and exit with status 2; a file-system error prints one line and exits
+with 1 (``-v`` shows its traceback); Ctrl-C exits with 130.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import sys
 
 from leanconv import __version__
+from leanconv.cli.common import check_out_folder
 from leanconv.errors import LeanconvError
 
 __all__ = ["main", "build_parser", "SUBCOMMANDS"]
@@ -52,10 +54,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if getattr(args, "out_is_folder", False):
+            check_out_folder(args.out)
         return int(args.func(args) or 0)
     except LeanconvError as exc:
         print(f"leanconv: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the file system refused a read or write (disk full, permissions, a folder in the way)
+        if args.verbose:
+            raise
+        print(f"leanconv: error: {exc} (every file leanconv writes is written whole or not at all)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("leanconv: interrupted; finished work is saved (re-run with --resume where offered)", file=sys.stderr)
         return 130

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from leanconv import checkpoint
 from leanconv.cli.common import (add_data_args, add_model_args, add_output_args, add_repeats_arg, add_seed_arg,
-                                 data_from_meta, fraction, input_shape_of, load_model, positive_int, progress_bar,
-                                 resolution_of, write_json)
+                                 data_from_meta, fraction, input_shape_of, load_model, positive_float,
+                                 positive_int, progress_bar, resolution_of, write_json)
 from leanconv.cost import simd_channels
 from leanconv.errors import LeanconvError
 from leanconv.importance import criterion_names
@@ -23,7 +23,7 @@ __all__ = ["register", "run"]
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prune", help="remove channels to a FLOPs/params budget (hap, l1, taylor, ...)",
                        description="Rank channel groups globally with a criterion, remove the least important "
-                       "physically until the counted MACs (FLOPs = 2 x MACs, same ratio) or params land within 2%% "
+                       "physically until the counted MACs (FLOPs = 2 x MACs, same ratio) or params land within 2% "
                        "of the target, optionally implant the most sensitive pruned channels (HAP Neural "
                        "Implant), fine-tune, re-estimate BatchNorm statistics, and measure. Writes "
                        "DIR/model.safetensors, DIR/record.json and DIR/channels.png.")
@@ -50,10 +50,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--round-to", type=round_to_arg, default=None, metavar="N|auto",
                    help="keep pruned channel counts multiples of N; auto = this CPU's float32 vector width "
                    "(16 with AVX-512, 8 with AVX2), where a CPU conv is fastest per MAC")
+    p.add_argument("--keep-unprunable", action="store_true",
+                   help="keep (do not prune) channels that pass through layers leanconv cannot resize, such as a "
+                   "channel shuffle, instead of stopping with an error")
     p.add_argument("--steps", type=positive_int, default=1, metavar="K",
                    help="prune in K rounds with fine-tuning between them (default: 1)")
     p.add_argument("--finetune-epochs", type=int, default=0, metavar="N", help="fine-tuning epochs (default: 0)")
-    p.add_argument("--finetune-lr", type=float, default=0.01, help="fine-tuning learning rate (default: 0.01)")
+    p.add_argument("--finetune-lr", type=positive_float, default=0.01, help="fine-tuning learning rate (default: 0.01)")
     p.add_argument("--score-images", type=positive_int, default=512, help="validation images for scoring (default: 512)")
     p.add_argument("--probes", type=positive_int, default=64, help="cap on Hutchinson probes for hap (default: 64)")
     add_seed_arg(p)
@@ -88,7 +91,7 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
                        steps=args.steps, finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
                        batch_size=args.batch_size, score_images=args.score_images, probes=args.probes,
                        seed=args.seed, latency_repeats=args.repeats, normalize=args.normalize,
-                       latency_aware=args.latency_aware, shrink=args.shrink)
+                       latency_aware=args.latency_aware, shrink=args.shrink, strict=not args.keep_unprunable)
 
 
 def _hint_alignment(layers: dict[str, list[int]], round_to: int | None) -> None:
@@ -115,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     data = data_from_meta(model, args)
     shape = input_shape_of(model)
     update, close = progress_bar(f"prune {args.method}", enabled=not args.no_progress)
-    stage = (lambda text: None) if args.no_progress else (lambda text: print(f"leanconv: {text}", flush=True))
+    stage = (lambda text: None) if args.no_progress else (lambda text: print(f"leanconv: {text}", file=sys.stderr, flush=True))
     try:
         record = run_pruning(model, data, shape, config, resolution=resolution_of(model, data), progress=update,
                              stage=stage)

@@ -7,8 +7,8 @@ import json
 import os
 from pathlib import Path
 
-from leanconv.cli.common import (add_data_args, add_output_args, add_repeats_arg, add_seed_arg, fraction, positive_int,
-                                 progress_bar)
+from leanconv.cli.common import (add_data_args, add_output_args, add_repeats_arg, add_seed_arg, fraction,
+                                 positive_float, positive_int, progress_bar)
 from leanconv.errors import LeanconvError
 from leanconv.importance import criterion_names
 from leanconv.report.plots3d import prune3d_plots
@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="training images per brief fine-tuning epoch (default: 2000)")
     p.add_argument("--finetune-epochs", type=_whole, default=3, metavar="N",
                    help="final fine-tuning epochs on the whole training split (default: 3)")
-    p.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate (default: 0.01)")
+    p.add_argument("--lr", type=positive_float, default=0.01, help="fine-tuning learning rate (default: 0.01)")
     p.add_argument("--score-images", type=positive_int, default=512, help="validation images for scores (default: 512)")
     p.add_argument("--probes", type=positive_int, default=32, help="cap on Hutchinson probes for hap (default: 32)")
     p.add_argument("--w-min", type=fraction, default=0.4, help="smallest width in the search box (default: 0.4)")

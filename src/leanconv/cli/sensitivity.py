@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 from leanconv.cli.common import (add_data_args, add_model_args, add_output_args, add_seed_arg, data_from_meta,
-                                 load_model, positive_int, progress_bar, resolution_of, write_json)
+                                 load_model, positive_float, positive_int, progress_bar, resolution_of,
+                                 write_json)
 from leanconv.errors import LeanconvError
 from leanconv.importance import hessian
 from leanconv.prune.pipeline import scoring_batches
@@ -26,8 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("ckpt", metavar="CKPT")
     add_model_args(p)
     p.add_argument("--probes", type=positive_int, default=64, help="cap on Hutchinson probes (default: 64)")
-    p.add_argument("--min-probes", type=positive_int, default=8)
-    p.add_argument("--rel-stderr", type=float, default=0.05,
+    p.add_argument("--min-probes", type=positive_int, default=None,
+                   help="probes always run before the stopping rule may stop (default: 8, or --probes if fewer)")
+    p.add_argument("--rel-stderr", type=positive_float, default=0.05,
                    help="stop when the median relative standard error is below this (default: 0.05)")
     p.add_argument("--probe-groups", default="1", metavar="G|layer",
                    help="split each probe into G groups of layers (or 'layer': one per layer): G times the HVPs "
@@ -62,12 +64,16 @@ def _groups(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.probes < 2:
+        raise LeanconvError(f"--probes must be at least 2 (a standard error needs two), got {args.probes}")
+    if args.min_probes is not None and not 2 <= args.min_probes <= args.probes:
+        raise LeanconvError(f"--min-probes must lie between 2 and --probes ({args.probes}), got {args.min_probes}")
     model = load_model(args.ckpt, constructor=args.constructor)
     data = data_from_meta(model, args)
     batches = scoring_batches(data, args.images, args.batch_size, resolution_of(model, data))
     out = Path(args.out)
     update, close = progress_bar("hessian probes", enabled=not args.no_progress)
-    settings = {"min_probes": min(args.min_probes, args.probes), "max_probes": args.probes,
+    settings = {"min_probes": args.min_probes or min(8, args.probes), "max_probes": args.probes,
                 "rel_stderr": args.rel_stderr, "seed": args.seed, "progress": update,
                 "probe_groups": args.probe_groups if args.probe_groups == "layer" else _groups(args.probe_groups)}
     try:

@@ -17,8 +17,8 @@ import torch
 
 from leanconv import checkpoint
 from leanconv import distributed as dist
-from leanconv.cli.common import (add_data_args, add_model_args, load_data, load_model, positive_int,
-                                 progress_bar, resolution_of, write_json)
+from leanconv.cli.common import (add_data_args, add_model_args, load_data, load_model, positive_float,
+                                 positive_int, progress_bar, resolution_of, write_json)
 from leanconv.errors import LeanconvError
 from leanconv.train import TrainConfig, evaluate, fit
 
@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     add_data_args(p)
     p.add_argument("--epochs", type=positive_int, default=10, help="epochs (default: 10)")
-    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate (default: 0.1)")
+    p.add_argument("--lr", type=positive_float, default=0.1, help="peak learning rate (default: 0.1)")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--schedule", choices=["cosine", "step"], default="cosine")

@@ -317,6 +317,9 @@ def prune_to_budget(
     shape = tuple(input_shape) if input_shape is not None else tuple(example_input.shape[1:])
     traced = trace_groups(model, example_input, ignored=ignored, strict=strict)
     if not traced:
+        if any(isinstance(m, ImplantConv2d) for m in model.modules()):
+            raise LeanconvError("the model has no prunable channels: every group left holds Neural Implant "
+                                "channels, which are not pruned again; prune the model before implanting")
         raise LeanconvError("the model has no prunable channels (every layer is an output or excluded)")
     report(1, 4, {"stage": "groups", "groups": len(traced)})
     costs = CostModel(model, traced, shape)
@@ -366,8 +369,11 @@ def _realise(model, traced, planner: _Planner, costs: CostModel, goal: float, ki
         chosen = _search(counted, planner, goal, tol)
         trial, cost = _trial(model, traced, planner.plan(chosen), x, shape)
     if not _fits(cost.of(kind), goal, tol):
+        coarse = (f"round_to={planner.round_to} (--round-to) makes the channel steps too coarse; lower it"
+                  if planner.round_to else "this model's channel groups are too coarse for that target")
         raise LeanconvError(f"cannot land within {tol:.0%} of the target: the nearest plan keeps "
-                            f"{cost.of(kind) / costs.base.of(kind):.3f} of the {kind}; lower round_to or raise tol")
+                            f"{cost.of(kind) / costs.base.of(kind):.3f} of the {kind}; {coarse}, or choose a "
+                            "target near that")
     return trial, planner.plan(chosen), cost
 
 

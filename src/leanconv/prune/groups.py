@@ -275,7 +275,8 @@ def trace_groups(
         if problems - {"output", "implant"}:
             msg = f"channels of {root} cannot be pruned: " + "; ".join(sorted(problems - {"output", "implant"}))
             if strict:
-                raise LeanconvError(msg + " (pass strict=False to keep those channels unpruned)")
+                raise LeanconvError(msg + " (to prune the rest and keep those channels: --keep-unprunable, "
+                                      "or strict=False in Python)")
             log.warning("%s; they are kept", msg)
             continue
         members, shares = _translate(dg, tp_group, size)

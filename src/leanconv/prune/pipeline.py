@@ -12,6 +12,7 @@ latency before and after.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
@@ -55,6 +56,7 @@ class PruneConfig:
     normalize: str = "mean"
     latency_aware: bool = False  # rank by score per measured ms-per-MAC (prune.latency_weights)
     shrink: bool = False  # hap: rank by traces shrunk toward their layer's mean by their standard errors
+    strict: bool = True  # False: keep channels that pass through layers leanconv cannot resize (else an error)
     seed: int = 0
     latency_repeats: int = 10
 
@@ -69,8 +71,12 @@ class PruneConfig:
             raise LeanconvError(f"--implant-init must be one of {', '.join(IMPLANT_INITS)}, got {self.implant_init!r}")
         if self.normalize not in ("mean", "none"):
             raise LeanconvError(f"normalize must be mean or none, got {self.normalize!r}")
-        if self.steps < 1 or self.finetune_epochs < 0 or self.score_images < 1 or self.probes < 1:
-            raise LeanconvError("steps, probes and scoring images must be positive, fine-tuning epochs >= 0")
+        if self.steps < 1 or self.finetune_epochs < 0 or self.score_images < 1:
+            raise LeanconvError("steps and scoring images must be positive, fine-tuning epochs >= 0")
+        if self.probes < 2:
+            raise LeanconvError(f"--probes must be at least 2 (a standard error needs two), got {self.probes}")
+        if not (math.isfinite(self.finetune_lr) and self.finetune_lr > 0):
+            raise LeanconvError(f"--finetune-lr must be a finite number above 0, got {self.finetune_lr}")
 
 
 def scoring_batches(data: DatasetSplits, n_images: int, batch_size: int, resolution: int | None) -> list:
@@ -139,7 +145,7 @@ def run_pruning(model: nn.Module, data: DatasetSplits, shape: tuple[int, int, in
     finetune = _finetune_fn(data, config, resolution, progress)
     options = {"kind": config.kind, "input_shape": shape, "data": scoring, "round_to": config.round_to,
                "normalize": config.normalize, "latency_aware": config.latency_aware,
-               "implant_init": config.implant_init}
+               "implant_init": config.implant_init, "strict": config.strict}
     say(f"scoring with {config.method} and pruning to {config.target:g} of the {config.kind}")
     pruned = None  # with several rounds, fine-tuning is interleaved with them
     if config.steps == 1:
