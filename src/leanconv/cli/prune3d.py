@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 from leanconv.cli.common import (add_data_args, add_output_args, add_repeats_arg, add_seed_arg, fraction,
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     def stage(text: str) -> None:
         if not args.no_progress:
             close()  # the sample bar is done once a later stage starts
-            print(f"leanconv: {text}", flush=True)
+            print(f"leanconv: {text}", file=sys.stderr, flush=True)
 
     try:
         result = run_prune3d(args.ckpt, args.out, config, executor=executor, data=args.data, data_dir=args.data_dir,
