@@ -57,6 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="prune in K rounds with fine-tuning between them (default: 1)")
     p.add_argument("--finetune-epochs", type=int, default=0, metavar="N", help="fine-tuning epochs (default: 0)")
     p.add_argument("--finetune-lr", type=positive_float, default=0.01, help="fine-tuning learning rate (default: 0.01)")
+    p.add_argument("--train-subset", type=positive_int, default=None, metavar="N",
+                   help="fine-tune on N training images only (quick runs; default: all)")
     p.add_argument("--score-images", type=positive_int, default=512, help="validation images for scoring (default: 512)")
     p.add_argument("--probes", type=positive_int, default=64, help="cap on Hutchinson probes for hap (default: 64)")
     add_seed_arg(p)
@@ -91,7 +93,8 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
                        steps=args.steps, finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
                        batch_size=args.batch_size, score_images=args.score_images, probes=args.probes,
                        seed=args.seed, latency_repeats=args.repeats, normalize=args.normalize,
-                       latency_aware=args.latency_aware, shrink=args.shrink, strict=not args.keep_unprunable)
+                       latency_aware=args.latency_aware, shrink=args.shrink, strict=not args.keep_unprunable,
+                       train_subset=args.train_subset)
 
 
 def _hint_alignment(layers: dict[str, list[int]], round_to: int | None) -> None:
