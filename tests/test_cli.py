@@ -111,3 +111,55 @@ def test_entry_point_help():
     assert result.returncode == 0
     for command in ("train", "eval", "profile"):
         assert command in result.stdout
+
+
+def test_more_user_errors_fail_before_work(tmp_path, capsys, trained):
+    ckpt = str(trained / "model.safetensors")  # ResNet-20 on synthetic: 3 x 16 x 16, 4 classes
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    for command in (["train", "--data", "synthetic"], ["convert", "resnet20", "--to", "scc"]):
+        _assert_user_error(capsys, *command, "--out", str(afile), match="is a file, not a folder")
+    _assert_user_error(capsys, "train", "--from", ckpt, "--data", "synthetic:k=6", "--out", str(tmp_path / "k6"),
+                       match="predicts 4 classes")
+    _assert_user_error(capsys, "prune3d", ckpt, "--target-flops", "0.5", "--data", "synthetic:c=1",
+                       "--out", str(tmp_path / "p3"), match="takes 3 input channels")
+    _assert_user_error(capsys, "prune3d", ckpt, "--target-flops", "0.5", "--data", "synthetic:k=2",
+                       "--out", str(tmp_path / "p3"), match="predicts 4 classes")
+    _assert_user_error(capsys, "export", ckpt, "--onnx", str(tmp_path / "m.onnx"), "--input-shape", "1,16,16",
+                       "--no-latency", match="failed on an input of shape (1, 16, 16)")
+    _assert_user_error(capsys, "export", ckpt, "--onnx", str(tmp_path), "--no-latency", match="is a folder")
+    _assert_user_error(capsys, "fold", ckpt, "--out", str(tmp_path), match="is a folder")
+    _assert_user_error(capsys, "profile", "resnet20", "--input-shape", "3,100000,100000", "--no-latency",
+                       match="cannot make an input batch")
+    assert afile.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # nothing written by any of them
+    for bad in (["--momentum", "1"], ["--momentum", "nan"], ["--weight-decay", "-1"], ["--weight-decay", "inf"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["train", "--data", "synthetic", *bad, "--out", str(tmp_path / "x")])
+        assert exc.value.code == 2 and bad[0] in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["prune3d", ckpt, "--target-flops", "0.5", "--min-blocks-per-stage", "0", "--out", str(tmp_path / "x")])
+    assert "--min-blocks-per-stage" in capsys.readouterr().err
+
+
+def test_train_from_a_checkpoint_uses_its_data(tmp_path, capsys, trained):
+    """Without --data, ``train --from`` trains on the data the checkpoint records (synthetic
+    here), not the default fashion-mnist, which would not even fit its 3 input channels."""
+    out = tmp_path / "more"
+    code, stdout, err = _run(capsys, "train", "--from", str(trained / "model.safetensors"), "--epochs", "1",
+                             "--out", str(out), "--no-progress")
+    assert code == 0, err
+    assert checkpoint.read_header(out / "model.safetensors")["meta"]["dataset"]["name"] == "synthetic"
+    assert json.loads(stdout)["model"] == str(out / "model.safetensors")
+
+
+def test_weights_broken_by_the_last_step_are_not_saved(tmp_path, capsys):
+    """A loss that is finite at every step can still leave non-finite weights after the last
+    update (here a huge learning rate); the epoch must not be written."""
+    out = tmp_path / "blowup"
+    code, _, err = _run(capsys, "train", "--data", "synthetic:n=256", "--epochs", "1", "--batch-size", "64",
+                        "--lr", "1e30", "--out", str(out), "--no-progress")
+    assert code == 2 and "diverged" in err and len(err.strip().splitlines()) == 1
+    assert not (out / "model.safetensors").exists()
+    _assert_user_error(capsys, "train", "--data", "synthetic:n=64", "--batch-size", "64", "--out", str(out),
+                       match="less than one full batch")

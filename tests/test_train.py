@@ -105,3 +105,14 @@ def test_finetune_trains_recalibrates_and_leaves_nchw(tiny_data):
     assert not torch.equal(before["conv1.weight"], model.conv1.weight)
     assert not torch.equal(before["bn1.running_mean"], model.bn1.running_mean)
     assert model.conv1.weight.is_contiguous()
+
+
+def test_weights_broken_by_the_last_update_are_caught_before_writing(tiny_data, tmp_path):
+    """Every loss is finite (it is computed before each update), but an infinite weight decay
+    makes the one update non-finite: the epoch must not be written."""
+    model, _, _ = _setup(tiny_data)
+    one_batch = tiny_data.loader("train", 64, subset=64, drop_last=True)
+    assert len(one_batch) == 1
+    with pytest.raises(LeanconvError, match="weights or the validation loss are no longer finite"):
+        fit(model, one_batch, TrainConfig(epochs=1, lr=0.05, weight_decay=float("inf")), out_dir=tmp_path)
+    assert not (tmp_path / "model.safetensors").exists()

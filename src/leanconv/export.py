@@ -30,6 +30,7 @@ from torch import nn
 
 from leanconv.checkpoint import atomic_write
 from leanconv.cost import measure_onnx_latency
+from leanconv.cost._model_io import example_input, run_forward
 from leanconv.errors import LeanconvError
 
 __all__ = ["export_onnx", "DYNAMO_MIN_OPSET", "TOLERANCE"]
@@ -171,6 +172,8 @@ def export_onnx(model: nn.Module, input_shape: Sequence[int], path: str | Path, 
     shape = _check_args(input_shape, opset, check_batch)
     path = Path(path)
     net = copy.deepcopy(model).cpu().float().eval().to(memory_format=torch.contiguous_format)
+    with torch.no_grad():
+        run_forward(net, example_input(net, shape))  # an input shape that does not fit: one line, before export
     info = _export_and_check(net, shape, path, opset, dynamic_batch, check_batch, tolerance)
     result: dict[str, Any] = {"path": str(path), "opset": info["opset"], "exporter": info["exporter"],
                               "input_shape": list(shape), "dynamic_batch": dynamic_batch,

@@ -190,6 +190,17 @@ def _check_finite(value: float, ddp: bool, epoch: int, step: int, config: "Train
         )
 
 
+def _check_epoch_finite(model: nn.Module, row: dict, config: "TrainConfig", epoch: int) -> None:
+    """After an epoch, before anything is written: every weight and statistic and the validation
+    loss must be finite (the last step's update can break the weights after the last loss check)."""
+    state = [t for t in model.state_dict().values() if t.is_floating_point()]
+    if all(bool(torch.isfinite(t).all()) for t in state) and math.isfinite(row.get("val_loss", 0.0)):
+        return
+    raise LeanconvError(f"training diverged in epoch {epoch + 1}: the weights or the validation loss are no longer "
+                        f"finite (learning rate {config.lr:g}, weight decay {config.weight_decay:g}); nothing from "
+                        "this epoch was written; lower the learning rate or check the data")
+
+
 def _train_epoch(net, loader, opt, config, epoch, step0, total_steps, progress, ddp=False) -> dict[str, float]:
     net.train()
     torch.manual_seed(config.seed * 100_003 + epoch)
@@ -301,6 +312,9 @@ def fit(model: nn.Module, train_loader: Loader, config: TrainConfig, *, val_load
     process group of two or more; every process of the group must then call ``fit``.
     """
     ddp = _use_ddp(distributed)
+    if len(train_loader) == 0:
+        raise LeanconvError("the training data holds less than one full batch (the last partial batch is dropped); "
+                            "lower --batch-size or use more images")
     world, writer = (dist.world_size(), dist.is_main()) if ddp else (1, True)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None and writer:
@@ -322,6 +336,7 @@ def fit(model: nn.Module, train_loader: Loader, config: TrainConfig, *, val_load
     result, t0 = TrainResult(epochs_run=0), time.perf_counter()
     for epoch in range(start, config.epochs):
         row = _epoch(net, model, (train_loader, val_loader), opt, config, epoch, total, progress, ddp)
+        _check_epoch_finite(model, row, config, epoch)
         if writer:
             log.info("epoch %d: %s", epoch + 1, row)
         result.history.append(row)

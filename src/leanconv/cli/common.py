@@ -20,7 +20,7 @@ from leanconv.models import create, names
 
 __all__ = [
     "add_data_args", "add_model_args", "add_seed_arg", "add_repeats_arg", "add_output_args",
-    "load_model", "load_data", "data_from_meta", "parse_shape", "positive_float", "check_out_folder",
+    "load_model", "load_data", "data_from_meta", "parse_shape", "positive_float", "check_out_folder", "check_out_file",
     "progress_bar", "write_json", "positive_int", "fraction", "input_shape_of", "resolution_of",
 ]
 
@@ -70,9 +70,11 @@ def parse_shape(text: str) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
-def add_data_args(parser: argparse.ArgumentParser, default: str | None = DEFAULT_DATA) -> None:
+def add_data_args(parser: argparse.ArgumentParser, default: str | None = DEFAULT_DATA, default_help: str = "") -> None:
     helptext = "dataset: fashion-mnist, cifar10, cifar100, synthetic"
-    if default is None:
+    if default_help:
+        helptext += f" (default: {default_help})"
+    elif default is None:
         helptext += " (default: the one the checkpoint was trained on)"
     else:
         helptext += f" (default: {default})"
@@ -102,17 +104,29 @@ def add_output_args(parser: argparse.ArgumentParser, out_help: str = "output fol
     parser.set_defaults(out_is_folder=True)  # main() checks it before any work
 
 
+def check_out_file(path: str | Path, option: str) -> None:
+    """Refuse, before any work, an output file path that is a folder or where no file can be
+    written. Creates nothing."""
+    if Path(path).is_dir():
+        raise LeanconvError(f"{option} {str(path)!r} is a folder; name the file to write")
+    _check_writable(Path(path).absolute().parent, path, option)
+
+
 def check_out_folder(path: str | Path) -> None:
     """Refuse, before any work, an ``--out`` folder that cannot be written: the path or one of its
     parents is a file, or the nearest existing folder is read-only. Creates nothing."""
-    p = Path(path).absolute()
-    if p.exists() and not p.is_dir():
+    if Path(path).exists() and not Path(path).is_dir():
         raise LeanconvError(f"--out {str(path)!r} is a file, not a folder; name a folder (it will be created)")
+    _check_writable(Path(path).absolute(), path, "--out")
+
+
+def _check_writable(p: Path, path: str | Path, option: str) -> None:
+    """The nearest existing folder at or above ``p`` must be a writable folder."""
     existing = next(q for q in (p, *p.parents) if q.exists())
     if not existing.is_dir():
-        raise LeanconvError(f"--out {str(path)!r} lies under {str(existing)!r}, which is a file, not a folder")
+        raise LeanconvError(f"{option} {str(path)!r} lies under {str(existing)!r}, which is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise LeanconvError(f"cannot write to {str(existing)!r} for --out {str(path)!r}; pick a writable folder")
+        raise LeanconvError(f"cannot write to {str(existing)!r} for {option} {str(path)!r}; pick a writable folder")
 
 
 def load_model(spec: str, *, constructor: str | None = None, input_shape: tuple[int, int, int] | None = None,

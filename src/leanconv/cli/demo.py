@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default="fashion-mnist", help="dataset (default: fashion-mnist, the embedded default)")
     p.add_argument("--data-dir", default=None, help="dataset folder (default: the system copy)")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, out_is_folder=True)
 
 
 def _baseline(out: Path, plan: DemoPlan, data, show: bool) -> Path:

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: PyTorch's)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_model_args(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, out_file="onnx")
 
 
 def _describe(result: dict) -> str:

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=positive_int, default=10, help="timed runs per model (default: 10)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     add_model_args(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, out_file="out")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ import logging
 import sys
 
 from leanconv import __version__
-from leanconv.cli.common import check_out_folder
+from leanconv.cli.common import check_out_file, check_out_folder
 from leanconv.errors import LeanconvError
 
 __all__ = ["main", "build_parser", "SUBCOMMANDS"]
@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "out_is_folder", False):
             check_out_folder(args.out)
+        if getattr(args, "out_file", None):
+            check_out_file(getattr(args, args.out_file), "--" + args.out_file.replace("_", "-"))
         return int(args.func(args) or 0)
     except LeanconvError as exc:
         print(f"leanconv: error: {exc}", file=sys.stderr)

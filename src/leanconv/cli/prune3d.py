@@ -6,10 +6,11 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
+from types import SimpleNamespace
 
-from leanconv.cli.common import (add_data_args, add_output_args, add_repeats_arg, add_seed_arg, fraction,
-                                 positive_float, positive_int, progress_bar)
+from leanconv import checkpoint
+from leanconv.cli.common import (add_data_args, add_output_args, add_repeats_arg, add_seed_arg, data_from_meta,
+                                 fraction, positive_float, positive_int, progress_bar)
 from leanconv.errors import LeanconvError
 from leanconv.importance import criterion_names
 from leanconv.report.plots3d import prune3d_plots
@@ -64,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--probes", type=positive_int, default=32, help="cap on Hutchinson probes for hap (default: 32)")
     p.add_argument("--w-min", type=fraction, default=0.4, help="smallest width in the search box (default: 0.4)")
     p.add_argument("--r-min", type=fraction, default=0.5, help="smallest resolution ratio (default: 0.5; side >= 8)")
-    p.add_argument("--min-blocks-per-stage", type=_whole, default=1, help="blocks each stage keeps (default: 1)")
+    p.add_argument("--min-blocks-per-stage", type=positive_int, default=1, help="blocks each stage keeps (default: 1)")
     p.add_argument("--full-box", action="store_true",
                    help="sample width and resolution down to --w-min/--r-min (default: only to just below "
                         "the level that alone meets the budget)")
@@ -97,8 +98,8 @@ def _executor(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     executor = _executor(args)
-    if not Path(args.ckpt).is_file():
-        raise LeanconvError(f"checkpoint {args.ckpt!r} does not exist")
+    header = checkpoint.read_header(args.ckpt)  # one line if missing or not a checkpoint
+    data_from_meta(SimpleNamespace(leanconv_meta=header.get("meta", {})), args)  # the data must fit, before work
     update, close = progress_bar("prune3d samples", enabled=not args.no_progress)
 
     def stage(text: str) -> None:

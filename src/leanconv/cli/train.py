@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -17,8 +18,8 @@ import torch
 
 from leanconv import checkpoint
 from leanconv import distributed as dist
-from leanconv.cli.common import (add_data_args, add_model_args, load_data, load_model, positive_float,
-                                 positive_int, progress_bar, resolution_of, write_json)
+from leanconv.cli.common import (DEFAULT_DATA, add_data_args, add_model_args, data_from_meta, load_data, load_model,
+                                 positive_float, positive_int, progress_bar, resolution_of, write_json)
 from leanconv.errors import LeanconvError
 from leanconv.train import TrainConfig, evaluate, fit
 
@@ -38,11 +39,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--model", default=None, help="zoo model name (default: resnet20)")
     src.add_argument("--from", dest="from_ckpt", default=None, metavar="CKPT", help="start from this checkpoint")
     add_model_args(p)
-    add_data_args(p)
+    add_data_args(p, default=None, default_help=f"with --from, the checkpoint's; else {DEFAULT_DATA}")
     p.add_argument("--epochs", type=positive_int, default=10, help="epochs (default: 10)")
     p.add_argument("--lr", type=positive_float, default=0.1, help="peak learning rate (default: 0.1)")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--momentum", type=momentum_arg, default=0.9, help="SGD momentum, in [0, 1) (default: 0.9)")
+    p.add_argument("--weight-decay", type=non_negative_float, default=5e-4, help="L2 weight decay (default: 5e-4)")
     p.add_argument("--schedule", choices=["cosine", "step"], default="cosine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resolution", type=positive_int, default=None, help="train at this input side (default: the data's)")
@@ -54,7 +55,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, out_is_folder=True)
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def momentum_arg(text: str) -> float:
+    """A number in [0, 1)."""
+    value = non_negative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
+    return value
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -76,27 +96,30 @@ def loaders_for(data, batch_size: int, *, resolution: int | None, seed: int, aug
     return train, val, test
 
 
-def _build_model(args: argparse.Namespace, data) -> torch.nn.Module:
-    side = args.resolution or data.image_size
-    shape = (data.in_channels, side, side)
+def _model_and_data(args: argparse.Namespace):
+    """The model to train and its data. A checkpoint (``--from``) trains on the data it records
+    unless ``--data`` says otherwise, and the data must fit it (channels, classes)."""
     if args.from_ckpt:
         model = load_model(args.from_ckpt, constructor=args.constructor)
+        data = data_from_meta(model, args)
         recorded = model.leanconv_meta.get("input_shape")
-        if recorded and recorded[0] != data.in_channels:
-            raise LeanconvError(f"{args.from_ckpt} takes {recorded[0]} input channels but {data.name} has "
-                                f"{data.in_channels}; pick matching data")
-        if args.resolution is None and recorded:
-            shape = tuple(recorded)
-        return _with_meta(model, data, shape, args)
+        side = args.resolution or (recorded[1] if recorded else data.image_size)
+        shape = tuple(recorded) if recorded and args.resolution is None else (data.in_channels, side, side)
+        return _with_meta(model, data, shape, args), data
+    data = load_data(args.data or DEFAULT_DATA, args.data_dir)
+    side = args.resolution or data.image_size
     torch.manual_seed(args.seed)
-    model = load_model(args.model or "resnet20", input_shape=shape, num_classes=data.num_classes)
-    return _with_meta(model, data, shape, args)
+    model = load_model(args.model or "resnet20", input_shape=(data.in_channels, side, side),
+                       num_classes=data.num_classes)
+    return _with_meta(model, data, (data.in_channels, side, side), args), data
 
 
 def _with_meta(model, data, shape, args):
     meta = dict(getattr(model, "leanconv_meta", {}))
+    before = meta.get("dataset") or {}
+    data_dir = args.data_dir if args.data_dir is not None or before.get("name") != data.name else before.get("data_dir")
     meta.update({"input_shape": list(shape), "num_classes": data.num_classes,
-                 "dataset": {"name": data.name, "data_dir": args.data_dir}})
+                 "dataset": {"name": data.name, "data_dir": data_dir}})
     model.leanconv_meta = meta
     return model
 
@@ -116,8 +139,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace, out: Path, rank: int, world: int) -> int:
     config = config_from_args(args)
-    data = load_data(args.data, args.data_dir)
-    model = _build_model(args, data)
+    model, data = _model_and_data(args)
     train, val, test = loaders_for(data, args.batch_size, resolution=resolution_of(model, data), seed=args.seed,
                                    augment=not args.no_augment, subset=args.subset, rank=rank, world_size=world)
     main = rank == 0

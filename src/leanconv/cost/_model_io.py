@@ -38,7 +38,11 @@ def example_input(model: nn.Module, input_shape: Sequence[int], batch_size: int 
             dtype = p.dtype
             break
     gen = torch.Generator().manual_seed(0)
-    return torch.randn((batch_size, *shape), generator=gen).to(device=device, dtype=dtype)
+    try:
+        return torch.randn((batch_size, *shape), generator=gen).to(device=device, dtype=dtype)
+    except RuntimeError as exc:  # e.g. the allocator refuses
+        raise LeanconvError(f"cannot make an input batch of shape {(batch_size, *shape)} "
+                            f"({str(exc).strip().splitlines()[0]}); check the input shape") from exc
 
 
 def run_forward(model: nn.Module, x: torch.Tensor) -> object:

@@ -1,7 +1,15 @@
 """The comparison record ``DIR/results.jsonl``: its schema, reading, validation and appending.
 
 The ``compare`` command appends one JSON object per line; ``leanconv report DIR`` rebuilds
-every table and figure from this file alone. Blank lines are ignored. Three kinds of record:
+every table and figure from this file alone. Blank lines are ignored. Four kinds of record:
+
+``run`` (at most one; written first by ``compare``), what the entries must share to be
+comparable; ``compare`` refuses to add to a file whose ``identity`` differs from its own::
+
+    {"kind": "run", "identity": {name: value}, "checkpoint": str, "adopted": bool}
+
+(``adopted`` is true when the record was added to a file written before ``run`` records
+existed: the records above it were assumed, not checked, to match.)
 
 ``baseline`` (exactly one), the unpruned model::
 
@@ -129,6 +137,14 @@ def _check_baseline(rec: Mapping) -> None:
     _integer(rec, "threads", low=1)
 
 
+def _check_run(rec: Mapping) -> None:
+    if not isinstance(rec.get("identity"), dict) or not rec["identity"]:
+        raise _Bad(f"'identity' must be a non-empty object {{name: value}}, got {rec.get('identity')!r}")
+    _text(rec, "checkpoint")
+    if not isinstance(rec.get("adopted"), bool):
+        raise _Bad(f"'adopted' must be true or false, got {rec.get('adopted')!r}")
+
+
 def _check_sensitivity(rec: Mapping) -> None:
     _mapping(rec, "layers", float, signed=True)  # Hutchinson estimates of a small trace can be < 0
     _integer(rec, "probes", low=1)
@@ -157,7 +173,7 @@ def _check_entry(rec: Mapping) -> None:
     _number(rec, "seconds")
 
 
-_CHECKS = {"baseline": _check_baseline, "sensitivity": _check_sensitivity, "entry": _check_entry}
+_CHECKS = {"baseline": _check_baseline, "sensitivity": _check_sensitivity, "entry": _check_entry, "run": _check_run}
 
 
 def validate_record(record: Any) -> dict:
@@ -189,7 +205,7 @@ def _parse_line(text: str, where: str) -> dict:
 
 def _collect(lines: Iterable[str], source: str) -> dict[str, Any]:
     """Validate every line and the file-level rules; the baseline may still be missing."""
-    found: dict[str, Any] = {"baseline": None, "sensitivity": None, "entries": []}
+    found: dict[str, Any] = {"run": None, "baseline": None, "sensitivity": None, "entries": []}
     first_line: dict[str, int] = {}
     keys: dict[str, int] = {}
     for number, text in enumerate(lines, start=1):
@@ -213,12 +229,14 @@ def _collect(lines: Iterable[str], source: str) -> dict[str, Any]:
     return found
 
 
-def parse_results(lines: Iterable[str], source: str = RESULTS_FILE) -> dict[str, Any]:
-    """Validate the lines of a results file. Returns ``{"baseline": record, "sensitivity":
-    record or None, "entries": [records in file order]}``; errors name ``source`` and the
-    1-based line number."""
+def parse_results(lines: Iterable[str], source: str = RESULTS_FILE, *,
+                  require_baseline: bool = True) -> dict[str, Any]:
+    """Validate the lines of a results file. Returns ``{"run": record or None, "baseline":
+    record, "sensitivity": record or None, "entries": [records in file order]}``; errors name
+    ``source`` and the 1-based line number. ``require_baseline=False`` accepts a file that
+    has none yet (an interrupted ``compare``); its ``baseline`` is then None."""
     found = _collect(lines, source)
-    if found["baseline"] is None:
+    if found["baseline"] is None and require_baseline:
         raise LeanconvError(f"{source} has no baseline record; run the compare command to write one")
     return found
 
@@ -228,9 +246,9 @@ def _results_path(path: str | Path) -> Path:
     return path / RESULTS_FILE if path.is_dir() else path
 
 
-def read_results(path: str | Path) -> dict[str, Any]:
+def read_results(path: str | Path, *, require_baseline: bool = True) -> dict[str, Any]:
     """Read and validate ``path`` (a results file, or a folder holding ``results.jsonl``);
-    see :func:`parse_results` for the returned dict."""
+    see :func:`parse_results` for the returned dict and ``require_baseline``."""
     file = _results_path(path)
     if not file.is_file():
         raise LeanconvError(f"{file} does not exist; run the compare command first")
@@ -238,7 +256,7 @@ def read_results(path: str | Path) -> dict[str, Any]:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise LeanconvError(f"cannot read {file}: {exc}") from None
-    return parse_results(text.split("\n"), str(file))
+    return parse_results(text.split("\n"), str(file), require_baseline=require_baseline)
 
 
 def append_result(path: str | Path, record: Mapping[str, Any]) -> Path:
