@@ -139,8 +139,8 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
         export_onnx(model, SHAPE, tmp_path / "x.onnx", opset=3)
     with pytest.raises(LeanconvError, match="must be positive integers"):
         export_onnx(model, (3, 0, 16), tmp_path / "x.onnx")
-    with pytest.raises(LeanconvError, match="ONNX export failed"):
-        export_onnx(model, (5, 16, 16), tmp_path / "x.onnx")  # wrong channel count for the model
+    with pytest.raises(LeanconvError, match=r"failed on an input of shape \(5, 16, 16\).*check the input shape"):
+        export_onnx(model, (5, 16, 16), tmp_path / "x.onnx")  # wrong channel count: caught before exporting
     assert not (tmp_path / "x.onnx").exists()
 
 
