@@ -1,12 +1,18 @@
 """``leanconv compare`` / ``demo`` / ``report`` end to end on tiny synthetic data."""
 
+import hashlib
 import json
 import re
+import shlex
+import shutil
 
 import pytest
+import torch
 
 from leanconv import checkpoint
-from leanconv.cli.main import main
+from leanconv.cli.main import build_parser, main
+from leanconv.compare import CompareConfig, entry_keys
+from leanconv.errors import LeanconvError
 from leanconv.report.results import read_results
 
 
@@ -80,3 +86,143 @@ def test_demo_quick_on_synthetic_reuses_its_baseline(tmp_path, capsys):
     assert main(argv) == 0
     assert (out / "baseline" / "model.safetensors").stat().st_mtime_ns == stamp
     assert (out / "report.html").exists()
+
+
+# --- run identity, reproducing commands, duplicated budgets, empty methods ---------------------
+
+
+def _snapshot(folder):
+    """Every file under ``folder`` with its size and modification time."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def _other_checkpoint(ckpt, path):
+    """``ckpt`` with one weight nudged: the same model, file name aside, but other content."""
+    model = checkpoint.load(ckpt)
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    checkpoint.save(model, path)
+    return path
+
+
+def _with(argv, **options):
+    """``argv`` with each ``--option`` in ``options`` (underscores for dashes) set: replaced, or added."""
+    argv = list(argv)
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
+    return argv
+
+
+def test_compare_records_the_run_identity_first(compared, trained_ckpt):
+    out, _ = compared
+    first = _lines(out / "results.jsonl")[0]
+    assert first["kind"] == "run" and first["adopted"] is False
+    identity = read_results(out)["run"]["identity"]
+    assert identity["checkpoint_sha256"] == hashlib.sha256(trained_ckpt.read_bytes()).hexdigest()
+    assert identity["dataset"] == "synthetic" and identity["input_shape"] == [3, 16, 16]
+    assert (identity["finetune_epochs"], identity["train_subset"], identity["probes"]) == (1, 128, 8)
+
+
+def test_compare_refuses_a_folder_made_from_another_checkpoint(compared, trained_ckpt, tmp_path, capsys):
+    out, argv = compared
+    other = _other_checkpoint(trained_ckpt, tmp_path / "other.safetensors")
+    before = _snapshot(out)
+    assert main([argv[0], str(other), *argv[2:]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checkpoint_sha256" in err[0] and "new --out" in err[0]
+    assert _snapshot(out) == before
+
+
+@pytest.mark.parametrize("option, value, named", [
+    ("--finetune-epochs", "2", "finetune_epochs 1 there, 2 now"),
+    ("--finetune-lr", "0.05", "finetune_lr 0.01 there, 0.05 now"),
+    ("--train-subset", "64", "train_subset 128 there, 64 now"),
+    ("--score-images", "32", "score_images 64 there, 32 now"),
+    ("--probes", "4", "probes 8 there, 4 now"),
+    ("--seed", "1", "seed 0 there, 1 now"),
+    ("--data", "synthetic:n=256", 'dataset "synthetic" there, "synthetic:n=256" now'),
+])
+def test_compare_refuses_a_folder_made_with_other_settings(compared, option, value, named, capsys):
+    out, argv = compared
+    before = _snapshot(out)
+    assert main(_with(argv, **{option[2:]: value})) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and named in err[0] and "use a new --out" in err[0]
+    assert _snapshot(out) == before
+
+
+def test_compare_adds_a_budget_to_a_matching_folder_once(compared, tmp_path, capsys):
+    out, argv = compared
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    before = (copy / "results.jsonl").read_text()
+    baseline = _snapshot(copy / "entries" / "baseline")
+    assert main(_with(argv, methods="l1", target_flops="0.4,0.4", out=str(copy))) == 0
+    after = (copy / "results.jsonl").read_text()
+    assert after.startswith(before)  # nothing rewritten: baseline, sensitivity and old entries reused
+    assert [r["key"] for r in _lines(copy / "results.jsonl")[len(_lines(out / "results.jsonl")):]] == ["l1@0.4"]
+    assert _snapshot(copy / "entries" / "baseline") == baseline
+    assert ">l1<" in (copy / "report.html").read_text()
+
+
+def test_compare_adopts_a_folder_from_before_run_records(compared, tmp_path, capsys):
+    out, argv = compared
+    copy = tmp_path / "old"
+    shutil.copytree(out, copy)
+    lines = (copy / "results.jsonl").read_text().splitlines(keepends=True)
+    (copy / "results.jsonl").write_text("".join(l for l in lines if '"kind": "run"' not in l))
+    assert read_results(copy)["run"] is None
+    assert main(_with(argv, out=str(copy))) == 0  # resumes: nothing to redo
+    run = read_results(copy)["run"]
+    assert run["adopted"] is True and run["identity"]["finetune_epochs"] == 1
+    assert [r["kind"] for r in _lines(copy / "results.jsonl")][-1] == "run"
+    assert main(_with(argv, finetune_epochs="3", out=str(copy))) == 2  # from now on it is checked
+
+
+def test_written_commands_carry_every_setting_of_the_row(compared):
+    out, _ = compared
+    parser = build_parser()
+    entries = {e["key"]: e for e in read_results(out)["entries"]}
+    prune = parser.parse_args(shlex.split(entries["l1@0.5"]["command"])[1:])
+    assert (prune.train_subset, prune.data, prune.seed, prune.finetune_epochs, prune.finetune_lr) == \
+        (128, "synthetic", 0, 1, 0.01)
+    convert_cmd, train_cmd = entries["scc"]["command"].split(" && ")
+    convert = parser.parse_args(shlex.split(convert_cmd)[1:])
+    train = parser.parse_args(shlex.split(train_cmd)[1:])
+    assert (convert.seed, train.subset, train.data, train.seed, train.epochs) == (0, 128, "synthetic", 0, 1)
+    prune3d = parser.parse_args(shlex.split(entries["3d@0.5"]["command"])[1:])
+    assert (prune3d.data, prune3d.seed, prune3d.sample_images) == ("synthetic", 0, 128)
+    assert "all training images" in entries["3d@0.5"]["notes"]
+
+
+@pytest.mark.parametrize("key", ["l1@0.5", "scc"])
+def test_written_command_reproduces_its_row(compared, key, tmp_path, capsys):
+    out, _ = compared
+    entry = next(e for e in read_results(out)["entries"] if e["key"] == key)
+    command = entry["command"].replace(str(out / "entries" / key), str(tmp_path / "again"))
+    for part in command.split(" && "):  # scc: convert, then train
+        assert main(shlex.split(part)[1:] + ["--no-progress"] * ("convert" not in part)) == 0
+    made, again = checkpoint.load(entry["checkpoint"]), checkpoint.load(tmp_path / "again" / "model.safetensors")
+    a, b = made.state_dict(), again.state_dict()
+    # leanconv train does not re-estimate BatchNorm statistics after training, as compare does (see notes)
+    skip = ("running_", "num_batches") if key == "scc" else ()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if not any(s in k for s in skip))
+
+
+def test_repeated_methods_and_budgets_run_once():
+    config = CompareConfig(targets=(0.5, 0.3, 0.5), methods=("l1", "scc", "l1"))
+    assert [k for k, _, _ in entry_keys(config)] == ["l1@0.5", "l1@0.3", "scc"]
+    with pytest.raises(LeanconvError, match="share the entry name @0.5"):
+        CompareConfig(targets=(0.5, 0.5000001), methods=("l1",))
+
+
+@pytest.mark.parametrize("methods", ["", ",", " , "])
+def test_compare_refuses_an_empty_method_list(trained_ckpt, tmp_path, methods, capsys):
+    code = main(["compare", str(trained_ckpt), "--methods", methods, "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no methods" in err[0]
+    assert not (tmp_path / "x").exists()

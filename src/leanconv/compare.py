@@ -8,12 +8,17 @@ types (``scc``, ``psconv``; these replace layers rather than aim at a budget). E
 gets the same fine-tuning epochs, is saved under ``DIR/entries/<key>/``, exported to ONNX
 (output checked against PyTorch) and timed the same way. Each record is appended to
 ``DIR/results.jsonl`` as soon as it exists, and a key already there is never redone, so an
-interrupted comparison resumes. ``leanconv.report.build.build_report`` turns the file into
-``report.html`` / ``report.md``.
+interrupted comparison resumes and a re-run with more methods or budgets adds only those.
+The file's first record (``kind: run``) holds the run's identity: the checkpoint's content
+hash, the data, the input shape and every setting that changes the models (``IDENTITY``); a
+re-run whose identity differs is refused before any work, so one table never mixes runs.
+``leanconv.report.build.build_report`` turns the file into ``report.html`` / ``report.md``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import shlex
 import time
@@ -34,7 +39,7 @@ from leanconv.prune.pipeline import PruneConfig, run_pruning, scoring_batches
 from leanconv.report.results import append_result, read_results
 from leanconv.train import evaluate
 
-__all__ = ["CompareConfig", "run_compare", "CONTENDERS", "entry_keys"]
+__all__ = ["CompareConfig", "run_compare", "CONTENDERS", "IDENTITY", "entry_keys"]
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int, dict], None]
@@ -44,6 +49,12 @@ WIDTH = {"hap": ("hap", 0.0), "hap+implant": ("hap", 0.1), "l1": ("l1", 0.0), "l
 LAYERS = ("scc", "psconv")
 CONTENDERS = (*WIDTH, "3d", *LAYERS)
 DEFAULT_METHODS = ("hap", "hap+implant", "l1", "taylor", "random", "3d", "scc", "psconv")
+# The CompareConfig fields that change the model of every entry (of its kind), so results made
+# with other values must not share a table. Left out: targets and methods (adding them to a
+# folder is what resuming is for), and what only changes measurement or labels (latency
+# repeats, ONNX export, quick).
+IDENTITY = ("finetune_epochs", "finetune_lr", "train_subset", "score_images", "probes", "seed", "samples",
+            "scc_groups", "scc_overlap", "psconv_pattern")
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,8 @@ class CompareConfig:
     psconv_pattern: str = "psd4_p8"
 
     def __post_init__(self) -> None:
+        if not self.methods:
+            raise LeanconvError(f"no methods to compare; pass --methods with one or more of: {', '.join(CONTENDERS)}")
         unknown = [m for m in self.methods if m not in CONTENDERS]
         if unknown:
             raise LeanconvError(f"unknown method(s) {', '.join(unknown)}; choose from: {', '.join(CONTENDERS)}")
@@ -75,6 +88,20 @@ class CompareConfig:
             raise LeanconvError(f"every target must lie strictly between 0 and 1, got {list(self.targets)}")
         if self.finetune_epochs < 0:
             raise LeanconvError(f"fine-tuning epochs must be >= 0, got {self.finetune_epochs}")
+        # a repeated method or budget would run twice under one entry key: keep the first of each
+        object.__setattr__(self, "methods", tuple(dict.fromkeys(self.methods)))
+        object.__setattr__(self, "targets", _distinct_targets(self.targets))
+
+
+def _distinct_targets(targets: tuple[float, ...]) -> tuple[float, ...]:
+    """``targets`` without repeats; two different values that name the same entry key are an error."""
+    seen: dict[str, float] = {}
+    for target in targets:
+        first = seen.setdefault(f"{target:g}", target)
+        if first != target:
+            raise LeanconvError(f"targets {first!r} and {target!r} would share the entry name @{target:g}; "
+                                "give budgets that differ in their first 6 significant digits")
+    return tuple(seen.values())
 
 
 @dataclass
@@ -88,10 +115,18 @@ class _Context:
     command: str
     constructor: str | None = None
     progress: Progress | None = None
+    data_dir: str | None = None
     extra: dict = field(default_factory=dict)
 
     def fresh_model(self) -> nn.Module:
         return checkpoint.load(self.ckpt, constructor=self.constructor)
+
+    def data_args(self) -> list[str]:
+        """``--data`` (and ``--data-dir``) for the commands that reproduce an entry."""
+        return ["--data", self.data.name, *(["--data-dir", str(self.data_dir)] if self.data_dir is not None else [])]
+
+    def constructor_args(self) -> list[str]:
+        return ["--constructor", self.constructor] if self.constructor else []
 
 
 def entry_keys(config: CompareConfig) -> list[tuple[str, str, float | None]]:
@@ -156,10 +191,12 @@ def _width_entry(ctx: _Context, key: str, method: str, target: float) -> tuple[n
                          latency_repeats=2, train_subset=c.train_subset)
     record = run_pruning(model, ctx.data, ctx.shape, config, resolution=ctx.resolution, progress=ctx.progress,
                          measured=False)  # compare measures every entry itself
-    args = ["leanconv", "prune", str(ctx.ckpt), "--method", criterion, "--target-flops", f"{target:g}",
-            "--finetune-epochs", str(c.finetune_epochs), "--finetune-lr", f"{c.finetune_lr:g}",
+    args = ["leanconv", "prune", str(ctx.ckpt), *ctx.constructor_args(), "--method", criterion,
+            "--target-flops", f"{target:g}", "--finetune-epochs", str(c.finetune_epochs),
+            "--finetune-lr", f"{c.finetune_lr:g}",
+            *(["--train-subset", str(c.train_subset)] if c.train_subset is not None else []),
             "--probes", str(c.probes), "--score-images", str(c.score_images), "--seed", str(c.seed),
-            "--out", str(ctx.out / "entries" / key)]
+            *ctx.data_args(), "--out", str(ctx.out / "entries" / key)]
     if implant:
         args += ["--implant", f"{implant:g}"]
     notes = f"{criterion} scores, MACs x{record['achieved']['macs']:.3f}"
@@ -188,22 +225,64 @@ def _run_entry(ctx: _Context, key: str, method: str, target: float | None) -> di
     return record
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _identity(ctx: _Context) -> dict[str, Any]:
+    """What a results file's records must share (module docstring), as it reads back from JSON."""
+    identity = {"checkpoint_sha256": _sha256(ctx.ckpt), "dataset": ctx.data.name,
+                "data_dir": None if ctx.data_dir is None else str(Path(ctx.data_dir).resolve()),
+                "input_shape": list(ctx.shape), "resolution": ctx.resolution,
+                **{name: getattr(ctx.config, name) for name in IDENTITY}}
+    return json.loads(json.dumps(identity))
+
+
+def _shown(key: str, value: Any) -> str:
+    return value[:12] if key == "checkpoint_sha256" and isinstance(value, str) else json.dumps(value)
+
+
+def _run_record(ctx: _Context, have: dict[str, Any] | None, results: Path) -> dict[str, Any] | None:
+    """The ``run`` record to write first (None when ``have`` holds a matching one); raises,
+    naming every difference, when ``results`` was made under another identity. A file from
+    before run records (none in it) adopts this run's identity: its records cannot be checked,
+    and refusing them would break resuming an older comparison."""
+    identity = _identity(ctx)
+    if have is None or have["run"] is None:
+        return {"kind": "run", "identity": identity, "checkpoint": str(ctx.ckpt), "adopted": have is not None}
+    old = have["run"]["identity"]
+    differ = [k for k in {**old, **identity} if old.get(k) != identity.get(k)]
+    if differ:
+        what = "; ".join(f"{k} {_shown(k, old.get(k))} there, {_shown(k, identity.get(k))} now" for k in differ)
+        raise LeanconvError(f"{results} was made by a different comparison ({what}); its entries would not be "
+                            "comparable: use a new --out folder (or delete this one to start over)")
+    return None
+
+
 def run_compare(ckpt: str | Path, data: DatasetSplits, shape: tuple[int, int, int], out: str | Path,
                 config: CompareConfig, *, resolution: int | None = None, command: str = "",
-                constructor: str | None = None, progress: Progress | None = None,
+                constructor: str | None = None, data_dir: str | None = None, progress: Progress | None = None,
                 stage: Callable[[int, int, str], None] | None = None) -> Path:
     """Run every entry of ``config`` not yet in ``out/results.jsonl``; returns that file's path.
+    Refuses, before writing anything, a folder made with another checkpoint, data or settings.
     ``stage(done, total, key)`` is called before each step (for an overall progress line)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    ctx = _Context(Path(ckpt), data, shape, resolution, config, out, command, constructor, progress)
+    ctx = _Context(Path(ckpt), data, shape, resolution, config, out, command, constructor=constructor,
+                   progress=progress, data_dir=data_dir)
     results = out / "results.jsonl"
-    have = read_results(results) if results.exists() else None
-    keys = entry_keys(config)
+    have = read_results(results, require_baseline=False) if results.exists() else None
+    run = _run_record(ctx, have, results)
+    out.mkdir(parents=True, exist_ok=True)
+    if run is not None:
+        append_result(results, run)
     done_keys = {e["key"] for e in (have or {}).get("entries", [])}
-    steps = [("baseline", None, None)] * (have is None or have.get("baseline") is None)
-    steps += [("sensitivity", None, None)] * (have is None or have.get("sensitivity") is None)
-    steps += [k for k in keys if k[0] not in done_keys]
+    steps = [("baseline", None, None)] * (have is None or have["baseline"] is None)
+    steps += [("sensitivity", None, None)] * (have is None or have["sensitivity"] is None)
+    steps += [k for k in entry_keys(config) if k[0] not in done_keys]
     for i, (key, method, target) in enumerate(steps):
         if stage:
             stage(i, len(steps), key)

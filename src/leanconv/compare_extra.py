@@ -10,6 +10,7 @@ from __future__ import annotations
 import shlex
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from leanconv.errors import LeanconvError
@@ -19,7 +20,8 @@ __all__ = ["runner", "three_d_entry", "layer_entry"]
 
 def three_d_entry(ctx, key: str, method: str, target: float) -> tuple[nn.Module, dict[str, Any]]:
     """3-D pruning (depth x width x resolution) to ``target`` of the MACs, samples collected
-    in-process, final fine-tuning with the comparison's epochs."""
+    in-process, final fine-tuning with the comparison's epochs on the whole training split
+    (as ``leanconv prune3d`` does; a ``train_subset`` only caps the sample fine-tuning)."""
     from leanconv.search.three_d import Prune3dConfig, run_prune3d
 
     c = ctx.config
@@ -28,13 +30,16 @@ def three_d_entry(ctx, key: str, method: str, target: float) -> tuple[nn.Module,
                            finetune_epochs=c.finetune_epochs, lr=c.finetune_lr, score_images=c.score_images,
                            probes=c.probes, seed=c.seed, latency_repeats=2)
     out = ctx.out / "entries" / key
-    result = run_prune3d(ctx.ckpt, out, config, data=ctx.data.name, progress=ctx.progress)
+    result = run_prune3d(ctx.ckpt, out, config, data=ctx.data.name, data_dir=ctx.data_dir, progress=ctx.progress)
     choice = result.record["choice"]["realised"]
     args = ["leanconv", "prune3d", str(ctx.ckpt), "--target-flops", f"{target:g}", "--samples", str(c.samples),
             "--sample-images", str(images), "--finetune-epochs", str(c.finetune_epochs), "--lr", f"{c.finetune_lr:g}",
-            "--probes", str(c.probes), "--score-images", str(c.score_images), "--out", str(out)]
+            "--probes", str(c.probes), "--score-images", str(c.score_images), "--seed", str(c.seed),
+            *ctx.data_args(), "--out", str(out)]
     notes = (f"d={choice.get('d', float('nan')):.2f} w={choice.get('w', float('nan')):.2f} "
              f"side={choice.get('side', '?')}; {c.samples} samples")
+    if c.train_subset is not None:  # prune3d has no option for it: say so rather than show a wrong command
+        notes += f"; final fine-tuning on all training images (train subset {c.train_subset}: sampling only)"
     return result.model, {"family": "3d", "command": shlex.join(args), "notes": notes}
 
 
@@ -49,22 +54,30 @@ def layer_entry(ctx, key: str, method: str, target: float | None) -> tuple[nn.Mo
     from leanconv.train import finetune
 
     c = ctx.config
-    model = ctx.fresh_model()
-    if method == "scc":
-        convert(model, "scc", groups=c.scc_groups, overlap=c.scc_overlap)
-        label, opts = f"scc g={c.scc_groups} o={c.scc_overlap:g}", ["--groups", str(c.scc_groups),
-                                                                     "--overlap", f"{c.scc_overlap:g}"]
-    else:
-        convert(model, "psconv", pattern=c.psconv_pattern)
-        label, opts = f"psconv {c.psconv_pattern}", ["--pattern", c.psconv_pattern]
+    with torch.random.fork_rng(devices=[]):  # new layers start as `leanconv convert --seed` starts them
+        torch.manual_seed(c.seed)
+        model = ctx.fresh_model()
+        if method == "scc":
+            convert(model, "scc", groups=c.scc_groups, overlap=c.scc_overlap)
+            label, opts = f"scc g={c.scc_groups} o={c.scc_overlap:g}", ["--groups", str(c.scc_groups),
+                                                                         "--overlap", f"{c.scc_overlap:g}"]
+        else:
+            convert(model, "psconv", pattern=c.psconv_pattern)
+            label, opts = f"psconv {c.psconv_pattern}", ["--pattern", c.psconv_pattern]
     lr = max(c.finetune_lr, LAYER_LR)
     finetune(model, ctx.data, epochs=c.finetune_epochs, lr=lr, seed=c.seed, resolution=ctx.resolution,
              images=c.train_subset, progress=ctx.progress)
     out = ctx.out / "entries" / key
-    command = (shlex.join(["leanconv", "convert", str(ctx.ckpt), "--to", method, *opts, "--out", f"{out}/converted"])
+    images = len(ctx.data.train) if c.train_subset is None else min(c.train_subset, len(ctx.data.train))
+    subset = ["--subset", str(c.train_subset)] if c.train_subset is not None else []
+    subset += ["--batch-size", str(images)] if images < 128 else []  # finetune's batch: min(128, images)
+    command = (shlex.join(["leanconv", "convert", str(ctx.ckpt), *ctx.constructor_args(), "--to", method, *opts,
+                           "--seed", str(c.seed), "--out", f"{out}/converted"])
                + " && " + shlex.join(["leanconv", "train", "--from", f"{out}/converted/model.safetensors",
-                                      "--epochs", str(c.finetune_epochs), "--lr", f"{lr:g}", "--out", str(out)]))
-    notes = f"converted layers trained {c.finetune_epochs} epochs at lr {lr:g}; other weights from the baseline"
+                                      *ctx.constructor_args(), *ctx.data_args(), "--epochs", str(c.finetune_epochs),
+                                      "--lr", f"{lr:g}", *subset, "--seed", str(c.seed), "--out", str(out)]))
+    notes = (f"converted layers trained {c.finetune_epochs} epochs at lr {lr:g}; other weights from the baseline; "
+             "BatchNorm statistics then re-estimated, which the train command does not do")
     return model, {"family": "layer", "command": command, "notes": notes, "label": label}
 
 

@@ -33,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "hap+implant, l1, taylor, random, ...; 3-D pruning; SCC and pSConv layers), each with the "
                        "same fine-tuning budget; measure accuracy, params, MACs and latency (PyTorch and ONNX "
                        "Runtime); write DIR/results.jsonl and DIR/report.html + DIR/report.md. Resumable: a "
-                       "finished entry is never redone.")
+                       "finished entry is never redone, and a re-run may add methods or budgets; a DIR made "
+                       "with another checkpoint, data or fine-tuning settings is refused (use a new --out).")
     p.add_argument("ckpt", metavar="CKPT")
     add_model_args(p)
     p.add_argument("--target-flops", type=parse_targets, default=(0.5,), metavar="R[,R...]",
@@ -62,6 +63,15 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
                          quick=args.quick, seed=args.seed)
 
 
+def _data_dir(model, data_args: argparse.Namespace) -> str | None:
+    """The data folder ``data_from_meta`` loads from: ``--data-dir``, else the recorded one
+    when the data is the one the checkpoint records."""
+    meta = getattr(model, "leanconv_meta", {}).get("dataset") or {}
+    if data_args.data_dir is not None:
+        return data_args.data_dir
+    return meta.get("data_dir") if (data_args.data or meta.get("name")) == meta.get("name") else None
+
+
 def compare_and_report(ckpt: str, config: CompareConfig, out: Path, *, data_args: argparse.Namespace,
                        constructor: str | None, show_progress: bool, command: str) -> dict:
     """Load ``ckpt``, run the comparison into ``out`` and build the report; returns the paths."""
@@ -77,7 +87,7 @@ def compare_and_report(ckpt: str, config: CompareConfig, out: Path, *, data_args
 
     try:
         run_compare(ckpt, data, shape, out, config, resolution=resolution_of(model, data), command=command,
-                    constructor=constructor, progress=update, stage=stage)
+                    constructor=constructor, data_dir=_data_dir(model, data_args), progress=update, stage=stage)
     finally:
         close()
     return build_report(out)
