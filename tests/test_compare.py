@@ -226,3 +226,20 @@ def test_compare_refuses_an_empty_method_list(trained_ckpt, tmp_path, methods, c
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "no methods" in err[0]
     assert not (tmp_path / "x").exists()
+
+
+def test_demo_refuses_a_folder_of_another_plan_before_training(tmp_path, capsys):
+    """A folder holding a demo of one plan (here a fake baseline record of the default plan) is
+    refused by a ``--quick`` demo before any training, instead of failing after it."""
+    from leanconv import checkpoint as ckpt_io
+    from leanconv.models import create
+
+    out = tmp_path / "demo"
+    model = create("resnet20", num_classes=4, in_channels=3, input_size=16)
+    model.leanconv_meta = {"dataset": {"name": "synthetic"}, "demo_plan": {"epochs": 4, "subset": None}}
+    ckpt_io.save(model, out / "baseline" / "model.safetensors")
+    before = _snapshot(out)
+    code = main(["demo", "--quick", "--data", "synthetic", "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "holds a demo made with other settings" in err[0], err
+    assert _snapshot(out) == before

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from leanconv import checkpoint
-from leanconv.cli.common import progress_bar
+from leanconv.cli.common import check_out_folder, progress_bar
 from leanconv.cli.compare import compare_and_report
 from leanconv.compare import CompareConfig
 from leanconv.data import load_dataset
+from leanconv.errors import LeanconvError
 from leanconv.models import create
 from leanconv.train import TrainConfig, evaluate, fit
 
@@ -53,19 +54,34 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "leanconv knows at 50%% of the MACs with the same fine-tuning budget, and write "
                        "DIR/report.html and DIR/report.md. --quick uses tiny budgets (a few minutes) and says so "
                        "in the report.")
-    p.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder (default: runs/demo)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="output folder (default: runs/demo, or runs/demo-quick with --quick)")
     p.add_argument("--quick", action="store_true", help="tiny budgets: a few minutes, figures not representative")
     p.add_argument("--data", default="fashion-mnist", help="dataset (default: fashion-mnist, the embedded default)")
     p.add_argument("--data-dir", default=None, help="dataset folder (default: the system copy)")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run, out_is_folder=True)
+    p.set_defaults(func=run)
+
+
+def _check_reuse(out: Path, plan: DemoPlan, data) -> bool:
+    """True when ``out`` holds a finished baseline of this plan and data (reused); raises, before
+    any work, when it holds a demo made otherwise (its comparison could not be resumed)."""
+    path = out / "baseline" / "model.safetensors"
+    if not path.exists():
+        return False
+    meta = checkpoint.read_header(path)["meta"]
+    made = (meta.get("demo_plan"), (meta.get("dataset") or {}).get("name"))
+    if made != ({"epochs": plan.base_epochs, "subset": plan.base_subset}, data.name):
+        raise LeanconvError(f"{out} holds a demo made with other settings (baseline {made[0]} on {made[1]}); "
+                            "use another --out, or delete that folder to start over")
+    return True
 
 
 def _baseline(out: Path, plan: DemoPlan, data, show: bool) -> Path:
     """Train the baseline into ``out/baseline`` unless a finished one with the same plan is there."""
     path = out / "baseline" / "model.safetensors"
     wanted = {"epochs": plan.base_epochs, "subset": plan.base_subset}
-    if path.exists() and checkpoint.read_header(path)["meta"].get("demo_plan") == wanted:
+    if _check_reuse(out, plan, data):
         return path
     model = create("resnet20", num_classes=data.num_classes, in_channels=data.in_channels, input_size=data.image_size)
     model.leanconv_meta = {**model.leanconv_meta, "dataset": {"name": data.name, "data_dir": None}}
@@ -85,8 +101,10 @@ def _baseline(out: Path, plan: DemoPlan, data, show: bool) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     plan = PLANS["quick" if args.quick else "default"]
-    out = Path(args.out)
+    out = Path(args.out or ("runs/demo-quick" if args.quick else "runs/demo"))
+    check_out_folder(out)
     data = load_dataset(args.data, args.data_dir)
+    _check_reuse(out, plan, data)
     show = not args.no_progress
     if show:
         print(f"leanconv demo: baseline ResNet-20 on {data.name} ({plan.base_epochs} epochs) in {out}/baseline",
