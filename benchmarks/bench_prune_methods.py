@@ -29,6 +29,7 @@ from leanconv.prune.pipeline import PruneConfig, run_pruning
 from leanconv.report.plots import tradeoff_chart
 from leanconv.train import evaluate
 
+PROBES = 32
 VARIANTS = WIDTH  # label -> (criterion, implant share), the same variants `leanconv compare` runs
 
 
@@ -60,11 +61,13 @@ def one_run(ckpt: str, label: str, target: float, seed: int, args) -> dict:
 
 def labelled(label: str, args) -> str:
     """A run with non-default options is its own row: ``hap/none``, ``l1+lat``, ``l2@16``,
-    ``hap+implant:fit`` (``--implant-init fit``, variants with implants only), ``hap~shrunk`` (``--shrink``)."""
+    ``hap+implant:fit`` (``--implant-init fit``, variants with implants only), ``hap~shrunk`` (``--shrink``),
+    ``hap#128`` (``--probes 128``; hap variants, any count but the default 32)."""
     label = label if args.normalize == "mean" else f"{label}/{args.normalize}"
     label = f"{label}:{args.implant_init}" if args.implant_init != "zero" and VARIANTS[label.split("/")[0]][1] else label
     label = label + "+lat" if args.latency_aware else label
     label = f"{label}~shrunk" if args.shrink and label.startswith("hap") else label
+    label = f"{label}#{args.probes}" if args.probes != PROBES and label.startswith("hap") else label
     round_to = resolve_round_to(args.round_to)
     return f"{label}@{round_to}" if round_to else label
 
@@ -108,7 +111,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--finetune-epochs", type=int, default=3)
     parser.add_argument("--finetune-lr", type=float, default=0.01)
-    parser.add_argument("--probes", type=int, default=64)
+    parser.add_argument("--probes", type=int, default=PROBES,
+                        help=f"Hutchinson probe cap for hap (default {PROBES}; other counts are labelled hap#N)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--normalize", choices=("mean", "none"), default="mean",
