@@ -70,7 +70,9 @@ def parse_shape(text: str) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
-def add_data_args(parser: argparse.ArgumentParser, default: str | None = DEFAULT_DATA, default_help: str = "") -> None:
+def add_data_args(parser: argparse.ArgumentParser, default: str | None = DEFAULT_DATA, default_help: str = "",
+                  batch_size: bool = True) -> None:
+    """``--data``, ``--data-dir`` and (where the command uses it) ``--batch-size``."""
     helptext = "dataset: fashion-mnist, cifar10, cifar100, synthetic"
     if default_help:
         helptext += f" (default: {default_help})"
@@ -80,7 +82,8 @@ def add_data_args(parser: argparse.ArgumentParser, default: str | None = DEFAULT
         helptext += f" (default: {default})"
     parser.add_argument("--data", default=default, help=helptext)
     parser.add_argument("--data-dir", default=None, help="folder with the dataset files (default: the system copy)")
-    parser.add_argument("--batch-size", type=positive_int, default=128, help="images per batch (default: 128)")
+    if batch_size:
+        parser.add_argument("--batch-size", type=positive_int, default=128, help="images per batch (default: 128)")
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:

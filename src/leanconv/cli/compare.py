@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-onnx", action="store_true", help="skip ONNX export and ONNX Runtime latency")
     p.add_argument("--quick", action="store_true", help="label the report as a quick run with tiny budgets")
     add_seed_arg(p)
-    add_data_args(p, default=None)
+    add_data_args(p, default=None, batch_size=False)  # every entry uses leanconv's fixed batch of 128
     add_output_args(p)
     p.set_defaults(func=run)
 
