@@ -163,3 +163,15 @@ def test_weights_broken_by_the_last_step_are_not_saved(tmp_path, capsys):
     assert not (out / "model.safetensors").exists()
     _assert_user_error(capsys, "train", "--data", "synthetic:n=64", "--batch-size", "64", "--out", str(out),
                        match="less than one full batch")
+
+
+def test_file_system_errors_are_one_line_with_status_1(tmp_path, capsys, monkeypatch):
+    import leanconv.cli.eval as eval_cli
+
+    def full_disk(args):
+        raise OSError(28, "No space left on device", str(tmp_path / "x"))
+
+    monkeypatch.setattr(eval_cli, "run", full_disk)
+    code, out, err = _run(capsys, "eval", "resnet20")
+    lines = err.strip().splitlines()
+    assert code == 1 and out == "" and len(lines) == 1 and "No space left on device" in lines[0], err

@@ -187,10 +187,26 @@ def test_keep_unprunable_prunes_the_rest_of_a_user_model(tmp_path, capsys):
     assert pruned.conv1.out_channels == 6 and pruned.conv2.out_channels < 5  # the rolled channels stay
 
 
-def test_file_system_errors_are_one_line(trained_ckpt, tmp_path, capsys):
+def test_a_folder_in_the_way_of_a_result_file_is_one_line(trained_ckpt, tmp_path, capsys):
     out = tmp_path / "blocked"
     (out / "record.json").mkdir(parents=True)  # a folder where the record should go
     code = main(["prune", str(trained_ckpt), "--method", "l1", "--target-flops", "0.5", "--repeats", "1",
                  "--score-images", "32", "--out", str(out), "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 1 and len(err) == 1 and err[0].startswith("leanconv: error:") and "record.json" in err[0], err
+    assert code == 2 and len(err) == 1 and err[0].startswith("leanconv: error:") and "record.json" in err[0], err
+    assert sorted(p.name for p in out.iterdir()) == ["record.json"]  # the set is written whole or not at all
+
+
+def test_result_files_are_written_as_a_set(tmp_path):
+    """A writer that fails leaves the previous files, not a mix of old and new."""
+    from leanconv.cli.common import write_together
+
+    write_together(tmp_path, {"a.txt": lambda p: p.write_text("old a"), "b.txt": lambda p: p.write_text("old b")})
+
+    def broken(path):
+        path.write_text("partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_together(tmp_path, {"a.txt": lambda p: p.write_text("new a"), "b.txt": broken})
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {"a.txt": "old a", "b.txt": "old b"}

@@ -10,7 +10,7 @@ from pathlib import Path
 from leanconv import checkpoint
 from leanconv.cli.common import (add_data_args, add_model_args, add_output_args, add_repeats_arg, add_seed_arg,
                                  data_from_meta, fraction, input_shape_of, load_model, positive_float,
-                                 positive_int, progress_bar, resolution_of, write_json)
+                                 positive_int, progress_bar, resolution_of, write_json, write_together)
 from leanconv.cost import simd_channels
 from leanconv.errors import LeanconvError
 from leanconv.importance import criterion_names
@@ -131,12 +131,12 @@ def run(args: argparse.Namespace) -> int:
     record["source"] = str(args.ckpt)
     model.leanconv_meta = {**model.leanconv_meta, "prune": {k: record[k] for k in ("method", "config", "achieved")},
                            "test": {"accuracy": record["after"]["test_accuracy"]}}
-    checkpoint.save(model, out / "model.safetensors", constructor=args.constructor)
-    write_json(out / "record.json", record)
+    title = f"{args.method}: output channels per layer (target {config.target:g} of {config.kind})"
+    write_together(out, {"model.safetensors": lambda p: checkpoint.save(model, p, constructor=args.constructor),
+                         "record.json": lambda p: write_json(p, record),
+                         "channels.png": lambda p: channels_chart(record["layers"], p, title=title)})
     _hint_alignment(record["layers"], config.round_to)
     _hint_no_implant(record, config)
-    channels_chart(record["layers"], out / "channels.png",
-                   title=f"{args.method}: output channels per layer (target {config.target:g} of {config.kind})")
     b, a = record["before"], record["after"]
     print(json.dumps({"method": args.method, "macs": [b["macs"], a["macs"]], "params": [b["params"], a["params"]],
                       "accuracy": [round(b["test_accuracy"], 2), round(a["test_accuracy"], 2)],

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from leanconv.cli.common import (add_data_args, add_model_args, add_output_args, add_seed_arg, data_from_meta,
                                  load_model, positive_float, positive_int, progress_bar, resolution_of,
-                                 write_json)
+                                 write_json, write_together)
 from leanconv.errors import LeanconvError
 from leanconv.importance import hessian
 from leanconv.prune.pipeline import scoring_batches
@@ -81,9 +81,10 @@ def run(args: argparse.Namespace) -> int:
     finally:
         close()
     record = {"source": str(args.ckpt), "images": sum(len(y) for _, y in batches), **sensitivity_record(model, result)}
-    write_json(out / "sensitivity.json", record)
-    sensitivity_chart({n: v["sensitivity"] for n, v in record["layers"].items()}, out / "sensitivity.png",
-                      title=f"HAP sensitivity per layer ({result.probes} probes, {record['images']} images)")
+    title = f"HAP sensitivity per layer ({result.probes} probes, {record['images']} images)"
+    write_together(out, {"sensitivity.json": lambda p: write_json(p, record),
+                         "sensitivity.png": lambda p: sensitivity_chart(
+                             {n: v["sensitivity"] for n, v in record["layers"].items()}, p, title=title)})
     print(json.dumps({"probes": result.probes, "converged": result.converged,
                       "median_rel_stderr": round(result.achieved_rel_stderr, 4), "seconds": round(result.seconds, 1),
                       "layers": len(record["layers"]), "out": str(out)}))
