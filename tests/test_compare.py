@@ -208,9 +208,7 @@ def test_written_command_reproduces_its_row(compared, key, tmp_path, capsys):
         assert main(shlex.split(part)[1:] + ["--no-progress"] * ("convert" not in part)) == 0
     made, again = checkpoint.load(entry["checkpoint"]), checkpoint.load(tmp_path / "again" / "model.safetensors")
     a, b = made.state_dict(), again.state_dict()
-    # leanconv train does not re-estimate BatchNorm statistics after training, as compare does (see notes)
-    skip = ("running_", "num_batches") if key == "scc" else ()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if not any(s in k for s in skip))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # BatchNorm statistics included
 
 
 def test_repeated_methods_and_budgets_run_once():

@@ -75,9 +75,10 @@ def layer_entry(ctx, key: str, method: str, target: float | None) -> tuple[nn.Mo
                            "--seed", str(c.seed), "--out", f"{out}/converted"])
                + " && " + shlex.join(["leanconv", "train", "--from", f"{out}/converted/model.safetensors",
                                       *ctx.constructor_args(), *ctx.data_args(), "--epochs", str(c.finetune_epochs),
-                                      "--lr", f"{lr:g}", *subset, "--seed", str(c.seed), "--out", str(out)]))
+                                      "--lr", f"{lr:g}", *subset, "--seed", str(c.seed), "--recalibrate-bn",
+                                      "--out", str(out)]))
     notes = (f"converted layers trained {c.finetune_epochs} epochs at lr {lr:g}; other weights from the baseline; "
-             "BatchNorm statistics then re-estimated, which the train command does not do")
+             "BatchNorm statistics then re-estimated")
     return model, {"family": "layer", "command": command, "notes": notes, "label": label}
 
 

@@ -21,7 +21,7 @@ from leanconv import distributed as dist
 from leanconv.cli.common import (DEFAULT_DATA, add_data_args, add_model_args, data_from_meta, load_data, load_model,
                                  positive_float, positive_int, progress_bar, resolution_of, write_json)
 from leanconv.errors import LeanconvError
-from leanconv.train import TrainConfig, evaluate, fit
+from leanconv.train import TrainConfig, evaluate, fit, recalibrate_bn
 
 __all__ = ["register", "run", "config_from_args", "loaders_for", "CHECKSUM_ENV"]
 
@@ -49,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resolution", type=positive_int, default=None, help="train at this input side (default: the data's)")
     p.add_argument("--subset", type=positive_int, default=None, help="train on this many images only (quick runs)")
     p.add_argument("--no-augment", action="store_true", help="turn off random crop and flip")
+    p.add_argument("--recalibrate-bn", action="store_true",
+                   help="after training, re-estimate BatchNorm statistics on up to 6,400 un-augmented training "
+                   "images (what prune and compare do after fine-tuning)")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads per process (default: PyTorch's)")
     p.add_argument("--sync-bn", action="store_true",
                    help="under torchrun on GPUs: SyncBatchNorm across processes (default: BatchNorm per process)")
@@ -152,6 +155,9 @@ def _train(args: argparse.Namespace, out: Path, rank: int, world: int) -> int:
         result = fit(model, train, config, val_loader=val, out_dir=out, resume=args.resume, progress=update)
     finally:
         close()
+    if args.recalibrate_bn:
+        recalibrate_bn(model, data.loader("train", 128, resolution=resolution_of(model, data),
+                                          subset=min(6400, len(data.train))))
     metrics = evaluate(model, test, config.channels_last, distributed=world > 1)
     model.leanconv_meta["test"] = {"loss": metrics["loss"], "accuracy": metrics["accuracy"]}
     if os.environ.get(CHECKSUM_ENV):
