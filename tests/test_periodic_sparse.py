@@ -179,3 +179,15 @@ def test_onnx_export_matches_pytorch(tmp_path):
         want = m(x).numpy()
     assert got.shape == want.shape == (2, 24, 8, 8)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("channels,shape", [(4, (1, 2, 6, 6)), (4, (1, 6, 6, 6)), (256, (1, 1, 64, 64)), (4, (2, 4, 6))])
+def test_compiled_kernels_refuse_inputs_of_the_wrong_shape(channels, shape):
+    """The compiled kernels index the input without bounds checks: a wrong channel count must be
+    an error before they run (it read past the input, or crashed, before)."""
+    from leanconv.layers import SlidingChannelConv2d
+
+    x = torch.randn(*shape)
+    for layer in (PeriodicSparseConv2d(channels, 4), SlidingChannelConv2d(channels, 8, 2, 0.5)):
+        with pytest.raises((LeanconvError, RuntimeError)), torch.no_grad():
+            layer(x)

@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from leanconv.errors import LeanconvError
 from leanconv.layers._kernels.loader import kernel_library
 from leanconv.layers._kernels.plan import ClassPlan, Grid, TapPattern
 
@@ -133,6 +134,9 @@ def sparse_conv(x: torch.Tensor, weight: torch.Tensor, plan: SparseConvPlan) -> 
     """``conv2d(x, dense(weight), padding=plan.pad)`` through the compiled kernels (stride 1).
 
     Call only when :func:`kernels_usable` says so. ``weight`` is the layer's flat parameter of
-    nonzeros; the result is contiguous NCHW.
+    nonzeros; the result is contiguous NCHW. The input's shape is checked here, because the
+    compiled kernels index it without bounds checks.
     """
+    if x.dim() != 4 or x.shape[1] != plan.taps.cols:
+        raise LeanconvError(f"sparse conv expects input [N, {plan.taps.cols}, H, W], got {list(x.shape)}")
     return _SparseConvFunction.apply(x, weight, plan)
