@@ -222,3 +222,36 @@ def test_negative_channel_count_in_header_is_corrupt(tmp_path):
 def test_a_folder_is_not_reported_as_missing(tmp_path):
     with pytest.raises(LeanconvError, match="is a folder"):
         checkpoint.load(tmp_path)
+
+
+def test_save_and_load_leave_the_random_stream_and_dtype_alone(tmp_path):
+    model = create("resnet20", num_classes=4, input_size=16).double()
+    path = tmp_path / "m.safetensors"
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    checkpoint.save(model, path)
+    loaded = checkpoint.load(path)
+    assert torch.equal(torch.rand(3), expected)  # building the base drew nothing from the caller's stream
+    assert all(p.dtype == torch.float64 for p in loaded.parameters())
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("edits", ["x", [1], [{"op": "resize", "path": "fc", "module": {"type": "Linear", "kwargs": [1, 2]}}]])
+def test_malformed_edits_are_corrupt(tmp_path, edits):
+    model = create("resnet20")
+    model.fc = nn.Linear(64, 5)
+    path = tmp_path / "m.safetensors"
+    checkpoint.save(model, path)
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    head = json.loads(raw[8 : 8 + n])
+    header = json.loads(head["__metadata__"]["leanconv"])
+    header["edits"] = edits
+    head["__metadata__"]["leanconv"] = json.dumps(header)
+    text = json.dumps(head).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
+    with pytest.raises(LeanconvError, match="corrupt"):
+        checkpoint.load(path)

@@ -41,7 +41,15 @@ FORMAT = 1
 
 
 def build_base(base: dict[str, Any], constructor: Callable[..., nn.Module] | str | None = None) -> nn.Module:
-    """Build the unedited model a checkpoint starts from."""
+    """Build the unedited model a checkpoint starts from, leaving the caller's random stream
+    as it was (initialising the base draws random weights that are overwritten anyway)."""
+    with torch.random.fork_rng(devices=[]):
+        return _build_base(base, constructor)
+
+
+def _build_base(base: dict[str, Any], constructor: Callable[..., nn.Module] | str | None) -> nn.Module:
+    if not isinstance(base, dict) or not isinstance(base.get("kwargs", {}), dict):
+        raise LeanconvError("checkpoint has a malformed base model record; the file is corrupt")
     kwargs = dict(base.get("kwargs", {}))
     if "zoo" in base:
         return create(base["zoo"], **kwargs)
@@ -88,6 +96,8 @@ def find_edits(model: nn.Module, base: nn.Module) -> list[dict]:
 
 def apply_edits(model: nn.Module, edits: list[dict]) -> nn.Module:
     """Replay edits on ``model`` in order; returns the (possibly new) root module."""
+    if not isinstance(edits, list) or not all(isinstance(e, dict) for e in edits):
+        raise LeanconvError("checkpoint edits must be a list of objects; the file is corrupt")
     for edit in edits:
         path = edit.get("path")
         if not isinstance(path, str) or "module" not in edit:
@@ -160,6 +170,16 @@ def save(model: nn.Module, path: str | os.PathLike, constructor: Callable[..., n
     return header
 
 
+def _match_dtypes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give every floating parameter and buffer the dtype it was saved with (a float64 model
+    reloads as float64), before ``load_state_dict`` copies the values in."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        stored = state.get(name)
+        if stored is not None and tensor.is_floating_point() and stored.is_floating_point() \
+                and stored.dtype != tensor.dtype:
+            tensor.data = tensor.data.to(stored.dtype)
+
+
 def read_header(path: str | os.PathLike) -> dict[str, Any]:
     """Read and validate the JSON header of a leanconv checkpoint without loading weights."""
     path = Path(path)
@@ -194,7 +214,8 @@ def load(path: str | os.PathLike, constructor: Callable[..., nn.Module] | str | 
     except (SafetensorError, OSError, ValueError) as exc:
         raise LeanconvError(f"{str(path)!r} is truncated or corrupt: {exc}") from exc
     base = build_base(header["base"], constructor)
-    model = apply_edits(base, header.get("edits", []))
+    with torch.random.fork_rng(devices=[]):  # edits build fresh layers too
+        model = apply_edits(base, header.get("edits", []))
     if hasattr(base, "leanconv_constructor"):
         model.leanconv_constructor = base.leanconv_constructor
     model.leanconv_base = header["base"]
@@ -207,6 +228,7 @@ def load(path: str | os.PathLike, constructor: Callable[..., nn.Module] | str | 
         given = constructor if isinstance(constructor, str) else getattr(constructor, "__qualname__", constructor)
         cause = (f"the constructor given ({given!r}) does not build the model the file was saved from "
                  f"({header['base']['constructor']!r}); pass that one, unchanged")
+    _match_dtypes(model, state)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatch

@@ -131,6 +131,8 @@ def module_from_spec(spec: dict[str, Any]) -> nn.Module:
     if not isinstance(spec, dict) or "type" not in spec:
         raise LeanconvError(f"malformed layer spec {spec!r}; the checkpoint is corrupt")
     name = spec["type"]
+    if not isinstance(spec.get("kwargs", {}), dict):
+        raise LeanconvError(f"malformed layer spec {spec!r}; the checkpoint is corrupt")
     kwargs = dict(spec.get("kwargs", {}))
     if name == "Sequential":
         return nn.Sequential(*[module_from_spec(c) for c in spec.get("children", [])])

@@ -163,7 +163,9 @@ def implant_channels(
             continue
         new_idx = _after_removal(member, channels, removed)
         parent, _, leaf = member.module.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, ImplantConv2d.from_conv(conv, new_idx))
+        with torch.random.fork_rng(devices=[]):  # the new layer's initial draw must not move the caller's stream
+            implant = ImplantConv2d.from_conv(conv, new_idx)
+        setattr(model.get_submodule(parent) if parent else model, leaf, implant)
         paths.append(member.module)
     if restart_norms:
         _restart_norms(model, group, channels, removed)
