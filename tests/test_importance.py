@@ -465,3 +465,26 @@ def test_hap_real_traces_rank_zeroed_channel_lowest():
     assert (crit.last_traces.traces["0.weight"] > 0).all()
     assert scores[3] == 0.0 and (scores[:3] > 0).all()
     assert int(scores.argmin()) == 3
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda x, y: (x[:, :1], y), "failed on an input"),
+    (lambda x, y: (x, y + 8), "labels must lie in"),
+    (lambda x, y: (x, y[:-1]), "one integer label per image"),
+    (lambda x, y: ((x * 100).to(torch.uint8), y), "floating-point"),
+    (lambda x, y: (x * float("nan"), y), "NaN or infinite"),
+])
+def test_scoring_batches_that_do_not_fit_are_clear_errors(bad, match):
+    """Checked once, up front, for every criterion and for the Hessian traces."""
+    from leanconv.importance.hessian import channel_traces
+    from leanconv.models import create
+    from leanconv.prune import prune_to_budget
+
+    torch.manual_seed(0)
+    model = create("resnet20", num_classes=4, in_channels=3, input_size=16)
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))
+    batches = [bad(x, y)]
+    with pytest.raises(LeanconvError, match=match):
+        channel_traces(model, batches, min_probes=2, max_probes=2)
+    with pytest.raises(LeanconvError, match=match):
+        prune_to_budget(model, create_criterion("taylor"), x[:1], target=0.5, data=ScoringData(batches))

@@ -207,3 +207,26 @@ def test_implants_after_removal_in_both_concat_groups_fold_to_plain_order():
     assert model.a.channel_order is None and model.b.channel_order is None
     assert (model.bn.num_features, model.c.in_channels) == (8, 8)
     assert_close(model(X), ref)
+
+
+class _BufferScaled(nn.Module):
+    """A per-channel scale held in a buffer between two convs: invisible to the dependency graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 4)
+        self.register_buffer("scale", torch.linspace(0.5, 2, 8).view(1, 8, 1, 1))
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c2(torch.relu(self.c1(x)) * self.scale)).mean((2, 3)))
+
+
+def test_a_per_channel_buffer_is_a_clear_error_and_the_model_is_untouched():
+    from leanconv.importance import create_criterion
+    from leanconv.prune import prune_to_budget
+
+    model = _BufferScaled()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(LeanconvError, match="no longer runs.*buffer or constant"):
+        prune_to_budget(model, create_criterion("l1"), torch.randn(2, 3, 8, 8), target=0.6)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -19,7 +19,9 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from leanconv.cost._model_io import run_forward
 from leanconv.errors import LeanconvError
+from leanconv.modes import eval_mode
 
 __all__ = [
     "Member",
@@ -29,6 +31,7 @@ __all__ = [
     "register_criterion",
     "create_criterion",
     "criterion_names",
+    "check_batches",
 ]
 
 
@@ -118,3 +121,31 @@ def check_scores(groups: Iterable[ChannelGroup], scores: Sequence[torch.Tensor],
     for g, s in zip(groups, scores):
         if s is None or s.shape != (g.size,) or not torch.isfinite(s).all():
             raise RuntimeError(f"criterion {name} returned bad scores for group {g.root}")
+
+
+def check_batches(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                  loss_fn: Callable | None = nn.functional.cross_entropy) -> None:
+    """Scoring batches must fit ``model``: floating-point, finite images it runs on and, for the
+    default cross-entropy loss, one integer label per image within its outputs (other losses
+    get only the image checks). Raises :class:`LeanconvError` naming the problem (instead of
+    an error from deep inside a criterion)."""
+    class_labels = loss_fn is nn.functional.cross_entropy
+    for i, (x, y) in enumerate(batches):
+        if not (torch.is_tensor(x) and x.is_floating_point() and x.dim() >= 2):
+            raise LeanconvError(f"scoring batch {i}: images must be a floating-point tensor [N, C, H, W], "
+                                f"got {getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
+        if class_labels and not (torch.is_tensor(y) and y.dim() == 1 and not y.is_floating_point()
+                                 and len(y) == len(x)):
+            raise LeanconvError(f"scoring batch {i}: need one integer label per image ({len(x)} images), "
+                                f"got labels {getattr(y, 'dtype', type(y).__name__)} {list(getattr(y, 'shape', []))}")
+        if not bool(torch.isfinite(x).all()):
+            raise LeanconvError(f"scoring batch {i} holds NaN or infinite pixels")
+    if not batches:
+        return
+    with eval_mode(model), torch.no_grad():
+        out = run_forward(model, batches[0][0][:2])
+    classes = out.shape[-1] if class_labels and torch.is_tensor(out) and out.dim() == 2 else None
+    for i, (_, y) in enumerate(batches):
+        if classes is not None and len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):
+            raise LeanconvError(f"scoring batch {i}: labels must lie in [0, {classes}) for this model's "
+                                f"{classes} outputs, got {int(y.min())}..{int(y.max())}")

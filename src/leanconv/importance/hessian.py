@@ -58,6 +58,7 @@ import torch
 from torch import Tensor, nn
 
 from leanconv.errors import LeanconvError
+from leanconv.importance.base import check_batches
 from leanconv.importance.hessian_hvp import assign_groups, grouped_hvp, rademacher_probes
 from leanconv.modes import eval_mode
 
@@ -297,6 +298,7 @@ def channel_traces(
     sel, fixed = _select(model, params)
     rule = (min_probes, max_probes, rel_stderr, probes_per_step, stop_quantile)
     _check_args(batches, sel, rule, method)
+    check_batches(model, batches, loss_fn)
     groups = assign_groups(list(sel), probe_groups)
     start = time.perf_counter()
     with eval_mode(model), torch.enable_grad():

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from leanconv.cost import count
 from leanconv.errors import LeanconvError
-from leanconv.importance.base import ChannelGroup, ScoringData, check_scores
+from leanconv.importance.base import ChannelGroup, ScoringData, check_batches, check_scores
 from leanconv.layers.implant import ImplantConv2d
 from leanconv.prune.channels import can_implant, channel_counts, implant_channels, remove_channels
 from leanconv.prune.implant_fit import IMPLANT_INITS, fit_implants
@@ -331,6 +331,8 @@ def prune_to_budget(
     if lowest > goal * (1 + tol):
         raise LeanconvError(f"target {target} of the original {kind} is unreachable: with floor={floor} and "
                             f"round_to={round_to} the smallest model keeps {lowest / costs.base.of(kind):.3f}")
+    if data is not None and data.batches:
+        check_batches(model, data.batches, data.loss_fn)
     scores = _normalized(_scores(importance, model, [t.group for t in traced], data), normalize)
     if latency_aware:
         weights = latency_weights(model, traced, example_input, shape)

@@ -113,7 +113,15 @@ def remove_channels(
     if wrong:
         raise RuntimeError(f"leanconv bug: pruning left {wrong[0]} with {actual.get(wrong[0])} channels "
                            f"(in, out) instead of {expected[wrong[0]]}")
-    if _output_shape(model, example_input) != dg.leanconv_output_shape:
+    try:
+        shape = _output_shape(model, example_input)
+    except (RuntimeError, ValueError) as exc:  # e.g. a per-channel buffer or constant the graph cannot see
+        roots = ", ".join(groups[gi].root for gi in remove)
+        raise LeanconvError(f"after removing channels of {roots} the model no longer runs "
+                            f"({str(exc).strip().splitlines()[0]}); a tensor on that channel path that is not a "
+                            "layer's parameter (a buffer or constant with one entry per channel) cannot be resized: "
+                            "make it a parameter of a layer, or exclude that layer (ignored=[...])") from exc
+    if shape != dg.leanconv_output_shape:
         raise RuntimeError("leanconv bug: pruning changed the model's output shape")
     return model
 
