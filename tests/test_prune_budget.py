@@ -220,3 +220,33 @@ def test_given_scores_must_fit_the_groups():
         prune_to_budget(model, [torch.ones(3)], torch.randn(1, 3, 8, 8), target=0.5)
     with pytest.raises(LeanconvError, match="not in the model"):
         prune_to_budget(model, l1_scores, torch.randn(1, 3, 8, 8), target=0.5, ignored=["nope"])
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"target": "0.5"}, "target must be a finite number"),
+    ({"target": 0.5, "floor": float("inf")}, "floor must be a finite number"),
+    ({"target": 0.5, "round_to": float("nan")}, "round_to must be a finite number"),
+])
+def test_nonsense_options_are_clear_errors(options, match):
+    from leanconv.importance import create_criterion
+    from leanconv.models import create
+    from leanconv.prune import prune_to_budget
+
+    with pytest.raises(LeanconvError, match=match):
+        prune_to_budget(create("resnet20", num_classes=4, input_size=16), create_criterion("l1"),
+                        torch.randn(1, 3, 16, 16), **options)
+
+
+def test_nonsense_sizes_and_criterion_options_are_clear_errors():
+    from leanconv.cost import count, measure_latency
+    from leanconv.importance import create_criterion
+    from leanconv.models import create
+
+    model = create("resnet20", num_classes=4, input_size=16)
+    for shape in ((3, 16.5, 16), (3.7, 16, 16)):
+        with pytest.raises(LeanconvError, match="sequence of integers"):
+            count(model, shape)
+    with pytest.raises(LeanconvError, match="batch size"):
+        measure_latency(model, (3, 16, 16), 2.5)
+    with pytest.raises(LeanconvError, match="cannot create criterion 'l1'"):
+        create_criterion("l1", foo=1)

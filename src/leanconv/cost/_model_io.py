@@ -4,6 +4,8 @@ run a model and turn its shape errors into one-line messages (eval mode:
 
 from __future__ import annotations
 
+import numbers
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -17,8 +19,8 @@ __all__ = ["check_shape", "example_input", "run_forward"]
 def check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
     """Return ``input_shape`` (one image, normally ``(C, H, W)``) as a tuple of positive ints."""
     try:
-        shape = tuple(int(s) for s in input_shape)
-    except (TypeError, ValueError):
+        shape = tuple(operator.index(s) for s in input_shape)  # whole numbers only: 16.5 is not truncated
+    except TypeError:
         raise LeanconvError(f"input shape {input_shape!r} must be a sequence of integers such as (3, 32, 32)") from None
     if not shape or any(s < 1 for s in shape):
         raise LeanconvError(f"input shape {input_shape!r} must be positive integers such as (3, 32, 32)")
@@ -29,7 +31,7 @@ def example_input(model: nn.Module, input_shape: Sequence[int], batch_size: int 
     """A reproducible random batch ``[batch_size, *input_shape]`` on the model's device, in the
     dtype of its first floating-point parameter (float32 for a parameter-free model)."""
     shape = check_shape(input_shape)
-    if batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise LeanconvError(f"batch size must be at least 1, got {batch_size}")
     device, dtype = torch.device("cpu"), torch.float32
     for p in model.parameters():

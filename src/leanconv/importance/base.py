@@ -110,7 +110,10 @@ def criterion_names() -> list[str]:
 def create_criterion(name: str, **kwargs) -> Criterion:
     if name not in _CRITERIA:
         raise LeanconvError(f"unknown pruning method {name!r}; choose one of: {', '.join(criterion_names())}")
-    return _CRITERIA[name](**kwargs)
+    try:
+        return _CRITERIA[name](**kwargs)
+    except (TypeError, ValueError) as exc:  # an unknown option or a value of the wrong kind
+        raise LeanconvError(f"cannot create criterion {name!r} with {kwargs}: {exc}") from exc
 
 
 def check_scores(groups: Iterable[ChannelGroup], scores: Sequence[torch.Tensor], name: str) -> None:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -179,6 +180,10 @@ def _check_options(target: float, kind: str, round_to: int | None, floor: float,
                    normalize: str) -> None:
     if kind not in ("macs", "params"):
         raise LeanconvError(f"budget kind must be 'macs' or 'params', got {kind!r}")
+    for name, value in (("target", target), ("floor", floor), ("implant", implant), ("tol", tol), ("round_to", round_to)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                  or not math.isfinite(value)):
+            raise LeanconvError(f"{name} must be a finite number, got {value!r}")
     if not 0 < target < 1:
         raise LeanconvError(f"target {target} must be a fraction of the original {kind} in (0, 1), e.g. 0.5")
     if round_to is not None and (int(round_to) != round_to or round_to < 1):
