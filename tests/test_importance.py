@@ -488,3 +488,15 @@ def test_scoring_batches_that_do_not_fit_are_clear_errors(bad, match):
         channel_traces(model, batches, min_probes=2, max_probes=2)
     with pytest.raises(LeanconvError, match=match):
         prune_to_budget(model, create_criterion("taylor"), x[:1], target=0.5, data=ScoringData(batches))
+
+
+@pytest.mark.parametrize("bad", [lambda n: [0.0] * n, lambda n: torch.ones(n + 1), lambda n: torch.full((n,), float("nan"))])
+def test_a_user_criterion_returning_bad_scores_is_named(bad):
+    from leanconv.models import create
+    from leanconv.prune import prune_to_budget
+
+    def mine(model, groups, data=None):
+        return [bad(g.size) for g in groups]
+
+    with pytest.raises(LeanconvError, match="criterion mine returned bad scores for group"):
+        prune_to_budget(create("resnet20", num_classes=4, input_size=16), mine, torch.randn(1, 3, 16, 16), target=0.5)

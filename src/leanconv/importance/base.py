@@ -117,13 +117,16 @@ def create_criterion(name: str, **kwargs) -> Criterion:
 
 
 def check_scores(groups: Iterable[ChannelGroup], scores: Sequence[torch.Tensor], name: str) -> None:
-    """Raise if a criterion returned the wrong number or shape of scores (the engine calls this)."""
+    """Raise :class:`LeanconvError` if a criterion returned the wrong number, kind or shape of
+    scores (the engine calls this on every criterion, a user's own included)."""
     groups = list(groups)
     if len(scores) != len(groups):
-        raise RuntimeError(f"criterion {name} returned {len(scores)} score tensors for {len(groups)} groups")
+        raise LeanconvError(f"criterion {name} returned {len(scores)} score tensors for {len(groups)} groups")
     for g, s in zip(groups, scores):
-        if s is None or s.shape != (g.size,) or not torch.isfinite(s).all():
-            raise RuntimeError(f"criterion {name} returned bad scores for group {g.root}")
+        if not torch.is_tensor(s) or s.shape != (g.size,) or not torch.isfinite(s).all():
+            got = f"shape {tuple(s.shape)}" if torch.is_tensor(s) else type(s).__name__
+            raise LeanconvError(f"criterion {name} returned bad scores for group {g.root}: need a finite tensor of "
+                                f"shape ({g.size},), got {got}{' with NaN/inf' if torch.is_tensor(s) and s.shape == (g.size,) else ''}")
 
 
 def check_batches(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],

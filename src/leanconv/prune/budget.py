@@ -271,7 +271,8 @@ def _scores(importance, model, groups, data) -> list[Tensor]:
     """Scores from a criterion (a wrong shape is a criterion bug) or given by the caller."""
     if callable(importance):
         scores = list(importance(model, groups, data))
-        check_scores(groups, scores, getattr(importance, "name", type(importance).__name__))
+        name = getattr(importance, "name", None) or getattr(importance, "__name__", type(importance).__name__)
+        check_scores(groups, scores, name)
         return scores
     scores = [torch.as_tensor(s) for s in importance]
     sizes = [g.size for g in groups]
