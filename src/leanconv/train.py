@@ -42,7 +42,7 @@ from leanconv import checkpoint
 from leanconv import distributed as dist
 from leanconv.errors import LeanconvError
 
-__all__ = ["TrainConfig", "TrainResult", "fit", "evaluate", "recalibrate_bn", "finetune", "learning_rate"]
+__all__ = ["TrainConfig", "TrainResult", "fit", "evaluate", "recalibrate_bn", "recalibrate_on_training_data", "finetune", "learning_rate"]
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int, dict], None]
@@ -376,6 +376,12 @@ def recalibrate_bn(model: nn.Module, loader: Loader, max_batches: int = 50, chan
     return len(bns)
 
 
+def recalibrate_on_training_data(model: nn.Module, data, resolution: int | None = None, batch_size: int = 128) -> None:
+    """Re-estimate BatchNorm statistics on up to 6,400 un-augmented training images of ``data``
+    (a ``DatasetSplits``): what every fine-tuning ends with."""
+    recalibrate_bn(model, data.loader("train", batch_size, resolution=resolution, subset=min(6400, len(data.train))))
+
+
 def finetune(model: nn.Module, data, *, epochs: int, lr: float, seed: int = 0, batch_size: int = 128,
              resolution: int | None = None, images: int | None = None, progress: Progress | None = None) -> None:
     """Fine-tune ``model`` in place on the training split of ``data`` (a ``DatasetSplits``):
@@ -390,5 +396,5 @@ def finetune(model: nn.Module, data, *, epochs: int, lr: float, seed: int = 0, b
     train = data.loader("train", min(batch_size, n), shuffle=True, augment=True, resolution=resolution, seed=seed,
                         drop_last=True, subset=None if images is None else n)
     fit(model, train, TrainConfig(epochs=epochs, lr=lr, seed=seed), progress=progress)
-    recalibrate_bn(model, data.loader("train", batch_size, resolution=resolution, subset=min(6400, len(data.train))))
+    recalibrate_on_training_data(model, data, resolution, batch_size)
     model.to(memory_format=torch.contiguous_format)

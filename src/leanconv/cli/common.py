@@ -20,7 +20,7 @@ from leanconv.models import create, names
 
 __all__ = [
     "add_data_args", "add_model_args", "add_seed_arg", "add_repeats_arg", "add_output_args",
-    "load_model", "load_data", "data_from_meta", "parse_shape", "positive_float", "check_out_folder", "check_out_file",
+    "load_model", "load_data", "data_from_meta", "data_for_meta", "recorded_data_dir", "parse_shape", "positive_float", "non_negative_float", "check_out_folder", "check_out_file",
     "progress_bar", "write_json", "write_together", "positive_int", "fraction", "input_shape_of", "resolution_of",
 ]
 
@@ -37,15 +37,24 @@ def positive_int(text: str) -> int:
     return value
 
 
-def positive_float(text: str) -> float:
-    """A finite number above 0 (learning rates)."""
+def _finite_float(text: str, ok: Callable[[float], bool], must: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    if not (math.isfinite(value) and ok(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number {must}, got {text}")
     return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number above 0 (learning rates)."""
+    return _finite_float(text, lambda v: v > 0, "above 0")
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0 (weight decay)."""
+    return _finite_float(text, lambda v: v >= 0, ">= 0")
 
 
 def fraction(text: str) -> float:
@@ -171,16 +180,28 @@ def load_data(name: str, data_dir: str | None) -> DatasetSplits:
     return load_dataset(name, data_dir)
 
 
+def recorded_data_dir(recorded: dict, args: argparse.Namespace) -> str | None:
+    """The data folder to load from: ``--data-dir`` when given, else the folder a model's
+    ``leanconv_meta`` (``recorded``) names when ``--data`` is absent or the recorded dataset."""
+    meta = recorded.get("dataset") or {}
+    if args.data_dir is not None:
+        return args.data_dir
+    return meta.get("data_dir") if (args.data or meta.get("name")) == meta.get("name") else None
+
+
 def data_from_meta(model: nn.Module, args: argparse.Namespace) -> DatasetSplits:
     """The dataset given on the command line, else the one the model was trained on; it must
     have the model's input channels and classes (where the model records them)."""
-    recorded = getattr(model, "leanconv_meta", {})
-    meta = recorded.get("dataset") or {}
-    name = args.data or meta.get("name")
+    return data_for_meta(getattr(model, "leanconv_meta", {}), args)
+
+
+def data_for_meta(recorded: dict, args: argparse.Namespace) -> DatasetSplits:
+    """:func:`data_from_meta` for a model's recorded ``leanconv_meta`` alone (e.g. a checkpoint
+    header read without building the model)."""
+    name = args.data or (recorded.get("dataset") or {}).get("name")
     if name is None:
         raise LeanconvError("the model records no dataset; pass --data")
-    data_dir = args.data_dir if args.data_dir is not None else (meta.get("data_dir") if name == meta.get("name") else None)
-    data = load_dataset(name, data_dir)
+    data = load_dataset(name, recorded_data_dir(recorded, args))
     shape = recorded.get("input_shape")
     if shape and shape[0] != data.in_channels:
         raise LeanconvError(f"the model takes {shape[0]} input channels but {data.name} has {data.in_channels}; "

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from leanconv.cli.common import (add_data_args, add_model_args, add_output_args, add_seed_arg, data_from_meta,
                                  input_shape_of, load_model, positive_float, positive_int, progress_bar,
-                                 resolution_of)
+                                 recorded_data_dir, resolution_of)
 from leanconv.compare import CONTENDERS, DEFAULT_METHODS, CompareConfig, run_compare
 from leanconv.errors import LeanconvError
 from leanconv.report.build import build_report
@@ -63,15 +63,6 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
                          quick=args.quick, seed=args.seed)
 
 
-def _data_dir(model, data_args: argparse.Namespace) -> str | None:
-    """The data folder ``data_from_meta`` loads from: ``--data-dir``, else the recorded one
-    when the data is the one the checkpoint records."""
-    meta = getattr(model, "leanconv_meta", {}).get("dataset") or {}
-    if data_args.data_dir is not None:
-        return data_args.data_dir
-    return meta.get("data_dir") if (data_args.data or meta.get("name")) == meta.get("name") else None
-
-
 def compare_and_report(ckpt: str, config: CompareConfig, out: Path, *, data_args: argparse.Namespace,
                        constructor: str | None, show_progress: bool, command: str) -> dict:
     """Load ``ckpt``, run the comparison into ``out`` and build the report; returns the paths."""
@@ -87,7 +78,8 @@ def compare_and_report(ckpt: str, config: CompareConfig, out: Path, *, data_args
 
     try:
         run_compare(ckpt, data, shape, out, config, resolution=resolution_of(model, data), command=command,
-                    constructor=constructor, data_dir=_data_dir(model, data_args), progress=update, stage=stage)
+                    constructor=constructor, data_dir=recorded_data_dir(model.leanconv_meta, data_args),
+                    progress=update, stage=stage)
     finally:
         close()
     return build_report(out)

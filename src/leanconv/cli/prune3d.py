@@ -6,10 +6,9 @@ import argparse
 import json
 import os
 import sys
-from types import SimpleNamespace
 
 from leanconv import checkpoint
-from leanconv.cli.common import (add_data_args, add_output_args, add_repeats_arg, add_seed_arg, data_from_meta,
+from leanconv.cli.common import (add_data_args, add_output_args, add_repeats_arg, add_seed_arg, data_for_meta,
                                  fraction, positive_float, positive_int, progress_bar)
 from leanconv.errors import LeanconvError
 from leanconv.importance import criterion_names
@@ -99,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     executor = _executor(args)
     header = checkpoint.read_header(args.ckpt)  # one line if missing or not a checkpoint
-    data_from_meta(SimpleNamespace(leanconv_meta=header.get("meta", {})), args)  # the data must fit, before work
+    data_for_meta(header.get("meta", {}), args)  # the data must fit, before any work
     update, close = progress_bar("prune3d samples", enabled=not args.no_progress)
 
     def stage(text: str) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -19,9 +18,10 @@ import torch
 from leanconv import checkpoint
 from leanconv import distributed as dist
 from leanconv.cli.common import (DEFAULT_DATA, add_data_args, add_model_args, data_from_meta, load_data, load_model,
-                                 positive_float, positive_int, progress_bar, resolution_of, write_json)
+                                 non_negative_float, positive_float, positive_int, progress_bar, recorded_data_dir,
+                                 resolution_of, write_json)
 from leanconv.errors import LeanconvError
-from leanconv.train import TrainConfig, evaluate, fit, recalibrate_bn
+from leanconv.train import TrainConfig, evaluate, fit, recalibrate_on_training_data
 
 __all__ = ["register", "run", "config_from_args", "loaders_for", "CHECKSUM_ENV"]
 
@@ -59,17 +59,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run, out_is_folder=True)
-
-
-def non_negative_float(text: str) -> float:
-    """A finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
 
 
 def momentum_arg(text: str) -> float:
@@ -119,10 +108,8 @@ def _model_and_data(args: argparse.Namespace):
 
 def _with_meta(model, data, shape, args):
     meta = dict(getattr(model, "leanconv_meta", {}))
-    before = meta.get("dataset") or {}
-    data_dir = args.data_dir if args.data_dir is not None or before.get("name") != data.name else before.get("data_dir")
     meta.update({"input_shape": list(shape), "num_classes": data.num_classes,
-                 "dataset": {"name": data.name, "data_dir": data_dir}})
+                 "dataset": {"name": data.name, "data_dir": recorded_data_dir(meta, args)}})
     model.leanconv_meta = meta
     return model
 
@@ -156,8 +143,7 @@ def _train(args: argparse.Namespace, out: Path, rank: int, world: int) -> int:
     finally:
         close()
     if args.recalibrate_bn:
-        recalibrate_bn(model, data.loader("train", 128, resolution=resolution_of(model, data),
-                                          subset=min(6400, len(data.train))))
+        recalibrate_on_training_data(model, data, resolution_of(model, data))
     metrics = evaluate(model, test, config.channels_last, distributed=world > 1)
     model.leanconv_meta["test"] = {"loss": metrics["loss"], "accuracy": metrics["accuracy"]}
     if os.environ.get(CHECKSUM_ENV):
