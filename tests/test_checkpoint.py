@@ -202,7 +202,9 @@ def test_constructor_failures_are_one_line_errors(tmp_path, monkeypatch):
         from_constructor("broken_syntax_mod:f")
 
 
-def test_negative_channel_count_in_header_is_corrupt(tmp_path):
+def _saved_with_edited_header(tmp_path, edit):
+    """A ResNet-20 checkpoint with one edit (a new classifier) whose leanconv header is then
+    changed in place by ``edit(header)``; the weights stay as written."""
     model = create("resnet20")
     model.fc = nn.Linear(64, 5)  # one edit in the header
     path = tmp_path / "m.safetensors"
@@ -211,10 +213,16 @@ def test_negative_channel_count_in_header_is_corrupt(tmp_path):
     n = int.from_bytes(raw[:8], "little")
     head = json.loads(raw[8 : 8 + n])
     header = json.loads(head["__metadata__"]["leanconv"])
-    header["edits"][0]["module"]["kwargs"]["out_features"] = -3
+    edit(header)
     head["__metadata__"]["leanconv"] = json.dumps(header)
     text = json.dumps(head).encode()
     path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
+    return path
+
+
+def test_negative_channel_count_in_header_is_corrupt(tmp_path):
+    path = _saved_with_edited_header(tmp_path, lambda header: header["edits"][0]["module"]["kwargs"].update(
+        out_features=-3))
     with pytest.raises(LeanconvError, match="corrupt"):
         checkpoint.load(path)
 
@@ -241,17 +249,6 @@ def test_save_and_load_leave_the_random_stream_and_dtype_alone(tmp_path):
 
 @pytest.mark.parametrize("edits", ["x", [1], [{"op": "resize", "path": "fc", "module": {"type": "Linear", "kwargs": [1, 2]}}]])
 def test_malformed_edits_are_corrupt(tmp_path, edits):
-    model = create("resnet20")
-    model.fc = nn.Linear(64, 5)
-    path = tmp_path / "m.safetensors"
-    checkpoint.save(model, path)
-    raw = path.read_bytes()
-    n = int.from_bytes(raw[:8], "little")
-    head = json.loads(raw[8 : 8 + n])
-    header = json.loads(head["__metadata__"]["leanconv"])
-    header["edits"] = edits
-    head["__metadata__"]["leanconv"] = json.dumps(header)
-    text = json.dumps(head).encode()
-    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
+    path = _saved_with_edited_header(tmp_path, lambda header: header.update(edits=edits))
     with pytest.raises(LeanconvError, match="corrupt"):
         checkpoint.load(path)
