@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from leanconv.importance.hessian import _select, channel_traces
-from leanconv.importance.hessian_hvp import HVP_METHODS, _LeanOps, rademacher_probes
-from leanconv.modes import eval_mode
+from leanconv.importance.hessian.hvp import HVP_METHODS, _LeanOps, rademacher_probes
+from leanconv.util.modes import eval_mode
 
 
 def local_cnn(num_classes: int = 10, in_channels: int = 3) -> nn.Module:

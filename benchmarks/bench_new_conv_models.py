@@ -2,7 +2,7 @@
 
 Variants (issue "new efficient convolutions"): dense, DW + sliding-channel convs with groups 2
 and 4 at overlap 0.5 (DSXplore), periodic sparse convs psd4_p8 and psd1_p16 (pSConv). Each is
-trained from scratch by :func:`leanconv.explore.run_explore` for the same epochs, seed and
+trained from scratch by :func:`leanconv.convs.explore.run_explore` for the same epochs, seed and
 schedule (resumable: finished variants in OUT/results.jsonl are reused), then every trained
 model is timed again in interleaved rounds (every model once per round, batch 64 then 1, in
 NCHW and channels_last; the faster layout is reported), so load from other processes hits all
@@ -28,7 +28,7 @@ import torch
 
 from leanconv import checkpoint
 from leanconv.cost import measure_latency
-from leanconv.explore import ExploreConfig, run_explore, write_summary
+from leanconv.convs.explore import ExploreConfig, run_explore, write_summary
 from leanconv.report.plots import tradeoff_chart
 from leanconv.train import TrainConfig
 

@@ -33,11 +33,11 @@ from leanconv import checkpoint
 from leanconv.cost import count
 from leanconv.data import load_dataset
 from leanconv.models import create
-from leanconv.prune.pipeline import PruneConfig, measure, run_pruning
-from leanconv.prune.resolution import set_resolution
-from leanconv.search.executors import create_executor
-from leanconv.search.realise import StepSettings, brief_finetune, load_origin, realise, val_accuracy
-from leanconv.search.three_d import Prune3dConfig, run_prune3d
+from leanconv.runs.prune import PruneConfig, measure, run_pruning
+from leanconv.prune3d.resolution import set_resolution
+from leanconv.prune3d.executors import create_executor
+from leanconv.prune3d.realise import StepSettings, brief_finetune, load_origin, realise, val_accuracy
+from leanconv.prune3d.three_d import Prune3dConfig, run_prune3d
 from leanconv.train import TrainConfig, fit
 
 VARIANTS = ("3d", "width (hap)", "depth", "resolution")

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from leanconv import checkpoint
-from leanconv.compare import WIDTH
+from leanconv.runs.compare import WIDTH
 from leanconv.cli.prune import resolve_round_to
 from leanconv.data import load_dataset
-from leanconv.prune.pipeline import PruneConfig, run_pruning
+from leanconv.runs.prune import PruneConfig, run_pruning
 from leanconv.report.plots import tradeoff_chart
 from leanconv.train import evaluate
 

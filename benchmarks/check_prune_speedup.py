@@ -35,15 +35,15 @@ from pathlib import Path
 import torch
 
 from leanconv import checkpoint
-from leanconv.compare import WIDTH
+from leanconv.runs.compare import WIDTH
 from leanconv.cli.prune import resolve_round_to
 from leanconv.cost import count, measure_fastest_layout, measure_latency, measure_onnx_latency
-from leanconv.export import export_onnx
-from leanconv.fold import fold_batchnorm
+from leanconv.deploy.onnx import export_onnx
+from leanconv.deploy.fold import fold_batchnorm
 from leanconv.data import load_dataset
 from leanconv.importance import ScoringData, create_criterion
 from leanconv.prune import prune_to_budget
-from leanconv.prune.pipeline import scoring_batches
+from leanconv.runs.prune import scoring_batches
 
 METHODS = list(WIDTH)  # label -> (criterion, implant share), as `leanconv compare` runs them
 

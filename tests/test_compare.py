@@ -11,9 +11,9 @@ import torch
 
 from leanconv import checkpoint
 from leanconv.cli.main import build_parser, main
-from leanconv.compare import CompareConfig, entry_keys
+from leanconv.runs.compare import CompareConfig, entry_keys
 from leanconv.errors import LeanconvError
-from leanconv.report.results import read_results
+from leanconv.runs.results import read_results
 
 
 def _lines(path):

@@ -6,7 +6,7 @@ from torch import nn
 
 from leanconv import checkpoint
 from leanconv.cli import main as cli_main
-from leanconv.convert import ConversionSpec, conversion_targets, convert
+from leanconv.convs.convert import ConversionSpec, conversion_targets, convert
 from leanconv.cost import count
 from leanconv.data import load_dataset
 from leanconv.errors import LeanconvError

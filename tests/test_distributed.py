@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.distributed as tdist
 
-from leanconv import checkpoint, distributed
+from leanconv import checkpoint
+from leanconv.train import distributed
 from leanconv.cli.main import main
 from leanconv.cli.train import CHECKSUM_ENV
 from leanconv.data import load_dataset

@@ -5,11 +5,11 @@ import json
 import pytest
 
 from leanconv import checkpoint
-from leanconv import explore as explore_mod
+from leanconv.convs import explore as explore_mod
 from leanconv.cli import main as cli_main
 from leanconv.cost import count
 from leanconv.errors import LeanconvError
-from leanconv.explore import (ExploreConfig, load_results, markdown_table, pareto_front, run_explore, variants,
+from leanconv.convs.explore import (ExploreConfig, load_results, markdown_table, pareto_front, run_explore, variants,
                               write_summary)
 from leanconv.models import create
 from leanconv.train import TrainConfig

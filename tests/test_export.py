@@ -12,7 +12,7 @@ from leanconv import layers
 from leanconv.cli import main as cli_main
 from leanconv.cost import count
 from leanconv.errors import LeanconvError
-from leanconv.export import export_onnx
+from leanconv.deploy.onnx import export_onnx
 from leanconv.importance import create_criterion
 from leanconv.layers.implant import ImplantConv2d
 from leanconv.models import create

@@ -9,7 +9,7 @@ from torch import nn
 from leanconv import checkpoint
 from leanconv.cost import count, measure_latency
 from leanconv.errors import LeanconvError
-from leanconv.fold import fold, fold_batchnorm, foldable_pairs
+from leanconv.deploy.fold import fold, fold_batchnorm, foldable_pairs
 from leanconv.models import create, names
 
 
@@ -141,7 +141,7 @@ def test_folds_under_a_callers_inference_mode():
 
 
 def test_a_wrong_fold_is_refused(monkeypatch):
-    import leanconv.fold as fold_module
+    import leanconv.deploy.fold as fold_module
 
     real = fold_module._fold_into
     monkeypatch.setattr(fold_module, "_fold_into", lambda conv, norm: (real(conv, norm), conv.bias.data.add_(1.0)))
@@ -205,7 +205,7 @@ def test_fold_cli_errors_are_one_line(trained_ckpt, tmp_path, capsys):
 
 
 def test_fold_cli_writes_nothing_when_the_check_fails(trained_ckpt, tmp_path, capsys, monkeypatch):
-    import leanconv.fold as fold_module
+    import leanconv.deploy.fold as fold_module
     from leanconv.cli.main import main
 
     real = fold_module._fold_into

@@ -12,9 +12,10 @@ from torch import nn
 from torch.func import functional_call
 
 from leanconv.errors import LeanconvError
-from leanconv.importance import hessian, hessian_cache
+from leanconv.importance import hessian
+from leanconv.importance.hessian import cache as hessian_cache
 from leanconv.importance.hessian import TraceResult, channel_traces, default_params, layer_traces
-from leanconv.importance.hessian_cache import cached_channel_traces
+from leanconv.importance.hessian.cache import cached_channel_traces
 
 
 def tiny_net() -> nn.Module:
@@ -265,13 +266,13 @@ def test_foreign_parameter_and_empty_data_raise():
 
 def test_cache_hits_only_for_same_model_data_and_settings(tmp_path, monkeypatch, caplog):
     calls = []
-    real = hessian.channel_traces
+    real = hessian.traces.channel_traces
 
     def counting(*a, **kw):
         calls.append(1)
         return real(*a, **kw)
 
-    monkeypatch.setattr(hessian, "channel_traces", counting)
+    monkeypatch.setattr(hessian.traces, "channel_traces", counting)
     net, data = tiny_net(), tiny_batches()
     kw = dict(min_probes=4, max_probes=4)
     first = cached_channel_traces(net, data, tmp_path, **kw)

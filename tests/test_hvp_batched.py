@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from leanconv.importance.hessian import channel_traces, default_params
-from leanconv.importance.hessian_hvp import HVP_METHODS, _LeanOps, hvp, rademacher_probes
+from leanconv.importance.hessian.hvp import HVP_METHODS, _LeanOps, hvp, rademacher_probes
 
 
 def net() -> nn.Module:
@@ -96,7 +96,7 @@ def test_channel_traces_lean_method_agrees_with_double_backward():
 
 
 def test_auto_falls_back_from_lean_to_plain_double_backward(monkeypatch):
-    from leanconv.importance import hessian_hvp
+    from leanconv.importance.hessian import hvp as hessian_hvp
 
     def broken(*a, **kw):
         raise RuntimeError("no rule")

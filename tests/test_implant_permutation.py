@@ -11,7 +11,8 @@ from leanconv import checkpoint
 from leanconv.importance import create_criterion
 from leanconv.layers.implant import ImplantConv2d
 from leanconv.models import create
-from leanconv.prune import can_implant, channel_groups, implant_channels, prune_to_budget
+from leanconv.graph import channel_groups
+from leanconv.prune import can_implant, implant_channels, prune_to_budget
 from leanconv.prune import permute
 from leanconv.prune.permute import fold_channel_orders
 from prune_toys import CatToy, DepthwiseToy, FlattenToy, GroupedToy, ResToy, cbr, randomize_bn

@@ -10,10 +10,9 @@ from torch import nn
 
 import leanconv.importance.base as base
 from leanconv.errors import LeanconvError
+from leanconv.graph import ChannelGroup, Member
 from leanconv.importance import (
-    ChannelGroup,
     Criterion,
-    Member,
     ScoringData,
     check_scores,
     create_criterion,
@@ -380,7 +379,7 @@ def test_hap_equals_trace_over_numel_times_norm(monkeypatch):
         calls.update(params=params, **kw)
         return fake_traces(m, params, lambda n, c: torch.tensor(traces[n], dtype=torch.float64))
 
-    monkeypatch.setattr(hessian, "channel_traces", fake)
+    monkeypatch.setattr(hessian.traces, "channel_traces", fake)
     crit = create_criterion("hap", min_probes=4, seed=3)
     data = ScoringData(batches(1))
     residual, inner = crit(model, res_groups(), data)
@@ -402,8 +401,8 @@ def test_hap_uses_cache_when_given_a_dir(monkeypatch, tmp_path):
         seen.update(cache_dir=cache_dir, progress=kw["progress"])
         return fake_traces(m, params, lambda n, c: torch.ones(c, dtype=torch.float64))
 
-    monkeypatch.setattr(hessian, "cached_channel_traces", fake_cached, raising=False)
-    monkeypatch.setattr(hessian, "channel_traces", lambda *a, **k: pytest.fail("cache bypassed"))
+    monkeypatch.setattr(hessian.cache, "cached_channel_traces", fake_cached)
+    monkeypatch.setattr(hessian.traces, "channel_traces", lambda *a, **k: pytest.fail("cache bypassed"))
     report = lambda done, total, info: None  # noqa: E731
     residual, _ = create_criterion("hap", cache_dir=tmp_path, progress=report)(model, groups, ScoringData(batches(1)))
     assert seen == {"cache_dir": tmp_path, "progress": report}
@@ -424,7 +423,7 @@ def test_hap_shrinks_noisy_traces_toward_the_layer_mean(monkeypatch):
         r.stderr = {n: torch.full((4,), 10.0, dtype=torch.float64) for n in r.traces}
         return r
 
-    monkeypatch.setattr(hessian, "channel_traces", fake)
+    monkeypatch.setattr(hessian.traces, "channel_traces", fake)
     sq = lambda w: w.detach().reshape(4, -1).double().pow(2).sum(1)  # noqa: E731
     _, inner = create_criterion("hap", shrink=True)(model, res_groups(), ScoringData(batches(1)))
     torch.testing.assert_close(inner, (0.75 / 36 * sq(model.conv1.weight)).float())

@@ -10,7 +10,7 @@ from leanconv.cost import count
 from leanconv.importance import create_criterion
 from leanconv.prune import latency_weights as lw
 from leanconv.prune import prune_to_budget
-from leanconv.prune.groups import trace_groups
+from leanconv.graph.groups import trace_groups
 
 
 class TwoStage(nn.Module):

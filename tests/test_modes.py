@@ -3,7 +3,7 @@
 import pytest
 from torch import nn
 
-from leanconv.modes import eval_mode
+from leanconv.util.modes import eval_mode
 
 
 def _mixed():

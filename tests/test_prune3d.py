@@ -11,10 +11,10 @@ import leanconv.cli.main as cli_main
 from leanconv import checkpoint
 from leanconv.cost import count
 from leanconv.errors import LeanconvError
-from leanconv.search.optimum import CalibratedCost, discrete_ratios, resolve
-from leanconv.search.predictor import FullPolynomial
-from leanconv.search.realise import StepSettings, load_origin, realise
-from leanconv.search.three_d import Prune3dConfig, _fill_budget, sampling_floors
+from leanconv.prune3d.optimum import CalibratedCost, discrete_ratios, resolve
+from leanconv.prune3d.predictor import FullPolynomial
+from leanconv.prune3d.realise import StepSettings, load_origin, realise
+from leanconv.prune3d.three_d import Prune3dConfig, _fill_budget, sampling_floors
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ from leanconv import checkpoint
 from leanconv.cost import count
 from leanconv.errors import LeanconvError
 from leanconv.models import create
-from leanconv.prune.block_importance import block_importance, bypass_loss_curve, rank_correlation
-from leanconv.prune.blocks import adds_input, bypassed, depth_ratio, find_residual_blocks, prune_blocks
+from leanconv.prune3d.block_importance import block_importance, bypass_loss_curve, rank_correlation
+from leanconv.prune3d.blocks import adds_input, bypassed, depth_ratio, find_residual_blocks, prune_blocks
 
 RESNET20_BLOCKS = ["layer1.0", "layer1.1", "layer1.2", "layer2.1", "layer2.2", "layer3.1", "layer3.2"]
 
@@ -158,7 +158,7 @@ def test_user_model_residual_rule():
 
 
 def test_zoo_fallback_when_tracing_fails(monkeypatch):
-    import leanconv.prune.blocks as blocks_mod
+    import leanconv.prune3d.blocks as blocks_mod
 
     monkeypatch.setattr(blocks_mod, "adds_input", lambda block: None)
     assert [b.path for b in find_residual_blocks(create("resnet20"), _x(16))] == RESNET20_BLOCKS

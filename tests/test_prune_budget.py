@@ -12,10 +12,11 @@ from leanconv.cost import count
 from leanconv.errors import LeanconvError
 from leanconv.layers.implant import ImplantConv2d
 from leanconv.models import create
-from leanconv.prune import channel_groups, iterative_prune, prune_to_budget
+from leanconv.graph import channel_groups
+from leanconv.prune import iterative_prune, prune_to_budget
 from leanconv.prune.channels import WAKE
 from leanconv.prune.cost_model import CostModel
-from leanconv.prune.groups import trace_groups
+from leanconv.graph.groups import trace_groups
 from prune_toys import ResToy, l1_scores, randomize_bn, silence
 
 

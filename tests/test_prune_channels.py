@@ -6,7 +6,8 @@ from torch import nn
 from torch.testing import assert_close
 
 from leanconv.errors import LeanconvError
-from leanconv.prune import channel_counts, channel_groups, implant_channels, remove_channels
+from leanconv.graph import channel_groups
+from leanconv.prune import channel_counts, implant_channels, remove_channels
 from leanconv.layers.implant import ImplantConv2d
 from leanconv.prune.channels import WAKE
 from leanconv.prune.permute import fold_channel_orders

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from leanconv.errors import LeanconvError
-from leanconv.prune import channel_groups, channel_units
-from leanconv.prune.groups import trace_groups
+from leanconv.graph import channel_groups, channel_units
+from leanconv.graph.groups import trace_groups
 from prune_toys import CatToy, DepthwiseToy, FlattenToy, GroupedToy, ResToy, RollToy, ScaleToy
 
 

@@ -9,7 +9,7 @@ from leanconv.cli.common import resolution_of
 from leanconv.cost import count
 from leanconv.errors import LeanconvError
 from leanconv.models import create
-from leanconv.prune.resolution import resolution_ratio_to_side, set_resolution
+from leanconv.prune3d.resolution import resolution_ratio_to_side, set_resolution
 from leanconv.train import evaluate
 
 

@@ -10,7 +10,7 @@ import pytest
 from leanconv.cli import main as cli_main
 from leanconv.errors import LeanconvError
 from leanconv.report.build import QUICK_BANNER, build_report
-from leanconv.report.results import append_result, read_results
+from leanconv.runs.results import append_result, read_results
 from leanconv.report.tables import budget_tables, channel_pairs, comparison_table
 
 LAYERS = ["conv1", "layer1.0.conv1", "layer2.0.conv1", "layer3.0.conv1"]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from leanconv.errors import LeanconvError
-from leanconv.search import (
+from leanconv.prune3d import (
     AnalyticCost,
     CalibratedCost,
     FullPolynomial,

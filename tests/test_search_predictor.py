@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from leanconv.errors import LeanconvError
-from leanconv.search import (
+from leanconv.prune3d import (
     FullPolynomial,
     LowRankPolynomial,
     compare_on_holdout,

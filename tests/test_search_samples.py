@@ -6,9 +6,9 @@ import math
 import pytest
 
 from leanconv.errors import LeanconvError
-from leanconv.search.executors import LocalExecutor, RayExecutor, create_executor
-from leanconv.search.realise import StepSettings, load_origin
-from leanconv.search.samples import SampleStore, collect_samples, plan_tasks, settings_hash, task_keys
+from leanconv.prune3d.executors import LocalExecutor, RayExecutor, create_executor
+from leanconv.prune3d.realise import StepSettings, load_origin
+from leanconv.prune3d.samples import SampleStore, collect_samples, plan_tasks, settings_hash, task_keys
 
 SETTINGS = StepSettings(data="synthetic", method="l1", epochs=0, score_images=64)
 

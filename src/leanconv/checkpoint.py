@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,10 +31,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from leanconv.errors import LeanconvError
+from leanconv.util.files import atomic_write
 from leanconv.layers.spec import is_registered, module_from_spec, module_to_spec
 from leanconv.models.registry import create, from_constructor
 
-__all__ = ["save", "load", "read_header", "find_edits", "apply_edits", "build_base", "atomic_write"]
+__all__ = ["save", "load", "read_header", "find_edits", "apply_edits", "build_base"]
 
 FORMAT = 1
 
@@ -119,24 +119,6 @@ def apply_edits(model: nn.Module, edits: list[dict]) -> nn.Module:
 
 def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp)`` on a temporary name in the target folder, then rename over ``path``:
-    a crash never leaves a partial file where a good one was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save(model: nn.Module, path: str | os.PathLike, constructor: Callable[..., nn.Module] | str | None = None,

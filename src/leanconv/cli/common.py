@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -21,7 +20,7 @@ from leanconv.models import create, names
 __all__ = [
     "add_data_args", "add_model_args", "add_seed_arg", "add_repeats_arg", "add_output_args",
     "load_model", "load_data", "data_from_meta", "data_for_meta", "recorded_data_dir", "parse_shape", "positive_float", "non_negative_float", "check_out_folder", "check_out_file",
-    "progress_bar", "write_json", "write_together", "positive_int", "fraction", "input_shape_of", "resolution_of",
+    "progress_bar", "positive_int", "fraction", "input_shape_of", "resolution_of",
 ]
 
 DEFAULT_DATA = "fashion-mnist"
@@ -238,29 +237,3 @@ def progress_bar(desc: str, enabled: bool = True) -> tuple[Callable[[int, int, d
             state["bar"] = None
 
     return update, close
-
-
-def write_together(folder: str | Path, writers: dict[str, Callable[[Path], Any]]) -> None:
-    """Write the files of one result as a set: each ``writers[name](path)`` writes to a staged
-    name in ``folder``, and only when all succeeded are they renamed into place, so a failure
-    leaves the previous set (or none), never a mix."""
-    folder = Path(folder)
-    in_the_way = [name for name in writers if (folder / name).is_dir()]
-    if in_the_way:
-        raise LeanconvError(f"{str(folder / in_the_way[0])!r} is a folder; move it away, or use another --out")
-    folder.mkdir(parents=True, exist_ok=True)
-    staged = {name: folder / f".staged.{name}" for name in writers}
-    try:
-        for name, write in writers.items():
-            write(staged[name])
-        for name, path in staged.items():
-            os.replace(path, folder / name)
-    finally:
-        for path in staged.values():
-            path.unlink(missing_ok=True)
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
-    text = json.dumps(obj, indent=2, sort_keys=True, default=str)
-    checkpoint.atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))

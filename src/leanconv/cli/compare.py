@@ -10,7 +10,7 @@ from pathlib import Path
 from leanconv.cli.common import (add_data_args, add_model_args, add_output_args, add_seed_arg, data_from_meta,
                                  input_shape_of, load_model, positive_float, positive_int, progress_bar,
                                  recorded_data_dir, resolution_of)
-from leanconv.compare import CONTENDERS, DEFAULT_METHODS, CompareConfig, run_compare
+from leanconv.runs.compare import CONTENDERS, DEFAULT_METHODS, CompareConfig, run_compare
 from leanconv.errors import LeanconvError
 from leanconv.report.build import build_report
 

@@ -1,6 +1,6 @@
 """``leanconv convert MODEL_OR_CKPT``: swap convs for DSXplore DW-SCC blocks or pSConv layers.
 
-The placement rules are those of :mod:`leanconv.convert`. The new layers are freshly
+The placement rules are those of :mod:`leanconv.convs.convert`. The new layers are freshly
 initialised and every other weight is kept; ``leanconv train --from DIR/model.safetensors``
 then trains the whole model.
 """
@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from leanconv import checkpoint
-from leanconv.cli.common import add_model_args, load_data, load_model, parse_shape, positive_int, write_json
-from leanconv.convert import CONVERSIONS, ConversionSpec, convert
+from leanconv.util.files import write_json
+from leanconv.cli.common import add_model_args, load_data, load_model, parse_shape, positive_int
+from leanconv.convs.convert import CONVERSIONS, ConversionSpec, convert
 from leanconv.cost import count
 from leanconv.errors import LeanconvError
 from leanconv.layers.periodic_sparse import PATTERNS

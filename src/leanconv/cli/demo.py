@@ -17,7 +17,7 @@ from pathlib import Path
 from leanconv import checkpoint
 from leanconv.cli.common import check_out_folder, progress_bar
 from leanconv.cli.compare import compare_and_report
-from leanconv.compare import CompareConfig
+from leanconv.runs.compare import CompareConfig
 from leanconv.data import load_dataset
 from leanconv.errors import LeanconvError
 from leanconv.models import create

@@ -2,7 +2,7 @@
 
 Writes DIR/results.jsonl (one line per finished variant; a re-run skips them), DIR/variants/,
 DIR/explore.json, DIR/table.md and DIR/pareto.png (test accuracy vs counted MACs with the
-Pareto front). See :mod:`leanconv.explore`.
+Pareto front). See :mod:`leanconv.convs.explore`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Callable
 
 from leanconv.cli.common import (add_data_args, add_output_args, add_repeats_arg, add_seed_arg, positive_float,
                                  positive_int, progress_bar)
-from leanconv.explore import PAPER_OVERLAPS, ExploreConfig, run_explore, write_summary
+from leanconv.convs.explore import PAPER_OVERLAPS, ExploreConfig, run_explore, write_summary
 from leanconv.models import names
 from leanconv.report.plots import tradeoff_chart
 from leanconv.train import TrainConfig

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from leanconv.cli.common import add_model_args, input_shape_of, load_model, parse_shape, positive_int
-from leanconv.export import TOLERANCE, export_onnx
+from leanconv.deploy.onnx import TOLERANCE, export_onnx
 
 __all__ = ["register", "run"]
 

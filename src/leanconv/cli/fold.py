@@ -12,7 +12,7 @@ from leanconv import checkpoint
 from leanconv.cli.common import add_model_args, input_shape_of, load_model, positive_int
 from leanconv.cost import count, measure_fastest_layout
 from leanconv.errors import LeanconvError
-from leanconv.fold import TOLERANCE, fold
+from leanconv.deploy.fold import TOLERANCE, fold
 
 __all__ = ["register", "run"]
 

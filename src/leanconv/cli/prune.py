@@ -8,13 +8,14 @@ import sys
 from pathlib import Path
 
 from leanconv import checkpoint
+from leanconv.util.files import write_json, write_together
 from leanconv.cli.common import (add_data_args, add_model_args, add_output_args, add_repeats_arg, add_seed_arg,
                                  data_from_meta, fraction, input_shape_of, load_model, positive_float,
-                                 positive_int, progress_bar, resolution_of, write_json, write_together)
+                                 positive_int, progress_bar, resolution_of)
 from leanconv.cost import simd_channels
 from leanconv.errors import LeanconvError
 from leanconv.importance import criterion_names
-from leanconv.prune.pipeline import PruneConfig, run_pruning
+from leanconv.runs.prune import PruneConfig, run_pruning
 from leanconv.report.plots import channels_chart
 
 __all__ = ["register", "run"]

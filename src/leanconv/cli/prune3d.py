@@ -13,8 +13,8 @@ from leanconv.cli.common import (add_data_args, add_output_args, add_repeats_arg
 from leanconv.errors import LeanconvError
 from leanconv.importance import criterion_names
 from leanconv.report.plots3d import prune3d_plots
-from leanconv.search.executors import EXECUTORS, create_executor
-from leanconv.search.three_d import Prune3dConfig, run_prune3d
+from leanconv.prune3d.executors import EXECUTORS, create_executor
+from leanconv.prune3d.three_d import Prune3dConfig, run_prune3d
 
 __all__ = ["register", "run", "config_from_args"]
 

@@ -6,12 +6,12 @@ import argparse
 import json
 from pathlib import Path
 
+from leanconv.util.files import write_json, write_together
 from leanconv.cli.common import (add_data_args, add_model_args, add_output_args, add_seed_arg, data_from_meta,
-                                 load_model, positive_float, positive_int, progress_bar, resolution_of,
-                                 write_json, write_together)
+                                 load_model, positive_float, positive_int, progress_bar, resolution_of)
 from leanconv.errors import LeanconvError
 from leanconv.importance import hessian
-from leanconv.prune.pipeline import scoring_batches
+from leanconv.runs.prune import scoring_batches
 from leanconv.report.plots import sensitivity_chart
 
 __all__ = ["register", "run", "sensitivity_record"]

@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 
 from leanconv import checkpoint
-from leanconv import distributed as dist
+from leanconv.train import distributed as dist
+from leanconv.util.files import write_json
 from leanconv.cli.common import (DEFAULT_DATA, add_data_args, add_model_args, data_from_meta, load_data, load_model,
                                  non_negative_float, positive_float, positive_int, progress_bar, recorded_data_dir,
-                                 resolution_of, write_json)
+                                 resolution_of)
 from leanconv.errors import LeanconvError
 from leanconv.train import TrainConfig, evaluate, fit, recalibrate_on_training_data
 

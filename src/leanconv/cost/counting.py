@@ -37,9 +37,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from leanconv.cost._model_io import check_shape, example_input, run_forward
+from leanconv.util.model_io import check_shape, example_input, run_forward
 from leanconv.errors import LeanconvError
-from leanconv.modes import eval_mode
+from leanconv.util.modes import eval_mode
 
 __all__ = ["LayerCost", "CostReport", "count"]
 

@@ -24,8 +24,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from leanconv.cost._model_io import example_input, run_forward
-from leanconv.modes import eval_mode
+from leanconv.util.model_io import example_input, run_forward
+from leanconv.util.modes import eval_mode
 
 __all__ = ["activation_memory"]
 

@@ -16,9 +16,7 @@ synflow   synaptic flow, data-free (Tanaka et al., NeurIPS 2020)   no
 """
 
 from leanconv.importance.base import (
-    ChannelGroup,
     Criterion,
-    Member,
     ScoringData,
     check_scores,
     create_criterion,
@@ -26,7 +24,7 @@ from leanconv.importance.base import (
     register_criterion,
 )
 from leanconv.importance.batchnorm import BatchNormScale
-from leanconv.importance.hap import HAP
+from leanconv.importance.hessian.hap import HAP
 from leanconv.importance.magnitude import Magnitude
 from leanconv.importance.random import RandomScores
 from leanconv.importance.synflow import SynFlow
@@ -34,8 +32,6 @@ from leanconv.importance.taylor import Taylor
 
 __all__ = [
     # protocol
-    "Member",
-    "ChannelGroup",
     "ScoringData",
     "Criterion",
     "register_criterion",

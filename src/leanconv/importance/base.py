@@ -1,10 +1,8 @@
 """The importance protocol: a criterion maps a model and its channel groups to scores.
 
-A *channel group* is a set of channels that must be removed together: the output channels
-of a conv, the matching BN features, the input channels of every consumer, and, through
-residual adds, depthwise convs or concatenations, the channels of other layers coupled to
-them. The pruning engine (``leanconv.prune``) builds the groups from a dependency graph; a
-criterion only scores them. Higher score = more important = kept longer.
+A channel group (:class:`leanconv.graph.ChannelGroup`) is a set of coupled channels that
+must be removed together; :mod:`leanconv.graph` builds the groups from a dependency graph and
+a criterion only scores them. Higher score = more important = kept longer.
 
 To add a criterion, subclass :class:`Criterion` (or write any callable with the same
 signature) and register it with :func:`register_criterion`; the engine never looks at which
@@ -19,13 +17,12 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from leanconv.cost._model_io import run_forward
+from leanconv.util.model_io import run_forward
 from leanconv.errors import LeanconvError
-from leanconv.modes import eval_mode
+from leanconv.graph.types import ChannelGroup
+from leanconv.util.modes import eval_mode
 
 __all__ = [
-    "Member",
-    "ChannelGroup",
     "ScoringData",
     "Criterion",
     "register_criterion",
@@ -33,34 +30,6 @@ __all__ = [
     "criterion_names",
     "check_batches",
 ]
-
-
-@dataclass(frozen=True)
-class Member:
-    """One layer's share of a group.
-
-    ``module`` is the module path (``model.get_submodule(module)``); ``kind`` is ``"out"``
-    when the group removes that module's output channels (conv filters, BN features, linear
-    rows) and ``"in"`` when it removes its input channels (conv ``W[:, j]``, linear columns);
-    ``idxs[k]`` is the channel index in that module that corresponds to group channel ``k``.
-    """
-
-    module: str
-    kind: str
-    idxs: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class ChannelGroup:
-    """Coupled channels, removed together. ``root`` names the layer whose output channels
-    define the group (its ``"out"`` member); ``size`` is the number of group channels."""
-
-    root: str
-    size: int
-    members: tuple[Member, ...]
-
-    def out_members(self) -> tuple[Member, ...]:
-        return tuple(m for m in self.members if m.kind == "out")
 
 
 @dataclass

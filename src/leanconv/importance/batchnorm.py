@@ -17,7 +17,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from leanconv.importance.base import ChannelGroup, Criterion, Member, ScoringData, register_criterion
+from leanconv.graph.types import ChannelGroup, Member
+from leanconv.importance.base import Criterion, ScoringData, register_criterion
 from leanconv.importance.scoring import sum_over_members, to_scores
 
 __all__ = ["BatchNormScale", "bn"]

@@ -19,7 +19,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from leanconv.importance.base import ChannelGroup, Criterion, Member, ScoringData, register_criterion
+from leanconv.graph.types import ChannelGroup, Member
+from leanconv.importance.base import Criterion, ScoringData, register_criterion
 from leanconv.importance.scoring import channel_entries, is_weight_layer, sum_over_members, to_scores
 
 __all__ = ["Magnitude", "l1", "l2"]

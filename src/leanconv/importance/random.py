@@ -13,7 +13,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from leanconv.importance.base import ChannelGroup, Criterion, ScoringData, register_criterion
+from leanconv.graph.types import ChannelGroup
+from leanconv.importance.base import Criterion, ScoringData, register_criterion
 
 __all__ = ["RandomScores", "random"]
 

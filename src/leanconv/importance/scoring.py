@@ -1,6 +1,6 @@
 """Shared machinery of the criteria: how a group member's channels map to parameter entries.
 
-A :class:`~leanconv.importance.base.Member` names a module and, for every group channel
+A :class:`~leanconv.graph.types.Member` names a module and, for every group channel
 ``k``, the channel ``idxs[k]`` of that module. Which *parameter entries* belong to that
 channel depends on the layer and the member's kind:
 
@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from leanconv.errors import LeanconvError
-from leanconv.importance.base import ChannelGroup, Member, ScoringData
+from leanconv.graph.types import ChannelGroup, Member
+from leanconv.importance.base import ScoringData
 
 __all__ = [
     "is_weight_layer",
@@ -36,7 +37,6 @@ __all__ = [
     "sum_over_members",
     "to_scores",
     "require_batches",
-    "model_device",
 ]
 
 MemberScore = Callable[[nn.Module, Member], "Tensor | None"]
@@ -140,8 +140,3 @@ def require_batches(data: ScoringData | None, criterion: str) -> list[tuple[Tens
     if not batches:
         raise LeanconvError(f"criterion {criterion} needs data: pass at least one validation batch")
     return batches
-
-
-def model_device(model: nn.Module) -> torch.device:
-    ref = next(iter(model.parameters()), None)
-    return ref.device if ref is not None else torch.device("cpu")

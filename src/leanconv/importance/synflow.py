@@ -44,12 +44,13 @@ import torch
 from torch import Tensor, nn
 
 from leanconv.errors import LeanconvError
-from leanconv.importance.base import ChannelGroup, Criterion, Member, ScoringData, register_criterion
+from leanconv.graph.types import ChannelGroup, Member
+from leanconv.importance.base import Criterion, ScoringData, register_criterion
+from leanconv.util.model_io import model_device
 from leanconv.importance.scoring import (
     channel_entries,
     is_weight_layer,
     member_module,
-    model_device,
     sum_over_members,
     to_scores,
 )

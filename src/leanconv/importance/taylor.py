@@ -29,18 +29,19 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from leanconv.importance.base import ChannelGroup, Criterion, Member, ScoringData, register_criterion
+from leanconv.graph.types import ChannelGroup, Member
+from leanconv.importance.base import Criterion, ScoringData, register_criterion
+from leanconv.util.model_io import model_device
 from leanconv.importance.scoring import (
     channel_entries,
     is_norm_layer,
     is_weight_layer,
     member_module,
-    model_device,
     require_batches,
     sum_over_members,
     to_scores,
 )
-from leanconv.modes import eval_mode
+from leanconv.util.modes import eval_mode
 
 __all__ = ["Taylor", "taylor", "eval_with_grads"]
 

@@ -47,21 +47,22 @@ from torch import Tensor, nn
 
 from leanconv.cost import count
 from leanconv.errors import LeanconvError
-from leanconv.importance.base import ChannelGroup, ScoringData, check_batches, check_scores
+from leanconv.graph.types import ChannelGroup
+from leanconv.importance.base import ScoringData, check_batches, check_scores
 from leanconv.layers.implant import ImplantConv2d
 from leanconv.prune.channels import can_implant, channel_counts, implant_channels, remove_channels
 from leanconv.prune.implant_fit import IMPLANT_INITS, fit_implants
 from leanconv.prune.cost_model import Cost, CostModel
-from leanconv.prune.groups import TracedGroup, trace_groups
+from leanconv.graph.groups import TracedGroup, trace_groups
 from leanconv.prune.latency_weights import latency_weights
 from leanconv.prune.permute import fold_channel_orders
+from leanconv.util.progress import Progress
 
 __all__ = ["PruneResult", "prune_to_budget", "iterative_prune"]
 
 log = logging.getLogger(__name__)
 
 Importance = Callable[[nn.Module, Sequence[ChannelGroup], "ScoringData | None"], Sequence[Tensor]]
-Progress = Callable[[int, int, dict], None]
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from leanconv.errors import LeanconvError
-from leanconv.importance.base import ChannelGroup, Member
+from leanconv.graph.types import ChannelGroup, Member
 from leanconv.layers.implant import ImplantConv2d
-from leanconv.modes import eval_mode
-from leanconv.prune.groups import build_graph, channel_units
+from leanconv.util.modes import eval_mode
+from leanconv.graph.groups import build_graph, channel_units
 
 __all__ = ["remove_channels", "implant_channels", "can_implant", "channel_counts"]
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from leanconv.cost import count
 from leanconv.layers.implant import ImplantConv2d
-from leanconv.prune.groups import TracedGroup
+from leanconv.graph.groups import TracedGroup
 
 __all__ = ["Cost", "CostModel"]
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from leanconv.errors import LeanconvError
 from leanconv.layers.implant import ImplantConv2d
-from leanconv.modes import eval_mode
+from leanconv.util.modes import eval_mode
 
 __all__ = ["fit_implants", "IMPLANT_INITS"]
 

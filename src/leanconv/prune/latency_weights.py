@@ -28,8 +28,8 @@ from torch import nn
 
 from leanconv.cost import count, measure_latency
 from leanconv.layers.implant import ImplantConv2d
-from leanconv.modes import eval_mode
-from leanconv.prune.groups import TracedGroup
+from leanconv.util.modes import eval_mode
+from leanconv.graph.groups import TracedGroup
 
 __all__ = ["latency_weights", "time_layer"]
 

@@ -33,9 +33,9 @@ import torch
 from torch import Tensor, nn
 
 from leanconv.layers.implant import ImplantConv2d
-from leanconv.modes import eval_mode
+from leanconv.util.modes import eval_mode
 from leanconv.prune.channels import _in_equals_out
-from leanconv.prune.groups import _problem, build_graph
+from leanconv.graph.groups import _problem, build_graph
 
 __all__ = ["fold_channel_orders"]
 

@@ -1,7 +1,7 @@
 """``build_report(DIR)``: report.md, report.html and their figures from ``DIR/results.jsonl`` alone.
 
 Nothing is measured or loaded here: every number comes from the record (schema in
-:mod:`leanconv.report.results`), so a report can be rebuilt anywhere, at any time, and two
+:mod:`leanconv.runs.results`), so a report can be rebuilt anywhere, at any time, and two
 builds of the same record are byte-for-byte identical apart from the single line that
 starts with ``Built:`` (rows keep the record's order, numbers have fixed formats, and the
 PNGs carry no timestamp metadata).
@@ -23,7 +23,7 @@ from leanconv.report.document import (STAMP_PREFIX, Banner, Block, Code, Documen
                                       Stamp, TableBlock)
 from leanconv.report.html import write_html
 from leanconv.report.markdown import write_markdown
-from leanconv.report.results import RESULTS_FILE, read_results
+from leanconv.runs.results import RESULTS_FILE, read_results
 from leanconv.report.tables import (best_pruned, budget_tables, channel_pairs, channel_table, comparison_table,
                                     fmt_macs)
 

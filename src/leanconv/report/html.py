@@ -13,7 +13,7 @@ import base64
 import html
 from pathlib import Path
 
-from leanconv.checkpoint import atomic_write
+from leanconv.util.files import atomic_write
 from leanconv.report.document import Banner, Block, Code, Document, Figure, Heading, Paragraph, Stamp, TableBlock
 from leanconv.report.tables import to_html
 

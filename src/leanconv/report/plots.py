@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from leanconv.checkpoint import atomic_write  # noqa: E402
+from leanconv.util.files import atomic_write  # noqa: E402
 
 __all__ = ["channels_chart", "sensitivity_chart", "tradeoff_chart", "save_figure"]
 

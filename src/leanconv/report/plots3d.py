@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from leanconv.report.plots import save_figure  # noqa: E402
-from leanconv.search.predictor import predictor_from_dict  # noqa: E402
+from leanconv.prune3d.predictor import predictor_from_dict  # noqa: E402
 
 __all__ = ["surface_chart", "budget_chart", "prune3d_plots"]
 

@@ -1,0 +1,16 @@
+"""HAP: Hessian-aware pruning (Yu, Yao, Gholami et al., WACV 2022), the curvature side.
+
+* :mod:`.traces`: per-channel Hessian traces by Hutchinson probes, with a standard-error
+  stopping rule (``channel_traces``, ``TraceResult``);
+* :mod:`.hvp`: the batched Hessian-vector products behind them;
+* :mod:`.cache`: a disk cache keyed by weights, data and probe settings;
+* :mod:`.hap`: the ``hap`` criterion, ``Tr(H_pp) / numel(W_p) * ||W_p||^2`` per channel.
+
+Neural Implant, HAP's other half, is a layer (:mod:`leanconv.layers.implant`) and a pruning
+option (:mod:`leanconv.prune.channels`, :mod:`leanconv.prune.implant_fit`).
+"""
+
+from leanconv.importance.hessian.cache import cached_channel_traces
+from leanconv.importance.hessian.traces import METHODS, TraceResult, channel_traces, default_params, layer_traces
+
+__all__ = ["channel_traces", "cached_channel_traces", "METHODS", "default_params", "TraceResult", "layer_traces"]

@@ -1,0 +1,248 @@
+"""Realise a point ``(d, w, r)`` of three-dimensional pruning on a trained model.
+
+Wang et al., "Accelerate CNNs from Three Dimensions: A Comprehensive Pruning Framework",
+ICML 2021 (methods.md Sec. 1, steps 1 and 6). The three edits are applied in this order:
+
+1. **Depth** ``d`` = kept removable residual blocks / removable blocks of the original model
+   (:func:`leanconv.prune.find_residual_blocks` on the unpruned model). The least important
+   blocks by ``"loss"`` importance (loss increase when the block alone is bypassed, on
+   validation batches) are replaced by ``nn.Identity``; each stage keeps at least
+   ``min_per_stage`` blocks. ``d`` is snapped to the nearest whole block count.
+2. **Width** ``w``: a channel multiplier has no single meaning once a global criterion
+   prunes some layers more than others, so leanconv defines it by cost: **width ``w`` keeps
+   ``w^2`` of the MACs of the model as it is after the depth step** (a uniform multiplier
+   ``w`` scales every inner conv by ``w^2``; the stem and the classifier, which scale by
+   ``w``, make the uniform multiplier a little cheaper than this). Channels are removed by
+   :func:`leanconv.prune.prune_to_budget` with any registered criterion (default ``hap``,
+   scores on validation batches), which lands within 2% of that share. The realised ``w``
+   is recorded as ``sqrt(counted MACs after / before the width step)``.
+3. **Resolution** ``r`` = input side / original side: ``side = round(r * original side)``
+   (at least 8), recorded by :func:`leanconv.prune.set_resolution`; loaders resize the data
+   to ``side`` (``resolution=side``).
+
+The realised model's MACs (multiply-accumulates, one image; FLOPs = 2 x MACs) are counted by
+:func:`leanconv.cost.count` at the new input shape. Validation data only: the test split is
+never used for a decision here.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from leanconv import checkpoint
+from leanconv.cost import count
+from leanconv.data import load_dataset
+from leanconv.data.splits import DatasetSplits
+from leanconv.errors import LeanconvError
+from leanconv.importance import ScoringData, create_criterion, criterion_names
+from leanconv.prune3d.block_importance import block_importance
+from leanconv.prune3d.blocks import BlockInfo, find_residual_blocks, prune_blocks
+from leanconv.prune.budget import prune_to_budget
+from leanconv.runs.prune import scoring_batches
+from leanconv.prune3d.resolution import MIN_SIDE, resolution_ratio_to_side, set_resolution
+from leanconv.train import evaluate, finetune
+
+__all__ = [
+    "StepSettings",
+    "Origin",
+    "Realised",
+    "load_origin",
+    "bypass_blocks",
+    "prune_width",
+    "realise",
+    "brief_finetune",
+    "val_accuracy",
+    "side_of",
+    "measure_point",
+    "min_side",
+]
+
+WIDTH_SKIP = 0.99  # a width share above this is "no width pruning" (inside the 2% budget tolerance)
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """How one pruning step is done and briefly fine-tuned (plain values: sent to workers)."""
+
+    data: str  # dataset name as load_dataset accepts it (e.g. "fashion-mnist", "synthetic")
+    data_dir: str | None = None
+    method: str = "hap"  # channel criterion for the width step
+    normalize: str = "mean"  # its score scaling (prune_to_budget); part of the samples' settings hash
+    score_images: int = 512  # validation images for block and channel scores
+    probes: int = 32  # cap on Hutchinson probes (hap)
+    min_per_stage: int = 1  # residual blocks each stage keeps at least
+    epochs: int = 1  # brief fine-tuning after each step (0: none)
+    images: int | None = 2000  # training images per brief fine-tuning epoch (None: all)
+    lr: float = 0.01
+    batch_size: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in criterion_names():
+            raise LeanconvError(f"unknown pruning method {self.method!r}; choose one of: {', '.join(criterion_names())}")
+        if self.epochs < 0 or self.score_images < 1 or self.probes < 1 or self.batch_size < 1:
+            raise LeanconvError("fine-tuning epochs must be >= 0; scoring images, probes and batch size >= 1")
+        if self.images is not None and self.images < 1:
+            raise LeanconvError(f"fine-tuning images must be positive, got {self.images}")
+        if self.min_per_stage < 0 or not self.lr > 0:
+            raise LeanconvError("min_per_stage must be >= 0 and the learning rate positive")
+
+
+@dataclass
+class Origin:
+    """The trained model a point is realised from, with what every step needs to know."""
+
+    model: nn.Module
+    data: DatasetSplits
+    shape: tuple[int, int, int]  # original input shape (C, H, W)
+    blocks: list[BlockInfo]  # removable blocks of the original model
+    macs: int  # counted MACs of the original model (one image)
+    params: int
+    min_keep: int  # fewest blocks prune_blocks may keep (stage floors)
+    settings: StepSettings
+    _batches: dict[int, list] = field(default_factory=dict, repr=False)
+
+    @property
+    def side(self) -> int:
+        return self.shape[-1]
+
+    def batches(self, side: int) -> list:
+        """Validation scoring batches at input ``side`` (cached)."""
+        if side not in self._batches:
+            res = None if side == self.data.image_size else side
+            self._batches[side] = scoring_batches(self.data, self.settings.score_images,
+                                                  self.settings.batch_size, res)
+        return self._batches[side]
+
+
+def load_origin(ckpt: str, settings: StepSettings) -> Origin:
+    """Load the trained checkpoint and its data, find the removable blocks, count MACs."""
+    model = checkpoint.load(ckpt)
+    data = load_dataset(settings.data, settings.data_dir)
+    shape = tuple(int(s) for s in model.leanconv_meta.get("input_shape") or ())
+    if len(shape) != 3:
+        raise LeanconvError(f"{ckpt} records no input shape (C, H, W); train it with leanconv first")
+    model.eval()
+    blocks = find_residual_blocks(model, torch.zeros(2, *shape))
+    stages: dict[str, int] = {}
+    for b in blocks:
+        stages[b.stage] = stages.get(b.stage, 0) + 1
+    cost = count(model, shape)
+    min_keep = sum(min(settings.min_per_stage, n) for n in stages.values())
+    return Origin(model, data, shape, blocks, cost.macs, cost.params, min_keep, settings)  # type: ignore[arg-type]
+
+
+def side_of(model: nn.Module) -> int:
+    """The input side the model records."""
+    return int(model.leanconv_meta["input_shape"][-1])
+
+
+def _shape(model: nn.Module) -> tuple[int, int, int]:
+    return tuple(int(s) for s in model.leanconv_meta["input_shape"])  # type: ignore[return-value]
+
+
+def bypass_blocks(model: nn.Module, origin: Origin, keep: int) -> list[str]:
+    """Depth step: bypass the least important (``"loss"``) blocks until ``keep`` remain."""
+    if not origin.blocks:
+        if keep == 0:
+            return []
+        raise LeanconvError("the model has no removable residual blocks; depth pruning does not apply")
+    if not origin.min_keep <= keep <= len(origin.blocks):
+        raise LeanconvError(f"cannot keep {keep} blocks: the depth range is {origin.min_keep}..{len(origin.blocks)}")
+    importance = block_importance(model, origin.blocks, origin.batches(side_of(model)), "loss")
+    return prune_blocks(model, origin.blocks, importance, keep, min_per_stage=origin.settings.min_per_stage)
+
+
+def _criterion(settings: StepSettings):
+    kwargs: dict[str, Any] = {}
+    if settings.method == "hap":
+        kwargs = {"max_probes": settings.probes, "min_probes": min(8, settings.probes), "seed": settings.seed}
+    elif settings.method == "random":
+        kwargs = {"seed": settings.seed}
+    return create_criterion(settings.method, **kwargs)
+
+
+def prune_width(model: nn.Module, origin: Origin, share: float) -> None:
+    """Width step: remove channels until the model keeps ``share`` of its current MACs."""
+    if share > WIDTH_SKIP:
+        return
+    settings, shape = origin.settings, _shape(model)
+    data = ScoringData(origin.batches(shape[-1]), extra={"input_shape": shape})
+    model.eval()
+    prune_to_budget(model, _criterion(settings), torch.zeros(1, *shape), target=share, kind="macs",
+                    input_shape=shape, data=data, normalize=settings.normalize)
+
+
+@dataclass(frozen=True)
+class Realised:
+    """A point as built: ratios ``(d, w, r)`` as realised, the block count, side and counted cost."""
+
+    d: float
+    w: float
+    r: float
+    keep: int
+    side: int
+    macs: int
+    params: int
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def measure_point(model: nn.Module, origin: Origin, w: float) -> Realised:
+    """Counted cost of ``model`` and its realised ratios; ``w`` is supplied by the caller."""
+    shape = _shape(model)
+    cost = count(model, shape)
+    alive = [b for b in origin.blocks if not isinstance(model.get_submodule(b.path), nn.Identity)]
+    d = len(alive) / len(origin.blocks) if origin.blocks else 1.0
+    return Realised(d, w, shape[-1] / origin.side, len(alive), shape[-1], cost.macs, cost.params)
+
+
+def realise(origin: Origin, d: float, w: float, r: float) -> tuple[nn.Module, Realised]:
+    """Build ``(d, w, r)`` from a copy of the trained model: depth, then width, then resolution
+    (``d = 0`` bypasses every removable block the stage floors allow to go)."""
+    if not (0 <= d <= 1 and 0 < w <= 1 and 0 < r <= 1):
+        raise LeanconvError(f"need d in [0, 1] and w, r in (0, 1], got d={d}, w={w}, r={r}")
+    model = copy.deepcopy(origin.model)
+    n = len(origin.blocks)
+    bypass_blocks(model, origin, math.floor(d * n + 0.5) if n else 0)
+    before = count(model, origin.shape).macs
+    prune_width(model, origin, w * w)
+    after = count(model, origin.shape).macs
+    side = resolution_ratio_to_side(r, origin.side)
+    if side != origin.side:
+        set_resolution(model, side)
+    return model, measure_point(model, origin, math.sqrt(after / before))
+
+
+def _resolution(data: DatasetSplits, side: int) -> int | None:
+    return None if side == data.image_size else side
+
+
+def brief_finetune(model: nn.Module, data: DatasetSplits, settings: StepSettings, *, epochs: int | None = None,
+                   images: int | None | str = "settings") -> None:
+    """Fine-tune in place with the shared loop at the model's side (``settings.epochs`` on the
+    first ``settings.images`` training images unless given), then re-estimate BatchNorm."""
+    epochs = settings.epochs if epochs is None else epochs
+    images = settings.images if images == "settings" else images
+    if epochs <= 0:
+        return
+    finetune(model, data, epochs=epochs, lr=settings.lr, seed=settings.seed, batch_size=settings.batch_size,
+             resolution=_resolution(data, side_of(model)), images=images)
+    model.eval()
+
+
+def val_accuracy(model: nn.Module, data: DatasetSplits) -> float:
+    """Top-1 accuracy (%) on the validation split at the model's side."""
+    return evaluate(model, data.loader("val", 256, resolution=_resolution(data, side_of(model))))["accuracy"]
+
+
+def min_side(origin: Origin, r_min: float) -> int:
+    """The smallest side the search may use: ``r_min`` of the original, at least 8."""
+    return max(MIN_SIDE, resolution_ratio_to_side(r_min, origin.side))

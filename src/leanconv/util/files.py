@@ -1,0 +1,151 @@
+"""Files written whole or not at all, file sets written together, and the JSON-lines store.
+
+Every file leanconv writes goes through :func:`atomic_write`: the content is written under a
+temporary name in the target folder and renamed over the target only when complete, so a
+crash (or a full disk) never leaves a partial file where a good one was. Files that belong
+together (a model and its record) are staged and renamed as a set by :func:`write_together`.
+Append-only logs (samples, comparison entries, explored variants, training metrics) are
+:class:`JsonlStore` files: one JSON object per line, each line flushed and fsynced, a line
+cut short by a crash skipped on reading and closed before the next append.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from leanconv.errors import LeanconvError
+
+__all__ = ["atomic_write", "write_text", "write_json", "write_together", "file_sha256", "JsonlStore"]
+
+log = logging.getLogger(__name__)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` on a temporary name in the target folder, then rename over ``path``:
+    a crash never leaves a partial file where a good one was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON with sorted keys, atomically."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_together(folder: str | os.PathLike, writers: dict[str, Callable[[Path], Any]]) -> None:
+    """Write the files of one result as a set: each ``writers[name](path)`` writes to a staged
+    name in ``folder``, and only when all succeeded are they renamed into place, so a failure
+    leaves the previous set (or none), never a mix."""
+    folder = Path(folder)
+    in_the_way = [name for name in writers if (folder / name).is_dir()]
+    if in_the_way:
+        raise LeanconvError(f"{str(folder / in_the_way[0])!r} is a folder; move it away, or use another --out")
+    folder.mkdir(parents=True, exist_ok=True)
+    staged = {name: folder / f".staged.{name}" for name in writers}
+    try:
+        for name, write in writers.items():
+            write(staged[name])
+        for name, path in staged.items():
+            os.replace(path, folder / name)
+    finally:
+        for path in staged.values():
+            path.unlink(missing_ok=True)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, as hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class JsonlStore:
+    """An append-only file of JSON objects, one per line.
+
+    Appends are flushed and fsynced. A last line cut short by a crash (no newline after it,
+    not valid JSON) is skipped with a warning when reading, and closed with a newline before
+    the next append. Any other line that is not a JSON object is skipped with a warning, or,
+    with ``strict``, raises :class:`LeanconvError` naming the file and line.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def numbered(self, *, strict: bool = False) -> list[tuple[int, dict]]:
+        """``(line number, record)`` for every record, in file order (1-based line numbers)."""
+        if not self.path.exists():
+            return []
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise LeanconvError(f"cannot read {self.path}: {exc}") from None
+        lines = text.split("\n")
+        out = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            torn = number == len(lines)  # the text after the last newline: an interrupted append
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                if strict and not torn:
+                    raise LeanconvError(f"{self.path} line {number}: not valid JSON ({exc.msg} at column "
+                                        f"{exc.colno})") from None
+                log.warning("%s line %d is not JSON (an interrupted write?); ignored", self.path, number)
+                continue
+            if not isinstance(record, dict):
+                if strict:
+                    raise LeanconvError(f"{self.path} line {number}: a record must be a JSON object, "
+                                        f"got {type(record).__name__}")
+                log.warning("%s line %d is not a JSON object; ignored", self.path, number)
+                continue
+            out.append((number, record))
+        return out
+
+    def read(self, *, strict: bool = False) -> list[dict]:
+        """Every record, in file order."""
+        return [record for _, record in self.numbered(strict=strict)]
+
+    def append(self, records: Iterable[dict]) -> int:
+        """Append ``records`` (one line each); returns how many were written."""
+        lines = [json.dumps(r, sort_keys=True, allow_nan=False) for r in records]
+        if not lines:
+            return 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a+b") as fh:
+            fh.seek(0, os.SEEK_END)
+            if fh.tell() > 0:
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":
+                    fh.write(b"\n")  # close a line torn by a crash
+            fh.write(("\n".join(lines) + "\n").encode())
+            fh.flush()
+            os.fsync(fh.fileno())
+        return len(lines)

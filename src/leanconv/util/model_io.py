@@ -1,0 +1,66 @@
+"""Helpers shared by the cost measurements: check an input shape, build an example batch,
+run a model and turn its shape errors into one-line messages (eval mode:
+:func:`leanconv.util.modes.eval_mode`)."""
+
+from __future__ import annotations
+
+import numbers
+import operator
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from leanconv.errors import LeanconvError
+
+__all__ = ["check_shape", "example_input", "run_forward", "model_device"]
+
+
+def check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
+    """Return ``input_shape`` (one image, normally ``(C, H, W)``) as a tuple of positive ints."""
+    try:
+        shape = tuple(operator.index(s) for s in input_shape)  # whole numbers only: 16.5 is not truncated
+    except TypeError:
+        raise LeanconvError(f"input shape {input_shape!r} must be a sequence of integers such as (3, 32, 32)") from None
+    if not shape or any(s < 1 for s in shape):
+        raise LeanconvError(f"input shape {input_shape!r} must be positive integers such as (3, 32, 32)")
+    return shape
+
+
+def example_input(model: nn.Module, input_shape: Sequence[int], batch_size: int = 1) -> torch.Tensor:
+    """A reproducible random batch ``[batch_size, *input_shape]`` on the model's device, in the
+    dtype of its first floating-point parameter (float32 for a parameter-free model)."""
+    shape = check_shape(input_shape)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise LeanconvError(f"batch size must be at least 1, got {batch_size}")
+    device, dtype = torch.device("cpu"), torch.float32
+    for p in model.parameters():
+        device = p.device
+        if p.is_floating_point():
+            dtype = p.dtype
+            break
+    gen = torch.Generator().manual_seed(0)
+    try:
+        return torch.randn((batch_size, *shape), generator=gen).to(device=device, dtype=dtype)
+    except RuntimeError as exc:  # e.g. the allocator refuses
+        raise LeanconvError(f"cannot make an input batch of shape {(batch_size, *shape)} "
+                            f"({str(exc).strip().splitlines()[0]}); check the input shape") from exc
+
+
+def run_forward(model: nn.Module, x: torch.Tensor) -> object:
+    """Call ``model(x)``; a shape or dtype mismatch becomes a one-line :class:`LeanconvError`."""
+    try:
+        return model(x)
+    except LeanconvError:
+        raise
+    except (RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LeanconvError(
+            f"the model failed on an input of shape {tuple(x.shape[1:])}: {first}; check the input shape"
+        ) from exc
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    ref = next(iter(model.parameters()), None)
+    return ref.device if ref is not None else torch.device("cpu")
