@@ -7,7 +7,7 @@ schedule, BatchNorm re-estimated), then evaluated on the test split:
 
 * ``3d``: ``leanconv prune3d`` (samples -> predictor -> optimum -> realise), whose sampling
   cost (brief fine-tuning of every sample) is reported separately as search time;
-* ``width (hap)``: channels only, HAP scores, via the prune pipeline (``run_pruning``);
+* ``width (hap)``: channels only, HAP scores, via the prune run (``run_prune``);
 * ``depth``: residual blocks only (``"loss"`` importance), the most blocks within budget
   (stages may lose all their removable blocks, else depth alone rarely reaches the budget);
 * ``resolution``: input side only, the largest side within budget.
@@ -33,11 +33,10 @@ from leanconv import checkpoint
 from leanconv.cost import count
 from leanconv.data import load_dataset
 from leanconv.models import create
-from leanconv.runs.prune import PruneConfig, measure, run_pruning
+from leanconv.runs import Prune3dConfig, PruneConfig, Source, measure, run_prune, run_prune3d
 from leanconv.prune3d.resolution import set_resolution
 from leanconv.prune3d.executors import create_executor
 from leanconv.prune3d.realise import StepSettings, brief_finetune, load_origin, realise, val_accuracy
-from leanconv.prune3d.three_d import Prune3dConfig, run_prune3d
 from leanconv.train import TrainConfig, fit
 
 VARIANTS = ("3d", "width (hap)", "depth", "resolution")
@@ -82,11 +81,12 @@ def finish(model, origin, point: dict, args, t0: float) -> dict:
 def run_3d(ckpt: Path, args, data_name: str) -> dict:
     t0 = time.perf_counter()
     config = Prune3dConfig(target=args.target, samples=args.samples, sample_epochs=args.sample_epochs,
-                           sample_images=args.sample_images, finetune_epochs=args.finetune_epochs, lr=args.lr,
+                           sample_images=args.sample_images, finetune_epochs=args.finetune_epochs, finetune_lr=args.lr,
                            score_images=args.score_images, probes=args.probes, seed=args.seed,
                            latency_repeats=args.repeats)
     executor = create_executor(args.executor, workers=args.workers, threads=args.worker_threads)
-    record = run_prune3d(ckpt, Path(args.out) / "3d", config, executor=executor, data=data_name).record
+    source = Source.from_checkpoint(ckpt, data=data_name)
+    record = run_prune3d(config, source, out=Path(args.out) / "3d", executor=executor).record.to_dict()
     c, acc = record["choice"], record["accuracy"]
     return {"d": c["d"], "w": c["w"], "r": c["r"], "side": c["realised"]["side"], "feasible": True,
             "val_accuracy": acc["val_after_finetune"], "test_accuracy": acc["test_after"],
@@ -100,13 +100,13 @@ def run_3d(ckpt: Path, args, data_name: str) -> dict:
 
 def run_width(ckpt: Path, args, data_name: str) -> dict:
     t0 = time.perf_counter()
-    model = checkpoint.load(ckpt)
-    data = load_dataset(data_name)
-    shape = tuple(model.leanconv_meta["input_shape"])
+    source = Source.from_checkpoint(ckpt, data=data_name)
+    shape = source.shape
     config = PruneConfig(method="hap", target=args.target, finetune_epochs=args.finetune_epochs, finetune_lr=args.lr,
                          score_images=args.score_images, probes=args.probes, seed=args.seed,
                          latency_repeats=args.repeats)
-    record = run_pruning(model, data, shape, config)
+    result = run_prune(config, source)
+    model, record = result.model, result.record.to_dict()
     origin = load_origin(str(ckpt), settings(args, data_name))
     w = (record["after"]["macs"] / record["before"]["macs"]) ** 0.5
     return {"d": 1.0, "w": w, "r": 1.0, "side": shape[-1], "feasible": True,

@@ -21,13 +21,10 @@ from pathlib import Path
 
 import torch
 
-from leanconv import checkpoint
 from leanconv.runs.compare import WIDTH
-from leanconv.cli.prune import resolve_round_to
-from leanconv.data import load_dataset
-from leanconv.runs.prune import PruneConfig, run_pruning
+from leanconv.runs import PruneConfig, Source, run_prune
+from leanconv.runs.prune import round_to_arg
 from leanconv.report.plots import tradeoff_chart
-from leanconv.train import evaluate
 
 PROBES = 32
 VARIANTS = WIDTH  # label -> (criterion, implant share), the same variants `leanconv compare` runs
@@ -40,9 +37,7 @@ def done_keys(path: Path) -> set[tuple]:
 
 
 def one_run(ckpt: str, label: str, target: float, seed: int, args) -> dict:
-    model = checkpoint.load(ckpt)
-    data = load_dataset(model.leanconv_meta["dataset"]["name"])
-    shape = tuple(model.leanconv_meta["input_shape"])
+    source = Source.from_checkpoint(ckpt)
     method, implant = VARIANTS[label]
     config = PruneConfig(method=method, target=target, implant=implant, implant_init=args.implant_init,
                          finetune_epochs=args.finetune_epochs,
@@ -50,13 +45,18 @@ def one_run(ckpt: str, label: str, target: float, seed: int, args) -> dict:
                          normalize=args.normalize, latency_aware=args.latency_aware,
                          round_to=resolve_round_to(args.round_to), shrink=args.shrink)
     torch.manual_seed(seed)
-    record = run_pruning(model, data, shape, config)
+    record = run_prune(config, source).record.to_dict()
     return {"label": labelled(label, args), "target": target, "seed": seed, "accuracy": record["after"]["test_accuracy"],
             "accuracy_before_finetune": (record["after_prune_before_finetune"] or {}).get("test_accuracy"),
             "baseline_accuracy": record["before"]["test_accuracy"], "macs": record["after"]["macs"],
             "params": record["after"]["params"], "macs_ratio": record["achieved"]["macs"],
             "speedup_batch64": record["speedup_batch64"], "mac_reduction": record["mac_reduction"],
             "hessian": record["hessian"], "seconds": record["seconds"]}
+
+
+def resolve_round_to(text: str | None) -> int | None:
+    """``--round-to`` as leanconv prune reads it: N, or ``auto`` for this CPU's vector width."""
+    return None if text is None else round_to_arg(text)
 
 
 def labelled(label: str, args) -> str:

@@ -36,14 +36,13 @@ import torch
 
 from leanconv import checkpoint
 from leanconv.runs.compare import WIDTH
-from leanconv.cli.prune import resolve_round_to
+from leanconv.runs.prune import round_to_arg
 from leanconv.cost import count, measure_fastest_layout, measure_latency, measure_onnx_latency
 from leanconv.deploy.onnx import export_onnx
 from leanconv.deploy.fold import fold_batchnorm
 from leanconv.data import load_dataset
 from leanconv.importance import ScoringData, create_criterion
 from leanconv.prune import prune_to_budget
-from leanconv.runs.prune import scoring_batches
 
 METHODS = list(WIDTH)  # label -> (criterion, implant share), as `leanconv compare` runs them
 
@@ -52,7 +51,7 @@ def prune_copy(model, label, target, shape, data, round_to, latency_aware=False)
     method, implant = WIDTH[label]
     kwargs = {"max_probes": 16, "min_probes": 8} if method == "hap" else {}
     pruned = copy.deepcopy(model)
-    scoring = ScoringData(scoring_batches(data, 256, 128, None), extra={"input_shape": shape})
+    scoring = ScoringData(data.scoring_batches(256, 128), extra={"input_shape": shape})
     prune_to_budget(pruned, create_criterion(method, **kwargs), torch.randn(1, *shape), target=target,
                     input_shape=shape, data=scoring, implant=implant, round_to=round_to,
                     latency_aware=latency_aware)
@@ -175,7 +174,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    round_to = resolve_round_to(args.round_to)
+    round_to = None if args.round_to is None else round_to_arg(args.round_to)
     model = checkpoint.load(args.ckpt)
     shape = tuple(model.leanconv_meta["input_shape"])
     data = load_dataset(model.leanconv_meta["dataset"]["name"])

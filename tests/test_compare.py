@@ -190,10 +190,9 @@ def test_written_commands_carry_every_setting_of_the_row(compared):
     prune = parser.parse_args(shlex.split(entries["l1@0.5"]["command"])[1:])
     assert (prune.train_subset, prune.data, prune.seed, prune.finetune_epochs, prune.finetune_lr) == \
         (128, "synthetic", 0, 1, 0.01)
-    convert_cmd, train_cmd = entries["scc"]["command"].split(" && ")
-    convert = parser.parse_args(shlex.split(convert_cmd)[1:])
-    train = parser.parse_args(shlex.split(train_cmd)[1:])
-    assert (convert.seed, train.subset, train.data, train.seed, train.epochs) == (0, 128, "synthetic", 0, 1)
+    convert = parser.parse_args(shlex.split(entries["scc"]["command"])[1:])  # converts and fine-tunes
+    assert (convert.seed, convert.train_subset, convert.data, convert.finetune_epochs, convert.finetune_lr) == \
+        (0, 128, "synthetic", 1, 0.05)
     prune3d = parser.parse_args(shlex.split(entries["3d@0.5"]["command"])[1:])
     assert (prune3d.data, prune3d.seed, prune3d.sample_images) == ("synthetic", 0, 128)
     assert "all training images" in entries["3d@0.5"]["notes"]
@@ -204,8 +203,7 @@ def test_written_command_reproduces_its_row(compared, key, tmp_path, capsys):
     out, _ = compared
     entry = next(e for e in read_results(out)["entries"] if e["key"] == key)
     command = entry["command"].replace(str(out / "entries" / key), str(tmp_path / "again"))
-    for part in command.split(" && "):  # scc: convert, then train
-        assert main(shlex.split(part)[1:] + ["--no-progress"] * ("convert" not in part)) == 0
+    assert main(shlex.split(command)[1:] + ["--no-progress"]) == 0
     made, again = checkpoint.load(entry["checkpoint"]), checkpoint.load(tmp_path / "again" / "model.safetensors")
     a, b = made.state_dict(), again.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # BatchNorm statistics included

@@ -196,8 +196,11 @@ def test_cli_convert_psconv_json_and_one_line_errors(cli, tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("leanconv: error:") and match in err[0]
     assert not (tmp_path / "bad").exists()
     assert cli(["convert", str(tmp_path / "p" / "model.safetensors"), "--to", "scc", "--groups", "2",
-                "--data", "synthetic", "--out", str(tmp_path / "bad")]) == 2
+                "--input-shape", "1,28,28", "--out", str(tmp_path / "bad")]) == 2
     assert "zoo model names only" in capsys.readouterr().err
+    assert cli(["convert", str(tmp_path / "p" / "model.safetensors"), "--to", "scc", "--groups", "2",
+                "--data", "synthetic", "--out", str(tmp_path / "bad")]) == 2  # data to fine-tune on must fit
+    assert "takes 1 input channels but synthetic" in capsys.readouterr().err
 
 
 def test_results_of_the_unconverted_model_move_into_the_conversion_record():

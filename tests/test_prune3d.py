@@ -14,7 +14,8 @@ from leanconv.errors import LeanconvError
 from leanconv.prune3d.optimum import CalibratedCost, discrete_ratios, resolve
 from leanconv.prune3d.predictor import FullPolynomial
 from leanconv.prune3d.realise import StepSettings, load_origin, realise
-from leanconv.prune3d.three_d import Prune3dConfig, _fill_budget, sampling_floors
+from leanconv.prune3d.search import fill_budget, sampling_floors
+from leanconv.runs.prune3d import Prune3dConfig
 
 
 @pytest.fixture(scope="module")
@@ -59,14 +60,14 @@ def test_fill_spends_the_unused_budget_on_width(origin):
     model, point = realise(origin, 1.0, 0.6, 1.0)
     budget = 1.15 * point.macs
     built = {"model": model, "point": point}
-    fill = _fill_budget(origin, _Linear(1.0), built, budget, 1.0, 0.6, 1.0)
+    fill = fill_budget(origin, _Linear(1.0), built, budget, 1.0, 0.6, 1.0)
     assert fill is not None and fill["w_filled"] > 0.6
     assert point.macs < built["point"].macs == fill["macs_after"] <= budget
     assert built["point"].macs == count(built["model"], origin.shape).macs
     # a predictor that prefers narrower models, or a choice already at the budget: nothing changes
     built = {"model": model, "point": point}
-    assert _fill_budget(origin, _Linear(-1.0), built, budget, 1.0, 0.6, 1.0) is None and built["point"] is point
-    assert _fill_budget(origin, _Linear(1.0), built, point.macs * 1.005, 1.0, 0.6, 1.0) is None
+    assert fill_budget(origin, _Linear(-1.0), built, budget, 1.0, 0.6, 1.0) is None and built["point"] is point
+    assert fill_budget(origin, _Linear(1.0), built, point.macs * 1.005, 1.0, 0.6, 1.0) is None
 
 
 def test_calibrated_cost_tracks_counted_macs_and_resolve_meets_budget(origin):

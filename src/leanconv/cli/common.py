@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -12,14 +13,14 @@ from typing import Any, Callable
 from torch import nn
 
 from leanconv import checkpoint
-from leanconv.data import load_dataset
 from leanconv.data.splits import DatasetSplits
 from leanconv.errors import LeanconvError
 from leanconv.models import create, names
+from leanconv.runs.source import Source, recorded_data
 
 __all__ = [
     "add_data_args", "add_model_args", "add_seed_arg", "add_repeats_arg", "add_output_args",
-    "load_model", "load_data", "data_from_meta", "data_for_meta", "recorded_data_dir", "parse_shape", "positive_float", "non_negative_float", "check_out_folder", "check_out_file",
+    "load_model", "data_from_meta", "recorded_data_dir", "source_from_args", "add_config_options", "build_config", "parse_shape", "positive_float", "non_negative_float", "check_out_folder", "check_out_file",
     "progress_bar", "positive_int", "fraction", "input_shape_of", "resolution_of",
 ]
 
@@ -175,10 +176,6 @@ def resolution_of(model: nn.Module, data: DatasetSplits) -> int | None:
     return int(shape[-1])
 
 
-def load_data(name: str, data_dir: str | None) -> DatasetSplits:
-    return load_dataset(name, data_dir)
-
-
 def recorded_data_dir(recorded: dict, args: argparse.Namespace) -> str | None:
     """The data folder to load from: ``--data-dir`` when given, else the folder a model's
     ``leanconv_meta`` (``recorded``) names when ``--data`` is absent or the recorded dataset."""
@@ -191,25 +188,74 @@ def recorded_data_dir(recorded: dict, args: argparse.Namespace) -> str | None:
 def data_from_meta(model: nn.Module, args: argparse.Namespace) -> DatasetSplits:
     """The dataset given on the command line, else the one the model was trained on; it must
     have the model's input channels and classes (where the model records them)."""
-    return data_for_meta(getattr(model, "leanconv_meta", {}), args)
+    return recorded_data(getattr(model, "leanconv_meta", {}), args.data, args.data_dir)[0]
 
 
-def data_for_meta(recorded: dict, args: argparse.Namespace) -> DatasetSplits:
-    """:func:`data_from_meta` for a model's recorded ``leanconv_meta`` alone (e.g. a checkpoint
-    header read without building the model)."""
-    name = args.data or (recorded.get("dataset") or {}).get("name")
-    if name is None:
-        raise LeanconvError("the model records no dataset; pass --data")
-    data = load_dataset(name, recorded_data_dir(recorded, args))
-    shape = recorded.get("input_shape")
-    if shape and shape[0] != data.in_channels:
-        raise LeanconvError(f"the model takes {shape[0]} input channels but {data.name} has {data.in_channels}; "
-                            "pass the --data it was trained on")
-    classes = recorded.get("num_classes")
-    if classes and classes != data.num_classes:
-        raise LeanconvError(f"the model predicts {classes} classes but {data.name} has {data.num_classes}; "
-                            "pass the --data it was trained on")
-    return data
+def source_from_args(args: argparse.Namespace, ckpt: str) -> Source:
+    """The checkpoint ``ckpt`` with ``--data``/``--data-dir`` (default: the recorded ones) and
+    ``--constructor``, as a run's :class:`~leanconv.runs.source.Source`; checked before any work
+    (the file, its constructor, the data's fit)."""
+    if Path(ckpt).is_dir():
+        raise LeanconvError(f"checkpoint {ckpt!r} is a folder; name the .safetensors file")
+    constructor = getattr(args, "constructor", None)
+    checkpoint.load(ckpt, constructor=constructor)  # a wrong constructor or a corrupt file: one line, now
+    return Source.from_checkpoint(ckpt, data=args.data, data_dir=args.data_dir, constructor=constructor)
+
+
+# ---------------------------------------------------------------- options built from run configs
+
+
+def _parser_for(f: dataclasses.Field) -> Callable[[str], Any] | None:
+    parse = f.metadata.get("parse")
+    if parse is not None:
+        return _syntax(parse, f.metadata.get("expects") or "a value")
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+    if kind.startswith("int"):
+        return _syntax(int, "a whole number")
+    if kind.startswith("float"):
+        return _syntax(float, "a number")
+    return None
+
+
+def _syntax(parse: Callable[[str], Any], what: str = "a value") -> Callable[[str], Any]:
+    """An argparse type: ``parse(text)``, a ValueError being one line naming what was expected."""
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
+
+
+def add_config_options(parser: argparse.ArgumentParser, config_type: type, *, skip: tuple[str, ...] = ()) -> None:
+    """Add an option for every field of the run config ``config_type`` that has one (its flag,
+    help, default, choices from the field's metadata; :mod:`leanconv.runs.config`). Values are
+    parsed here and checked when the config is built (:func:`config_from_args`)."""
+    for f in dataclasses.fields(config_type):
+        meta = f.metadata
+        if not meta.get("flag") or not meta.get("cli", True) or f.name in skip or callable(meta.get("flag")):
+            continue
+        default = f.default
+        text = meta.get("help") or ""
+        names = [meta["flag"], *meta.get("aliases", ())]
+        if isinstance(default, bool):
+            parser.add_argument(*names, dest=f.name, action="store_false" if default else "store_true", help=text)
+            continue
+        choices = meta.get("choices")
+        choices = choices() if callable(choices) else choices
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        if default is not None:
+            text += f" (default: {shown})" if "default:" not in text else ""
+        parser.add_argument(*names, dest=f.name, default=default, type=_parser_for(f), choices=choices,
+                            metavar=meta.get("metavar"), help=text)
+
+
+def build_config(config_type: type, args: argparse.Namespace, **given: Any) -> Any:
+    """The run config of ``config_type`` from the parsed options (and ``given`` values); a bad
+    value is one :class:`LeanconvError` naming its option."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_type) if hasattr(args, f.name)}
+    return config_type(**{**values, **given})
 
 
 def progress_bar(desc: str, enabled: bool = True) -> tuple[Callable[[int, int, dict], None], Callable[[], None]]:

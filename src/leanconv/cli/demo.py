@@ -18,6 +18,7 @@ from leanconv import checkpoint
 from leanconv.cli.common import check_out_folder, progress_bar
 from leanconv.cli.compare import compare_and_report
 from leanconv.runs.compare import CompareConfig
+from leanconv.runs.source import Source
 from leanconv.data import load_dataset
 from leanconv.errors import LeanconvError
 from leanconv.models import create
@@ -115,8 +116,7 @@ def run(args: argparse.Namespace) -> int:
                            latency_repeats=plan.latency_repeats, quick=args.quick,
                            onnx_opset=17 if args.quick else None)  # quick: the TorchScript exporter, ~20x faster
     command = shlex.join(["leanconv", "demo", "--out", str(out), "--data", args.data, *(["--quick"] if args.quick else [])])
-    data_args = argparse.Namespace(data=args.data, data_dir=args.data_dir)
-    paths = compare_and_report(str(ckpt), config, out, data_args=data_args, constructor=None,
-                               show_progress=show, command=command)
+    source = Source.from_checkpoint(ckpt, data=args.data, data_dir=args.data_dir)
+    paths = compare_and_report(source, config, out, show_progress=show, command=command)
     print(json.dumps({"report": str(paths["html"]), "markdown": str(paths["markdown"]), "baseline": str(ckpt)}))
     return 0

@@ -59,7 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="pSConv patterns to try, e.g. psd4_p8,psd2_p8,psd1_p16,ps4_p4 (default: none)")
     p.add_argument("--include-dense", action="store_true", help="also train the unconverted model")
     p.add_argument("--epochs", type=positive_int, default=3, help="training epochs per variant (default: 3)")
-    p.add_argument("--subset", type=positive_int, default=None, help="train on this many images only")
+    p.add_argument("--train-subset", "--subset", dest="subset", type=positive_int, default=None, metavar="N",
+                   help="train on the first N training images only (quick runs)")
     p.add_argument("--lr", type=positive_float, default=0.1, help="peak learning rate (default: 0.1)")
     add_seed_arg(p)
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: PyTorch's)")

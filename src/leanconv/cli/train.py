@@ -18,9 +18,10 @@ import torch
 from leanconv import checkpoint
 from leanconv.train import distributed as dist
 from leanconv.util.files import write_json
-from leanconv.cli.common import (DEFAULT_DATA, add_data_args, add_model_args, data_from_meta, load_data, load_model,
+from leanconv.cli.common import (DEFAULT_DATA, add_data_args, add_model_args, data_from_meta, load_model,
                                  non_negative_float, positive_float, positive_int, progress_bar, recorded_data_dir,
                                  resolution_of)
+from leanconv.data import load_dataset
 from leanconv.errors import LeanconvError
 from leanconv.train import TrainConfig, evaluate, fit, recalibrate_on_training_data
 
@@ -48,7 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--schedule", choices=["cosine", "step"], default="cosine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resolution", type=positive_int, default=None, help="train at this input side (default: the data's)")
-    p.add_argument("--subset", type=positive_int, default=None, help="train on this many images only (quick runs)")
+    p.add_argument("--train-subset", "--subset", dest="subset", type=positive_int, default=None, metavar="N",
+                   help="train on the first N training images only (quick runs)")
     p.add_argument("--no-augment", action="store_true", help="turn off random crop and flip")
     p.add_argument("--recalibrate-bn", action="store_true",
                    help="after training, re-estimate BatchNorm statistics on up to 6,400 un-augmented training "
@@ -99,7 +101,7 @@ def _model_and_data(args: argparse.Namespace):
         side = args.resolution or (recorded[1] if recorded else data.image_size)
         shape = tuple(recorded) if recorded and args.resolution is None else (data.in_channels, side, side)
         return _with_meta(model, data, shape, args), data
-    data = load_data(args.data or DEFAULT_DATA, args.data_dir)
+    data = load_dataset(args.data or DEFAULT_DATA, args.data_dir)
     side = args.resolution or data.image_size
     torch.manual_seed(args.seed)
     model = load_model(args.model or "resnet20", input_shape=(data.in_channels, side, side),

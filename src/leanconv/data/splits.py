@@ -92,6 +92,12 @@ class DatasetSplits:
         kwargs.setdefault("flip", self.flip_ok)
         return TensorLoader(self.split(which), batch_size, **kwargs)
 
+    def scoring_batches(self, images: int, batch_size: int, resolution: int | None = None) -> list:
+        """The first ``images`` of the validation split as a list of batches: the fixed data
+        every pruning decision is scored on (never the test split)."""
+        loader = self.loader("val", batch_size, resolution=resolution, subset=min(images, len(self.val)))
+        return list(loader.epoch(0))
+
 
 def default_val_size(n_train_file: int) -> int:
     """5000 images, or a tenth of the training file when that is smaller."""

@@ -29,6 +29,7 @@ from leanconv.importance.magnitude import Magnitude
 from leanconv.importance.random import RandomScores
 from leanconv.importance.synflow import SynFlow
 from leanconv.importance.taylor import Taylor
+from leanconv.importance.settings import run_criterion
 
 __all__ = [
     # protocol
@@ -38,6 +39,7 @@ __all__ = [
     "create_criterion",
     "criterion_names",
     "check_scores",
+    "run_criterion",
     # built-in criteria
     "HAP",
     "Magnitude",

@@ -30,7 +30,6 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
@@ -40,11 +39,10 @@ from leanconv.cost import count
 from leanconv.data import load_dataset
 from leanconv.data.splits import DatasetSplits
 from leanconv.errors import LeanconvError
-from leanconv.importance import ScoringData, create_criterion, criterion_names
+from leanconv.importance import ScoringData, run_criterion
 from leanconv.prune3d.block_importance import block_importance
 from leanconv.prune3d.blocks import BlockInfo, find_residual_blocks, prune_blocks
 from leanconv.prune.budget import prune_to_budget
-from leanconv.runs.prune import scoring_batches
 from leanconv.prune3d.resolution import MIN_SIDE, resolution_ratio_to_side, set_resolution
 from leanconv.train import evaluate, finetune
 
@@ -68,7 +66,9 @@ WIDTH_SKIP = 0.99  # a width share above this is "no width pruning" (inside the 
 
 @dataclass(frozen=True)
 class StepSettings:
-    """How one pruning step is done and briefly fine-tuned (plain values: sent to workers)."""
+    """How one pruning step is done and briefly fine-tuned (plain values: sent to workers).
+    Built from a checked :class:`~leanconv.runs.prune3d.Prune3dConfig` (its ``finetune_lr`` is
+    ``lr`` here; the names are part of the samples' settings hash, so they stay)."""
 
     data: str  # dataset name as load_dataset accepts it (e.g. "fashion-mnist", "synthetic")
     data_dir: str | None = None
@@ -82,16 +82,6 @@ class StepSettings:
     lr: float = 0.01
     batch_size: int = 128
     seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.method not in criterion_names():
-            raise LeanconvError(f"unknown pruning method {self.method!r}; choose one of: {', '.join(criterion_names())}")
-        if self.epochs < 0 or self.score_images < 1 or self.probes < 1 or self.batch_size < 1:
-            raise LeanconvError("fine-tuning epochs must be >= 0; scoring images, probes and batch size >= 1")
-        if self.images is not None and self.images < 1:
-            raise LeanconvError(f"fine-tuning images must be positive, got {self.images}")
-        if self.min_per_stage < 0 or not self.lr > 0:
-            raise LeanconvError("min_per_stage must be >= 0 and the learning rate positive")
 
 
 @dataclass
@@ -116,8 +106,7 @@ class Origin:
         """Validation scoring batches at input ``side`` (cached)."""
         if side not in self._batches:
             res = None if side == self.data.image_size else side
-            self._batches[side] = scoring_batches(self.data, self.settings.score_images,
-                                                  self.settings.batch_size, res)
+            self._batches[side] = self.data.scoring_batches(self.settings.score_images, self.settings.batch_size, res)
         return self._batches[side]
 
 
@@ -159,15 +148,6 @@ def bypass_blocks(model: nn.Module, origin: Origin, keep: int) -> list[str]:
     return prune_blocks(model, origin.blocks, importance, keep, min_per_stage=origin.settings.min_per_stage)
 
 
-def _criterion(settings: StepSettings):
-    kwargs: dict[str, Any] = {}
-    if settings.method == "hap":
-        kwargs = {"max_probes": settings.probes, "min_probes": min(8, settings.probes), "seed": settings.seed}
-    elif settings.method == "random":
-        kwargs = {"seed": settings.seed}
-    return create_criterion(settings.method, **kwargs)
-
-
 def prune_width(model: nn.Module, origin: Origin, share: float) -> None:
     """Width step: remove channels until the model keeps ``share`` of its current MACs."""
     if share > WIDTH_SKIP:
@@ -175,8 +155,9 @@ def prune_width(model: nn.Module, origin: Origin, share: float) -> None:
     settings, shape = origin.settings, _shape(model)
     data = ScoringData(origin.batches(shape[-1]), extra={"input_shape": shape})
     model.eval()
-    prune_to_budget(model, _criterion(settings), torch.zeros(1, *shape), target=share, kind="macs",
-                    input_shape=shape, data=data, normalize=settings.normalize)
+    criterion = run_criterion(settings.method, probes=settings.probes, seed=settings.seed)
+    prune_to_budget(model, criterion, torch.zeros(1, *shape), target=share, kind="macs", input_shape=shape, data=data,
+                    normalize=settings.normalize)
 
 
 @dataclass(frozen=True)

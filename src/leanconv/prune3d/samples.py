@@ -42,6 +42,7 @@ from leanconv.errors import LeanconvError
 from leanconv.prune3d.resolution import set_resolution
 from leanconv.prune3d.realise import (Origin, StepSettings, brief_finetune, bypass_blocks, load_origin, measure_point,
                                      prune_width, realise, val_accuracy)
+from leanconv.util.files import JsonlStore
 from leanconv.util.progress import Progress
 
 __all__ = [
@@ -58,30 +59,15 @@ log = logging.getLogger(__name__)
 SAMPLE_KINDS = ("base", "depth", "width", "resolution", "mixed")
 
 
-class SampleStore:
-    """Append-only JSON-lines file of samples (one dict per line, each with a ``key``).
+class SampleStore(JsonlStore):
+    """The samples file: a :class:`~leanconv.util.files.JsonlStore` whose records each carry a
+    ``key``; reading drops later duplicates of a key."""
 
-    Lines are flushed and fsynced as they are written. A last line cut short by a crash is
-    ignored when reading (and a newline is written before the next append).
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-
-    def read(self) -> list[dict]:
+    def read(self, *, strict: bool = False) -> list[dict]:
         """All complete samples, in the order written (later duplicates of a key are dropped)."""
-        if not self.path.exists():
-            return []
         out, seen = [], set()
-        for i, line in enumerate(self.path.read_text().splitlines()):
-            if not line.strip():
-                continue
-            try:
-                sample = json.loads(line)
-            except json.JSONDecodeError:
-                log.warning("%s line %d is not JSON (an interrupted write?); ignored", self.path, i + 1)
-                continue
-            if isinstance(sample, dict) and "key" in sample and sample["key"] not in seen:
+        for sample in super().read(strict=strict):
+            if "key" in sample and sample["key"] not in seen:
                 seen.add(sample["key"])
                 out.append(sample)
         return out
@@ -91,24 +77,10 @@ class SampleStore:
 
     def append(self, samples: Iterable[dict]) -> int:
         """Append ``samples`` (each must have a ``key``); returns how many were written."""
-        lines = []
-        for s in samples:
-            if "key" not in s:
-                raise LeanconvError("a sample needs a 'key' to be stored")
-            lines.append(json.dumps(s, sort_keys=True))
-        if not lines:
-            return 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a+b") as fh:
-            fh.seek(0, os.SEEK_END)
-            if fh.tell() > 0:
-                fh.seek(-1, os.SEEK_END)
-                if fh.read(1) != b"\n":
-                    fh.write(b"\n")
-            fh.write(("\n".join(lines) + "\n").encode())
-            fh.flush()
-            os.fsync(fh.fileno())
-        return len(lines)
+        samples = list(samples)
+        if any("key" not in s for s in samples):
+            raise LeanconvError("a sample needs a 'key' to be stored")
+        return super().append(samples)
 
 
 def settings_hash(ckpt: str | os.PathLike, settings: StepSettings) -> str:

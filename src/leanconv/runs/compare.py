@@ -12,35 +12,44 @@ interrupted comparison resumes and a re-run with more methods or budgets adds on
 The file's first record (``kind: run``) holds the run's identity: the checkpoint's content
 hash, the data, the input shape and every setting that changes the models (``IDENTITY``); a
 re-run whose identity differs is refused before any work, so one table never mixes runs.
-``leanconv.report.build.build_report`` turns the file into ``report.html`` / ``report.md``.
+Every entry is a run config (:func:`entry_config`: a ``PruneConfig``, ``Prune3dConfig`` or
+``ConvertConfig``) run by its own run function, so its ``command`` is that config's
+reproducing command. ``leanconv.report.build.build_report`` turns the file into
+``report.html`` / ``report.md``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import shlex
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from leanconv import checkpoint
 from leanconv.cost import count, measure_fastest_layout
-from leanconv.data.splits import DatasetSplits
-from leanconv.errors import LeanconvError
 from leanconv.deploy.onnx import export_onnx
+from leanconv.errors import LeanconvError
+from leanconv.layers.periodic_sparse import PATTERNS
 from leanconv.prune.channels import channel_counts
-from leanconv.runs.prune import PruneConfig, run_pruning, scoring_batches
+from leanconv.runs.config import (RunConfig, finetune_epochs, finetune_lr, latency_repeats, probes, score_images, seed,
+                                  setting, train_subset)
+from leanconv.runs.convert import LAYER_LR, ConvertConfig
+from leanconv.runs.prune import PruneConfig
+from leanconv.runs.prune3d import Prune3dConfig
+from leanconv.runs.record import Result
 from leanconv.runs.results import append_result, read_results
+from leanconv.runs.sensitivity import SensitivityConfig
+from leanconv.runs.source import Source
 from leanconv.train import evaluate
+from leanconv.util import checks
+from leanconv.util.files import file_sha256
 from leanconv.util.progress import Progress
 
-__all__ = ["CompareConfig", "run_compare", "CONTENDERS", "IDENTITY", "entry_keys"]
+__all__ = ["CompareConfig", "run_compare", "entry_config", "entry_keys", "CONTENDERS", "DEFAULT_METHODS", "IDENTITY"]
 
 log = logging.getLogger(__name__)
 
@@ -55,42 +64,67 @@ DEFAULT_METHODS = ("hap", "hap+implant", "l1", "taylor", "random", "3d", "scc", 
 # repeats, ONNX export, quick).
 IDENTITY = ("finetune_epochs", "finetune_lr", "train_subset", "score_images", "probes", "seed", "samples",
             "scc_groups", "scc_overlap", "psconv_pattern")
+ENTRY_BATCH = 128  # every entry's batch size
+
+
+def _targets(values: Any, name: str) -> tuple:
+    if not values:
+        raise LeanconvError(f"{name} needs at least one budget, e.g. 0.5,0.33")
+    for value in values:
+        checks.fraction(value, name)
+    return values
+
+
+def _numbers(text: str) -> tuple[float, ...]:
+    return tuple(float(t) for t in text.split(",") if t.strip())
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(m.strip() for m in text.split(",") if m.strip())
 
 
 @dataclass(frozen=True)
-class CompareConfig:
+class CompareConfig(RunConfig):
     """What ``leanconv compare`` runs. Every entry gets ``finetune_epochs`` of fine-tuning."""
 
-    targets: tuple[float, ...] = (0.5,)
-    methods: tuple[str, ...] = DEFAULT_METHODS
-    finetune_epochs: int = 1
-    finetune_lr: float = 0.01
-    probes: int = 32  # Hutchinson probe cap for hap
-    score_images: int = 512
-    train_subset: int | None = None  # fine-tune on this many training images (quick runs)
-    samples: int = 6  # 3-D pruning: samples to collect
-    latency_repeats: int = 10
-    onnx: bool = True
-    onnx_opset: int | None = None  # None: torch's dynamo exporter; < 18: the faster TorchScript one
-    quick: bool = False
-    seed: int = 0
-    scc_groups: int = 2
-    scc_overlap: float = 0.5
-    psconv_pattern: str = "psd4_p8"
+    command = "compare"
 
-    def __post_init__(self) -> None:
+    targets: tuple[float, ...] = setting((0.5,), "--target-flops", check=_targets, always=True, parse=_numbers,
+                                         metavar="R[,R...]",
+                                         help="MACs/FLOPs budgets as fractions of the original")
+    methods: tuple[str, ...] = setting(DEFAULT_METHODS, "--methods", always=True, parse=_words, metavar="M[,M...]",
+                                       help=f"comma-separated, from: {', '.join(CONTENDERS)}")
+    finetune_epochs: int = finetune_epochs(1)
+    finetune_lr: float = finetune_lr()
+    probes: int = probes(32)
+    score_images: int = score_images()
+    train_subset: int | None = train_subset()
+    samples: int = setting(6, "--samples", check=lambda v, n: checks.whole(v, n, at_least=4), metavar="N",
+                           help="3-D pruning samples")
+    latency_repeats: int = latency_repeats()
+    onnx: bool = setting(True, "--no-onnx", help="skip ONNX export and ONNX Runtime latency")
+    onnx_opset: int | None = setting(None, "--onnx-opset", metavar="N",
+                                     check=lambda v, n: v if v is None else checks.whole(v, n, at_least=7),
+                                     help="ONNX opset to export (default: torch's exporter's own, 18 or newer; "
+                                     "below 18 the faster TorchScript exporter is used)")
+    quick: bool = setting(False, "--quick", help="label the report as a quick run with tiny budgets")
+    seed: int = seed()
+    scc_groups: int = setting(2, "--scc-groups", check=lambda v, n: checks.whole(v, n, at_least=1), metavar="G",
+                              help="channel groups of the scc entry")
+    scc_overlap: float = setting(0.5, "--scc-overlap", check=lambda v, n: checks.number(v, n, at_least=0, below=1),
+                                 metavar="O", help="window overlap of the scc entry")
+    psconv_pattern: str = setting("psd4_p8", "--psconv-pattern", check=lambda v, n: checks.one_of(v, n, PATTERNS),
+                                  choices=tuple(sorted(PATTERNS)), help="kernel pattern of the psconv entry")
+
+    def check(self) -> None:
         if not self.methods:
             raise LeanconvError(f"no methods to compare; pass --methods with one or more of: {', '.join(CONTENDERS)}")
         unknown = [m for m in self.methods if m not in CONTENDERS]
         if unknown:
             raise LeanconvError(f"unknown method(s) {', '.join(unknown)}; choose from: {', '.join(CONTENDERS)}")
-        if not self.targets or any(not 0.0 < t < 1.0 for t in self.targets):
-            raise LeanconvError(f"every target must lie strictly between 0 and 1, got {list(self.targets)}")
-        if self.finetune_epochs < 0:
-            raise LeanconvError(f"fine-tuning epochs must be >= 0, got {self.finetune_epochs}")
         # a repeated method or budget would run twice under one entry key: keep the first of each
         object.__setattr__(self, "methods", tuple(dict.fromkeys(self.methods)))
-        object.__setattr__(self, "targets", _distinct_targets(self.targets))
+        object.__setattr__(self, "targets", _distinct_targets(tuple(self.targets)))
 
 
 def _distinct_targets(targets: tuple[float, ...]) -> tuple[float, ...]:
@@ -104,31 +138,6 @@ def _distinct_targets(targets: tuple[float, ...]) -> tuple[float, ...]:
     return tuple(seen.values())
 
 
-@dataclass
-class _Context:
-    ckpt: Path
-    data: DatasetSplits
-    shape: tuple[int, int, int]
-    resolution: int | None
-    config: CompareConfig
-    out: Path
-    command: str
-    constructor: str | None = None
-    progress: Progress | None = None
-    data_dir: str | None = None
-    extra: dict = field(default_factory=dict)
-
-    def fresh_model(self) -> nn.Module:
-        return checkpoint.load(self.ckpt, constructor=self.constructor)
-
-    def data_args(self) -> list[str]:
-        """``--data`` (and ``--data-dir``) for the commands that reproduce an entry."""
-        return ["--data", self.data.name, *(["--data-dir", str(self.data_dir)] if self.data_dir is not None else [])]
-
-    def constructor_args(self) -> list[str]:
-        return ["--constructor", self.constructor] if self.constructor else []
-
-
 def entry_keys(config: CompareConfig) -> list[tuple[str, str, float | None]]:
     """(key, method, target) of every entry the config asks for, in run order."""
     keys = []
@@ -136,6 +145,51 @@ def entry_keys(config: CompareConfig) -> list[tuple[str, str, float | None]]:
         keys += [(f"{m}@{target:g}", m, target) for m in config.methods if m not in LAYERS]
     keys += [(m, m, None) for m in config.methods if m in LAYERS]
     return keys
+
+
+def entry_config(c: CompareConfig, method: str, target: float | None) -> RunConfig:
+    """The run config of one entry: the comparison's fine-tuning, data and probe settings."""
+    if method in WIDTH:
+        criterion, implant = WIDTH[method]
+        return PruneConfig(method=criterion, target=target, implant=implant, finetune_epochs=c.finetune_epochs,
+                           finetune_lr=c.finetune_lr, score_images=c.score_images, probes=c.probes, seed=c.seed,
+                           train_subset=c.train_subset, batch_size=ENTRY_BATCH)
+    if method == "3d":  # its final fine-tuning uses the whole training split; a train subset caps the samples'
+        images = min(c.train_subset, 2000) if c.train_subset is not None else 2000
+        return Prune3dConfig(target=target, samples=c.samples, sample_epochs=1, sample_images=images,
+                             finetune_epochs=c.finetune_epochs, finetune_lr=c.finetune_lr, score_images=c.score_images,
+                             probes=c.probes, seed=c.seed, latency_repeats=2, batch_size=ENTRY_BATCH)
+    lr = max(c.finetune_lr, LAYER_LR)  # converted layers start from random weights
+    shape = {"groups": c.scc_groups, "overlap": c.scc_overlap} if method == "scc" else {"pattern": c.psconv_pattern}
+    return ConvertConfig(to=method, **shape, seed=c.seed, finetune_epochs=c.finetune_epochs, finetune_lr=lr,
+                         train_subset=c.train_subset, batch_size=ENTRY_BATCH)
+
+
+def _notes(c: CompareConfig, method: str, config: RunConfig, result: Result) -> tuple[str, str, str]:
+    """(family, label, notes) of an entry."""
+    record = result.record.to_dict()
+    if method in WIDTH:
+        return "width", method, f"{config.method} scores, MACs x{record['achieved']['macs']:.3f}"
+    if method == "3d":
+        choice = record["choice"]["realised"]
+        notes = (f"d={choice.get('d', float('nan')):.2f} w={choice.get('w', float('nan')):.2f} "
+                 f"side={choice.get('side', '?')}; {c.samples} samples")
+        if c.train_subset is not None:
+            notes += f"; final fine-tuning on all training images (train subset {c.train_subset}: sampling only)"
+        return "3d", method, notes
+    label = f"scc g={c.scc_groups} o={c.scc_overlap:g}" if method == "scc" else f"psconv {c.psconv_pattern}"
+    notes = (f"converted layers trained {c.finetune_epochs} epochs at lr {config.finetune_lr:g}; other weights from "
+             "the baseline; BatchNorm statistics then re-estimated")
+    return "layer", label, notes
+
+
+@dataclass
+class _Context:
+    source: Source
+    config: CompareConfig
+    out: Path
+    command: str
+    progress: Progress | None = None
 
 
 def _latency(model: nn.Module, shape, repeats: int) -> dict[str, float]:
@@ -146,10 +200,11 @@ def _latency(model: nn.Module, shape, repeats: int) -> dict[str, float]:
 def _measured(model: nn.Module, ctx: _Context, folder: Path) -> dict[str, Any]:
     """Accuracy, counted cost, latency (PyTorch and ONNX Runtime) and channels of ``model``, at
     the input shape the model records (3-D pruning may have changed the resolution)."""
-    shape = tuple(getattr(model, "leanconv_meta", {}).get("input_shape") or ctx.shape)
-    resolution = None if shape[-1] == ctx.data.image_size else shape[-1]
+    shape = tuple(getattr(model, "leanconv_meta", {}).get("input_shape") or ctx.source.shape)
+    data = ctx.source.data
+    resolution = None if shape[-1] == data.image_size else shape[-1]
     cost = count(model, shape)
-    test = ctx.data.loader("test", 256, resolution=resolution)
+    test = data.loader("test", 256, resolution=resolution)
     onnx = None
     if ctx.config.onnx:
         info = export_onnx(model, shape, folder / "model.onnx", opset=ctx.config.onnx_opset,
@@ -161,83 +216,46 @@ def _measured(model: nn.Module, ctx: _Context, folder: Path) -> dict[str, Any]:
 
 
 def _baseline(ctx: _Context) -> dict[str, Any]:
-    model = ctx.fresh_model()
+    model = ctx.source.fresh()
     folder = ctx.out / "entries" / "baseline"
     folder.mkdir(parents=True, exist_ok=True)
     base = model.leanconv_base.get("zoo") or model.leanconv_base.get("constructor")
-    return {"kind": "baseline", "label": "baseline", "model": str(base), "dataset": ctx.data.name,
-            "input_shape": list(ctx.shape), "checkpoint": str(ctx.ckpt), "command": ctx.command,
+    return {"kind": "baseline", "label": "baseline", "model": str(base), "dataset": ctx.source.data.name,
+            "input_shape": list(ctx.source.shape), "checkpoint": ctx.source.describe(), "command": ctx.command,
             "quick": ctx.config.quick, "threads": torch.get_num_threads(), **_measured(model, ctx, folder)}
 
 
 def _sensitivity(ctx: _Context) -> dict[str, Any]:
-    from leanconv.importance.hessian import cached_channel_traces
-
-    model = ctx.fresh_model()
-    batches = scoring_batches(ctx.data, ctx.config.score_images, 128, ctx.resolution)
-    result = cached_channel_traces(model, batches, ctx.out / "cache", max_probes=ctx.config.probes,
-                                   min_probes=min(8, ctx.config.probes), seed=ctx.config.seed)
-    sens = result.hap_sensitivity(model)
-    return {"kind": "sensitivity", "layers": {n.removesuffix(".weight"): float(v.sum()) for n, v in sens.items()},
-            "probes": result.probes, "images": sum(len(y) for _, y in batches)}
-
-
-def _width_entry(ctx: _Context, key: str, method: str, target: float) -> tuple[nn.Module, dict[str, Any]]:
-    criterion, implant = WIDTH[method]
     c = ctx.config
-    model = ctx.fresh_model()
-    config = PruneConfig(method=criterion, target=target, implant=implant, finetune_epochs=c.finetune_epochs,
-                         finetune_lr=c.finetune_lr, score_images=c.score_images, probes=c.probes, seed=c.seed,
-                         latency_repeats=2, train_subset=c.train_subset)
-    record = run_pruning(model, ctx.data, ctx.shape, config, resolution=ctx.resolution, progress=ctx.progress,
-                         measured=False)  # compare measures every entry itself
-    args = ["leanconv", "prune", str(ctx.ckpt), *ctx.constructor_args(), "--method", criterion,
-            "--target-flops", f"{target:g}", "--finetune-epochs", str(c.finetune_epochs),
-            "--finetune-lr", f"{c.finetune_lr:g}",
-            *(["--train-subset", str(c.train_subset)] if c.train_subset is not None else []),
-            "--probes", str(c.probes), "--score-images", str(c.score_images), "--seed", str(c.seed),
-            *ctx.data_args(), "--out", str(ctx.out / "entries" / key)]
-    if implant:
-        args += ["--implant", f"{implant:g}"]
-    notes = f"{criterion} scores, MACs x{record['achieved']['macs']:.3f}"
-    return model, {"family": "width", "command": shlex.join(args), "notes": notes}
-
-
-def _runner(method: str) -> Callable[..., tuple[nn.Module, dict[str, Any]]]:
-    if method in WIDTH:
-        return _width_entry
-    from leanconv.runs import compare_extra  # 3-D and layer variants
-
-    return compare_extra.runner(method)
+    config = SensitivityConfig(probes=c.probes, score_images=c.score_images, seed=c.seed, batch_size=ENTRY_BATCH)
+    details = config.run(ctx.source, cache_dir=ctx.out / "cache").record.details
+    return {"kind": "sensitivity", "layers": {n.removesuffix(".weight"): v["sensitivity"]
+                                              for n, v in details["layers"].items()},
+            "probes": details["probes"], "images": details["images"]}
 
 
 def _run_entry(ctx: _Context, key: str, method: str, target: float | None) -> dict[str, Any]:
     t0 = time.perf_counter()
-    model, info = _runner(method)(ctx, key, method, target)
     folder = ctx.out / "entries" / key
-    folder.mkdir(parents=True, exist_ok=True)
+    config = entry_config(ctx.config, method, target)
+    result = config.run(ctx.source, out=folder, progress=ctx.progress, measured=False)  # measured below, alike
+    family, label, notes = _notes(ctx.config, method, config, result)
+    model = result.model
     model.leanconv_meta = {**getattr(model, "leanconv_meta", {}), "compare": {"key": key, "method": method}}
-    checkpoint.save(model, folder / "model.safetensors", constructor=ctx.constructor)
-    record = {"kind": "entry", "key": key, "label": method if method not in LAYERS else info.pop("label", method),
-              "target": target, "finetune_epochs": ctx.config.finetune_epochs,
-              "checkpoint": str(folder / "model.safetensors"), **info, **_measured(model, ctx, folder)}
+    result.save(folder, constructor=ctx.source.constructor)
+    record = {"kind": "entry", "key": key, "label": label, "target": target, "family": family,
+              "finetune_epochs": ctx.config.finetune_epochs, "checkpoint": str(folder / "model.safetensors"),
+              "command": result.record.command, "notes": notes, **_measured(model, ctx, folder)}
     record["seconds"] = time.perf_counter() - t0
     return record
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _identity(ctx: _Context) -> dict[str, Any]:
     """What a results file's records must share (module docstring), as it reads back from JSON."""
-    identity = {"checkpoint_sha256": _sha256(ctx.ckpt), "dataset": ctx.data.name,
-                "data_dir": None if ctx.data_dir is None else str(Path(ctx.data_dir).resolve()),
-                "input_shape": list(ctx.shape), "resolution": ctx.resolution,
+    source = ctx.source
+    identity = {"checkpoint_sha256": file_sha256(source.checkpoint), "dataset": source.data.name,
+                "data_dir": None if source.data_dir is None else str(Path(source.data_dir).resolve()),
+                "input_shape": list(source.shape), "resolution": source.resolution,
                 **{name: getattr(ctx.config, name) for name in IDENTITY}}
     return json.loads(json.dumps(identity))
 
@@ -253,7 +271,7 @@ def _run_record(ctx: _Context, have: dict[str, Any] | None, results: Path) -> di
     and refusing them would break resuming an older comparison."""
     identity = _identity(ctx)
     if have is None or have["run"] is None:
-        return {"kind": "run", "identity": identity, "checkpoint": str(ctx.ckpt), "adopted": have is not None}
+        return {"kind": "run", "identity": identity, "checkpoint": ctx.source.describe(), "adopted": have is not None}
     old = have["run"]["identity"]
     differ = [k for k in {**old, **identity} if old.get(k) != identity.get(k)]
     if differ:
@@ -263,16 +281,16 @@ def _run_record(ctx: _Context, have: dict[str, Any] | None, results: Path) -> di
     return None
 
 
-def run_compare(ckpt: str | Path, data: DatasetSplits, shape: tuple[int, int, int], out: str | Path,
-                config: CompareConfig, *, resolution: int | None = None, command: str = "",
-                constructor: str | None = None, data_dir: str | None = None, progress: Progress | None = None,
-                stage: Callable[[int, int, str], None] | None = None) -> Path:
+def run_compare(config: CompareConfig, source: Source, *, out: str | Path, command: str = "",
+                progress: Progress | None = None, stage=None) -> Path:
     """Run every entry of ``config`` not yet in ``out/results.jsonl``; returns that file's path.
     Refuses, before writing anything, a folder made with another checkpoint, data or settings.
     ``stage(done, total, key)`` is called before each step (for an overall progress line)."""
+    if source.checkpoint is None:
+        raise LeanconvError("compare starts from a checkpoint file (every entry reloads it and the results "
+                            "name it); save the model with leanconv.save first")
     out = Path(out)
-    ctx = _Context(Path(ckpt), data, shape, resolution, config, out, command, constructor=constructor,
-                   progress=progress, data_dir=data_dir)
+    ctx = _Context(source, config, out, command, progress=progress)
     results = out / "results.jsonl"
     have = read_results(results, require_baseline=False) if results.exists() else None
     run = _run_record(ctx, have, results)
@@ -297,4 +315,3 @@ def run_compare(ckpt: str | Path, data: DatasetSplits, shape: tuple[int, int, in
     if stage:
         stage(len(steps), len(steps), "done")
     return results
-

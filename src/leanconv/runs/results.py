@@ -47,8 +47,8 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from leanconv.checkpoint import atomic_write
 from leanconv.errors import LeanconvError
+from leanconv.util.files import JsonlStore
 
 __all__ = ["RESULTS_FILE", "FAMILIES", "read_results", "parse_results", "validate_record", "append_result"]
 
@@ -191,11 +191,7 @@ def validate_record(record: Any) -> dict:
     return record
 
 
-def _parse_line(text: str, where: str) -> dict:
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise LeanconvError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+def _validated(record: Any, where: str) -> dict:
     try:
         return validate_record(record)
     except LeanconvError as exc:
@@ -203,16 +199,15 @@ def _parse_line(text: str, where: str) -> dict:
         raise LeanconvError(f"{where}: {detail}") from None
 
 
-def _collect(lines: Iterable[str], source: str) -> dict[str, Any]:
-    """Validate every line and the file-level rules; the baseline may still be missing."""
+def _collect(numbered: Iterable[tuple[int, Any]], source: str) -> dict[str, Any]:
+    """Validate every ``(line number, record)`` and the file-level rules; the baseline may
+    still be missing."""
     found: dict[str, Any] = {"run": None, "baseline": None, "sensitivity": None, "entries": []}
     first_line: dict[str, int] = {}
     keys: dict[str, int] = {}
-    for number, text in enumerate(lines, start=1):
-        if not text.strip():
-            continue
+    for number, raw in numbered:
         where = f"{source} line {number}"
-        record = _parse_line(text, where)
+        record = _validated(raw, where)
         kind = record["kind"]
         if kind == "entry":
             if record["key"] in keys:
@@ -229,16 +224,27 @@ def _collect(lines: Iterable[str], source: str) -> dict[str, Any]:
     return found
 
 
+def _finish(found: dict[str, Any], source: str, require_baseline: bool) -> dict[str, Any]:
+    if found["baseline"] is None and require_baseline:
+        raise LeanconvError(f"{source} has no baseline record; run the compare command to write one")
+    return found
+
+
 def parse_results(lines: Iterable[str], source: str = RESULTS_FILE, *,
                   require_baseline: bool = True) -> dict[str, Any]:
     """Validate the lines of a results file. Returns ``{"run": record or None, "baseline":
     record, "sensitivity": record or None, "entries": [records in file order]}``; errors name
     ``source`` and the 1-based line number. ``require_baseline=False`` accepts a file that
     has none yet (an interrupted ``compare``); its ``baseline`` is then None."""
-    found = _collect(lines, source)
-    if found["baseline"] is None and require_baseline:
-        raise LeanconvError(f"{source} has no baseline record; run the compare command to write one")
-    return found
+    numbered = []
+    for number, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            numbered.append((number, json.loads(text)))
+        except json.JSONDecodeError as exc:
+            raise LeanconvError(f"{source} line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    return _finish(_collect(numbered, source), source, require_baseline)
 
 
 def _results_path(path: str | Path) -> Path:
@@ -248,28 +254,23 @@ def _results_path(path: str | Path) -> Path:
 
 def read_results(path: str | Path, *, require_baseline: bool = True) -> dict[str, Any]:
     """Read and validate ``path`` (a results file, or a folder holding ``results.jsonl``);
-    see :func:`parse_results` for the returned dict and ``require_baseline``."""
+    see :func:`parse_results` for the returned dict and ``require_baseline``. A last line cut
+    short by a crash is skipped with a warning."""
     file = _results_path(path)
     if not file.is_file():
         raise LeanconvError(f"{file} does not exist; run the compare command first")
-    try:
-        text = file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise LeanconvError(f"cannot read {file}: {exc}") from None
-    return parse_results(text.split("\n"), str(file), require_baseline=require_baseline)
+    return _finish(_collect(JsonlStore(file).numbered(strict=True), str(file)), str(file), require_baseline)
 
 
 def append_result(path: str | Path, record: Mapping[str, Any]) -> Path:
-    """Validate ``record`` and append it as one line to ``path`` (a results file or a folder),
-    rewriting the file atomically. Refuses a record that would make the file invalid (a
-    second baseline or sensitivity record, a repeated key); the baseline may come at any
-    point. Returns the file's path."""
+    """Validate ``record`` and append it as one line to ``path`` (a results file or a folder).
+    Refuses, writing nothing, a record that would make the file invalid (a second baseline or
+    sensitivity record, a repeated key); the baseline may come at any point. Returns the
+    file's path."""
     file = _results_path(path)
     record = validate_record(dict(record))
-    old = file.read_text(encoding="utf-8") if file.is_file() else ""
-    if old and not old.endswith("\n"):
-        old += "\n"
-    new = old + json.dumps(record, sort_keys=True, allow_nan=False) + "\n"
-    _collect(new.split("\n"), str(file))
-    atomic_write(file, lambda tmp: Path(tmp).write_text(new, encoding="utf-8"))
+    store = JsonlStore(file)
+    numbered = store.numbered(strict=True)
+    _collect([*numbered, (numbered[-1][0] + 1 if numbered else 1, record)], str(file))
+    store.append([record])
     return file

@@ -24,7 +24,6 @@ import inspect
 import json
 import logging
 import os
-import tempfile
 import types
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -35,6 +34,7 @@ from torch import Tensor, nn
 from leanconv.errors import LeanconvError
 from leanconv.importance.hessian import traces
 from leanconv.importance.hessian.traces import TraceResult
+from leanconv.util.files import write_text
 
 __all__ = ["cached_channel_traces", "cache_key", "model_fingerprint", "data_fingerprint"]
 
@@ -131,17 +131,6 @@ def _read(path: Path, key: str) -> TraceResult | None:
         return None
 
 
-def _write(path: Path, record: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def cached_channel_traces(
     model: nn.Module,
     batches: Iterable[tuple[Tensor, Tensor]],
@@ -168,6 +157,6 @@ def cached_channel_traces(
             return hit
     result = traces.channel_traces(model, batches, params, **kw)
     record = {"format": FORMAT, "key": key, "settings": _settings(params, model, kw), "result": result.to_dict()}
-    _write(path, record)
+    write_text(path, json.dumps(record))
     log.info("stored Hessian traces in %s", path)
     return result

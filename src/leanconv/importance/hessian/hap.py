@@ -41,7 +41,19 @@ from leanconv.graph.types import ChannelGroup, Member
 from leanconv.importance.base import Criterion, ScoringData, register_criterion
 from leanconv.importance.scoring import is_weight_layer, member_module, require_batches, sum_over_members, to_scores
 
-__all__ = ["HAP", "hap"]
+__all__ = ["HAP", "hap", "probe_settings", "MIN_PROBES"]
+
+MIN_PROBES = 8  # probes every estimate runs before the stopping rule may stop it
+
+
+def probe_settings(probes: int, seed: int = 0, min_probes: int | None = None) -> dict:
+    """A run's probe count as :func:`~leanconv.importance.hessian.traces.channel_traces`
+    settings: at most ``probes`` probes, at least ``min_probes`` (default: ``MIN_PROBES``, or
+    ``probes`` if fewer) before the standard-error rule may stop, drawn from ``seed``. The one
+    place a probe count becomes HAP settings (``prune``, 3-D pruning, ``sensitivity``, ``compare``)."""
+    return {"max_probes": probes, "min_probes": min(MIN_PROBES, probes) if min_probes is None else min_probes,
+            "seed": seed}
+
 
 # channel_traces settings HAP forwards as they are; loss_fn, params and progress are HAP's own.
 _OWN = {"model", "batches", "params", "loss_fn", "progress"}
