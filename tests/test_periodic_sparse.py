@@ -191,3 +191,22 @@ def test_compiled_kernels_refuse_inputs_of_the_wrong_shape(channels, shape):
     for layer in (PeriodicSparseConv2d(channels, 4), SlidingChannelConv2d(channels, 8, 2, 0.5)):
         with pytest.raises((LeanconvError, RuntimeError)), torch.no_grad():
             layer(x)
+
+
+def test_sparse_kernels_give_the_same_gradients_on_every_run():
+    """The compiled weight gradient sums per-thread partials in a fixed order (static tasks),
+    so a training step repeats to the bit with several threads (it once depended on timing)."""
+    from leanconv.layers import SlidingChannelConv2d
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    x = torch.randn(64, 32, 16, 16)
+    for layer in (PeriodicSparseConv2d(32, 32, 3, 1, 1), SlidingChannelConv2d(32, 32, 2, 0.5)):
+        runs = []
+        for _ in range(4):
+            layer.zero_grad()
+            layer(x).square().sum().backward()
+            runs.append([p.grad.clone() for p in layer.parameters()])
+        for later in runs[1:]:
+            for a, b in zip(runs[0], later):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -14,6 +14,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from leanconv import checkpoint
 from leanconv.cli.common import check_out_folder, progress_bar
 from leanconv.cli.compare import compare_and_report
@@ -84,6 +86,7 @@ def _baseline(out: Path, plan: DemoPlan, data, show: bool) -> Path:
     wanted = {"epochs": plan.base_epochs, "subset": plan.base_subset}
     if _check_reuse(out, plan, data):
         return path
+    torch.manual_seed(0)  # the initial weights too: a demo repeats to the bit
     model = create("resnet20", num_classes=data.num_classes, in_channels=data.in_channels, input_size=data.image_size)
     model.leanconv_meta = {**model.leanconv_meta, "dataset": {"name": data.name, "data_dir": None}}
     subset = None if plan.base_subset is None else min(plan.base_subset, len(data.train))

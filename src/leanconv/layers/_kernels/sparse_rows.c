@@ -193,7 +193,10 @@ static void wgrad_class(const real *a, const real *b, int64_t ns, int64_t as, co
 /* a: gradient of the output (rows at mem offsets, vectors at ob), b: the input buffer (taps at
  * nz offsets, vectors at ib). gw has the packed weight layout of lc_forward; scratch holds nt
  * zeroed partial sums of the same size (one per thread), reduced into gw at the end. Tasks
- * are (block of `chunk` samples, class). Returns 0, or -1 when out of memory. */
+ * are (block of `chunk` samples, class), dealt to the threads in fixed contiguous runs: which
+ * thread adds up a task, so the order of every sum, never depends on timing, and the gradient
+ * is the same to the bit on every run with the same thread count. Returns 0, or -1 when out
+ * of memory. */
 int lc_weight_grad(const real *a, const real *b, real *gw, real *scratch, int64_t nw, int64_t n,
                    int64_t as, int64_t bs, int64_t ncls, const int64_t *mp, const int64_t *mem,
                    const int64_t *np, const int64_t *nz, const int64_t *wo, int64_t nvec,
@@ -210,7 +213,7 @@ int lc_weight_grad(const real *a, const real *b, real *gw, real *scratch, int64_
     int64_t *sib = malloc(sizeof(int64_t) * len);
     real *apack = aligned_alloc(LC_VBYTES, sizeof(real) * 4 * len * LANES);
     failed = !sib || !apack;
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(static) /* a task's thread, so the order of the sums, is fixed: same bits every run */
     for (int64_t t = 0; t < nchunk * ncls; t++) {
       if (failed) continue;
       int64_t b0 = (t / ncls) * chunk, k = t % ncls;
