@@ -19,9 +19,10 @@ from leanconv.models import create, names
 from leanconv.runs.source import Source, recorded_data
 
 __all__ = [
-    "add_data_args", "add_model_args", "add_seed_arg", "add_repeats_arg", "add_output_args",
-    "load_model", "data_from_meta", "recorded_data_dir", "source_from_args", "add_config_options", "build_config", "parse_shape", "positive_float", "non_negative_float", "check_out_folder", "check_out_file",
-    "progress_bar", "positive_int", "fraction", "input_shape_of", "resolution_of",
+    "describe", "add_data_args", "add_model_args", "add_seed_arg", "add_repeats_arg", "add_output_args",
+    "add_config_options", "build_config", "source_from_args", "load_model", "data_from_meta", "recorded_data_dir",
+    "input_shape_of", "resolution_of", "parse_shape", "positive_int", "positive_float", "non_negative_float",
+    "fraction", "check_out_folder", "check_out_file", "progress_bar",
 ]
 
 DEFAULT_DATA = "fashion-mnist"
@@ -77,6 +78,15 @@ def parse_shape(text: str) -> tuple[int, int, int]:
     if len(shape) != 3 or min(shape) <= 0:
         raise argparse.ArgumentTypeError(f"input shape must be three positive numbers C,H,W, got {text!r}")
     return shape  # type: ignore[return-value]
+
+
+def describe(doc: str, **fields: str) -> str:
+    """A subcommand's ``--help`` description: its module docstring's second paragraph (the
+    first line names the command; later paragraphs are notes for developers), with
+    ``{name}`` placeholders filled from ``fields``."""
+    paragraphs = [p.strip() for p in doc.split("\n\n")]
+    text = " ".join(paragraphs[1].split()) if len(paragraphs) > 1 else paragraphs[0]
+    return text.format(**fields) if fields else text
 
 
 def add_data_args(parser: argparse.ArgumentParser, default: str | None = DEFAULT_DATA, default_help: str = "",

@@ -1,4 +1,12 @@
-"""``leanconv compare CKPT``: every method at the same budgets and fine-tuning, one report."""
+"""``leanconv compare CKPT``: every method at the same budgets and fine-tuning, one report.
+
+Prune/convert a trained checkpoint with every method (width criteria hap, hap+implant, l1,
+taylor, random, ...; 3-D pruning; SCC and pSConv layers), each with the same fine-tuning
+budget; measure accuracy, params, MACs and latency (PyTorch and ONNX Runtime); write
+DIR/results.jsonl and DIR/report.html + DIR/report.md. Resumable: a finished entry is never
+redone, and a re-run may add methods or budgets; a DIR made with another checkpoint, data or
+fine-tuning settings is refused (use a new --out).
+"""
 
 from __future__ import annotations
 
@@ -14,23 +22,18 @@ from leanconv.runs.compare import CompareConfig, run_compare
 from leanconv.runs.config import command_line
 from leanconv.runs.source import Source
 
-__all__ = ["register", "run", "compare_and_report"]
+__all__ = ["HELP", "add_arguments", "run", "compare_and_report"]
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("compare", help="run every method at the same budgets and write a report",
-                       description="Prune/convert a trained checkpoint with every method (width criteria hap, "
-                       "hap+implant, l1, taylor, random, ...; 3-D pruning; SCC and pSConv layers), each with the "
-                       "same fine-tuning budget; measure accuracy, params, MACs and latency (PyTorch and ONNX "
-                       "Runtime); write DIR/results.jsonl and DIR/report.html + DIR/report.md. Resumable: a "
-                       "finished entry is never redone, and a re-run may add methods or budgets; a DIR made "
-                       "with another checkpoint, data or fine-tuning settings is refused (use a new --out).")
+HELP = "run every method at the same budgets and write a report"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", metavar="CKPT")
     add_model_args(p)
     add_config_options(p, CompareConfig)
     add_data_args(p, default=None, batch_size=False)  # every entry uses leanconv's fixed batch of 128
     add_output_args(p)
-    p.set_defaults(func=run)
 
 
 def compare_and_report(source: Source, config: CompareConfig, out: Path, *, show_progress: bool,

@@ -1,9 +1,16 @@
 """``leanconv convert MODEL_OR_CKPT``: swap convs for DSXplore DW-SCC blocks or pSConv layers.
 
+Convert a zoo model or a checkpoint: --to scc turns the convs DSXplore picks (ResNet: conv2
+of every block; VGG: every 3x3 but the first; MobileNetV2: the 1x1 expand and project convs)
+into depthwise + sliding-channel convs; --to psconv turns every dense 3x3 conv but the first
+into a periodic sparse conv. New layers are freshly initialised from --seed, other weights
+kept; with --finetune-epochs the whole model is then fine-tuned on its data and BatchNorm
+statistics re-estimated. Writes DIR/model.safetensors and DIR/convert.json and prints the
+counted params and MACs before and after. Without fine-tuning, train the result with
+'leanconv train --from DIR/model.safetensors'.
+
 The placement rules are those of :mod:`leanconv.convs.convert`, the run that of
-:mod:`leanconv.runs.convert`: the new layers are freshly initialised from ``--seed``, every
-other weight is kept, and ``--finetune-epochs`` fine-tunes the whole model (else
-``leanconv train --from DIR/model.safetensors`` trains it).
+:mod:`leanconv.runs.convert`.
 """
 
 from __future__ import annotations
@@ -23,19 +30,13 @@ from leanconv.models import names
 from leanconv.runs.convert import ConvertConfig, run_convert
 from leanconv.runs.source import Source
 
-__all__ = ["register", "run"]
+__all__ = ["HELP", "add_arguments", "run"]
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("convert", help="swap convs for DW + sliding-channel (SCC) or periodic sparse (pSConv) layers",
-                       description="Convert a zoo model or a checkpoint: --to scc turns the convs DSXplore picks "
-                       "(ResNet: conv2 of every block; VGG: every 3x3 but the first; MobileNetV2: the 1x1 expand "
-                       "and project convs) into depthwise + sliding-channel convs; --to psconv turns every dense "
-                       "3x3 conv but the first into a periodic sparse conv. New layers are freshly initialised from "
-                       "--seed, other weights kept; with --finetune-epochs the whole model is then fine-tuned on its "
-                       "data and BatchNorm statistics re-estimated. Writes DIR/model.safetensors and "
-                       "DIR/convert.json and prints the counted params and MACs before and after. Without "
-                       "fine-tuning, train the result with 'leanconv train --from DIR/model.safetensors'.")
+HELP = "swap convs for DW + sliding-channel (SCC) or periodic sparse (pSConv) layers"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", metavar="MODEL_OR_CKPT", help=f"a checkpoint or a zoo model ({', '.join(names())})")
     add_config_options(p, ConvertConfig)
     p.add_argument("--data", default=None, help="the dataset (fashion-mnist, cifar10, cifar100, synthetic); for a "
@@ -50,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the record as JSON")
-    p.set_defaults(func=run, out_is_folder=True)
+    p.set_defaults(out_is_folder=True)
 
 
 def _zoo_source(args: argparse.Namespace, config: ConvertConfig) -> Source:

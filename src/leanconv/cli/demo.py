@@ -1,8 +1,11 @@
 """``leanconv demo``: the main job on the embedded default (Fashion-MNIST, ResNet-20).
 
-Trains the baseline (kept in ``DIR/baseline``; a second run reuses it), compares every
-method at 50% of the MACs with the same fine-tuning budget, and writes the report.
-``--quick`` shrinks every budget so the whole run takes a few minutes; its report says so.
+Train (or reuse) a ResNet-20 baseline on Fashion-MNIST, compress it every way leanconv knows
+at 50% of the MACs with the same fine-tuning budget, and write DIR/report.html and
+DIR/report.md. --quick uses tiny budgets (a few minutes) and says so in the report.
+
+The baseline is kept in ``DIR/baseline`` (a second run reuses it); the comparison is
+:func:`leanconv.runs.compare.run_compare` with the plan's budgets.
 """
 
 from __future__ import annotations
@@ -19,14 +22,14 @@ import torch
 from leanconv import checkpoint
 from leanconv.cli.common import check_out_folder, progress_bar
 from leanconv.cli.compare import compare_and_report
-from leanconv.runs.compare import CompareConfig
-from leanconv.runs.source import Source
 from leanconv.data import load_dataset
 from leanconv.errors import LeanconvError
 from leanconv.models import create
+from leanconv.runs.compare import CompareConfig
+from leanconv.runs.source import Source
 from leanconv.train import TrainConfig, evaluate, fit
 
-__all__ = ["register", "run", "DemoPlan", "PLANS"]
+__all__ = ["HELP", "add_arguments", "run", "DemoPlan", "PLANS"]
 
 
 @dataclass(frozen=True)
@@ -51,19 +54,16 @@ PLANS = {
 }
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the main job: train ResNet-20 on Fashion-MNIST, compare every method, report",
-                       description="Train (or reuse) a ResNet-20 baseline on Fashion-MNIST, compress it every way "
-                       "leanconv knows at 50%% of the MACs with the same fine-tuning budget, and write "
-                       "DIR/report.html and DIR/report.md. --quick uses tiny budgets (a few minutes) and says so "
-                       "in the report.")
+HELP = "the main job: train ResNet-20 on Fashion-MNIST, compare every method, report"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, metavar="DIR",
                    help="output folder (default: runs/demo, or runs/demo-quick with --quick)")
     p.add_argument("--quick", action="store_true", help="tiny budgets: a few minutes, figures not representative")
     p.add_argument("--data", default="fashion-mnist", help="dataset (default: fashion-mnist, the embedded default)")
     p.add_argument("--data-dir", default=None, help="dataset folder (default: the system copy)")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run)
 
 
 def _check_reuse(out: Path, plan: DemoPlan, data) -> bool:

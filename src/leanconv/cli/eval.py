@@ -1,4 +1,8 @@
-"""``leanconv eval CKPT``: accuracy and loss on a split of the model's dataset."""
+"""``leanconv eval CKPT``: accuracy and loss on a split of the model's dataset.
+
+Evaluate a checkpoint on the dataset and input shape it was trained with (override with
+--data/--data-dir).
+"""
 
 from __future__ import annotations
 
@@ -8,19 +12,18 @@ import json
 from leanconv.cli.common import add_data_args, add_model_args, data_from_meta, load_model, resolution_of
 from leanconv.train import evaluate
 
-__all__ = ["register", "run"]
+__all__ = ["HELP", "add_arguments", "run"]
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="accuracy and loss of a checkpoint",
-                       description="Evaluate a checkpoint on the dataset and input shape it was trained with "
-                       "(override with --data/--data-dir).")
+HELP = "accuracy and loss of a checkpoint"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", metavar="CKPT", help="a leanconv .safetensors checkpoint")
     add_model_args(p)
     add_data_args(p, default=None)
     p.add_argument("--split", choices=["test", "val", "train"], default="test")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

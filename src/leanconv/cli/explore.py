@@ -1,8 +1,14 @@
 """``leanconv explore``: train and measure a grid of SCC / pSConv variants of one zoo model.
 
-Writes DIR/results.jsonl (one line per finished variant; a re-run skips them), DIR/variants/,
-DIR/explore.json, DIR/table.md and DIR/pareto.png (test accuracy vs counted MACs with the
-Pareto front). See :mod:`leanconv.convs.explore`.
+Design-space exploration (DSXplore): build each variant of a zoo model (DW + sliding-channel
+convs for every --scc-groups x --scc-overlap pair, periodic sparse convs for every --psconv-
+patterns entry, optionally the dense model), train each from scratch for the same budget,
+and record test accuracy, params, MACs and measured latency. Resumable: finished variants in
+DIR/results.jsonl are never redone.
+
+Writes DIR/results.jsonl (one line per finished variant), DIR/variants/, DIR/explore.json,
+DIR/table.md and DIR/pareto.png (test accuracy vs counted MACs with the Pareto front). See
+:mod:`leanconv.convs.explore`.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from leanconv.models import names
 from leanconv.report.plots import tradeoff_chart
 from leanconv.train import TrainConfig
 
-__all__ = ["register", "run", "config_from_args"]
+__all__ = ["HELP", "add_arguments", "run", "config_from_args"]
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -42,13 +48,10 @@ def _str_list(text: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("explore", help="train a grid of SCC / pSConv variants of a model; Pareto table and plot",
-                       description="Design-space exploration (DSXplore): build each variant of a zoo model (DW + "
-                       "sliding-channel convs for every --scc-groups x --scc-overlap pair, periodic sparse convs for "
-                       "every --psconv-patterns entry, optionally the dense model), train each from scratch for the "
-                       "same budget, and record test accuracy, params, MACs and measured latency. Resumable: "
-                       "finished variants in DIR/results.jsonl are never redone.")
+HELP = "train a grid of SCC / pSConv variants of a model; Pareto table and plot"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="resnet20", choices=names(), help="zoo model (default: resnet20)")
     add_data_args(p)
     p.add_argument("--scc-groups", type=_int_list, default=(), metavar="G,G,...",
@@ -66,7 +69,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: PyTorch's)")
     add_repeats_arg(p)
     add_output_args(p, out_help="output folder (re-use it to resume)")
-    p.set_defaults(func=run)
 
 
 def config_from_args(args: argparse.Namespace) -> ExploreConfig:

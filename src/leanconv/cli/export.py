@@ -1,4 +1,10 @@
-"""``leanconv export CKPT --onnx OUT.onnx``: ONNX export, checked against PyTorch, with ORT latency."""
+"""``leanconv export CKPT --onnx OUT.onnx``: ONNX export, checked against PyTorch, with ORT latency.
+
+Export a model to one self-contained ONNX file with a dynamic batch axis, run it in ONNX
+Runtime on a random batch and compare with PyTorch (the file is written only when the
+largest absolute difference is at most {tolerance}), then measure ONNX Runtime CPU latency
+at batch 1 and 64.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +14,14 @@ import json
 from leanconv.cli.common import add_model_args, input_shape_of, load_model, parse_shape, positive_int
 from leanconv.deploy.onnx import TOLERANCE, export_onnx
 
-__all__ = ["register", "run"]
+__all__ = ["HELP", "add_arguments", "run"]
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export to ONNX, check it against PyTorch, time it in ONNX Runtime",
-                       description="Export a model to one self-contained ONNX file with a dynamic batch axis, "
-                       "run it in ONNX Runtime on a random batch and compare with PyTorch (the file is written "
-                       f"only when the largest absolute difference is at most {TOLERANCE:g}), then measure ONNX "
-                       "Runtime CPU latency at batch 1 and 64.")
+HELP = "export to ONNX, check it against PyTorch, time it in ONNX Runtime"
+DOC_FIELDS = {"tolerance": f"{TOLERANCE:g}"}  # filled into the --help text
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="CKPT", help="a checkpoint file (or a zoo model name, freshly initialised)")
     p.add_argument("--onnx", required=True, metavar="OUT.onnx", help="where to write the ONNX file")
     p.add_argument("--opset", type=positive_int, default=None,
@@ -28,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: PyTorch's)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_model_args(p)
-    p.set_defaults(func=run, out_file="onnx")
+    p.set_defaults(out_file="onnx")
 
 
 def _describe(result: dict) -> str:

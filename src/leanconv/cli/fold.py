@@ -1,4 +1,10 @@
-"""``leanconv fold CKPT --out OUT.safetensors``: the deployment form, BatchNorm folded into its conv."""
+"""``leanconv fold CKPT --out OUT.safetensors``: the deployment form, BatchNorm folded into its conv.
+
+Merge every inference BatchNorm into the conv whose output feeds only that BatchNorm (found
+by tracing one forward pass), check that the folded model computes the same outputs
+(relative difference at most {tolerance}), write it as a leanconv checkpoint and time both
+at batch 64. The folded model is for inference: fine-tune the original.
+"""
 
 from __future__ import annotations
 
@@ -11,24 +17,22 @@ import torch
 from leanconv import checkpoint
 from leanconv.cli.common import add_model_args, input_shape_of, load_model, positive_int
 from leanconv.cost import count, measure_fastest_layout
-from leanconv.errors import LeanconvError
 from leanconv.deploy.fold import TOLERANCE, fold
+from leanconv.errors import LeanconvError
 
-__all__ = ["register", "run"]
+__all__ = ["HELP", "add_arguments", "run"]
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("fold", help="fold BatchNorm into the convs before it (the deployment form)",
-                       description="Merge every inference BatchNorm into the conv whose output feeds only that "
-                       "BatchNorm (found by tracing one forward pass), check that the folded model computes the "
-                       f"same outputs (relative difference at most {TOLERANCE:g}), write it as a leanconv "
-                       "checkpoint and time both at batch 64. The folded model is for inference: fine-tune the "
-                       "original.")
+HELP = "fold BatchNorm into the convs before it (the deployment form)"
+DOC_FIELDS = {"tolerance": f"{TOLERANCE:g}"}  # filled into the --help text
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", metavar="CKPT", help="a leanconv checkpoint")
     p.add_argument("--out", required=True, metavar="OUT.safetensors", help="where to write the folded checkpoint")
     p.add_argument("--repeats", type=positive_int, default=10, help="timed runs per model (default: 10)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     add_model_args(p)
-    p.set_defaults(func=run, out_file="out")
+    p.set_defaults(out_file="out")
 
 
 def run(args: argparse.Namespace) -> int:

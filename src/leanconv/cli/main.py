@@ -1,7 +1,8 @@
 """``leanconv`` command line: argv -> config -> library call.
 
-Each subcommand lives in its own module with ``register(subparsers)``, which adds its parser
-and sets ``func`` to a ``run(args) -> int`` function. User errors (``LeanconvError``, bad
+Each subcommand lives in its own module: its docstring (the paragraph after the first line is
+the ``--help`` description), ``HELP`` (its line in ``leanconv --help``), ``add_arguments(p)``
+and ``run(args) -> int``. User errors (``LeanconvError``, bad
 arguments) print one line and exit with status 2; a file-system error prints one line and exits
 with 1 (``-v`` shows its traceback); Ctrl-C exits with 130.
 """
@@ -14,7 +15,7 @@ import logging
 import sys
 
 from leanconv import __version__
-from leanconv.cli.common import check_out_file, check_out_folder
+from leanconv.cli.common import check_out_file, check_out_folder, describe
 from leanconv.errors import LeanconvError
 
 __all__ = ["main", "build_parser", "SUBCOMMANDS"]
@@ -41,7 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in SUBCOMMANDS:
-        importlib.import_module(f"leanconv.cli.{name}").register(sub)
+        command = importlib.import_module(f"leanconv.cli.{name}")
+        p = sub.add_parser(name, help=command.HELP,
+                           description=describe(command.__doc__, **getattr(command, "DOC_FIELDS", {})))
+        command.add_arguments(p)
+        p.set_defaults(func=command.run)
     return parser
 
 

@@ -1,4 +1,9 @@
-"""``leanconv profile MODEL_OR_CKPT``: params, MACs, FLOPs, activation memory, measured latency."""
+"""``leanconv profile MODEL_OR_CKPT``: params, MACs, FLOPs, activation memory, measured latency.
+
+Count parameters, MACs and FLOPs (FLOPs = 2 x MACs) per layer and in total, the peak
+activation memory for one image, and measure CPU latency at batch 1 and 64 (warm-up, median
+of repeated runs, spread and thread count reported).
+"""
 
 from __future__ import annotations
 
@@ -8,14 +13,13 @@ import json
 from leanconv.cli.common import add_model_args, input_shape_of, load_model, parse_shape, positive_int
 from leanconv.cost import format_profile, profile
 
-__all__ = ["register", "run"]
+__all__ = ["HELP", "add_arguments", "run"]
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("profile", help="parameters, MACs/FLOPs, memory and measured CPU latency",
-                       description="Count parameters, MACs and FLOPs (FLOPs = 2 x MACs) per layer and in total, "
-                       "the peak activation memory for one image, and measure CPU latency at batch 1 and 64 "
-                       "(warm-up, median of repeated runs, spread and thread count reported).")
+HELP = "parameters, MACs/FLOPs, memory and measured CPU latency"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL_OR_CKPT", help="a zoo model name (e.g. resnet20) or a checkpoint file")
     add_model_args(p)
     p.add_argument("--input-shape", type=parse_shape, default=None, metavar="C,H,W",
@@ -25,7 +29,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.add_argument("--repeats", type=positive_int, default=20, help="timed runs per batch size (default: 20)")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: PyTorch's)")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

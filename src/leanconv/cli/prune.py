@@ -1,4 +1,11 @@
-"""``leanconv prune CKPT``: remove channels physically to a MACs or params budget."""
+"""``leanconv prune CKPT``: remove channels physically to a MACs or params budget.
+
+Rank channel groups globally with a criterion, remove the least important physically until
+the counted MACs (FLOPs = 2 x MACs, same ratio) or params land within 2% of the target,
+optionally implant the most sensitive pruned channels (HAP Neural Implant), fine-tune, re-
+estimate BatchNorm statistics, and measure. Writes DIR/model.safetensors, DIR/record.json
+and DIR/channels.png.
+"""
 
 from __future__ import annotations
 
@@ -10,19 +17,16 @@ from pathlib import Path
 from leanconv.cli.common import (add_config_options, add_data_args, add_model_args, add_output_args, build_config,
                                  progress_bar, source_from_args)
 from leanconv.cost import simd_channels
-from leanconv.runs.prune import PruneConfig, run_prune
 from leanconv.report.plots import channels_chart
+from leanconv.runs.prune import PruneConfig, run_prune
 
-__all__ = ["register", "run"]
+__all__ = ["HELP", "add_arguments", "run"]
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("prune", help="remove channels to a FLOPs/params budget (hap, l1, taylor, ...)",
-                       description="Rank channel groups globally with a criterion, remove the least important "
-                       "physically until the counted MACs (FLOPs = 2 x MACs, same ratio) or params land within 2% "
-                       "of the target, optionally implant the most sensitive pruned channels (HAP Neural "
-                       "Implant), fine-tune, re-estimate BatchNorm statistics, and measure. Writes "
-                       "DIR/model.safetensors, DIR/record.json and DIR/channels.png.")
+HELP = "remove channels to a FLOPs/params budget (hap, l1, taylor, ...)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", metavar="CKPT", help="a trained leanconv checkpoint")
     add_model_args(p)
     budget = p.add_mutually_exclusive_group(required=True)
@@ -31,7 +35,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_options(p, PruneConfig)
     add_data_args(p, default=None, batch_size=False)
     add_output_args(p)
-    p.set_defaults(func=run)
 
 
 def config_from_args(args: argparse.Namespace) -> PruneConfig:

@@ -1,4 +1,13 @@
-"""``leanconv prune3d CKPT``: choose depth x width x resolution together under a FLOPs budget."""
+"""``leanconv prune3d CKPT``: choose depth x width x resolution together under a FLOPs budget.
+
+Three-dimensional pruning (Wang et al., ICML 2021). Prunes the trained model step by step
+along depth, width and input resolution (plus a few mixed points), fine-tunes briefly after
+each step and records validation accuracy as samples (DIR/samples.jsonl, resumable); fits a
+polynomial accuracy predictor; maximises it under the MACs budget (FLOPs = 2 x MACs, same
+ratio); realises the choice, re-solving until the counted MACs meet the budget; fine-tunes
+and measures. Writes DIR/model.safetensors, DIR/record.json, DIR/surface.png and
+DIR/budget.png.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +16,13 @@ import json
 import os
 import sys
 
-from leanconv.cli.common import (add_config_options, add_data_args, add_output_args, build_config,
-                                 positive_int, progress_bar, source_from_args)
+from leanconv.cli.common import (add_config_options, add_data_args, add_output_args, build_config, positive_int,
+                                 progress_bar, source_from_args)
 from leanconv.prune3d.executors import EXECUTORS, create_executor
 from leanconv.report.plots3d import prune3d_plots
 from leanconv.runs.prune3d import Prune3dConfig, run_prune3d
 
-__all__ = ["register", "run"]
+__all__ = ["HELP", "add_arguments", "run"]
 
 
 def _whole(text: str) -> int:
@@ -26,15 +35,10 @@ def _whole(text: str) -> int:
     return value
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("prune3d", help="3-D pruning: depth x width x resolution under a FLOPs budget",
-                       description="Three-dimensional pruning (Wang et al., ICML 2021). Prunes the trained model "
-                       "step by step along depth, width and input resolution (plus a few mixed points), fine-tunes "
-                       "briefly after each step and records validation accuracy as samples (DIR/samples.jsonl, "
-                       "resumable); fits a polynomial accuracy predictor; maximises it under the MACs budget "
-                       "(FLOPs = 2 x MACs, same ratio); realises the choice, re-solving until the counted MACs meet "
-                       "the budget; fine-tunes and measures. Writes DIR/model.safetensors, DIR/record.json, "
-                       "DIR/surface.png and DIR/budget.png.")
+HELP = "3-D pruning: depth x width x resolution under a FLOPs budget"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", metavar="CKPT", help="a trained leanconv checkpoint")
     add_config_options(p, Prune3dConfig)
     p.add_argument("--executor", choices=EXECUTORS, default="local",
@@ -47,7 +51,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="torch threads per task (default: CPUs / workers locally, 1 on Ray)")
     add_data_args(p, default=None, batch_size=False)
     add_output_args(p)
-    p.set_defaults(func=run)
 
 
 def _executor(args: argparse.Namespace):

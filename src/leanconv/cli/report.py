@@ -1,4 +1,10 @@
-"""``leanconv report DIR``: rebuild report.md and report.html from DIR/results.jsonl."""
+"""``leanconv report DIR``: rebuild report.md and report.html from DIR/results.jsonl.
+
+Read DIR/results.jsonl (written by the compare command) and write DIR/report.md,
+DIR/report.html (self-contained: figures embedded, opens offline) and DIR/figures/*.png.
+Nothing is measured: every number comes from the record, so two builds differ only in the
+line that starts with 'Built:'.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +12,14 @@ import argparse
 
 from leanconv.report.build import build_report
 
-__all__ = ["register", "run"]
+__all__ = ["HELP", "add_arguments", "run"]
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="rebuild report.md and report.html from DIR/results.jsonl",
-                       description="Read DIR/results.jsonl (written by the compare command) and write "
-                       "DIR/report.md, DIR/report.html (self-contained: figures embedded, opens offline) and "
-                       "DIR/figures/*.png. Nothing is measured: every number comes from the record, so two "
-                       "builds differ only in the line that starts with 'Built:'.")
+HELP = "rebuild report.md and report.html from DIR/results.jsonl"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", metavar="DIR", help="the folder that holds results.jsonl")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,4 +1,11 @@
-"""``leanconv sensitivity CKPT``: per-channel and per-layer Hessian sensitivities (HAP)."""
+"""``leanconv sensitivity CKPT``: per-channel and per-layer Hessian sensitivities (HAP).
+
+Estimate Tr(H_pp) for every output channel of every conv/linear layer by Hutchinson probes
+(batched Hessian-vector products, averaged over validation batches, model in eval mode),
+stopping when the relative standard error is small enough or at --probes. Writes
+DIR/sensitivity.json and DIR/sensitivity.png. Results are cached in --cache-dir keyed by the
+weights, the data and the probe settings.
+"""
 
 from __future__ import annotations
 
@@ -11,23 +18,19 @@ from leanconv.cli.common import (add_config_options, add_data_args, add_model_ar
 from leanconv.report.plots import sensitivity_chart
 from leanconv.runs.sensitivity import SensitivityConfig, run_sensitivity
 
-__all__ = ["register", "run"]
+__all__ = ["HELP", "add_arguments", "run"]
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sensitivity", help="per-channel Hessian traces and HAP sensitivities",
-                       description="Estimate Tr(H_pp) for every output channel of every conv/linear layer by "
-                       "Hutchinson probes (batched Hessian-vector products, averaged over validation batches, "
-                       "model in eval mode), stopping when the relative standard error is small enough or at "
-                       "--probes. Writes DIR/sensitivity.json and DIR/sensitivity.png. Results are cached in "
-                       "--cache-dir keyed by the weights, the data and the probe settings.")
+HELP = "per-channel Hessian traces and HAP sensitivities"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", metavar="CKPT")
     add_model_args(p)
     add_config_options(p, SensitivityConfig)
     p.add_argument("--cache-dir", default=None, help="trace cache folder (default: DIR/cache)")
     add_data_args(p, default=None, batch_size=False)
     add_output_args(p)
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

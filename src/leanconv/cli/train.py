@@ -1,5 +1,9 @@
 """``leanconv train``: train a zoo model (or continue from a checkpoint) on a dataset.
 
+Train a zoo model from scratch, or a checkpoint (--from) from its current weights (e.g. a
+converted SCC/pSConv model). Writes DIR/model.safetensors, DIR/metrics.jsonl (one line per
+epoch) and DIR/config.json.
+
 Launched by ``torchrun`` (``torchrun --nproc_per_node N -m leanconv.cli.main train ...``) it
 trains data-parallel: every process joins the group, trains on its shard of the training
 set, and only rank 0 writes files and prints. See docs/distributed.md.
@@ -16,27 +20,26 @@ from pathlib import Path
 import torch
 
 from leanconv import checkpoint
-from leanconv.train import distributed as dist
-from leanconv.util.files import write_json
 from leanconv.cli.common import (DEFAULT_DATA, add_data_args, add_model_args, data_from_meta, load_model,
                                  non_negative_float, positive_float, positive_int, progress_bar, recorded_data_dir,
                                  resolution_of)
 from leanconv.data import load_dataset
 from leanconv.errors import LeanconvError
 from leanconv.train import TrainConfig, evaluate, fit, recalibrate_on_training_data
+from leanconv.train import distributed as dist
+from leanconv.util.files import write_json
 
-__all__ = ["register", "run", "config_from_args", "loaders_for", "CHECKSUM_ENV"]
+__all__ = ["HELP", "add_arguments", "run", "config_from_args", "loaders_for", "CHECKSUM_ENV"]
 
 # Debugging aid (used by the tests): when set, every process writes the SHA-256 of its final
 # weights to DIR/checksum.rank<R>.txt, so that identical replicas can be verified.
 CHECKSUM_ENV = "LEANCONV_DEBUG_CHECKSUMS"
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a model; writes DIR/model.safetensors",
-                       description="Train a zoo model from scratch, or a checkpoint (--from) from its current "
-                       "weights (e.g. a converted SCC/pSConv model). Writes DIR/model.safetensors, "
-                       "DIR/metrics.jsonl (one line per epoch) and DIR/config.json.")
+HELP = "train a model; writes DIR/model.safetensors"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", default=None, help="zoo model name (default: resnet20)")
     src.add_argument("--from", dest="from_ckpt", default=None, metavar="CKPT", help="start from this checkpoint")
@@ -61,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run, out_is_folder=True)
+    p.set_defaults(out_is_folder=True)
 
 
 def momentum_arg(text: str) -> float:

@@ -17,9 +17,9 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from leanconv.util.model_io import run_forward
 from leanconv.errors import LeanconvError
 from leanconv.graph.types import ChannelGroup
+from leanconv.util.model_io import run_forward
 from leanconv.util.modes import eval_mode
 
 __all__ = [

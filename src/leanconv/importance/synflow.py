@@ -46,14 +46,8 @@ from torch import Tensor, nn
 from leanconv.errors import LeanconvError
 from leanconv.graph.types import ChannelGroup, Member
 from leanconv.importance.base import Criterion, ScoringData, register_criterion
+from leanconv.importance.scoring import channel_entries, is_weight_layer, member_module, sum_over_members, to_scores
 from leanconv.util.model_io import model_device
-from leanconv.importance.scoring import (
-    channel_entries,
-    is_weight_layer,
-    member_module,
-    sum_over_members,
-    to_scores,
-)
 
 __all__ = ["SynFlow", "synflow", "linearized_copy", "input_shape_for"]
 

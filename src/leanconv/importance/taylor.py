@@ -31,16 +31,9 @@ from torch import Tensor, nn
 
 from leanconv.graph.types import ChannelGroup, Member
 from leanconv.importance.base import Criterion, ScoringData, register_criterion
+from leanconv.importance.scoring import (channel_entries, is_norm_layer, is_weight_layer, member_module,
+                                         require_batches, sum_over_members, to_scores)
 from leanconv.util.model_io import model_device
-from leanconv.importance.scoring import (
-    channel_entries,
-    is_norm_layer,
-    is_weight_layer,
-    member_module,
-    require_batches,
-    sum_over_members,
-    to_scores,
-)
 from leanconv.util.modes import eval_mode
 
 __all__ = ["Taylor", "taylor", "eval_with_grads"]

@@ -20,9 +20,24 @@ The run itself (config, record) is :mod:`leanconv.runs.prune3d`::
     res = resolve(sel.model, cost, 0.5 * macs0, realise, allowed_r=discrete_ratios(32, 8))
 """
 
-from leanconv.prune3d.block_importance import block_importance, bypass_loss_curve, rank_correlation
-from leanconv.prune3d.blocks import BlockInfo, bypassed, depth_ratio, find_residual_blocks, prune_blocks
-
+from leanconv.prune3d.block_importance import (
+    block_importance,
+    bypass_loss_curve,
+    rank_correlation,
+)
+from leanconv.prune3d.blocks import (
+    BlockInfo,
+    bypassed,
+    depth_ratio,
+    find_residual_blocks,
+    prune_blocks,
+)
+from leanconv.prune3d.executors import (
+    EXECUTORS,
+    LocalExecutor,
+    RayExecutor,
+    create_executor,
+)
 from leanconv.prune3d.optimum import (
     COST_TERMS,
     AnalyticCost,
@@ -42,56 +57,27 @@ from leanconv.prune3d.predictor import (
     monotone_violation,
     predictor_from_dict,
 )
-from leanconv.prune3d.selection import HoldoutComparison, Selection, compare_on_holdout, select_predictor
-
-from leanconv.prune3d.executors import EXECUTORS, LocalExecutor, RayExecutor, create_executor
 from leanconv.prune3d.realise import Realised, StepSettings, realise
-from leanconv.prune3d.samples import SampleStore, collect_samples, plan_tasks
 from leanconv.prune3d.resolution import resolution_ratio_to_side, set_resolution
+from leanconv.prune3d.samples import SampleStore, collect_samples, plan_tasks
+from leanconv.prune3d.selection import (
+    HoldoutComparison,
+    Selection,
+    compare_on_holdout,
+    select_predictor,
+)
 
 __all__ = [
-    # accuracy predictors
-    "Predictor",
-    "FullPolynomial",
-    "LowRankPolynomial",
-    "predictor_from_dict",
-    "is_monotone",
-    "monotone_violation",
-    "Selection",
-    "select_predictor",
-    "HoldoutComparison",
-    "compare_on_holdout",
-    # cost models (MACs)
-    "analytic_macs",
-    "AnalyticCost",
-    "CalibratedCost",
-    "COST_TERMS",
-    # the optimum
-    "discrete_ratios",
-    "Choice",
-    "maximise",
-    "Resolution",
-    "resolve",
     # depth and resolution
-    "find_residual_blocks",
-    "block_importance",
-    "prune_blocks",
-    "bypassed",
-    "depth_ratio",
-    "bypass_loss_curve",
-    "rank_correlation",
-    "BlockInfo",
-    "set_resolution",
-    "resolution_ratio_to_side",
+    "find_residual_blocks", "block_importance", "prune_blocks", "bypassed", "depth_ratio", "bypass_loss_curve",
+    "rank_correlation", "BlockInfo", "set_resolution", "resolution_ratio_to_side",
     # realising points and collecting samples
-    "realise",
-    "Realised",
-    "StepSettings",
-    "SampleStore",
-    "collect_samples",
-    "plan_tasks",
-    "EXECUTORS",
-    "LocalExecutor",
-    "RayExecutor",
-    "create_executor",
+    "realise", "Realised", "StepSettings", "SampleStore", "collect_samples", "plan_tasks", "EXECUTORS",
+    "LocalExecutor", "RayExecutor", "create_executor",
+    # accuracy predictors
+    "Predictor", "FullPolynomial", "LowRankPolynomial", "predictor_from_dict", "is_monotone", "monotone_violation",
+    "Selection", "select_predictor", "HoldoutComparison", "compare_on_holdout",
+    # cost models (MACs) and the optimum
+    "analytic_macs", "AnalyticCost", "CalibratedCost", "COST_TERMS", "discrete_ratios", "Choice", "maximise",
+    "Resolution", "resolve",
 ]

@@ -40,10 +40,14 @@ from leanconv.data import load_dataset
 from leanconv.data.splits import DatasetSplits
 from leanconv.errors import LeanconvError
 from leanconv.importance import ScoringData, run_criterion
+from leanconv.prune.budget import prune_to_budget
 from leanconv.prune3d.block_importance import block_importance
 from leanconv.prune3d.blocks import BlockInfo, find_residual_blocks, prune_blocks
-from leanconv.prune.budget import prune_to_budget
-from leanconv.prune3d.resolution import MIN_SIDE, resolution_ratio_to_side, set_resolution
+from leanconv.prune3d.resolution import (
+    MIN_SIDE,
+    resolution_ratio_to_side,
+    set_resolution,
+)
 from leanconv.train import evaluate, finetune
 
 __all__ = [

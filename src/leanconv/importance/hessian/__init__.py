@@ -11,6 +11,12 @@ option (:mod:`leanconv.prune.channels`, :mod:`leanconv.prune.implant_fit`).
 """
 
 from leanconv.importance.hessian.cache import cached_channel_traces
-from leanconv.importance.hessian.traces import METHODS, TraceResult, channel_traces, default_params, layer_traces
+from leanconv.importance.hessian.traces import (
+    METHODS,
+    TraceResult,
+    channel_traces,
+    default_params,
+    layer_traces,
+)
 
 __all__ = ["channel_traces", "cached_channel_traces", "METHODS", "default_params", "TraceResult", "layer_traces"]
