@@ -1,0 +1,189 @@
+"""The shape of every run's settings: a frozen dataclass whose fields know their option.
+
+A run config (``PruneConfig``, ``Prune3dConfig``, ``ConvertConfig``, ``SensitivityConfig``,
+``CompareConfig``) subclasses :class:`RunConfig` and declares its fields with
+:func:`setting`, or with the shared factories below for the settings several runs have
+(the same name everywhere: ``finetune_epochs``, ``finetune_lr``, ``train_subset``,
+``score_images``, ``probes``, ``seed``, ...). A field's metadata holds
+
+* ``flag``: its command-line option (``--probes``); the CLI builds its options from it
+  (:func:`leanconv.cli.common.add_config_options`) and :meth:`RunConfig.argv` turns a config
+  back into them, so that :func:`command_line` writes the one command that reproduces a run;
+* ``check``: how the value is checked, once, when the config is built (a bad value is one
+  :class:`~leanconv.errors.LeanconvError` naming the option);
+* ``help``, ``metavar``, ``choices``, ``aliases`` for ``--help``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+from dataclasses import MISSING, dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+from leanconv.errors import LeanconvError
+from leanconv.util import checks
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from leanconv.runs.source import Source
+
+__all__ = [
+    "RunConfig", "setting", "command_line",
+    "target", "finetune_epochs", "finetune_lr", "train_subset", "score_images", "probes", "seed", "batch_size",
+    "latency_repeats",
+]
+
+Check = Callable[[Any, str], Any]
+
+
+def setting(default: Any, flag: str | Callable[[Any], str] | None = None, *, check: Check | None = None,
+            help: str = "", always: bool = False, parse: Callable[[str], Any] | None = None,
+            expects: str = "", metavar: str | None = None, choices: Callable[[], list] | tuple | None = None,
+            aliases: tuple[str, ...] = (), cli: bool = True, implied: bool = False) -> Any:
+    """A config field. ``flag`` is its option (a function of the config where the option
+    depends on another field); ``always`` writes it into reproducing commands even at its
+    default (the settings that define a run); ``parse`` turns the option's text into a value
+    (syntax only: ranges are ``check``'s; ``expects`` says what it takes); ``cli=False`` leaves it to the command to declare
+    the option itself; ``implied`` marks a field without an option of its own that another
+    field's option carries (a budget's kind in ``--target-flops``)."""
+    meta = {"flag": flag, "check": check, "help": help, "always": always, "parse": parse, "expects": expects,
+            "metavar": metavar,
+            "choices": choices, "aliases": aliases, "cli": cli, "implied": implied}
+    return field(default=default, metadata=meta)
+
+
+# ---------------------------------------------------------------- checks
+
+
+def _fraction(value: Any, name: str) -> float:
+    return checks.fraction(value, name)
+
+
+def _at_least(low: int, why: str = "") -> Check:
+    return lambda value, name: checks.whole(value, name, at_least=low, why=why)
+
+
+def _optional(check: Check) -> Check:
+    return lambda value, name: value if value is None else check(value, name)
+
+
+def _positive_number(value: Any, name: str) -> float:
+    return checks.number(value, name, above=0)
+
+
+# ---------------------------------------------------------------- the settings several runs share
+
+
+def target(default: float = 0.5) -> Any:
+    """The budget: the share of the original MACs (= FLOPs ratio) to keep."""
+    return setting(default, "--target-flops", check=_fraction, always=True, metavar="R",
+                   help="keep this fraction of the FLOPs/MACs")
+
+
+def finetune_epochs(default: int) -> Any:
+    return setting(default, "--finetune-epochs", check=_at_least(0), always=True, metavar="N",
+                   help="fine-tuning epochs after the cut")
+
+
+def finetune_lr(default: float = 0.01, aliases: tuple[str, ...] = ()) -> Any:
+    return setting(default, "--finetune-lr", check=_positive_number, always=True, metavar="LR", aliases=aliases,
+                   help="fine-tuning learning rate (cosine from it)")
+
+
+def train_subset(aliases: tuple[str, ...] = ()) -> Any:
+    return setting(None, "--train-subset", check=_optional(_at_least(1)), metavar="N", aliases=aliases,
+                   help="fine-tune on the first N training images only (quick runs; default: all)")
+
+
+def score_images(default: int = 512, aliases: tuple[str, ...] = ()) -> Any:
+    return setting(default, "--score-images", check=_at_least(1), always=True, metavar="N", aliases=aliases,
+                   help="validation images for scoring (never the test split)")
+
+
+def probes(default: int) -> Any:
+    """The cap on Hutchinson probes of HAP's Hessian traces (at least 2: a standard error needs two)."""
+    return setting(default, "--probes", check=_at_least(2, " (a standard error needs two)"), always=True,
+                   metavar="N", help="cap on Hutchinson probes for hap")
+
+
+def seed() -> Any:
+    return setting(0, "--seed", check=lambda v, n: checks.whole(v, n), always=True, help="random seed")
+
+
+def batch_size() -> Any:
+    return setting(128, "--batch-size", check=_at_least(1), metavar="N", help="images per batch")
+
+
+def latency_repeats(default: int = 10) -> Any:
+    return setting(default, "--repeats", check=_at_least(1), metavar="N", help="timed runs per latency figure")
+
+
+# ---------------------------------------------------------------- the base class
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Base of every run config: checks its fields when built, turns itself into CLI options."""
+
+    command: ClassVar[str] = ""  # the leanconv subcommand that runs this config
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            check = f.metadata.get("check")
+            if check is not None:
+                check(getattr(self, f.name), option_name(f, self))
+        self.check()
+
+    def check(self) -> None:
+        """Checks that involve several fields (override; called after the per-field checks)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as plain JSON values (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def argv(self) -> list[str]:
+        """The command-line options that rebuild this config (the inverse of the CLI's parsing)."""
+        out: list[str] = []
+        for f in fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            default = f.default if f.default is not MISSING else None
+            if meta.get("flag") is None:
+                if value != default and not meta.get("implied"):
+                    raise LeanconvError(f"{type(self).__name__}.{f.name}={value!r} has no command-line option; "
+                                        "such a run cannot be reproduced by a command")
+                continue
+            flag = option_name(f, self)
+            if isinstance(value, bool):
+                if value != default:
+                    out.append(flag)
+            elif value is None:
+                if default is not None:
+                    raise LeanconvError(f"{flag} cannot be given as 'none' on the command line")
+            elif value != default or meta.get("always"):
+                out += [flag, _text(value)]
+        return out
+
+
+def option_name(f: dataclasses.Field, config: Any = None) -> str:
+    """The option a field is set by (its name in messages), or the field's own name."""
+    flag = f.metadata.get("flag")
+    if callable(flag):
+        return flag(config) if config is not None else f.name
+    return flag or f.name
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return ",".join(_text(v) for v in value)
+    if isinstance(value, float):
+        short = f"{value:g}"
+        return short if float(short) == value else repr(value)
+    return str(value)
+
+
+def command_line(config: RunConfig, source: "Source", out: "str | Path") -> str:
+    """The one command that reproduces a run of ``config`` on ``source`` into ``out``."""
+    return shlex.join(["leanconv", config.command, *source.argv(), *config.argv(), "--out", str(out)])

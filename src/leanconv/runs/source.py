@@ -1,0 +1,116 @@
+"""What a run starts from: a trained model (a checkpoint file or a model in memory) and its data.
+
+Every run works on fresh copies (:meth:`Source.fresh`), so the trained model is never
+changed and ``compare`` can start each of its entries from the same weights. The data is
+the one the model records (``leanconv_meta["dataset"]``) unless another is named; it must
+have the model's input channels and classes.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from leanconv import checkpoint
+from leanconv.data import load_dataset
+from leanconv.data.splits import DatasetSplits
+from leanconv.errors import LeanconvError
+
+__all__ = ["Source", "recorded_data"]
+
+
+def recorded_data(meta: dict, data: str | None = None, data_dir: str | None = None) -> tuple[DatasetSplits, str | None]:
+    """The dataset named by ``data``, else the one a model's ``leanconv_meta`` (``meta``) records,
+    and the folder it was read from (``data_dir``, else the recorded folder when the dataset is
+    the recorded one). Refuses data whose input channels or classes differ from the model's."""
+    recorded = meta.get("dataset") or {}
+    name = data or recorded.get("name")
+    if name is None:
+        raise LeanconvError("the model records no dataset; pass --data")
+    folder = data_dir if data_dir is not None else (recorded.get("data_dir") if name == recorded.get("name") else None)
+    splits = load_dataset(name, folder)
+    shape, classes = meta.get("input_shape"), meta.get("num_classes")
+    if shape and shape[0] != splits.in_channels:
+        raise LeanconvError(f"the model takes {shape[0]} input channels but {splits.name} has {splits.in_channels}; "
+                            "pass the --data it was trained on")
+    if classes and classes != splits.num_classes:
+        raise LeanconvError(f"the model predicts {classes} classes but {splits.name} has {splits.num_classes}; "
+                            "pass the --data it was trained on")
+    return splits, folder
+
+
+@dataclass
+class Source:
+    """A trained model and its data. Give ``checkpoint`` (a leanconv file; ``constructor`` for
+    a user model) or ``model`` (in memory; a run from it cannot be written as a command).
+    ``data`` may be None only for runs that need none (converting an untrained zoo model)."""
+
+    data: DatasetSplits | None
+    checkpoint: Path | None = None
+    model: nn.Module | None = None
+    constructor: str | None = None
+    data_dir: str | None = None  # the folder the data was read from (None: the system copy)
+    input_shape: tuple[int, int, int] | None = None  # overrides the shape the model records
+    label: str | None = None  # how records name a model given in memory (e.g. the zoo name it was built from)
+
+    def __post_init__(self) -> None:
+        if (self.checkpoint is None) == (self.model is None):
+            raise LeanconvError("a run starts from a checkpoint or a model: give exactly one")
+        if self.checkpoint is not None:
+            self.checkpoint = Path(self.checkpoint)
+            self._meta = checkpoint.read_header(self.checkpoint).get("meta", {})  # one line if not a checkpoint
+        else:
+            self._meta = getattr(self.model, "leanconv_meta", {})
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, *, data: str | None = None, data_dir: str | None = None,
+                        constructor: str | None = None) -> "Source":
+        """The checkpoint at ``path`` with the dataset it records (or ``data``)."""
+        meta = checkpoint.read_header(path).get("meta", {})
+        splits, folder = recorded_data(meta, data, data_dir)
+        return cls(splits, checkpoint=Path(path), constructor=constructor, data_dir=folder)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The trained model's record (``leanconv_meta``)."""
+        return self._meta
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The input shape (C, H, W): ``input_shape`` when given, else the one the model records."""
+        shape = self.input_shape or self._meta.get("input_shape")
+        if shape is None:
+            raise LeanconvError("the model records no input shape; pass --input-shape C,H,W")
+        return tuple(int(s) for s in shape)  # type: ignore[return-value]
+
+    @property
+    def resolution(self) -> int | None:
+        """The side the loaders resize to for this model (None: the data's own side)."""
+        side = self.shape[-1]
+        return None if self.data is None or side == self.data.image_size else side
+
+    def fresh(self) -> nn.Module:
+        """A new copy of the trained model."""
+        if self.checkpoint is not None:
+            return checkpoint.load(self.checkpoint, constructor=self.constructor)
+        return copy.deepcopy(self.model)
+
+    def argv(self) -> list[str]:
+        """The checkpoint, constructor and data as command-line words."""
+        if self.checkpoint is None:
+            raise LeanconvError("a run from a model in memory cannot be written as a command; save the model "
+                                "with leanconv.save and start from the file")
+        words = [str(self.checkpoint), *(["--constructor", self.constructor] if self.constructor else [])]
+        if self.data is not None:
+            words += ["--data", self.data.name, *(["--data-dir", str(self.data_dir)] if self.data_dir is not None else [])]
+        return words
+
+    def describe(self) -> str:
+        """The checkpoint's path, else the label, else a note that the model was given in memory."""
+        if self.checkpoint is not None:
+            return str(self.checkpoint)
+        return self.label or "<model in memory>"
