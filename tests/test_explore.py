@@ -6,6 +6,7 @@ import pytest
 
 from leanconv import checkpoint
 from leanconv.convs import explore as explore_mod
+from leanconv.util.files import JsonlStore
 from leanconv.cli import main as cli_main
 from leanconv.cost import count
 from leanconv.errors import LeanconvError
@@ -99,7 +100,7 @@ def test_pareto_front_table_and_torn_lines(tmp_path):
     path = tmp_path / "results.jsonl"
     path.write_text(json.dumps(records[0]) + "\n" + '{"variant": "torn')
     assert load_results(path) == [records[0]]
-    explore_mod._append(path, records[1])
+    JsonlStore(path).append([records[1]])  # the store explore appends with
     assert load_results(path) == records[:2]
 
 

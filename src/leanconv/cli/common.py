@@ -22,7 +22,7 @@ __all__ = [
     "describe", "add_data_args", "add_model_args", "add_seed_arg", "add_repeats_arg", "add_output_args",
     "add_config_options", "build_config", "source_from_args", "load_model", "data_from_meta", "recorded_data_dir",
     "input_shape_of", "resolution_of", "parse_shape", "positive_int", "positive_float", "non_negative_float",
-    "fraction", "check_out_folder", "check_out_file", "progress_bar",
+    "check_out_folder", "check_out_file", "progress_bar",
 ]
 
 DEFAULT_DATA = "fashion-mnist"
@@ -56,16 +56,6 @@ def positive_float(text: str) -> float:
 def non_negative_float(text: str) -> float:
     """A finite number >= 0 (weight decay)."""
     return _finite_float(text, lambda v: v >= 0, ">= 0")
-
-
-def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {value}")
-    return value
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:

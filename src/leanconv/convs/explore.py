@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -42,7 +41,7 @@ from leanconv.errors import LeanconvError
 from leanconv.layers.periodic_sparse import PATTERNS
 from leanconv.models import create, names
 from leanconv.train import TrainConfig, evaluate, fit
-from leanconv.util.files import write_json, write_text
+from leanconv.util.files import JsonlStore, write_json, write_text
 from leanconv.util.progress import Progress
 
 __all__ = ["ExploreConfig", "Variant", "variants", "build_variant", "run_explore", "load_results",
@@ -142,28 +141,7 @@ def _budget(config: ExploreConfig, data: DatasetSplits) -> dict[str, Any]:
 
 def load_results(path: str | Path) -> list[dict[str, Any]]:
     """The records of ``results.jsonl`` (a torn last line from a crash is skipped with a warning)."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            log.warning("%s line %d is not JSON (an interrupted write?); ignored", path, number)
-    return records
-
-
-def _append(path: Path, record: dict[str, Any]) -> None:
-    text = json.dumps(record, sort_keys=True) + "\n"
-    if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
-        text = "\n" + text  # close a torn line first
-    with open(path, "a") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
+    return JsonlStore(path).read()
 
 
 def _loaders(config: ExploreConfig, data: DatasetSplits):
@@ -173,8 +151,8 @@ def _loaders(config: ExploreConfig, data: DatasetSplits):
 
 
 def _last_metrics(folder: Path) -> dict[str, Any]:
-    lines = (folder / "metrics.jsonl").read_text().splitlines() if (folder / "metrics.jsonl").exists() else []
-    return json.loads(lines[-1]) if lines else {}
+    rows = JsonlStore(folder / "metrics.jsonl").read()
+    return rows[-1] if rows else {}
 
 
 def _measure(config: ExploreConfig, model: nn.Module, shape: Sequence[int]) -> dict[str, Any]:
@@ -239,7 +217,7 @@ def run_explore(config: ExploreConfig, out_dir: str | Path, progress: Progress |
                                                                           "variants": len(todo), **info}))
         record = _run_variant(config, variant, data, out, loaders, tagged)
         record["budget"] = budget
-        _append(results_path, record)
+        JsonlStore(results_path).append([record])
         earlier[variant.name] = record
         log.info("variant %s: %.2f%% test accuracy, %d MACs", variant.name, record["test_accuracy"], record["macs"])
     return [earlier[v.name] for v in todo]

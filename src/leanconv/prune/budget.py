@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from leanconv.cost import count
 from leanconv.errors import LeanconvError
 from leanconv.graph.types import ChannelGroup
+from leanconv.util import checks
 from leanconv.importance.base import ScoringData, check_batches, check_scores
 from leanconv.layers.implant import ImplantConv2d
 from leanconv.prune.channels import can_implant, channel_counts, implant_channels, remove_channels
@@ -185,8 +186,7 @@ def _check_options(target: float, kind: str, round_to: int | None, floor: float,
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
                                   or not math.isfinite(value)):
             raise LeanconvError(f"{name} must be a finite number, got {value!r}")
-    if not 0 < target < 1:
-        raise LeanconvError(f"target {target} must be a fraction of the original {kind} in (0, 1), e.g. 0.5")
+    checks.fraction(target, "target", of=f"original {kind}")
     if round_to is not None and (int(round_to) != round_to or round_to < 1):
         raise LeanconvError(f"round_to must be a positive integer such as 8, got {round_to}")
     if not floor > 0:

@@ -41,6 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 from leanconv import checkpoint
 from leanconv.train import distributed as dist
 from leanconv.errors import LeanconvError
+from leanconv.util.files import JsonlStore
 from leanconv.util.model_io import model_device
 from leanconv.util.progress import Progress
 
@@ -259,8 +260,7 @@ def _save_epoch(model, opt, out_dir: Path, config: TrainConfig, epoch: int, row:
         return
     checkpoint.save(model, out_dir / "train_state.safetensors", extra_tensors=_optimizer_tensors(model, opt))
     checkpoint.save(model, out_dir / "model.safetensors")
-    with open(out_dir / "metrics.jsonl", "a") as fh:
-        fh.write(json.dumps(row) + "\n")
+    JsonlStore(out_dir / "metrics.jsonl").append([row])
 
 
 def _use_ddp(distributed: bool | None) -> bool:
