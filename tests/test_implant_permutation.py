@@ -22,6 +22,14 @@ X = torch.randn(2, 3, 8, 8)
 X16 = torch.randn(2, 3, 16, 16)
 
 
+def _assert_same_function(got, want):
+    """Renumbering channels reorders the sums of every layer downstream, so the outputs differ
+    by float32 rounding (CPU-dependent through oneDNN's blocking) of a few ulps of the largest
+    output per layer: the absolute tolerance scales with that magnitude (1e-5 of it, as
+    fold_channel_orders' own self-check does), never below the float32 default."""
+    assert_close(got, want, rtol=1.3e-6, atol=1e-5 * max(1.0, float(want.abs().max())))
+
+
 class DwToy(nn.Module):
     """3x3 conv -> BN -> 3x3 depthwise (with bias) -> BN -> 1x1 -> pool -> fc."""
 
@@ -87,7 +95,7 @@ def test_fold_keeps_outputs_and_drops_every_order(toy, plan, n_implants):
     before = model(X)
     assert fold_channel_orders(model, X) == {}
     assert all(m.channel_order is None for m in implants.values())
-    assert_close(model(X), before)
+    _assert_same_function(model(X), before)
     assert fold_channel_orders(model, X) == {}  # nothing left to do
 
 
@@ -100,7 +108,7 @@ def test_depthwise_consumer_and_its_bn_follow():
     before = model(X)
     assert fold_channel_orders(model, X) == {}
     assert model.conv[0].channel_order is None
-    assert_close(model(X), before)
+    _assert_same_function(model(X), before)
 
 
 def test_grouped_consumer_keeps_the_order(caplog):
@@ -125,7 +133,7 @@ def test_grouped_consumer_folds_when_channels_stay_in_their_conv_group():
     before = model(X)
     assert fold_channel_orders(model, X) == {}
     assert model.conv1[0].channel_order is None
-    assert_close(model(X), before)
+    _assert_same_function(model(X), before)
 
 
 def test_network_output_channels_are_never_renumbered():
@@ -164,7 +172,7 @@ def test_resnet20_every_implantable_group_folds_and_reloads(tmp_path):
     before = model(X16)
     assert fold_channel_orders(model, X16) == {}
     assert all(m.channel_order is None for m in _implants(model).values())
-    assert_close(model(X16), before)
+    _assert_same_function(model(X16), before)
     assert_close(_reload(model, tmp_path)(X16), model(X16), rtol=0, atol=0)
 
 
@@ -178,7 +186,7 @@ def test_mobilenetv2_stem_implant_folds_through_the_depthwise_conv(tmp_path):
     assert fold_channel_orders(model, X16) == {}
     assert model.stem[0].channel_order is None
     assert not torch.equal(model.features[0].conv[0].weight, dw)  # the depthwise filters moved
-    assert_close(model(X16), before)
+    _assert_same_function(model(X16), before)
     assert_close(_reload(model, tmp_path)(X16), model(X16), rtol=0, atol=0)
 
 

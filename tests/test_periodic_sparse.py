@@ -67,8 +67,14 @@ def test_kernel_float32_matches_reference(size):
     m.impl = "reference"
     expected = _grads(m, x, gy)
     m.impl = "kernel"
-    for got, want in zip(_grads(m, x, gy), expected):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # float32 sums in another order: the kernel adds in vector lanes as wide as the CPU's
+    # (-march=native), the reference in oneDNN's CPU-dependent blocking. The rounding grows like
+    # sqrt(products summed) ulps of the largest value (weight gradients sum 768 pixels and reach
+    # ~100), so allow 4 x that where it exceeds the fixed 1e-4.
+    terms = (24 * 9, 32 * 9, 3 * size[0] * size[1])  # per output, input gradient, weight gradient
+    for got, want, n in zip(_grads(m, x, gy), expected, terms):
+        atol = max(1e-4, 4 * n ** 0.5 * torch.finfo(torch.float32).eps * float(want.abs().max()))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=atol)
 
 
 @needs_kernels

@@ -79,8 +79,14 @@ def test_float32_matches_reference_on_the_benchmark_layout(impl):
     m.impl = "reference"
     expected = _grads(m, x, gy)
     m.impl = impl
-    for got, want in zip(_grads(m, x, gy), expected):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # float32 sums in another order (the kernel's vector lanes are as wide as the CPU's, oneDNN's
+    # blocking is CPU-dependent too): rounding grows like sqrt(products summed) ulps of the
+    # largest value (weight gradients sum 1024 pixels and reach ~100), so allow 4 x that where
+    # it exceeds the fixed 1e-4.
+    terms = (m.window, m.out_channels, 4 * 16 * 16)  # per output, input gradient, weight gradient
+    for got, want, n in zip(_grads(m, x, gy), expected, terms):
+        atol = max(1e-4, 4 * n ** 0.5 * torch.finfo(torch.float32).eps * float(want.abs().max()))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=atol)
 
 
 @pytest.mark.parametrize("overlap", OVERLAPS)
