@@ -174,3 +174,11 @@ def test_file_system_errors_are_one_line_with_status_1(tmp_path, capsys, monkeyp
     code, out, err = _run(capsys, "eval", "resnet20")
     lines = err.strip().splitlines()
     assert code == 1 and out == "" and len(lines) == 1 and "No space left on device" in lines[0], err
+
+
+def test_an_unknown_option_points_to_the_subcommands_help(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["prune3d", "x.safetensors", "--target-params", "0.5", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1
+    assert "unrecognized arguments: --target-params 0.5" in err[0] and "'leanconv prune3d --help'" in err[0]

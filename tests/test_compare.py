@@ -239,3 +239,16 @@ def test_demo_refuses_a_folder_of_another_plan_before_training(tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "holds a demo made with other settings" in err[0], err
     assert _snapshot(out) == before
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--methods", "scc", "--scc-groups", "3"], "entry scc: layer layer1.0.conv2: in_channels=16 is not divisible"),
+    (["--methods", "l1", "--target-flops", "0.001"], "entry l1@0.001: target 0.001 of the original macs is unreachable"),
+    (["--methods", "3d", "--target-flops", "0.01"], "entry 3d@0.01: impossible budget"),
+])
+def test_compare_refuses_an_entry_that_would_fail_before_any_work(trained_ckpt, tmp_path, capsys, argv, match):
+    out = tmp_path / "x"
+    code = main(["compare", str(trained_ckpt), *argv, "--no-onnx", "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and match in err[0], err
+    assert not out.exists()  # nothing written: the corrected command can use the same folder

@@ -213,3 +213,17 @@ def test_results_of_the_unconverted_model_move_into_the_conversion_record():
     convert(model, "psconv", pattern="ps4_p4")
     assert "test" not in model.leanconv_meta
     assert model.leanconv_meta["conversions"][-1]["before"] == {"test": {"accuracy": 91.5}}
+
+
+def test_converting_a_zoo_name_records_the_command_that_repeats_it(cli, tmp_path, capsys):
+    import json
+    import shlex
+
+    argv = ["convert", "resnet20", "--to", "scc", "--groups", "2", "--data", "synthetic", "--seed", "3"]
+    assert cli([*argv, "--out", str(tmp_path / "a")]) == 0
+    record = json.loads((tmp_path / "a" / "convert.json").read_text())
+    assert record["source"] == "resnet20" and record["config"]["overlap"] == 0.5
+    again = shlex.split(record["command"].replace(str(tmp_path / "a"), str(tmp_path / "b")))
+    assert again[:3] == ["leanconv", "convert", "resnet20"] and cli(again[1:]) == 0
+    a, b = (checkpoint.load(tmp_path / d / "model.safetensors").state_dict() for d in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

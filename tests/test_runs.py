@@ -108,9 +108,28 @@ def test_convert_options_are_checked_together():
         ConvertConfig(to="scc")
     with pytest.raises(LeanconvError, match="apply to --to scc only"):
         ConvertConfig(to="psconv", overlap=0.5)
-    with pytest.raises(LeanconvError, match="overlap in \\[0, 1\\)"):
-        ConvertConfig(to="scc", groups=2, overlap=1.5)
+    with pytest.raises(LeanconvError, match="--overlap must be a finite number >= 0 and below 1"):
+        ConvertConfig(to="scc", groups=2, overlap=float("nan"))
     assert ConvertConfig(to="psconv").spec().name == "psconv_psd4_p8"
+    assert ConvertConfig(to="scc", groups=2).overlap == 0.5 and ConvertConfig(to="psconv").pattern == "psd4_p8"
+
+
+@pytest.mark.parametrize("bad", [-1, 2**32, True, 1.5])
+def test_seeds_are_checked_alike_everywhere(bad):
+    for config_type in (PruneConfig, Prune3dConfig, SensitivityConfig, CompareConfig):
+        with pytest.raises(LeanconvError, match="^--seed must be"):
+            config_type(seed=bad)
+
+
+def test_python_values_are_taken_as_the_command_line_takes_them():
+    assert CompareConfig(targets=0.5, methods="l1,scc") == CompareConfig(targets=(0.5,), methods=("l1", "scc"))
+    assert SensitivityConfig(probe_groups=2) == SensitivityConfig(probe_groups="2")
+    with pytest.raises(LeanconvError, match="--target-flops takes a list of budgets"):
+        CompareConfig(targets="0.5")
+    with pytest.raises(LeanconvError, match="--onnx-opset must be one of"):
+        CompareConfig(onnx_opset=99)
+    with pytest.raises(LeanconvError, match=r"--mixed must be at most --samples - 1 \(3\)"):
+        Prune3dConfig(samples=4, mixed=10)
 
 
 def test_a_run_from_a_model_in_memory_leaves_the_model_alone(tiny_data):

@@ -80,3 +80,28 @@ def test_user_model_trains_from_the_cli(tmp_path):
     trained = checkpoint.load(out / "model.safetensors", constructor=TARGET)
     before = checkpoint.load(start, constructor=TARGET)
     assert not torch.equal(trained.head[-1].weight, before.head[-1].weight)  # it did train
+
+
+def test_user_model_prunes_in_three_dimensions_from_the_cli(tmp_path, capsys):
+    """``prune3d --constructor`` loads the user model (the sample tasks import it by name) and
+    saves its result on the constructor; the record's command repeats the run to the bit."""
+    import json
+    import shlex
+
+    from leanconv.cli.main import main
+
+    start = tmp_path / "init.safetensors"
+    model = from_constructor(TARGET)
+    model.leanconv_meta = {"input_shape": [3, 16, 16], "num_classes": 4, "dataset": {"name": "synthetic"}}
+    checkpoint.save(model, start)
+    argv = ["prune3d", str(start), "--constructor", TARGET, "--target-flops", "0.5", "--samples", "4",
+            "--sample-images", "64", "--sample-epochs", "0", "--finetune-epochs", "0", "--method", "l1",
+            "--score-images", "32", "--workers", "0", "--repeats", "1", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0, capsys.readouterr().err
+    record = json.loads((tmp_path / "a" / "record.json").read_text())
+    assert record["achieved"]["macs"] <= 0.5 and "--constructor" in record["command"]
+    again = record["command"].replace(str(tmp_path / "a"), str(tmp_path / "b"))
+    assert main([*shlex.split(again)[1:], "--no-progress"]) == 0
+    a = checkpoint.load(tmp_path / "a" / "model.safetensors", constructor=TARGET).state_dict()
+    b = checkpoint.load(tmp_path / "b" / "model.safetensors", constructor=TARGET).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -14,8 +14,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from leanconv.cli.common import (add_config_options, add_data_args, add_model_args, add_output_args, build_config,
-                                 progress_bar, source_from_args)
+from leanconv.cli.common import (
+    add_config_options,
+    add_data_args,
+    add_model_args,
+    add_output_args,
+    build_config,
+    progress_bar,
+    source_from_args,
+)
 from leanconv.errors import LeanconvError
 from leanconv.report.build import build_report
 from leanconv.runs.compare import CompareConfig, run_compare
@@ -29,7 +36,7 @@ HELP = "run every method at the same budgets and write a report"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ckpt", metavar="CKPT")
+    p.add_argument("ckpt", metavar="CKPT", help="a trained leanconv checkpoint")
     add_model_args(p)
     add_config_options(p, CompareConfig)
     add_data_args(p, default=None, batch_size=False)  # every entry uses leanconv's fixed batch of 128

@@ -22,8 +22,16 @@ from pathlib import Path
 import torch
 
 from leanconv import checkpoint
-from leanconv.cli.common import (add_config_options, add_model_args, build_config, load_model, parse_shape,
-                                 positive_int, progress_bar, source_from_args)
+from leanconv.cli.common import (
+    add_config_options,
+    add_model_args,
+    build_config,
+    load_model,
+    parse_shape,
+    positive_int,
+    progress_bar,
+    source_from_args,
+)
 from leanconv.data import load_dataset
 from leanconv.errors import LeanconvError
 from leanconv.models import names
@@ -69,7 +77,11 @@ def _zoo_source(args: argparse.Namespace, config: ConvertConfig) -> Source:
     model = load_model(args.source, input_shape=shape or (3, 32, 32), num_classes=classes or 10)
     if data is not None:
         model.leanconv_meta["dataset"] = {"name": data.name, "data_dir": args.data_dir}
-    return Source(data, model=model, data_dir=args.data_dir, label=args.source)
+    words = [args.source, *(["--input-shape", ",".join(map(str, args.input_shape))] if args.input_shape else []),
+             *(["--num-classes", str(args.num_classes)] if args.num_classes else []),
+             *(["--data", data.name] if data is not None else []),
+             *(["--data-dir", args.data_dir] if args.data_dir is not None else [])]
+    return Source(data, model=model, data_dir=args.data_dir, label=args.source, words=tuple(words))
 
 
 def _source(args: argparse.Namespace, config: ConvertConfig) -> Source:
@@ -96,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         result = run_convert(config, source, out=out, progress=update)
     finally:
         close()
-    result.save(out, constructor=args.constructor, record_name="convert.json")
+    result.save(out, constructor=args.constructor)
     record = result.record.to_dict()
     print(json.dumps(record) if args.json else _summary(record, result.model, out))
     return 0

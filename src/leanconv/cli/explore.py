@@ -1,8 +1,8 @@
 """``leanconv explore``: train and measure a grid of SCC / pSConv variants of one zoo model.
 
 Design-space exploration (DSXplore): build each variant of a zoo model (DW + sliding-channel
-convs for every --scc-groups x --scc-overlap pair, periodic sparse convs for every --psconv-
-patterns entry, optionally the dense model), train each from scratch for the same budget,
+convs for every --scc-groups x --scc-overlap pair, periodic sparse convs for every
+--psconv-patterns entry, optionally the dense model), train each from scratch for the same budget,
 and record test accuracy, params, MACs and measured latency. Resumable: finished variants in
 DIR/results.jsonl are never redone.
 
@@ -17,8 +17,15 @@ import argparse
 from pathlib import Path
 from typing import Callable
 
-from leanconv.cli.common import (add_data_args, add_output_args, add_repeats_arg, add_seed_arg, positive_float,
-                                 positive_int, progress_bar)
+from leanconv.cli.common import (
+    add_data_args,
+    add_output_args,
+    add_repeats_arg,
+    add_seed_arg,
+    positive_float,
+    positive_int,
+    progress_bar,
+)
 from leanconv.convs.explore import PAPER_OVERLAPS, ExploreConfig, run_explore, write_summary
 from leanconv.models import names
 from leanconv.report.plots import tradeoff_chart

@@ -2,8 +2,8 @@
 
 Rank channel groups globally with a criterion, remove the least important physically until
 the counted MACs (FLOPs = 2 x MACs, same ratio) or params land within 2% of the target,
-optionally implant the most sensitive pruned channels (HAP Neural Implant), fine-tune, re-
-estimate BatchNorm statistics, and measure. Writes DIR/model.safetensors, DIR/record.json
+optionally implant the most sensitive pruned channels (HAP Neural Implant), fine-tune,
+re-estimate BatchNorm statistics, and measure. Writes DIR/model.safetensors, DIR/record.json
 and DIR/channels.png.
 """
 
@@ -14,8 +14,15 @@ import json
 import sys
 from pathlib import Path
 
-from leanconv.cli.common import (add_config_options, add_data_args, add_model_args, add_output_args, build_config,
-                                 progress_bar, source_from_args)
+from leanconv.cli.common import (
+    add_config_options,
+    add_data_args,
+    add_model_args,
+    add_output_args,
+    build_config,
+    progress_bar,
+    source_from_args,
+)
 from leanconv.cost import simd_channels
 from leanconv.report.plots import channels_chart
 from leanconv.runs.prune import PruneConfig, run_prune

@@ -16,8 +16,16 @@ import json
 import os
 import sys
 
-from leanconv.cli.common import (add_config_options, add_data_args, add_output_args, build_config, positive_int,
-                                 progress_bar, source_from_args)
+from leanconv.cli.common import (
+    add_config_options,
+    add_data_args,
+    add_model_args,
+    add_output_args,
+    build_config,
+    positive_int,
+    progress_bar,
+    source_from_args,
+)
 from leanconv.prune3d.executors import EXECUTORS, create_executor
 from leanconv.report.plots3d import prune3d_plots
 from leanconv.runs.prune3d import Prune3dConfig, run_prune3d
@@ -40,13 +48,14 @@ HELP = "3-D pruning: depth x width x resolution under a FLOPs budget"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", metavar="CKPT", help="a trained leanconv checkpoint")
+    add_model_args(p)
     add_config_options(p, Prune3dConfig)
     p.add_argument("--executor", choices=EXECUTORS, default="local",
                    help="where sample tasks run: local processes or a Ray cluster (default: local)")
     p.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="join this Ray cluster (host:port or auto; default: start a local Ray instance)")
     p.add_argument("--workers", type=_whole, default=None, metavar="N",
-                   help="parallel sample tasks (local default: 1, 0 = in this process; ray default: all CPUs)")
+                   help="parallel sample tasks (local: default 1, 0 = in this process; ray: default and 0 = all CPUs)")
     p.add_argument("--threads", type=positive_int, default=None, metavar="T",
                    help="torch threads per task (default: CPUs / workers locally, 1 on Ray)")
     add_data_args(p, default=None, batch_size=False)
@@ -76,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         result = run_prune3d(config, source, out=args.out, executor=executor, progress=update, stage=stage)
     finally:
         close()
-    result.save(args.out)
+    result.save(args.out, constructor=args.constructor)
     record = result.record.to_dict()
     prune3d_plots(record, args.out)
     choice, acc = record["choice"], record["accuracy"]

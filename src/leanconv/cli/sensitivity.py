@@ -13,8 +13,15 @@ import argparse
 import json
 from pathlib import Path
 
-from leanconv.cli.common import (add_config_options, add_data_args, add_model_args, add_output_args, build_config,
-                                 progress_bar, source_from_args)
+from leanconv.cli.common import (
+    add_config_options,
+    add_data_args,
+    add_model_args,
+    add_output_args,
+    build_config,
+    progress_bar,
+    source_from_args,
+)
 from leanconv.report.plots import sensitivity_chart
 from leanconv.runs.sensitivity import SensitivityConfig, run_sensitivity
 
@@ -25,7 +32,7 @@ HELP = "per-channel Hessian traces and HAP sensitivities"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ckpt", metavar="CKPT")
+    p.add_argument("ckpt", metavar="CKPT", help="a trained leanconv checkpoint")
     add_model_args(p)
     add_config_options(p, SensitivityConfig)
     p.add_argument("--cache-dir", default=None, help="trace cache folder (default: DIR/cache)")
@@ -44,8 +51,7 @@ def run(args: argparse.Namespace) -> int:
         close()
     record = result.record.to_dict()
     title = f"HAP sensitivity per layer ({record['probes']} probes, {record['images']} images)"
-    result.save(out, record_name="sensitivity.json",
-                extra={"sensitivity.png": lambda p: sensitivity_chart(
+    result.save(out, extra={"sensitivity.png": lambda p: sensitivity_chart(
                     {n: v["sensitivity"] for n, v in record["layers"].items()}, p, title=title)})
     print(json.dumps({"probes": record["probes"], "converged": record["converged"],
                       "median_rel_stderr": round(record["achieved_rel_stderr"], 4),

@@ -33,11 +33,12 @@ from leanconv.util.model_io import check_shape, example_input, run_forward
 from leanconv.util.timing import LatencyStats, check_counts, summarise, time_calls
 from leanconv.errors import LeanconvError
 
-__all__ = ["export_onnx", "measure_onnx_latency", "DYNAMO_MIN_OPSET", "TOLERANCE"]
+__all__ = ["export_onnx", "measure_onnx_latency", "DYNAMO_MIN_OPSET", "OPSETS", "TOLERANCE"]
 
 log = logging.getLogger(__name__)
 
 DYNAMO_MIN_OPSET = 18  # the dynamo exporter's lowest native opset
+OPSETS = range(7, 31)  # the opsets an export may ask for
 TOLERANCE = 1e-4  # largest accepted |ONNX - PyTorch| on any output element
 _INPUT, _OUTPUT = "input", "output"
 
@@ -119,8 +120,9 @@ def _check_args(input_shape: Sequence[int], opset: int | None, check_batch: int)
         raise LeanconvError(f"input shape {input_shape!r} must be integers such as (3, 32, 32)") from None
     if not shape or min(shape) < 1:
         raise LeanconvError(f"input shape {input_shape!r} must be positive integers such as (3, 32, 32)")
-    if opset is not None and not 7 <= opset <= 30:
-        raise LeanconvError(f"ONNX opset {opset} is out of range; pick one from 7 to 30 or leave the default")
+    if opset is not None and opset not in OPSETS:
+        raise LeanconvError(f"ONNX opset {opset} is out of range; pick one from {OPSETS[0]} to {OPSETS[-1]} or leave "
+                            "the default")
     if check_batch < 1:
         raise LeanconvError(f"check batch must be at least 1, got {check_batch}")
     return shape

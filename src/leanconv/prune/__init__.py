@@ -13,7 +13,7 @@ dimensions of 3-D pruning, are in :mod:`leanconv.prune3d`.
 * :mod:`~leanconv.prune.permute`: channel orders for implants.
 """
 
-from leanconv.prune.budget import PruneResult, iterative_prune, prune_to_budget
+from leanconv.prune.budget import PruneResult, check_reachable, iterative_prune, prune_to_budget
 from leanconv.prune.channels import can_implant, channel_counts, implant_channels, remove_channels
 from leanconv.prune.permute import fold_channel_orders
 
@@ -28,4 +28,5 @@ __all__ = [
     "prune_to_budget",
     "iterative_prune",
     "PruneResult",
+    "check_reachable",
 ]

@@ -59,7 +59,7 @@ from leanconv.prune.latency_weights import latency_weights
 from leanconv.prune.permute import fold_channel_orders
 from leanconv.util.progress import Progress
 
-__all__ = ["PruneResult", "prune_to_budget", "iterative_prune"]
+__all__ = ["PruneResult", "prune_to_budget", "iterative_prune", "check_reachable"]
 
 log = logging.getLogger(__name__)
 
@@ -287,6 +287,38 @@ def _fits(cost: int, goal: float, tol: float) -> bool:
     return abs(cost - goal) <= tol * goal
 
 
+def _reachable_plan(model, example_input, shape, *, target, kind, round_to, floor, implant, implant_init, tol,
+                    ignored, strict):
+    """The traced groups, cost model and planner of a prune; raises when the target is
+    unreachable (every group at its floor keeps more than ``target``), before any scoring."""
+    traced = trace_groups(model, example_input, ignored=ignored, strict=strict)
+    if not traced:
+        if any(isinstance(m, ImplantConv2d) for m in model.modules()):
+            raise LeanconvError("the model has no prunable channels: every group left holds Neural Implant "
+                                "channels, which are not pruned again; prune the model before implanting")
+        raise LeanconvError("the model has no prunable channels (every layer is an output or excluded)")
+    costs = CostModel(model, traced, shape)
+    planner = _Planner(model, traced, floor=floor, round_to=round_to, implant=implant, implant_init=implant_init)
+    lowest = costs.estimate(*_parts(planner.plan(planner.candidates(planner.total)))).of(kind)
+    if lowest > target * costs.base.of(kind) * (1 + tol):
+        rule = f"at least {floor} channel(s) per layer" if floor >= 1 else f"at least {floor:g} of each layer's channels"
+        rule += f" in multiples of {round_to} (--round-to)" if round_to else ""
+        raise LeanconvError(f"target {target:g} of the original {kind} is unreachable: keeping {rule}, the smallest "
+                            f"model keeps {lowest / costs.base.of(kind):.3f}; raise the target")
+    return traced, costs, planner
+
+
+def check_reachable(model: nn.Module, example_input: Tensor, *, target: float, kind: str = "macs",
+                    input_shape: Sequence[int] | None = None, round_to: int | None = None, floor: float = 1,
+                    tol: float = 0.02, ignored: Sequence[str] = (), strict: bool = True) -> None:
+    """Raise :class:`LeanconvError` when :func:`prune_to_budget` could not reach ``target``
+    (checked without scoring, so a run can refuse it before any work). The model is unchanged."""
+    _check_options(target, kind, round_to, floor, 0.0, tol, "mean")
+    shape = tuple(input_shape) if input_shape is not None else tuple(example_input.shape[1:])
+    _reachable_plan(model, example_input, shape, target=target, kind=kind, round_to=round_to, floor=floor,
+                    implant=0.0, implant_init="zero", tol=tol, ignored=ignored, strict=strict)
+
+
 def prune_to_budget(
     model: nn.Module,
     importance: Importance | Sequence[Tensor],
@@ -322,22 +354,13 @@ def prune_to_budget(
         raise LeanconvError("implant_init='fit' fits the implants on data: pass scoring batches (data=...)")
     report = progress or (lambda done, total, info: None)
     shape = tuple(input_shape) if input_shape is not None else tuple(example_input.shape[1:])
-    traced = trace_groups(model, example_input, ignored=ignored, strict=strict)
-    if not traced:
-        if any(isinstance(m, ImplantConv2d) for m in model.modules()):
-            raise LeanconvError("the model has no prunable channels: every group left holds Neural Implant "
-                                "channels, which are not pruned again; prune the model before implanting")
-        raise LeanconvError("the model has no prunable channels (every layer is an output or excluded)")
+    traced, costs, planner = _reachable_plan(model, example_input, shape, target=target, kind=kind, round_to=round_to,
+                                             floor=floor, implant=implant, implant_init=implant_init, tol=tol,
+                                             ignored=ignored, strict=strict)
     report(1, 4, {"stage": "groups", "groups": len(traced)})
-    costs = CostModel(model, traced, shape)
-    planner = _Planner(model, traced, floor=floor, round_to=round_to, implant=implant, implant_init=implant_init)
     if implant and not any(planner.implant_paths):
         log.info("no channel group is produced by a plain kxk conv; nothing will be implanted")
     goal = target * costs.base.of(kind)
-    lowest = costs.estimate(*_parts(planner.plan(planner.candidates(planner.total)))).of(kind)
-    if lowest > goal * (1 + tol):
-        raise LeanconvError(f"target {target} of the original {kind} is unreachable: with floor={floor} and "
-                            f"round_to={round_to} the smallest model keeps {lowest / costs.base.of(kind):.3f}")
     if data is not None and data.batches:
         check_batches(model, data.batches, data.loss_fn)
     scores = _normalized(_scores(importance, model, [t.group for t in traced], data), normalize)

@@ -86,6 +86,7 @@ class StepSettings:
     lr: float = 0.01
     batch_size: int = 128
     seed: int = 0
+    constructor: str | None = None  # the user constructor the checkpoint was built from (imported by workers)
 
 
 @dataclass
@@ -116,7 +117,7 @@ class Origin:
 
 def load_origin(ckpt: str, settings: StepSettings) -> Origin:
     """Load the trained checkpoint and its data, find the removable blocks, count MACs."""
-    model = checkpoint.load(ckpt)
+    model = checkpoint.load(ckpt, constructor=settings.constructor)
     data = load_dataset(settings.data, settings.data_dir)
     shape = tuple(int(s) for s in model.leanconv_meta.get("input_shape") or ())
     if len(shape) != 3:

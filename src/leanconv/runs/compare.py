@@ -20,6 +20,7 @@ reproducing command. ``leanconv.report.build.build_report`` turns the file into
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -30,13 +31,27 @@ from typing import Any
 import torch
 from torch import nn
 
+from leanconv.convs.convert import convert
 from leanconv.cost import count, measure_fastest_layout
-from leanconv.deploy.onnx import export_onnx
+from leanconv.deploy.onnx import OPSETS, export_onnx
 from leanconv.errors import LeanconvError
 from leanconv.layers.periodic_sparse import PATTERNS
+from leanconv.prune.budget import check_reachable
 from leanconv.prune.channels import channel_counts
-from leanconv.runs.config import (RunConfig, finetune_epochs, finetune_lr, latency_repeats, probes, score_images, seed,
-                                  setting, train_subset)
+from leanconv.prune3d.realise import load_origin
+from leanconv.prune3d.search import check_budget
+from leanconv.runs.config import (
+    RunConfig,
+    command_line,
+    finetune_epochs,
+    finetune_lr,
+    latency_repeats,
+    probes,
+    score_images,
+    seed,
+    setting,
+    train_subset,
+)
 from leanconv.runs.convert import LAYER_LR, ConvertConfig
 from leanconv.runs.prune import PruneConfig
 from leanconv.runs.prune3d import Prune3dConfig
@@ -68,6 +83,8 @@ ENTRY_BATCH = 128  # every entry's batch size
 
 
 def _targets(values: Any, name: str) -> tuple:
+    if isinstance(values, str) or not isinstance(values, (tuple, list)):
+        raise LeanconvError(f"{name} takes a list of budgets, e.g. (0.5, 0.33); got {values!r}")
     if not values:
         raise LeanconvError(f"{name} needs at least one budget, e.g. 0.5,0.33")
     for value in values:
@@ -89,22 +106,23 @@ class CompareConfig(RunConfig):
 
     command = "compare"
 
-    targets: tuple[float, ...] = setting((0.5,), "--target-flops", check=_targets, always=True, parse=_numbers,
+    targets: tuple[float, ...] = setting((0.5,), "--target-flops", always=True, parse=_numbers,
                                          metavar="R[,R...]",
                                          help="MACs/FLOPs budgets as fractions of the original")
     methods: tuple[str, ...] = setting(DEFAULT_METHODS, "--methods", always=True, parse=_words, metavar="M[,M...]",
                                        help=f"comma-separated, from: {', '.join(CONTENDERS)}")
-    finetune_epochs: int = finetune_epochs(1)
+    finetune_epochs: int = finetune_epochs(1, "fine-tuning epochs of every entry")
     finetune_lr: float = finetune_lr()
     probes: int = probes(32)
     score_images: int = score_images()
-    train_subset: int | None = train_subset()
+    train_subset: int | None = train_subset(help="fine-tune every entry on the first N training images only (the 3d "
+                                                 "entry: its samples; its chosen model uses all)")
     samples: int = setting(6, "--samples", check=lambda v, n: checks.whole(v, n, at_least=4), metavar="N",
                            help="3-D pruning samples")
     latency_repeats: int = latency_repeats()
     onnx: bool = setting(True, "--no-onnx", help="skip ONNX export and ONNX Runtime latency")
     onnx_opset: int | None = setting(None, "--onnx-opset", metavar="N",
-                                     check=lambda v, n: v if v is None else checks.whole(v, n, at_least=7),
+                                     check=lambda v, n: v if v is None else checks.one_of(v, n, OPSETS),
                                      help="ONNX opset to export (default: torch's exporter's own, 18 or newer; "
                                      "below 18 the faster TorchScript exporter is used)")
     quick: bool = setting(False, "--quick", help="label the report as a quick run with tiny budgets")
@@ -117,6 +135,11 @@ class CompareConfig(RunConfig):
                                   choices=tuple(sorted(PATTERNS)), help="kernel pattern of the psconv entry")
 
     def check(self) -> None:
+        if isinstance(self.targets, (int, float)) and not isinstance(self.targets, bool):
+            object.__setattr__(self, "targets", (self.targets,))  # one budget
+        _targets(self.targets, "--target-flops")
+        if isinstance(self.methods, str):
+            object.__setattr__(self, "methods", _words(self.methods))  # "l1,scc" as on the command line
         if not self.methods:
             raise LeanconvError(f"no methods to compare; pass --methods with one or more of: {', '.join(CONTENDERS)}")
         unknown = [m for m in self.methods if m not in CONTENDERS]
@@ -125,6 +148,10 @@ class CompareConfig(RunConfig):
         # a repeated method or budget would run twice under one entry key: keep the first of each
         object.__setattr__(self, "methods", tuple(dict.fromkeys(self.methods)))
         object.__setattr__(self, "targets", _distinct_targets(tuple(self.targets)))
+
+
+    def run(self, source: Source, **kwargs: Any) -> Path:
+        return run_compare(self, source, **kwargs)
 
 
 def _distinct_targets(targets: tuple[float, ...]) -> tuple[float, ...]:
@@ -281,26 +308,55 @@ def _run_record(ctx: _Context, have: dict[str, Any] | None, results: Path) -> di
     return None
 
 
-def run_compare(config: CompareConfig, source: Source, *, out: str | Path, command: str = "",
+def _preflight(ctx: _Context, entries: list[tuple[str, str, float | None]]) -> None:
+    """Refuse, before anything is written, an entry that would fail on this model: a budget
+    the channel floors cannot reach, a 3-D budget outside its search box, a conversion the
+    layers do not allow (groups that do not divide a layer's channels)."""
+    model, shape = ctx.source.fresh(), ctx.source.shape
+    for key, method, target in entries:
+        config = entry_config(ctx.config, method, target)
+        try:
+            if method in WIDTH:
+                check_reachable(model, torch.zeros(1, *shape), target=target, input_shape=shape)
+            elif method == "3d":
+                origin = load_origin(str(ctx.source.checkpoint), config.step_settings(
+                    ctx.source.data.name, ctx.source.data_dir, ctx.source.constructor))
+                check_budget(origin, target, w_min=config.w_min, r_min=config.r_min,
+                             min_per_stage=config.min_blocks_per_stage)
+            else:
+                spec = config.spec()
+                with torch.random.fork_rng(devices=[]):
+                    convert(copy.deepcopy(model), spec.to, groups=spec.groups, overlap=spec.overlap,
+                            pattern=spec.pattern)
+        except LeanconvError as exc:
+            raise LeanconvError(f"entry {key}: {exc}") from None
+
+
+def run_compare(config: CompareConfig, source: Source, *, out: str | Path, command: str | None = None,
                 progress: Progress | None = None, stage=None) -> Path:
-    """Run every entry of ``config`` not yet in ``out/results.jsonl``; returns that file's path.
-    Refuses, before writing anything, a folder made with another checkpoint, data or settings.
-    ``stage(done, total, key)`` is called before each step (for an overall progress line)."""
+    """Run every entry of ``config`` not yet in ``out/results.jsonl``; returns that file's path
+    (:func:`leanconv.report.build.build_report` turns it into the report). Refuses, before
+    writing anything, a folder made with another checkpoint, data or settings, and an entry
+    that would fail on this model. ``command`` is what the baseline row names as the command
+    behind the table (default: the compare command). ``stage(done, total, key)`` is called
+    before each step (for an overall progress line)."""
     if source.checkpoint is None:
         raise LeanconvError("compare starts from a checkpoint file (every entry reloads it and the results "
                             "name it); save the model with leanconv.save first")
     out = Path(out)
-    ctx = _Context(source, config, out, command, progress=progress)
+    ctx = _Context(source, config, out, command or command_line(config, source, out), progress=progress)
     results = out / "results.jsonl"
     have = read_results(results, require_baseline=False) if results.exists() else None
     run = _run_record(ctx, have, results)
+    done_keys = {e["key"] for e in (have or {}).get("entries", [])}
+    entries = [k for k in entry_keys(config) if k[0] not in done_keys]
+    _preflight(ctx, entries)
     out.mkdir(parents=True, exist_ok=True)
     if run is not None:
         append_result(results, run)
-    done_keys = {e["key"] for e in (have or {}).get("entries", [])}
     steps = [("baseline", None, None)] * (have is None or have["baseline"] is None)
     steps += [("sensitivity", None, None)] * (have is None or have["sensitivity"] is None)
-    steps += [k for k in entry_keys(config) if k[0] not in done_keys]
+    steps += entries
     for i, (key, method, target) in enumerate(steps):
         if stage:
             stage(i, len(steps), key)

@@ -83,19 +83,19 @@ def target(default: float = 0.5) -> Any:
                    help="keep this fraction of the FLOPs/MACs")
 
 
-def finetune_epochs(default: int) -> Any:
-    return setting(default, "--finetune-epochs", check=_at_least(0), always=True, metavar="N",
-                   help="fine-tuning epochs after the cut")
+def finetune_epochs(default: int, help: str = "fine-tuning epochs of the result") -> Any:
+    return setting(default, "--finetune-epochs", check=_at_least(0), always=True, metavar="N", help=help)
 
 
-def finetune_lr(default: float = 0.01, aliases: tuple[str, ...] = ()) -> Any:
+def finetune_lr(default: float = 0.01, aliases: tuple[str, ...] = (),
+                help: str = "fine-tuning learning rate (cosine from it)") -> Any:
     return setting(default, "--finetune-lr", check=_positive_number, always=True, metavar="LR", aliases=aliases,
-                   help="fine-tuning learning rate (cosine from it)")
+                   help=help)
 
 
-def train_subset(aliases: tuple[str, ...] = ()) -> Any:
-    return setting(None, "--train-subset", check=_optional(_at_least(1)), metavar="N", aliases=aliases,
-                   help="fine-tune on the first N training images only (quick runs; default: all)")
+def train_subset(aliases: tuple[str, ...] = (),
+                 help: str = "fine-tune on the first N training images only (quick runs; default: all)") -> Any:
+    return setting(None, "--train-subset", check=_optional(_at_least(1)), metavar="N", aliases=aliases, help=help)
 
 
 def score_images(default: int = 512, aliases: tuple[str, ...] = ()) -> Any:
@@ -109,8 +109,18 @@ def probes(default: int) -> Any:
                    metavar="N", help="cap on Hutchinson probes for hap")
 
 
+SEED_LIMIT = 2**32  # what every generator leanconv seeds (torch, NumPy) accepts
+
+
+def _seed(value: Any, name: str) -> int:
+    checks.whole(value, name, at_least=0)
+    if value >= SEED_LIMIT:
+        raise LeanconvError(f"{name} must be below 2**32, got {value}")
+    return value
+
+
 def seed() -> Any:
-    return setting(0, "--seed", check=lambda v, n: checks.whole(v, n), always=True, help="random seed")
+    return setting(0, "--seed", check=_seed, always=True, help="random seed (0 to 2**32 - 1)")
 
 
 def batch_size() -> Any:

@@ -20,8 +20,17 @@ import torch
 from leanconv.convs.convert import CONVERSIONS, ConversionSpec, convert
 from leanconv.errors import LeanconvError
 from leanconv.layers.periodic_sparse import PATTERNS
-from leanconv.runs.config import (RunConfig, batch_size, command_line, finetune_epochs, finetune_lr, latency_repeats,
-                                  seed, setting, train_subset)
+from leanconv.runs.config import (
+    RunConfig,
+    batch_size,
+    command_line,
+    finetune_epochs,
+    finetune_lr,
+    latency_repeats,
+    seed,
+    setting,
+    train_subset,
+)
 from leanconv.runs.record import Record, Result, counted, measure
 from leanconv.runs.source import Source
 from leanconv.train import finetune
@@ -45,11 +54,11 @@ class ConvertConfig(RunConfig):
                                  metavar="G", help="scc: channel groups; each output reads C_in/G input channels "
                                  "(required for scc)")
     overlap: float | None = setting(None, "--overlap", metavar="O",
-                                    help="scc: overlap of neighbouring windows in [0, 1) (default: 0.5)")
+                                    help="scc: overlap of neighbouring windows in [0, 1) (default: 0.5)", expects="a number")
     pattern: str | None = setting(None, "--pattern", choices=tuple(sorted(PATTERNS)),
                                   help="psconv: kernel pattern (default: psd4_p8)")
     seed: int = seed()
-    finetune_epochs: int = finetune_epochs(0)
+    finetune_epochs: int = finetune_epochs(0, "fine-tune the converted model for N epochs (0: convert only)")
     finetune_lr: float = finetune_lr(LAYER_LR)
     train_subset: int | None = train_subset()
     batch_size: int = batch_size()
@@ -61,15 +70,21 @@ class ConvertConfig(RunConfig):
                 raise LeanconvError("--to scc needs --groups G (e.g. --groups 2)")
             if self.pattern is not None:
                 raise LeanconvError("--pattern applies to --to psconv only")
-        elif self.groups is not None or self.overlap is not None:
-            raise LeanconvError("--groups and --overlap apply to --to scc only")
-        self.spec()  # checks the overlap and the pattern
+            if self.overlap is None:
+                object.__setattr__(self, "overlap", 0.5)  # the default, written into the record
+            checks.number(self.overlap, "--overlap", at_least=0, below=1)
+        else:
+            if self.groups is not None or self.overlap is not None:
+                raise LeanconvError("--groups and --overlap apply to --to scc only")
+            if self.pattern is None:
+                object.__setattr__(self, "pattern", "psd4_p8")
+            checks.one_of(self.pattern, "--pattern", PATTERNS)
 
     def spec(self) -> ConversionSpec:
-        """The conversion, with the defaults filled in (overlap 0.5, pattern psd4_p8)."""
+        """The conversion as :func:`leanconv.convs.convert.convert` takes it."""
         if self.to == "scc":
-            return ConversionSpec("scc", self.groups, 0.5 if self.overlap is None else self.overlap)
-        return ConversionSpec("psconv", pattern=self.pattern or "psd4_p8")
+            return ConversionSpec("scc", self.groups, self.overlap)
+        return ConversionSpec("psconv", pattern=self.pattern)
 
     def run(self, source: Source, **kwargs: Any) -> Result:
         return run_convert(self, source, **kwargs)
@@ -86,13 +101,13 @@ def run_convert(config: ConvertConfig, source: Source, *, out=None, progress: Pr
         raise LeanconvError("fine-tuning a converted model needs data; pass --data")
     spec = config.spec()
     model, shape = source.fresh(), source.shape
+    with torch.random.fork_rng(devices=[]):  # the new layers are drawn from the seed alone
+        torch.manual_seed(config.seed)
+        convert(model, spec.to, groups=spec.groups, overlap=spec.overlap, pattern=spec.pattern)  # checks first
     full = measured and config.finetune_epochs > 0
     test = source.data.loader("test", 256, resolution=source.resolution) if full else None
     gauge = (lambda m: measure(m, shape, test, config.latency_repeats)) if full else (lambda m: counted(m, shape))
-    before = gauge(model)
-    with torch.random.fork_rng(devices=[]):  # the new layers are drawn from the seed alone
-        torch.manual_seed(config.seed)
-        convert(model, spec.to, groups=spec.groups, overlap=spec.overlap, pattern=spec.pattern)
+    before = gauge(source.fresh())
     if config.finetune_epochs > 0:
         say(f"fine-tuning for {config.finetune_epochs} epochs at lr {config.finetune_lr:g}")
         finetune(model, source.data, epochs=config.finetune_epochs, lr=config.finetune_lr, seed=config.seed,
@@ -101,7 +116,7 @@ def run_convert(config: ConvertConfig, source: Source, *, out=None, progress: Pr
     after = gauge(model)
     details = {"method": spec.name, "conversion": spec.to_dict(), "name": spec.name,
                "layers": model.leanconv_meta["conversions"][-1]["layers"]}
-    command = command_line(config, source, out) if source.checkpoint is not None and out is not None else None
+    command = command_line(config, source, out) if source.writable() and out is not None else None
     record = Record("convert", config.to_dict(), command, source.describe(), list(shape), before, after,
                     time.perf_counter() - t0, details)
     if full:

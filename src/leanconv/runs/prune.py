@@ -19,10 +19,21 @@ import torch
 
 from leanconv.cost import simd_channels
 from leanconv.importance import ScoringData, criterion_names, run_criterion
-from leanconv.prune.budget import iterative_prune, prune_to_budget
+from leanconv.prune.budget import check_reachable, iterative_prune, prune_to_budget
 from leanconv.prune.implant_fit import IMPLANT_INITS
-from leanconv.runs.config import (RunConfig, batch_size, command_line, finetune_epochs, finetune_lr, latency_repeats,
-                                  probes, score_images, seed, setting, train_subset)
+from leanconv.runs.config import (
+    RunConfig,
+    batch_size,
+    command_line,
+    finetune_epochs,
+    finetune_lr,
+    latency_repeats,
+    probes,
+    score_images,
+    seed,
+    setting,
+    train_subset,
+)
 from leanconv.runs.record import Record, Result, counted, measure
 from leanconv.runs.source import Source
 from leanconv.train import evaluate, finetune
@@ -79,7 +90,7 @@ class PruneConfig(RunConfig):
                            "leanconv cannot resize, such as a channel shuffle, instead of stopping with an error")
     steps: int = setting(1, "--steps", check=lambda v, n: checks.whole(v, n, at_least=1), metavar="K",
                          help="prune in K rounds with fine-tuning between them")
-    finetune_epochs: int = finetune_epochs(0)
+    finetune_epochs: int = finetune_epochs(0, "fine-tuning epochs after the cut")
     finetune_lr: float = finetune_lr()
     train_subset: int | None = train_subset()
     score_images: int = score_images()
@@ -114,13 +125,15 @@ def run_prune(config: PruneConfig, source: Source, *, out=None, progress: Progre
     criterion = run_criterion(config.method, probes=config.probes, seed=config.seed, progress=progress,
                               shrink=config.shrink)  # an unknown method fails here, before any work
     model, data, shape, resolution = source.fresh(), source.data, source.shape, source.resolution
+    example = torch.randn(1, *shape)
+    check_reachable(model, example, target=config.target, kind=config.kind, input_shape=shape,
+                    round_to=config.round_to, strict=config.strict)  # an unreachable target: before any work
     test = data.loader("test", 256, resolution=resolution)
     say("measuring the unpruned model")
     gauge = (lambda m: measure(m, shape, test, config.latency_repeats)) if measured else (lambda m: counted(m, shape))
     before = gauge(model)
     scoring = ScoringData(data.scoring_batches(config.score_images, config.batch_size, resolution),
                           extra={"input_shape": shape})
-    example = torch.randn(1, *shape)
 
     def tune(m, epochs: int) -> None:
         finetune(m, data, epochs=epochs, lr=config.finetune_lr, seed=config.seed, batch_size=config.batch_size,
@@ -148,7 +161,7 @@ def run_prune(config: PruneConfig, source: Source, *, out=None, progress: Progre
                "layers": _merge_layers(results),
                "hessian": None if traces is None else {"probes": traces.probes, "converged": traces.converged,
                                                        "seconds": traces.seconds, "method": traces.method}}
-    command = command_line(config, source, out) if source.checkpoint is not None and out is not None else None
+    command = command_line(config, source, out) if source.writable() and out is not None else None
     record = Record("prune", config.to_dict(), command, source.describe(), list(shape), before, after,
                     time.perf_counter() - t0, details)
     model.leanconv_meta = {**getattr(model, "leanconv_meta", {}),

@@ -32,13 +32,26 @@ from typing import Any
 from torch import nn
 
 from leanconv import checkpoint
+from leanconv.errors import LeanconvError
 from leanconv.importance import criterion_names
 from leanconv.prune3d.executors import LocalExecutor
 from leanconv.prune3d.realise import Origin, StepSettings, brief_finetune, load_origin, val_accuracy
 from leanconv.prune3d.samples import SampleStore, collect_samples, plan_tasks
 from leanconv.prune3d.search import check_budget, choose, fit_samples, sampling_floors
-from leanconv.runs.config import (RunConfig, batch_size, command_line, finetune_epochs, finetune_lr, latency_repeats,
-                                  probes, score_images, seed, setting, target, train_subset)
+from leanconv.runs.config import (
+    RunConfig,
+    batch_size,
+    command_line,
+    finetune_epochs,
+    finetune_lr,
+    latency_repeats,
+    probes,
+    score_images,
+    seed,
+    setting,
+    target,
+    train_subset,
+)
 from leanconv.runs.record import Record, Result, measure
 from leanconv.runs.source import Source
 from leanconv.util import checks
@@ -71,9 +84,11 @@ class Prune3dConfig(RunConfig):
     sample_images: int | None = setting(2000, "--sample-images",
                                         check=lambda v, n: v if v is None else checks.whole(v, n, at_least=1),
                                         metavar="N", help="training images per brief fine-tuning epoch")
-    finetune_epochs: int = finetune_epochs(3)
-    finetune_lr: float = finetune_lr(aliases=("--lr",))
-    train_subset: int | None = train_subset()
+    finetune_epochs: int = finetune_epochs(3, "fine-tuning epochs of the chosen model")
+    finetune_lr: float = finetune_lr(aliases=("--lr",), help="learning rate of every fine-tuning, the samples' "
+                                     "brief ones included (cosine from it)")
+    train_subset: int | None = train_subset(help="fine-tune the chosen model on the first N training images only "
+                                                 "(default: all; the samples use --sample-images)")
     batch_size: int = batch_size()
     score_images: int = score_images()
     probes: int = probes(32)
@@ -90,12 +105,18 @@ class Prune3dConfig(RunConfig):
     seed: int = seed()
     latency_repeats: int = latency_repeats()
 
-    def step_settings(self, data: str, data_dir: str | None = None) -> StepSettings:
+    def check(self) -> None:
+        if self.mixed is not None and self.mixed > self.samples - 1:
+            raise LeanconvError(f"--mixed must be at most --samples - 1 ({self.samples - 1}): the unpruned point is "
+                                f"one of the samples; got {self.mixed}")
+
+    def step_settings(self, data: str, data_dir: str | None = None, constructor: str | None = None) -> StepSettings:
         """How each sampling step prunes and briefly fine-tunes (plain values, sent to workers)."""
         return StepSettings(data=data, data_dir=data_dir, method=self.method, normalize=self.normalize,
                             score_images=self.score_images, probes=self.probes,
                             min_per_stage=self.min_blocks_per_stage, epochs=self.sample_epochs,
-                            images=self.sample_images, lr=self.finetune_lr, batch_size=self.batch_size, seed=self.seed)
+                            images=self.sample_images, lr=self.finetune_lr, batch_size=self.batch_size, seed=self.seed,
+                            constructor=constructor)
 
     def run(self, source: Source, **kwargs: Any) -> Result:
         return run_prune3d(self, source, **kwargs)
@@ -121,7 +142,7 @@ def _checkpoint_of(source: Source, out: Path) -> Path:
     if source.checkpoint is not None:
         return source.checkpoint
     path = out / "origin.safetensors"
-    checkpoint.save(source.model, path)
+    checkpoint.save(source.model, path, constructor=source.constructor)
     return path
 
 
@@ -144,7 +165,7 @@ def _run(config: Prune3dConfig, source: Source, out: Path, executor: Any, progre
          say: Stage, measured: bool) -> Result:
     t0 = time.perf_counter()
     ckpt = _checkpoint_of(source, out)
-    origin = load_origin(str(ckpt), config.step_settings(source.data.name, source.data_dir))
+    origin = load_origin(str(ckpt), config.step_settings(source.data.name, source.data_dir, source.constructor))
     box = check_budget(origin, config.target, w_min=config.w_min, r_min=config.r_min,
                        min_per_stage=config.min_blocks_per_stage)  # an impossible budget fails here, before any work
     budget = config.target * origin.macs
@@ -170,7 +191,7 @@ def _run(config: Prune3dConfig, source: Source, out: Path, executor: Any, progre
     seconds = {"samples": t_samples - t0, "total": time.perf_counter() - t0,
                "sampling_compute": sum(s["seconds"] for s in samples)}
     details = _details(origin, config, box, samples, fit, result, point, curve, accuracy, before, after)
-    command = command_line(config, source, out) if source.checkpoint is not None else None
+    command = command_line(config, source, out) if source.writable() else None
     record = Record("prune3d", config.to_dict(), command, source.describe(), list(origin.shape), before, after,
                     seconds, details)
     model.leanconv_meta = {**model.leanconv_meta, "test": {"accuracy": after["test_accuracy"]},

@@ -32,9 +32,10 @@ from leanconv.cost import count, measure_fastest_layout
 from leanconv.train import evaluate
 from leanconv.util.files import write_json, write_together
 
-__all__ = ["Record", "Result", "measure", "counted", "LATENCY_BATCHES"]
+__all__ = ["Record", "Result", "measure", "counted", "LATENCY_BATCHES", "RECORD_FILES"]
 
 LATENCY_BATCHES = ("batch1", "batch64", "batch64_bn_folded")
+RECORD_FILES = {"convert": "convert.json", "sensitivity": "sensitivity.json"}  # other kinds: record.json
 
 
 def counted(model: nn.Module, shape) -> dict[str, Any]:
@@ -103,12 +104,13 @@ class Result:
     record: Record
 
     def save(self, out: str | Path, *, extra: dict[str, Callable[[Path], Any]] | None = None,
-             constructor: str | None = None, record_name: str = "record.json") -> Path:
-        """Write ``out/model.safetensors`` and ``out/record.json`` (``record_name``; and ``extra``
-        files, name -> writer) as one set: a failure leaves the previous set. Returns ``out``."""
+             constructor: str | None = None) -> Path:
+        """Write ``out/model.safetensors`` and the record (``RECORD_FILES``: ``record.json``, or
+        ``convert.json`` / ``sensitivity.json``), and ``extra`` files (name -> writer), as one
+        set: a failure leaves the previous set. Returns ``out``."""
         writers: dict[str, Callable[[Path], Any]] = {}
         if self.model is not None:
             writers["model.safetensors"] = lambda p: checkpoint.save(self.model, p, constructor=constructor)
-        writers[record_name] = lambda p: write_json(p, self.record.to_dict())
+        writers[RECORD_FILES.get(self.record.kind, "record.json")] = lambda p: write_json(p, self.record.to_dict())
         write_together(out, {**writers, **(extra or {})})
         return Path(out)

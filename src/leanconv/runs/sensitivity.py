@@ -29,9 +29,10 @@ __all__ = ["SensitivityConfig", "run_sensitivity", "sensitivity_details"]
 
 
 def _groups(value: Any, name: str) -> str:
-    if value != "layer" and not (isinstance(value, str) and value.isdigit() and int(value) >= 1):
+    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if text != "layer" and not (isinstance(text, str) and text.isdigit() and int(text) >= 1):
         raise LeanconvError(f"{name} must be a positive whole number or 'layer', got {value!r}")
-    return value
+    return text
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class SensitivityConfig(RunConfig):
     batch_size: int = batch_size()
 
     def check(self) -> None:
+        object.__setattr__(self, "probe_groups", _groups(self.probe_groups, "--probe-groups"))  # 2 and "2" alike
         if self.min_probes is not None and not (isinstance(self.min_probes, int) and 2 <= self.min_probes <= self.probes):
             raise LeanconvError(f"--min-probes must lie between 2 and --probes ({self.probes}), got {self.min_probes}")
 
@@ -94,7 +96,7 @@ def run_sensitivity(config: SensitivityConfig, source: Source, *, out: str | Pat
     else:
         result = channel_traces(model, batches, **settings)
     details = {"images": sum(len(y) for _, y in batches), **sensitivity_details(model, result)}
-    command = command_line(config, source, out) if source.checkpoint is not None and out is not None else None
+    command = command_line(config, source, out) if source.writable() and out is not None else None
     record = Record("sensitivity", config.to_dict(), command, source.describe(), list(source.shape), None, None,
                     result.seconds, details)
     return Result(None, record)

@@ -56,6 +56,7 @@ class Source:
     data_dir: str | None = None  # the folder the data was read from (None: the system copy)
     input_shape: tuple[int, int, int] | None = None  # overrides the shape the model records
     label: str | None = None  # how records name a model given in memory (e.g. the zoo name it was built from)
+    words: tuple[str, ...] | None = None  # command-line words that rebuild a model given in memory
 
     def __post_init__(self) -> None:
         if (self.checkpoint is None) == (self.model is None):
@@ -99,8 +100,14 @@ class Source:
             return checkpoint.load(self.checkpoint, constructor=self.constructor)
         return copy.deepcopy(self.model)
 
+    def writable(self) -> bool:
+        """Whether a run from this source can be written as a command (:meth:`argv`)."""
+        return self.checkpoint is not None or self.words is not None
+
     def argv(self) -> list[str]:
         """The checkpoint, constructor and data as command-line words."""
+        if self.words is not None:
+            return list(self.words)
         if self.checkpoint is None:
             raise LeanconvError("a run from a model in memory cannot be written as a command; save the model "
                                 "with leanconv.save and start from the file")
