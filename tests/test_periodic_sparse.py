@@ -73,7 +73,7 @@ def test_kernel_float32_matches_reference(size):
     # ~100), so allow 4 x that where it exceeds the fixed 1e-4.
     terms = (24 * 9, 32 * 9, 3 * size[0] * size[1])  # per output, input gradient, weight gradient
     for got, want, n in zip(_grads(m, x, gy), expected, terms):
-        atol = max(1e-4, 4 * n ** 0.5 * torch.finfo(torch.float32).eps * float(want.abs().max()))
+        atol = max(1e-4, 4 * n ** 0.5 * torch.finfo(torch.float32).eps * float(want.detach().abs().max()))
         torch.testing.assert_close(got, want, rtol=1e-4, atol=atol)
 
 
