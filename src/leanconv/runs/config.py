@@ -46,12 +46,11 @@ def setting(default: Any, flag: str | Callable[[Any], str] | None = None, *, che
     """A config field. ``flag`` is its option (a function of the config where the option
     depends on another field); ``always`` writes it into reproducing commands even at its
     default (the settings that define a run); ``parse`` turns the option's text into a value
-    (syntax only: ranges are ``check``'s; ``expects`` says what it takes); ``cli=False`` leaves it to the command to declare
-    the option itself; ``implied`` marks a field without an option of its own that another
-    field's option carries (a budget's kind in ``--target-flops``)."""
+    (syntax only: ranges are ``check``'s; ``expects`` says what it takes); ``cli=False``
+    leaves it to the command to declare the option itself; ``implied`` marks a field without an
+    option of its own that another field's option carries (a budget's kind in ``--target-flops``)."""
     meta = {"flag": flag, "check": check, "help": help, "always": always, "parse": parse, "expects": expects,
-            "metavar": metavar,
-            "choices": choices, "aliases": aliases, "cli": cli, "implied": implied}
+            "metavar": metavar, "choices": choices, "aliases": aliases, "cli": cli, "implied": implied}
     return field(default=default, metadata=meta)
 
 

@@ -50,11 +50,12 @@ class ConvertConfig(RunConfig):
 
     to: str = setting("scc", "--to", check=lambda v, n: checks.one_of(v, n, CONVERSIONS), always=True,
                       choices=CONVERSIONS, help="target layer type")
-    groups: int | None = setting(None, "--groups", check=lambda v, n: v if v is None else checks.whole(v, n, at_least=1),
-                                 metavar="G", help="scc: channel groups; each output reads C_in/G input channels "
-                                 "(required for scc)")
+    groups: int | None = setting(None, "--groups", metavar="G",
+                                 check=lambda v, n: v if v is None else checks.whole(v, n, at_least=1),
+                                 help="scc: channel groups; each output reads C_in/G input channels (required for scc)")
     overlap: float | None = setting(None, "--overlap", metavar="O",
-                                    help="scc: overlap of neighbouring windows in [0, 1) (default: 0.5)", expects="a number")
+                                    help="scc: overlap of neighbouring windows in [0, 1) (default: 0.5)",
+                                    expects="a number")
     pattern: str | None = setting(None, "--pattern", choices=tuple(sorted(PATTERNS)),
                                   help="psconv: kernel pattern (default: psd4_p8)")
     seed: int = seed()

@@ -80,8 +80,10 @@ class PruneConfig(RunConfig):
                            "mean by its standard error before ranking (default: raw estimates, measured more "
                            "accurate here)")
     latency_aware: bool = setting(False, "--latency-aware", help="time every resized layer on this machine first "
-                                  "and prefer cutting channels that cost more time per MAC (same MAC budget, more speed)")
-    round_to: int | None = setting(None, "--round-to", check=lambda v, n: v if v is None else checks.whole(v, n, at_least=1),
+                                  "and prefer cutting channels that cost more time per MAC (same MAC budget, more "
+                                  "speed)")
+    round_to: int | None = setting(None, "--round-to",
+                                   check=lambda v, n: v if v is None else checks.whole(v, n, at_least=1),
                                    parse=round_to_arg, expects="a positive whole number or 'auto'",
                                    metavar="N|auto",
                                    help="keep pruned channel counts multiples of N; auto = this CPU's float32 vector "

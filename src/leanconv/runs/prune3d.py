@@ -92,7 +92,8 @@ class Prune3dConfig(RunConfig):
     batch_size: int = batch_size()
     score_images: int = score_images()
     probes: int = probes(32)
-    w_min: float = setting(0.4, "--w-min", check=lambda v, n: checks.fraction(v, n), help="smallest width in the search box")
+    w_min: float = setting(0.4, "--w-min", check=lambda v, n: checks.fraction(v, n),
+                           help="smallest width in the search box")
     r_min: float = setting(0.5, "--r-min", check=lambda v, n: checks.number(v, n, above=0, at_most=1),
                            help="smallest resolution ratio (and a side of at least 8)")
     min_blocks_per_stage: int = setting(1, "--min-blocks-per-stage", check=_whole(1), metavar="N",

@@ -56,7 +56,8 @@ class SensitivityConfig(RunConfig):
 
     def check(self) -> None:
         object.__setattr__(self, "probe_groups", _groups(self.probe_groups, "--probe-groups"))  # 2 and "2" alike
-        if self.min_probes is not None and not (isinstance(self.min_probes, int) and 2 <= self.min_probes <= self.probes):
+        low, high = 2, self.probes
+        if self.min_probes is not None and not (isinstance(self.min_probes, int) and low <= self.min_probes <= high):
             raise LeanconvError(f"--min-probes must lie between 2 and --probes ({self.probes}), got {self.min_probes}")
 
     def trace_settings(self) -> dict[str, Any]:
