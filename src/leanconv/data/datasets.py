@@ -1,8 +1,9 @@
 """The dataset registry: ``load_dataset(name, data_dir=None, **options) -> DatasetSplits``.
 
-Names are ``fashion-mnist``, ``cifar10``, ``cifar100`` and ``synthetic`` (case and ``_``
-versus ``-`` do not matter). Options may be passed as keyword arguments or appended to the
-name, ``"synthetic:n=512,c=3,s=16,k=4"``; keyword arguments win. Every dataset accepts
+Names are ``fashion-mnist``, ``cifar10``, ``cifar100``, ``synthetic``, and a user's own data:
+``imagefolder:PATH`` (a folder per class of image files) and ``npz:PATH`` (arrays in a
+``.npz`` file); case and ``_`` versus ``-`` do not matter. Options may be passed as keyword
+arguments or appended to the name, ``"synthetic:n=512,c=3,s=16,k=4"``; keyword arguments win. Every dataset accepts
 ``val_size`` and ``flip_ok``; see each module for its own options. The returned
 ``DatasetSplits.name`` is canonical (``name:key=value,...`` with the options given), so
 ``load_dataset(splits.name, data_dir)`` loads the same data again.
@@ -21,18 +22,29 @@ from typing import Any, Callable
 
 from leanconv.data.cifar import load_cifar10, load_cifar100
 from leanconv.data.fashion_mnist import load_fashion_mnist
+from leanconv.data.imagefolder import load_imagefolder
+from leanconv.data.npz import load_npz
 from leanconv.data.splits import DatasetSplits
 from leanconv.data.synthetic import load_synthetic
 from leanconv.errors import LeanconvError
 
-__all__ = ["dataset_names", "parse_dataset_name", "load_dataset", "clear_cache"]
+__all__ = ["dataset_names", "dataset_takes", "parse_dataset_name", "load_dataset", "clear_cache"]
 
 _LOADERS: dict[str, Callable[..., DatasetSplits]] = {
     "cifar10": load_cifar10,
     "cifar100": load_cifar100,
     "fashion-mnist": load_fashion_mnist,
+    "imagefolder": load_imagefolder,
+    "npz": load_npz,
     "synthetic": load_synthetic,
 }
+_PATH_DATASETS = ("imagefolder", "npz")  # "imagefolder:PATH": the first item without "=" is the path
+
+
+def dataset_takes(name: str, option: str) -> bool:
+    """Whether dataset ``name`` (canonical) has the option ``option`` (e.g. ``size``)."""
+    params = inspect.signature(_LOADERS[name]).parameters
+    return option in params and params[option].kind is inspect.Parameter.KEYWORD_ONLY
 
 
 def dataset_names() -> list[str]:
@@ -62,6 +74,9 @@ def parse_dataset_name(spec: str) -> tuple[str, dict[str, Any]]:
     options: dict[str, Any] = {}
     for item in filter(None, (part.strip() for part in rest.split(","))):
         key, eq, value = item.partition("=")
+        if not eq and name in _PATH_DATASETS and "path" not in options:
+            options["path"] = item
+            continue
         if not eq or not key.strip():
             raise LeanconvError(f"dataset option {item!r} in {spec!r} must look like key=value")
         options[key.strip()] = _parse_value(value)
@@ -82,6 +97,8 @@ def load_dataset(name: str, data_dir: str | Path | None = None, **options: Any) 
     canonical, parsed = parse_dataset_name(name)
     parsed.update(options)
     _check_options(canonical, parsed)
+    if parsed.get("path") is not None:  # one folder, one cache entry, one name, wherever it was given from
+        parsed["path"] = str(Path(str(parsed["path"])).expanduser().resolve())
     directory = None if data_dir is None else str(Path(data_dir).expanduser().resolve())
     try:
         key = tuple(sorted(parsed.items()))
@@ -95,8 +112,10 @@ def load_dataset(name: str, data_dir: str | Path | None = None, **options: Any) 
 def _load_cached(name: str, directory: str | None, options: tuple[tuple[str, Any], ...]
                  ) -> DatasetSplits:
     splits = _LOADERS[name](directory, **dict(options))
-    if options:
-        name = name + ":" + ",".join(f"{key}={value}" for key, value in options)
+    path = dict(options).get("path")
+    words = ([path] if path is not None else []) + [f"{key}={value}" for key, value in options if key != "path"]
+    if words:
+        name = name + ":" + ",".join(words)
     return dataclasses.replace(splits, name=name)
 
 

@@ -71,7 +71,7 @@ class TensorLoader:
                  drop_last: bool = False, subset: int | None = None, rank: int = 0,
                  world_size: int = 1, pad: int | None = None) -> None:
         self.images, self.labels = data.images, data.labels
-        if not isinstance(self.images, torch.Tensor) or self.images.dtype != torch.uint8 \
+        if not hasattr(self.images, "numpy") or self.images.dtype != torch.uint8 \
                 or self.images.dim() != 4 or len(self.images) != len(self.labels):
             raise LeanconvError("TensorLoader needs a split with uint8 images [N, C, H, W] and "
                                 "one label per image; build it with leanconv.data.ImageSplit")

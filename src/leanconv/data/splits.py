@@ -45,7 +45,8 @@ class ImageSplit:
 
     def __post_init__(self) -> None:
         images, labels = self.images, self.labels
-        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+        lazy = getattr(images, "lazy_images", False)  # decoded from files when indexed (data.imagefolder)
+        if not (isinstance(images, torch.Tensor) or lazy) or images.dtype != torch.uint8 or images.dim() != 4:
             raise LeanconvError("split images must be a uint8 tensor [N, C, H, W]; "
                                 "convert them first")
         if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.dim() != 1:

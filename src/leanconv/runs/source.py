@@ -17,10 +17,21 @@ from torch import nn
 
 from leanconv import checkpoint
 from leanconv.data import load_dataset
+from leanconv.data.datasets import dataset_takes, parse_dataset_name
 from leanconv.data.splits import DatasetSplits
 from leanconv.errors import LeanconvError
 
 __all__ = ["Source", "recorded_data"]
+
+
+def _fit_to(name: str, shape) -> dict[str, int]:
+    """For a user's own images (which take ``size`` and ``channels``): the model's input side
+    and channels, unless the name sets them."""
+    if not shape:
+        return {}
+    canonical, given = parse_dataset_name(name)
+    wanted = {"size": int(shape[-1]), "channels": int(shape[0])}
+    return {k: v for k, v in wanted.items() if dataset_takes(canonical, k) and k not in given}
 
 
 def recorded_data(meta: dict, data: str | None = None, data_dir: str | None = None) -> tuple[DatasetSplits, str | None]:
@@ -32,8 +43,8 @@ def recorded_data(meta: dict, data: str | None = None, data_dir: str | None = No
     if name is None:
         raise LeanconvError("the model records no dataset; pass --data")
     folder = data_dir if data_dir is not None else (recorded.get("data_dir") if name == recorded.get("name") else None)
-    splits = load_dataset(name, folder)
     shape, classes = meta.get("input_shape"), meta.get("num_classes")
+    splits = load_dataset(name, folder, **_fit_to(name, shape))
     if shape and shape[0] != splits.in_channels:
         raise LeanconvError(f"the model takes {shape[0]} input channels but {splits.name} has {splits.in_channels}; "
                             "pass the --data it was trained on")
@@ -113,7 +124,8 @@ class Source:
                                 "with leanconv.save and start from the file")
         words = [str(self.checkpoint), *(["--constructor", self.constructor] if self.constructor else [])]
         if self.data is not None:
-            words += ["--data", self.data.name, *(["--data-dir", str(self.data_dir)] if self.data_dir is not None else [])]
+            words += ["--data", self.data.name]
+            words += ["--data-dir", str(self.data_dir)] if self.data_dir is not None else []
         return words
 
     def describe(self) -> str:
