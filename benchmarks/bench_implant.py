@@ -43,7 +43,7 @@ from leanconv.cost import count
 from leanconv.importance import create_criterion
 from leanconv.layers.implant import ImplantConv2d
 from leanconv.models import create
-from leanconv.prune import prune_to_budget
+from leanconv.width import prune_to_budget
 
 
 def parse_args() -> argparse.Namespace:
@@ -103,7 +103,7 @@ def model_contenders(a: argparse.Namespace) -> dict[str, nn.Module]:
         models[label] = pruned
     if a.reordered:
         pruned = copy.deepcopy(base)
-        with mock.patch("leanconv.prune.budget.fold_channel_orders", lambda model, x: {}):
+        with mock.patch("leanconv.width.budget.fold_channel_orders", lambda model, x: {}):
             prune_to_budget(pruned, create_criterion("l1"), x, target=a.target, implant=a.implant)
         models["l1+implant reordered"] = pruned
     for label in [k for k in models if "implant" in k]:

@@ -42,7 +42,7 @@ from leanconv.deploy.onnx import export_onnx
 from leanconv.deploy.fold import fold_batchnorm
 from leanconv.data import load_dataset
 from leanconv.importance import ScoringData, create_criterion
-from leanconv.prune import prune_to_budget
+from leanconv.width import prune_to_budget
 
 METHODS = list(WIDTH)  # label -> (criterion, implant share), as `leanconv compare` runs them
 

@@ -16,7 +16,7 @@ from leanconv.deploy.onnx import export_onnx
 from leanconv.importance import create_criterion
 from leanconv.layers.implant import ImplantConv2d
 from leanconv.models import create
-from leanconv.prune import prune_to_budget
+from leanconv.width import prune_to_budget
 
 SHAPE = (3, 16, 16)
 

@@ -12,8 +12,8 @@ from leanconv.errors import LeanconvError
 from leanconv.importance import ScoringData
 from leanconv.layers.implant import ImplantConv2d
 from leanconv.models import create
-from leanconv.prune import prune_to_budget
-from leanconv.prune.implant_fit import fit_implants
+from leanconv.width import prune_to_budget
+from leanconv.width.implant_fit import fit_implants
 from prune_toys import l1_scores, randomize_bn
 
 

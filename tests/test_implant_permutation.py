@@ -12,9 +12,9 @@ from leanconv.importance import create_criterion
 from leanconv.layers.implant import ImplantConv2d
 from leanconv.models import create
 from leanconv.graph import channel_groups
-from leanconv.prune import can_implant, implant_channels, prune_to_budget
-from leanconv.prune import permute
-from leanconv.prune.permute import fold_channel_orders
+from leanconv.width import can_implant, implant_channels, prune_to_budget
+from leanconv.width import permute
+from leanconv.width.permute import fold_channel_orders
 from prune_toys import CatToy, DepthwiseToy, FlattenToy, GroupedToy, ResToy, cbr, randomize_bn
 
 
@@ -116,7 +116,7 @@ def test_grouped_consumer_keeps_the_order(caplog):
     model = _implant(randomize_bn(GroupedToy()), X, {"conv1.0": [1, 5]})
     order = list(model.conv1[0].channel_order)
     before = model(X)
-    with caplog.at_level(logging.INFO, logger="leanconv.prune.permute"):
+    with caplog.at_level(logging.INFO, logger="leanconv.width.permute"):
         left = fold_channel_orders(model, X)
     assert list(left) == ["conv1.0"] and "conv group" in left["conv1.0"]
     assert "conv1.0" in caplog.text

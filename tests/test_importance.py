@@ -477,7 +477,7 @@ def test_scoring_batches_that_do_not_fit_are_clear_errors(bad, match):
     """Checked once, up front, for every criterion and for the Hessian traces."""
     from leanconv.importance.hessian import channel_traces
     from leanconv.models import create
-    from leanconv.prune import prune_to_budget
+    from leanconv.width import prune_to_budget
 
     torch.manual_seed(0)
     model = create("resnet20", num_classes=4, in_channels=3, input_size=16)
@@ -492,7 +492,7 @@ def test_scoring_batches_that_do_not_fit_are_clear_errors(bad, match):
 @pytest.mark.parametrize("bad", [lambda n: [0.0] * n, lambda n: torch.ones(n + 1), lambda n: torch.full((n,), float("nan"))])
 def test_a_user_criterion_returning_bad_scores_is_named(bad):
     from leanconv.models import create
-    from leanconv.prune import prune_to_budget
+    from leanconv.width import prune_to_budget
 
     def mine(model, groups, data=None):
         return [bad(g.size) for g in groups]

@@ -8,8 +8,8 @@ from torch import nn
 
 from leanconv.cost import count
 from leanconv.importance import create_criterion
-from leanconv.prune import latency_weights as lw
-from leanconv.prune import prune_to_budget
+from leanconv.width import latency_weights as lw
+from leanconv.width import prune_to_budget
 from leanconv.graph.groups import trace_groups
 
 

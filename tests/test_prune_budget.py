@@ -13,9 +13,9 @@ from leanconv.errors import LeanconvError
 from leanconv.layers.implant import ImplantConv2d
 from leanconv.models import create
 from leanconv.graph import channel_groups
-from leanconv.prune import iterative_prune, prune_to_budget
-from leanconv.prune.channels import WAKE
-from leanconv.prune.cost_model import CostModel
+from leanconv.width import iterative_prune, prune_to_budget
+from leanconv.width.channels import WAKE
+from leanconv.width.cost_model import CostModel
 from leanconv.graph.groups import trace_groups
 from prune_toys import ResToy, l1_scores, randomize_bn, silence
 
@@ -111,7 +111,7 @@ def test_cost_model_matches_the_counter():
                                                          count(model, (3, 16, 16)).macs)
         removed = [list(range(0, t.group.size, 3)) for t in traced]
         estimate = costs.estimate(removed, {})
-        from leanconv.prune import remove_channels
+        from leanconv.width import remove_channels
 
         remove_channels(model, [t.group for t in traced], dict(enumerate(removed)), X16)
         real = count(model, (3, 16, 16))
@@ -127,7 +127,7 @@ def test_search_falls_back_to_counting_when_the_estimate_is_off(monkeypatch, cap
 
     monkeypatch.setattr(CostModel, "estimate", skewed)
     model = _resnet20()
-    with caplog.at_level(logging.WARNING, logger="leanconv.prune.budget"):
+    with caplog.at_level(logging.WARNING, logger="leanconv.width.budget"):
         result = prune_to_budget(model, l1_scores, X16, target=0.5)
     assert "searching on counted models" in caplog.text
     assert abs(result.achieved - 0.5) <= 0.01
@@ -135,7 +135,7 @@ def test_search_falls_back_to_counting_when_the_estimate_is_off(monkeypatch, cap
 
 def test_implant_keeps_channels_as_cheap_1x1_filters(caplog):
     model = _resnet20()
-    with caplog.at_level(logging.WARNING, logger="leanconv.prune.budget"):
+    with caplog.at_level(logging.WARNING, logger="leanconv.width.budget"):
         result = prune_to_budget(model, l1_scores, X16, target=0.5, implant=0.2)
     assert "cost model missed" not in caplog.text
     assert abs(result.achieved - 0.5) <= 0.01
@@ -231,7 +231,7 @@ def test_given_scores_must_fit_the_groups():
 def test_nonsense_options_are_clear_errors(options, match):
     from leanconv.importance import create_criterion
     from leanconv.models import create
-    from leanconv.prune import prune_to_budget
+    from leanconv.width import prune_to_budget
 
     with pytest.raises(LeanconvError, match=match):
         prune_to_budget(create("resnet20", num_classes=4, input_size=16), create_criterion("l1"),

@@ -7,10 +7,10 @@ from torch.testing import assert_close
 
 from leanconv.errors import LeanconvError
 from leanconv.graph import channel_groups
-from leanconv.prune import channel_counts, implant_channels, remove_channels
+from leanconv.width import channel_counts, implant_channels, remove_channels
 from leanconv.layers.implant import ImplantConv2d
-from leanconv.prune.channels import WAKE
-from leanconv.prune.permute import fold_channel_orders
+from leanconv.width.channels import WAKE
+from leanconv.width.permute import fold_channel_orders
 from prune_toys import CatToy, DepthwiseToy, FlattenToy, GroupedToy, ResToy, randomize_bn, silence
 
 
@@ -224,7 +224,7 @@ class _BufferScaled(nn.Module):
 
 def test_a_per_channel_buffer_is_a_clear_error_and_the_model_is_untouched():
     from leanconv.importance import create_criterion
-    from leanconv.prune import prune_to_budget
+    from leanconv.width import prune_to_budget
 
     model = _BufferScaled()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -14,7 +14,7 @@ from leanconv.cost import count
 from leanconv.data import load_dataset
 from leanconv.importance import ScoringData, create_criterion, criterion_names
 from leanconv.models import from_constructor
-from leanconv.prune import prune_to_budget
+from leanconv.width import prune_to_budget
 
 
 class UserNet(nn.Module):

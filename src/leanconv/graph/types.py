@@ -4,7 +4,7 @@ A *channel group* is a set of channels that must be removed together: the output
 of a conv, the matching BN features, the input channels of every consumer, and, through
 residual adds, depthwise convs or concatenations, the channels of other layers coupled to
 them. :func:`leanconv.graph.groups.channel_groups` builds them from a dependency graph;
-criteria (:mod:`leanconv.importance`) score them; :mod:`leanconv.prune` removes them.
+criteria (:mod:`leanconv.importance`) score them; :mod:`leanconv.width` removes them.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ the output is ``cat([conv(x), implant(x)], dim=1)`` re-ordered by ``channel_orde
 with ``channel_order[c]`` = position in that concatenation of output channel ``c``. The
 order lets implanted channels stay where the original conv had them, so downstream layers
 are untouched; ``None`` means the plain concatenation ``[kept..., implanted...]``.
-:func:`leanconv.prune.permute.fold_channel_orders` moves the channels of the surrounding
+:func:`leanconv.width.permute.fold_channel_orders` moves the channels of the surrounding
 layers instead, so that pruned models end with ``None`` wherever that is possible.
 
 The implant reads the input tap at the centre of the kxk window (padding

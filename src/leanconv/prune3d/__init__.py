@@ -6,7 +6,7 @@ ICML 2021 (methods.md, Sec. 1). The pieces, in the order a run uses them:
 * :mod:`.blocks`, :mod:`.block_importance`: depth: find residual blocks, rank them, bypass
   the least important; :mod:`.resolution`: record a smaller input side on a model;
 * :mod:`.realise`: build a point ``(d, w, r)`` from the trained model (width through
-  :func:`leanconv.prune.prune_to_budget`);
+  :func:`leanconv.width.prune_to_budget`);
 * :mod:`.samples` (run on :mod:`.executors`): samples ``(d, w, r, validation accuracy)``;
 * :mod:`.predictor`, :mod:`.selection`: the polynomial accuracy predictor, its form chosen
   by cross-validation;

@@ -4,7 +4,7 @@ Wang et al., "Accelerate CNNs from Three Dimensions: A Comprehensive Pruning Fra
 ICML 2021 (methods.md Sec. 1, steps 1 and 6). The three edits are applied in this order:
 
 1. **Depth** ``d`` = kept removable residual blocks / removable blocks of the original model
-   (:func:`leanconv.prune.find_residual_blocks` on the unpruned model). The least important
+   (:func:`leanconv.width.find_residual_blocks` on the unpruned model). The least important
    blocks by ``"loss"`` importance (loss increase when the block alone is bypassed, on
    validation batches) are replaced by ``nn.Identity``; each stage keeps at least
    ``min_per_stage`` blocks. ``d`` is snapped to the nearest whole block count.
@@ -13,11 +13,11 @@ ICML 2021 (methods.md Sec. 1, steps 1 and 6). The three edits are applied in thi
    ``w^2`` of the MACs of the model as it is after the depth step** (a uniform multiplier
    ``w`` scales every inner conv by ``w^2``; the stem and the classifier, which scale by
    ``w``, make the uniform multiplier a little cheaper than this). Channels are removed by
-   :func:`leanconv.prune.prune_to_budget` with any registered criterion (default ``hap``,
+   :func:`leanconv.width.prune_to_budget` with any registered criterion (default ``hap``,
    scores on validation batches), which lands within 2% of that share. The realised ``w``
    is recorded as ``sqrt(counted MACs after / before the width step)``.
 3. **Resolution** ``r`` = input side / original side: ``side = round(r * original side)``
-   (at least 8), recorded by :func:`leanconv.prune.set_resolution`; loaders resize the data
+   (at least 8), recorded by :func:`leanconv.width.set_resolution`; loaders resize the data
    to ``side`` (``resolution=side``).
 
 The realised model's MACs (multiply-accumulates, one image; FLOPs = 2 x MACs) are counted by
@@ -40,7 +40,7 @@ from leanconv.data import load_dataset
 from leanconv.data.splits import DatasetSplits
 from leanconv.errors import LeanconvError
 from leanconv.importance import ScoringData, run_criterion
-from leanconv.prune.budget import prune_to_budget
+from leanconv.width.budget import prune_to_budget
 from leanconv.prune3d.block_importance import block_importance
 from leanconv.prune3d.blocks import BlockInfo, find_residual_blocks, prune_blocks
 from leanconv.prune3d.resolution import (

@@ -36,8 +36,8 @@ from leanconv.cost import count, measure_fastest_layout
 from leanconv.deploy.onnx import OPSETS, export_onnx
 from leanconv.errors import LeanconvError
 from leanconv.layers.periodic_sparse import PATTERNS
-from leanconv.prune.budget import check_reachable
-from leanconv.prune.channels import channel_counts
+from leanconv.width.budget import check_reachable
+from leanconv.width.channels import channel_counts
 from leanconv.prune3d.realise import load_origin
 from leanconv.prune3d.search import check_budget
 from leanconv.runs.config import (

@@ -19,8 +19,8 @@ import torch
 
 from leanconv.cost import simd_channels
 from leanconv.importance import ScoringData, criterion_names, run_criterion
-from leanconv.prune.budget import check_reachable, iterative_prune, prune_to_budget
-from leanconv.prune.implant_fit import IMPLANT_INITS
+from leanconv.width.budget import check_reachable, iterative_prune, prune_to_budget
+from leanconv.width.implant_fit import IMPLANT_INITS
 from leanconv.runs.config import (
     RunConfig,
     batch_size,

@@ -7,7 +7,7 @@
 * :mod:`.hap`: the ``hap`` criterion, ``Tr(H_pp) / numel(W_p) * ||W_p||^2`` per channel.
 
 Neural Implant, HAP's other half, is a layer (:mod:`leanconv.layers.implant`) and a pruning
-option (:mod:`leanconv.prune.channels`, :mod:`leanconv.prune.implant_fit`).
+option (:mod:`leanconv.width.channels`, :mod:`leanconv.width.implant_fit`).
 """
 
 from leanconv.importance.hessian.cache import cached_channel_traces

@@ -28,7 +28,7 @@ original cost. How it decides:
    important fraction ``F`` of the units the plan would remove are implanted instead
    (:class:`~leanconv.layers.implant.ImplantConv2d`); the search counts their 1x1 cost. The
    channels of each implanted group are then renumbered so that implants need no re-ordering
-   at run time (:func:`~leanconv.prune.permute.fold_channel_orders`). Implants start at zero
+   at run time (:func:`~leanconv.width.permute.fold_channel_orders`). Implants start at zero
    (HAP), or with ``implant_init="fit"`` as the least-squares stand-in for the filters they
    replace, fitted on ``data``'s batches (:mod:`.implant_fit`).
 """
@@ -51,12 +51,12 @@ from leanconv.graph.types import ChannelGroup
 from leanconv.util import checks
 from leanconv.importance.base import ScoringData, check_batches, check_scores
 from leanconv.layers.implant import ImplantConv2d
-from leanconv.prune.channels import can_implant, channel_counts, implant_channels, remove_channels
-from leanconv.prune.implant_fit import IMPLANT_INITS, fit_implants
-from leanconv.prune.cost_model import Cost, CostModel
+from leanconv.width.channels import can_implant, channel_counts, implant_channels, remove_channels
+from leanconv.width.implant_fit import IMPLANT_INITS, fit_implants
+from leanconv.width.cost_model import Cost, CostModel
 from leanconv.graph.groups import TracedGroup, trace_groups
-from leanconv.prune.latency_weights import latency_weights
-from leanconv.prune.permute import fold_channel_orders
+from leanconv.width.latency_weights import latency_weights
+from leanconv.width.permute import fold_channel_orders
 from leanconv.util.progress import Progress
 
 __all__ = ["PruneResult", "prune_to_budget", "iterative_prune", "check_reachable"]

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from leanconv.layers.implant import ImplantConv2d
 from leanconv.util.modes import eval_mode
-from leanconv.prune.channels import _in_equals_out
+from leanconv.width.channels import _in_equals_out
 from leanconv.graph.groups import _problem, build_graph
 
 __all__ = ["fold_channel_orders"]

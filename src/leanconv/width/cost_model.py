@@ -1,6 +1,6 @@
 """A fast, exact-by-construction estimate of params and MACs after a channel removal.
 
-The budget search (:mod:`leanconv.prune.budget`) tries dozens of removal plans; pruning a
+The budget search (:mod:`leanconv.width.budget`) tries dozens of removal plans; pruning a
 copy of the model and counting it each time would dominate the run. Instead we count the
 model once with :func:`leanconv.cost.count` and, for each plan, recompute only the layers
 the plan resizes, with the same rules the counter uses (one image; MACs =

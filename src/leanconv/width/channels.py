@@ -91,7 +91,7 @@ def remove_channels(
     """Remove channels in place: ``remove[i]`` lists channels of ``groups[i]`` (indices into
     its root layer's outputs) to cut from every layer of that group. Returns ``model``.
 
-    ``groups`` must describe ``model`` as it is now (:func:`~leanconv.prune.channel_groups`
+    ``groups`` must describe ``model`` as it is now (:func:`~leanconv.width.channel_groups`
     on the same model). Raises :class:`LeanconvError` for an index out of range, a group
     left empty, a grouped-conv unit split, or groups that do not match the model."""
     remove = {int(g): _check_removal(model, groups[int(g)], ix) for g, ix in remove.items() if len(ix)}
@@ -153,11 +153,11 @@ def implant_channels(
     ``group`` may describe the model before ``removed`` group channels were cut out (by
     :func:`remove_channels`); ``channels`` and ``removed`` use its numbering. Returns the
     paths of the new :class:`ImplantConv2d` layers. They keep every channel in place (a
-    ``channel_order``); :func:`leanconv.prune.permute.fold_channel_orders` then renumbers the
-    coupled layers instead, as :func:`~leanconv.prune.prune_to_budget` does. ``restart_norms``
+    ``channel_order``); :func:`leanconv.width.permute.fold_channel_orders` then renumbers the
+    coupled layers instead, as :func:`~leanconv.width.prune_to_budget` does. ``restart_norms``
     re-initialises the implanted channels' BatchNorm entries for a zero start (see
     :func:`_restart_norms`); pass False when the implants will be fitted
-    (:mod:`leanconv.prune.implant_fit`)."""
+    (:mod:`leanconv.width.implant_fit`)."""
     if not channels:
         return []
     if not can_implant(model, group):

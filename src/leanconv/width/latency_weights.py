@@ -7,7 +7,7 @@ A cut that lands on the MAC target by removing cheap MACs gives a smaller speedu
 MAC reduction promises. (Channel counts off the CPU's 16-channel output block are a larger
 effect that these linear weights cannot see: ``leanconv.cost.hardware``, ``--round-to auto``.)
 
-With ``latency_aware=True`` the budget search (:func:`leanconv.prune.prune_to_budget`)
+With ``latency_aware=True`` the budget search (:func:`leanconv.width.prune_to_budget`)
 divides each group's scores by :func:`latency_weights`: the group's measured milliseconds
 per MAC saved, relative to the whole network's. Channels that are slow for their MACs sort
 earlier, so the same MAC budget buys more speed. The budget itself stays in counted MACs.
