@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,7 +37,7 @@ from leanconv.util.files import atomic_write
 from leanconv.layers.spec import is_registered, module_from_spec, module_to_spec
 from leanconv.models.registry import create, from_constructor
 
-__all__ = ["save", "load", "read_header", "find_edits", "apply_edits", "build_base"]
+__all__ = ["save", "load", "read_header", "find_edits", "apply_edits", "build_base", "read_weights", "load_weights"]
 
 FORMAT = 1
 
@@ -117,22 +119,34 @@ def apply_edits(model: nn.Module, edits: list[dict]) -> nn.Module:
     return model
 
 
+def _constructor_name(constructor: Callable[..., nn.Module] | str) -> str:
+    if isinstance(constructor, str):
+        return constructor
+    return f"{constructor.__module__}:{constructor.__qualname__}"
+
+
 def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
 
 
 def save(model: nn.Module, path: str | os.PathLike, constructor: Callable[..., nn.Module] | str | None = None,
-         extra_tensors: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+         extra_tensors: dict[str, torch.Tensor] | None = None,
+         constructor_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``model`` to ``path`` atomically; returns the header written.
 
-    ``model`` must carry ``leanconv_base`` (set by ``leanconv.models.create`` or
-    ``from_constructor``). A user model needs ``constructor`` only when it was not built by
-    ``from_constructor`` in this process (which remembers the function, not just its name). ``extra_tensors`` (e.g. optimiser state) are stored under the
-    ``__extra__.`` prefix and ignored by :func:`load`.
+    The file records the model as the unedited model it started from plus edits. That start
+    is ``model.leanconv_base`` (set by ``leanconv.models.create`` or ``from_constructor``);
+    for any other ``nn.Module`` it is ``constructor(**constructor_kwargs)`` (a function or
+    class, or ``"package.module:function"``; default: the model's own class, called without
+    arguments). A user model needs ``constructor`` only when it was not built by
+    ``from_constructor`` in this process (which remembers the function, not just its name).
+    ``extra_tensors`` (e.g. optimiser state) are stored under the ``__extra__.`` prefix and
+    ignored by :func:`load`.
     """
     base_record = getattr(model, "leanconv_base", None)
     if base_record is None:
-        raise LeanconvError("model has no leanconv_base record; build it with leanconv.models.create or from_constructor")
+        constructor = constructor if constructor is not None else type(model)
+        base_record = {"constructor": _constructor_name(constructor), "kwargs": dict(constructor_kwargs or {})}
     base = build_base(base_record, constructor or getattr(model, "leanconv_constructor", None))
     header = {
         "format": FORMAT,
@@ -222,3 +236,61 @@ def load(path: str | os.PathLike, constructor: Callable[..., nn.Module] | str | 
         )
     model.eval()
     return (model, extra) if with_extra else model
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from a weights file: safetensors, or a PyTorch file read with
+    ``torch.load(weights_only=True)`` (never a full pickle). A dict that holds the state dict
+    under ``state_dict`` or ``model`` (common training checkpoints) and a ``module.`` prefix on
+    every key (``DataParallel``) are unwrapped."""
+    path = Path(path)
+    if not path.is_file():
+        raise LeanconvError(f"weights file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        try:
+            state: Any = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise LeanconvError(f"{str(path)!r} is not a readable safetensors file: {exc}") from None
+    else:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if not (magic.startswith(b"PK") or magic.startswith(b"\x80")):  # torch.save's zip, or a pickle
+            raise LeanconvError(f"{str(path)!r} is not a PyTorch weights file (neither torch.save's format nor "
+                                "safetensors)")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+            raise LeanconvError(f"{str(path)!r} holds Python objects besides tensors (a full pickle"
+                                f"{', e.g. ' + found.group(1) if found else ''}), which leanconv never loads; save "
+                                "model.state_dict() with torch.save or safetensors") from None
+        except (RuntimeError, OSError, EOFError, ValueError) as exc:
+            raise LeanconvError(f"{str(path)!r} is not a PyTorch weights file: {str(exc).splitlines()[0]}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not state or not all(isinstance(k, str) and torch.is_tensor(v)
+                                                           for k, v in state.items()):
+        raise LeanconvError(f"{str(path)!r} is not a state dict (names -> tensors)")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """Copy ``state`` into ``model`` strictly; a missing or unexpected name, or a shape that
+    differs, is one line naming them."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {list(state[k].shape)} in the file, {list(own[k].shape)} in the model"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+                 for what, names in (("missing", missing), ("unexpected", unexpected)) if names]
+        if shapes:
+            parts.append(f"shape of {shapes[0]}" + (f" (and {len(shapes) - 1} more)" if len(shapes) > 1 else ""))
+        raise LeanconvError(f"the weights in {source} do not fit the model: {'; '.join(parts)}")
+    _match_dtypes(model, state)
+    model.load_state_dict(state, strict=True)
+    return model

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import math
 import os
 import sys
@@ -15,7 +16,8 @@ from torch import nn
 from leanconv import checkpoint
 from leanconv.data.splits import DatasetSplits
 from leanconv.errors import LeanconvError
-from leanconv.models import create, names
+from leanconv.models import create, from_constructor, names
+from leanconv.models.registry import resolve_constructor
 from leanconv.runs.source import Source, recorded_data
 
 __all__ = [
@@ -95,9 +97,14 @@ def add_data_args(parser: argparse.ArgumentParser, default: str | None = DEFAULT
         parser.add_argument("--batch-size", type=positive_int, default=128, help="images per batch (default: 128)")
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
+def add_model_args(parser: argparse.ArgumentParser, input_shape: bool = False) -> None:
+    """``--constructor`` (and, for a checkpoint that may record no input shape, ``--input-shape``)."""
     parser.add_argument("--constructor", default=None, metavar="PKG.MODULE:FN",
-                        help="the user model constructor a checkpoint was built from (never imported unless named here)")
+                        help="the user model constructor a checkpoint was built from (never imported unless named "
+                        "here)")
+    if input_shape:
+        parser.add_argument("--input-shape", type=parse_shape, default=None, metavar="C,H,W",
+                            help="one input image's shape, for a checkpoint that records none")
 
 
 def add_seed_arg(parser: argparse.ArgumentParser) -> None:
@@ -147,15 +154,28 @@ def load_model(spec: str, *, constructor: str | None = None, input_shape: tuple[
     path = Path(spec)
     if path.exists() or spec.endswith(".safetensors"):
         return checkpoint.load(path, constructor=constructor)
-    if spec not in names():
-        raise LeanconvError(f"{spec!r} is neither a checkpoint file nor a zoo model; zoo models: {', '.join(names())}")
+    if spec not in names() and ":" not in spec:
+        raise LeanconvError(f"{spec!r} is neither a checkpoint file, a zoo model nor PKG.MODULE:FN; zoo models: "
+                            f"{', '.join(names())}")
     shape = input_shape or (3, 32, 32)
     kwargs: dict[str, Any] = {"in_channels": shape[0], "input_size": shape[1]}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    model = create(spec, **kwargs)
+    model = create(spec, **kwargs) if spec in names() else _user_model(spec, kwargs)
     model.leanconv_meta = {"input_shape": list(shape), "num_classes": num_classes or 10}
     return model
+
+
+def _user_model(target: str, kwargs: dict[str, Any]) -> nn.Module:
+    """``PKG.MODULE:FN`` built with those of the zoo's arguments (``num_classes``,
+    ``in_channels``, ``input_size``) that it takes."""
+    fn = resolve_constructor(target)
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        params = {}
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return from_constructor(target, **{k: v for k, v in kwargs.items() if takes_all or k in params})
 
 
 def input_shape_of(model: nn.Module, override: tuple[int, int, int] | None = None) -> tuple[int, int, int]:
@@ -199,7 +219,8 @@ def source_from_args(args: argparse.Namespace, ckpt: str) -> Source:
         raise LeanconvError(f"checkpoint {ckpt!r} is a folder; name the .safetensors file")
     constructor = getattr(args, "constructor", None)
     checkpoint.load(ckpt, constructor=constructor)  # a wrong constructor or a corrupt file: one line, now
-    return Source.from_checkpoint(ckpt, data=args.data, data_dir=args.data_dir, constructor=constructor)
+    return Source.from_checkpoint(ckpt, data=args.data, data_dir=args.data_dir, constructor=constructor,
+                                  input_shape=getattr(args, "input_shape", None))
 
 
 # ---------------------------------------------------------------- options built from run configs

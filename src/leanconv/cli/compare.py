@@ -37,7 +37,7 @@ HELP = "run every method at the same budgets and write a report"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", metavar="CKPT", help="a trained leanconv checkpoint")
-    add_model_args(p)
+    add_model_args(p, input_shape=True)
     add_config_options(p, CompareConfig)
     add_data_args(p, default=None, batch_size=False)  # every entry uses leanconv's fixed batch of 128
     add_output_args(p)

@@ -45,7 +45,7 @@ HELP = "swap convs for DW + sliding-channel (SCC) or periodic sparse (pSConv) la
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", metavar="MODEL_OR_CKPT", help=f"a checkpoint or a zoo model ({', '.join(names())})")
+    p.add_argument("source", metavar="MODEL_OR_CKPT", help=f"a checkpoint, a zoo model ({', '.join(names())}) or PKG.MODULE:FN")
     add_config_options(p, ConvertConfig)
     p.add_argument("--data", default=None, help="the dataset (fashion-mnist, cifar10, cifar100, synthetic); for a "
                    "zoo name, the one whose input shape and classes the model takes, recorded in the checkpoint "
@@ -85,7 +85,7 @@ def _zoo_source(args: argparse.Namespace, config: ConvertConfig) -> Source:
 
 
 def _source(args: argparse.Namespace, config: ConvertConfig) -> Source:
-    if args.source in names() and not Path(args.source).exists():
+    if (args.source in names() or ":" in args.source) and not Path(args.source).exists():
         return _zoo_source(args, config)
     given = [flag for flag, value in (("--input-shape", args.input_shape), ("--num-classes", args.num_classes))
              if value is not None]

@@ -20,7 +20,7 @@ HELP = "accuracy and loss of a checkpoint"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", metavar="CKPT", help="a leanconv .safetensors checkpoint")
-    add_model_args(p)
+    add_model_args(p, input_shape=True)
     add_data_args(p, default=None)
     p.add_argument("--split", choices=["test", "val", "train"], default="test")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -28,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     model = load_model(args.ckpt, constructor=args.constructor)
+    if args.input_shape is not None:
+        model.leanconv_meta = {**model.leanconv_meta, "input_shape": list(args.input_shape)}
     data = data_from_meta(model, args)
     shape = model.leanconv_meta.get("input_shape")
     loader = data.loader(args.split, args.batch_size, resolution=resolution_of(model, data))

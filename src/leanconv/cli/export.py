@@ -22,7 +22,7 @@ DOC_FIELDS = {"tolerance": f"{TOLERANCE:g}"}  # filled into the --help text
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="CKPT", help="a checkpoint file (or a zoo model name, freshly initialised)")
+    p.add_argument("model", metavar="CKPT", help="a checkpoint file (or a zoo model name or PKG.MODULE:FN, freshly initialised)")
     p.add_argument("--onnx", required=True, metavar="OUT.onnx", help="where to write the ONNX file")
     p.add_argument("--opset", type=positive_int, default=None,
                    help="ONNX opset (default: the exporter's; below 18 the TorchScript exporter is used)")

@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="OUT.safetensors", help="where to write the folded checkpoint")
     p.add_argument("--repeats", type=positive_int, default=10, help="timed runs per model (default: 10)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
-    add_model_args(p)
+    add_model_args(p, input_shape=True)
     p.set_defaults(out_file="out")
 
 
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     if out.resolve() == Path(args.ckpt).resolve():
         raise LeanconvError(f"--out {out} would overwrite the checkpoint being folded; choose another file")
     model = load_model(args.ckpt, constructor=args.constructor)
-    shape = input_shape_of(model)
+    shape = input_shape_of(model, args.input_shape)
     x = torch.randn(8, *shape, generator=torch.Generator().manual_seed(0))
     result = fold(model, x, tolerance=TOLERANCE)  # raises, writing nothing, if the outputs moved
     folded = result.model

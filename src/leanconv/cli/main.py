@@ -21,8 +21,9 @@ from leanconv.errors import LeanconvError
 __all__ = ["main", "build_parser", "SUBCOMMANDS"]
 
 # Subcommand modules, in the order --help lists them.
-SUBCOMMANDS = ["demo", "train", "eval", "profile", "sensitivity", "prune", "prune3d", "convert", "explore",
-               "compare", "report", "export", "fold"]
+SUBCOMMANDS = ["demo", "import", "train", "eval", "profile", "sensitivity", "prune", "prune3d", "convert",
+               "explore", "compare", "report", "export", "fold"]
+MODULES = {"import": "import_model"}  # a subcommand whose module cannot carry its name
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     parser.commands = {}  # name -> its parser
     for name in SUBCOMMANDS:
-        command = importlib.import_module(f"leanconv.cli.{name}")
+        command = importlib.import_module(f"leanconv.cli.{MODULES.get(name, name)}")
         p = sub.add_parser(name, help=command.HELP,
                            description=describe(command.__doc__, **getattr(command, "DOC_FIELDS", {})))
         command.add_arguments(p)

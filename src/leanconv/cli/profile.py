@@ -20,7 +20,7 @@ HELP = "parameters, MACs/FLOPs, memory and measured CPU latency"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL_OR_CKPT", help="a zoo model name (e.g. resnet20) or a checkpoint file")
+    p.add_argument("model", metavar="MODEL_OR_CKPT", help="a zoo model name (e.g. resnet20), PKG.MODULE:FN or a checkpoint file")
     add_model_args(p)
     p.add_argument("--input-shape", type=parse_shape, default=None, metavar="C,H,W",
                    help="input shape (default: the checkpoint's; 3,32,32 for zoo names)")

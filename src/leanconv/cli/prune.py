@@ -35,7 +35,7 @@ HELP = "remove channels to a FLOPs/params budget (hap, l1, taylor, ...)"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", metavar="CKPT", help="a trained leanconv checkpoint")
-    add_model_args(p)
+    add_model_args(p, input_shape=True)
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--target-flops", type=float, metavar="R", help="keep this fraction of the FLOPs/MACs")
     budget.add_argument("--target-params", type=float, metavar="R", help="keep this fraction of the parameters")

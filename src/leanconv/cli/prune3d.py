@@ -48,7 +48,7 @@ HELP = "3-D pruning: depth x width x resolution under a FLOPs budget"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", metavar="CKPT", help="a trained leanconv checkpoint")
-    add_model_args(p)
+    add_model_args(p, input_shape=True)
     add_config_options(p, Prune3dConfig)
     p.add_argument("--executor", choices=EXECUTORS, default="local",
                    help="where sample tasks run: local processes or a Ray cluster (default: local)")

@@ -33,7 +33,7 @@ HELP = "per-channel Hessian traces and HAP sensitivities"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", metavar="CKPT", help="a trained leanconv checkpoint")
-    add_model_args(p)
+    add_model_args(p, input_shape=True)
     add_config_options(p, SensitivityConfig)
     p.add_argument("--cache-dir", default=None, help="trace cache folder (default: DIR/cache)")
     add_data_args(p, default=None, batch_size=False)

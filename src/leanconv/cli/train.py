@@ -51,7 +51,8 @@ HELP = "train a model; writes DIR/model.safetensors"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", default=None, help="zoo model name (default: resnet20)")
+    src.add_argument("--model", default=None, metavar="NAME|PKG.MODULE:FN",
+                     help="a zoo model, or your own constructor (default: resnet20)")
     src.add_argument("--from", dest="from_ckpt", default=None, metavar="CKPT", help="start from this checkpoint")
     add_model_args(p)
     add_data_args(p, default=None, default_help=f"with --from, the checkpoint's; else {DEFAULT_DATA}")

@@ -87,6 +87,7 @@ class StepSettings:
     batch_size: int = 128
     seed: int = 0
     constructor: str | None = None  # the user constructor the checkpoint was built from (imported by workers)
+    input_shape: list[int] | None = None  # for a checkpoint that records none
 
 
 @dataclass
@@ -119,6 +120,8 @@ def load_origin(ckpt: str, settings: StepSettings) -> Origin:
     """Load the trained checkpoint and its data, find the removable blocks, count MACs."""
     model = checkpoint.load(ckpt, constructor=settings.constructor)
     data = load_dataset(settings.data, settings.data_dir)
+    if settings.input_shape is not None:
+        model.leanconv_meta = {**model.leanconv_meta, "input_shape": list(settings.input_shape)}
     shape = tuple(int(s) for s in model.leanconv_meta.get("input_shape") or ())
     if len(shape) != 3:
         raise LeanconvError(f"{ckpt} records no input shape (C, H, W); train it with leanconv first")

@@ -96,7 +96,7 @@ def settings_hash(ckpt: str | os.PathLike, settings: StepSettings) -> str:
     """12 hex digits naming the checkpoint's bytes and the settings that change a sample."""
     h = hashlib.sha256(Path(ckpt).read_bytes())
     fields = {k: v for k, v in asdict(settings).items()
-              if k != "data_dir" and not (k == "constructor" and v is None)}  # hashes from before stay valid
+              if k != "data_dir" and not (k in ("constructor", "input_shape") and v is None)}  # old hashes stay valid
     h.update(json.dumps(fields, sort_keys=True).encode())
     return h.hexdigest()[:12]
 

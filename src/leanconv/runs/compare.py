@@ -320,7 +320,7 @@ def _preflight(ctx: _Context, entries: list[tuple[str, str, float | None]]) -> N
                 check_reachable(model, torch.zeros(1, *shape), target=target, input_shape=shape)
             elif method == "3d":
                 origin = load_origin(str(ctx.source.checkpoint), config.step_settings(
-                    ctx.source.data.name, ctx.source.data_dir, ctx.source.constructor))
+                    ctx.source.data.name, ctx.source.data_dir, ctx.source.constructor, ctx.source.input_shape))
                 check_budget(origin, target, w_min=config.w_min, r_min=config.r_min,
                              min_per_stage=config.min_blocks_per_stage)
             else:

@@ -111,13 +111,14 @@ class Prune3dConfig(RunConfig):
             raise LeanconvError(f"--mixed must be at most --samples - 1 ({self.samples - 1}): the unpruned point is "
                                 f"one of the samples; got {self.mixed}")
 
-    def step_settings(self, data: str, data_dir: str | None = None, constructor: str | None = None) -> StepSettings:
+    def step_settings(self, data: str, data_dir: str | None = None, constructor: str | None = None,
+                      input_shape: tuple[int, ...] | None = None) -> StepSettings:
         """How each sampling step prunes and briefly fine-tunes (plain values, sent to workers)."""
         return StepSettings(data=data, data_dir=data_dir, method=self.method, normalize=self.normalize,
                             score_images=self.score_images, probes=self.probes,
                             min_per_stage=self.min_blocks_per_stage, epochs=self.sample_epochs,
                             images=self.sample_images, lr=self.finetune_lr, batch_size=self.batch_size, seed=self.seed,
-                            constructor=constructor)
+                            constructor=constructor, input_shape=None if input_shape is None else list(input_shape))
 
     def run(self, source: Source, **kwargs: Any) -> Result:
         return run_prune3d(self, source, **kwargs)
@@ -166,7 +167,8 @@ def _run(config: Prune3dConfig, source: Source, out: Path, executor: Any, progre
          say: Stage, measured: bool) -> Result:
     t0 = time.perf_counter()
     ckpt = _checkpoint_of(source, out)
-    origin = load_origin(str(ckpt), config.step_settings(source.data.name, source.data_dir, source.constructor))
+    origin = load_origin(str(ckpt), config.step_settings(source.data.name, source.data_dir, source.constructor,
+                                                         source.input_shape))
     box = check_budget(origin, config.target, w_min=config.w_min, r_min=config.r_min,
                        min_per_stage=config.min_blocks_per_stage)  # an impossible budget fails here, before any work
     budget = config.target * origin.macs

@@ -80,11 +80,15 @@ class Source:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, data: str | None = None, data_dir: str | None = None,
-                        constructor: str | None = None) -> "Source":
-        """The checkpoint at ``path`` with the dataset it records (or ``data``)."""
-        meta = checkpoint.read_header(path).get("meta", {})
+                        constructor: str | None = None, input_shape: tuple[int, int, int] | None = None) -> "Source":
+        """The checkpoint at ``path`` with the dataset it records (or ``data``); ``input_shape``
+        for a checkpoint that records none."""
+        meta = dict(checkpoint.read_header(path).get("meta", {}))
+        if input_shape is not None:
+            meta["input_shape"] = list(input_shape)
         splits, folder = recorded_data(meta, data, data_dir)
-        return cls(splits, checkpoint=Path(path), constructor=constructor, data_dir=folder)
+        return cls(splits, checkpoint=Path(path), constructor=constructor, data_dir=folder,
+                   input_shape=None if input_shape is None else tuple(input_shape))
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -103,7 +107,7 @@ class Source:
     def resolution(self) -> int | None:
         """The side the loaders resize to for this model (None: the data's own side)."""
         side = self.shape[-1]
-        return None if self.data is None or side == self.data.image_size else side
+        return None if getattr(self.data, "image_size", None) in (None, side) else side
 
     def fresh(self) -> nn.Module:
         """A new copy of the trained model."""
@@ -116,13 +120,14 @@ class Source:
         return self.checkpoint is not None or self.words is not None
 
     def argv(self) -> list[str]:
-        """The checkpoint, constructor and data as command-line words."""
+        """The checkpoint, constructor, input shape and data as command-line words."""
         if self.words is not None:
             return list(self.words)
         if self.checkpoint is None:
             raise LeanconvError("a run from a model in memory cannot be written as a command; save the model "
                                 "with leanconv.save and start from the file")
         words = [str(self.checkpoint), *(["--constructor", self.constructor] if self.constructor else [])]
+        words += ["--input-shape", ",".join(map(str, self.input_shape))] if self.input_shape else []
         if self.data is not None:
             words += ["--data", self.data.name]
             words += ["--data-dir", str(self.data_dir)] if self.data_dir is not None else []
