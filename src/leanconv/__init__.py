@@ -39,9 +39,12 @@ _API = {
     "load": ("leanconv.checkpoint", "load"),
     # data
     "load_dataset": ("leanconv.data", "load_dataset"),
-    # cost: counted and measured
+    # one call each, on a plain nn.Module and your own batches
+    "prune": ("leanconv.runs.calls", "prune"),
+    "convert": ("leanconv.runs.calls", "convert"),
+    "finetune": ("leanconv.runs.calls", "finetune"),
+    "profile": ("leanconv.runs.calls", "profile"),
     "count": ("leanconv.cost", "count"),
-    "profile": ("leanconv.cost", "profile"),
     # runs: config -> run -> record
     "Source": ("leanconv.runs", "Source"),
     "Result": ("leanconv.runs", "Result"),

@@ -130,12 +130,12 @@ def run_prune(config: PruneConfig, source: Source, *, out=None, progress: Progre
     example = torch.randn(1, *shape)
     check_reachable(model, example, target=config.target, kind=config.kind, input_shape=shape,
                     round_to=config.round_to, strict=config.strict)  # an unreachable target: before any work
-    test = data.loader("test", 256, resolution=resolution)
+    test = data.loader("test", 256, resolution=resolution) if measured else None
     say("measuring the unpruned model")
     gauge = (lambda m: measure(m, shape, test, config.latency_repeats)) if measured else (lambda m: counted(m, shape))
     before = gauge(model)
-    scoring = ScoringData(data.scoring_batches(config.score_images, config.batch_size, resolution),
-                          extra={"input_shape": shape})
+    scoring = None if data is None else ScoringData(
+        data.scoring_batches(config.score_images, config.batch_size, resolution), extra={"input_shape": shape})
 
     def tune(m, epochs: int) -> None:
         finetune(m, data, epochs=epochs, lr=config.finetune_lr, seed=config.seed, batch_size=config.batch_size,

@@ -1,0 +1,167 @@
+"""A user's class in a file of their own + a state dict -> leanconv import -> prune -> export,
+from the CLI alone, on a folder of PNG files; and the one-call Python API on a DataLoader."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from leanconv import checkpoint
+from leanconv.cli.main import main
+
+USER_MODULE = '''
+import torch
+from torch import nn
+
+
+class MyNet(nn.Module):
+    def __init__(self, classes=3, width=16):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+                                   nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, classes))
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head(torch.relu(x + self.block(x)))
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    folder = tmp_path / "src"
+    folder.mkdir()
+    (folder / "mynet_models.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(folder))
+    sys.modules.pop("mynet_models", None)
+    import mynet_models
+
+    return mynet_models
+
+
+def _pngs(root: Path, classes=("a", "b", "c"), per_class=20) -> Path:
+    rng = np.random.RandomState(0)
+    for k, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(np.clip(rng.normal(60 + 60 * k, 30, (18, 18, 3)), 0, 255).astype(np.uint8)).save(
+                root / name / f"{i}.png")
+    return root
+
+
+def _one_line(capsys, code, match):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("leanconv: error:") and match in err[0], err
+
+
+def test_import_prune_export_from_the_cli_on_png_files(user_module, tmp_path, capsys):
+    torch.manual_seed(0)
+    trained = user_module.MyNet()
+    torch.save(trained.state_dict(), tmp_path / "weights.pt")
+    pngs = _pngs(tmp_path / "pets")
+    ctor = "mynet_models:MyNet"
+    ckpt = tmp_path / "mynet.safetensors"
+    assert main(["import", "--constructor", ctor, "--weights", str(tmp_path / "weights.pt"), "--input-shape", "3,16,16",
+                 "--data", f"imagefolder:{pngs}", "--out", str(ckpt)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["num_classes"] == 3 and summary["tensors"] == len(trained.state_dict())
+    imported = checkpoint.load(ckpt, constructor=ctor)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(imported.eval()(x), trained.eval()(x), rtol=0, atol=0)  # the same weights
+    assert main(["prune", str(ckpt), "--constructor", ctor, "--method", "l1", "--target-flops", "0.5",
+                 "--finetune-epochs", "1", "--score-images", "16", "--repeats", "1", "--out", str(tmp_path / "p"),
+                 "--no-progress"]) == 0
+    record = json.loads((tmp_path / "p" / "record.json").read_text())
+    assert abs(record["achieved"]["macs"] - 0.5) <= 0.01 and record["before"]["test_accuracy"] >= 0
+    assert main(["export", str(tmp_path / "p" / "model.safetensors"), "--constructor", ctor,
+                 "--onnx", str(tmp_path / "p.onnx"), "--no-latency"]) == 0
+    assert (tmp_path / "p.onnx").stat().st_size > 1000
+
+
+def test_import_takes_safetensors_and_unwraps_training_checkpoints(user_module, tmp_path, capsys):
+    torch.manual_seed(1)
+    net = user_module.MyNet(classes=5, width=8)
+    save_file(net.state_dict(), str(tmp_path / "w.safetensors"))
+    wrapped = {"epoch": 3, "state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}
+    torch.save(wrapped, tmp_path / "w.pth")
+    for weights in ("w.safetensors", "w.pth"):
+        out = tmp_path / f"{weights}.safetensors"
+        assert main(["import", "--constructor", "mynet_models:MyNet", "--arg", "classes=5", "--arg", "width=8",
+                     "--weights", str(tmp_path / weights), "--input-shape", "3,12,12", "--out", str(out)]) == 0
+        capsys.readouterr()
+        header = checkpoint.read_header(out)
+        assert header["base"] == {"constructor": "mynet_models:MyNet", "kwargs": {"classes": 5, "width": 8}}
+        assert header["meta"]["num_classes"] == 5 and header["meta"]["input_shape"] == [3, 12, 12]
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("a pickle ran code",))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("setup, argv, match", [
+    (lambda d, m: torch.save({"w": _Payload()}, d / "x.pt"), ["--weights", "x.pt"], "a full pickle"),
+    (lambda d, m: (d / "x.pt").write_bytes(pickle.dumps({"a": 1})), ["--weights", "x.pt"], "a full pickle"),
+    (lambda d, m: torch.save(m.MyNet(width=8).state_dict(), d / "x.pt"), ["--weights", "x.pt"],
+     "do not fit the model: shape of stem.0.weight [8, 3, 3, 3] in the file, [16, 3, 3, 3] in the model"),
+    (lambda d, m: torch.save({"stem.0.weight": torch.zeros(1)}, d / "x.pt"), ["--weights", "x.pt"], "missing"),
+    (lambda d, m: (d / "x.pt").write_bytes(b"garbage"), ["--weights", "x.pt"], "is not a PyTorch weights file"),
+    (lambda d, m: None, ["--weights", "nothing.pt"], "does not exist"),
+    (lambda d, m: torch.save(m.MyNet().state_dict(), d / "x.pt"), ["--weights", "x.pt", "--num-classes", "7"],
+     "--num-classes 7 disagrees with the model, which outputs 3"),
+])
+def test_bad_imports_are_one_line_and_write_nothing(user_module, tmp_path, capsys, setup, argv, match):
+    setup(tmp_path, user_module)
+    argv = [a if not a.endswith(".pt") else str(tmp_path / a) for a in argv]
+    code = main(["import", "--constructor", "mynet_models:MyNet", *argv, "--input-shape", "3,16,16",
+                 "--out", str(tmp_path / "out.safetensors")])
+    _one_line(capsys, code, match)
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_constructor_works_where_a_zoo_name_does(user_module, tmp_path, capsys):
+    assert main(["train", "--model", "mynet_models:MyNet", "--data", "synthetic:k=3", "--epochs", "1",
+                 "--out", str(tmp_path / "t"), "--no-progress"]) == 0
+    assert checkpoint.read_header(tmp_path / "t" / "model.safetensors")["base"]["constructor"] == "mynet_models:MyNet"
+    capsys.readouterr()
+    assert main(["profile", "mynet_models:MyNet", "--input-shape", "3,16,16", "--no-latency", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["macs"] > 0
+
+
+def test_input_shape_for_a_checkpoint_that_records_none(user_module, tmp_path, capsys):
+    model = user_module.MyNet(classes=4)
+    model.leanconv_meta = {"dataset": {"name": "synthetic"}}
+    checkpoint.save(model, tmp_path / "bare.safetensors", constructor="mynet_models:MyNet",
+                    constructor_kwargs={"classes": 4})
+    argv = ["prune", str(tmp_path / "bare.safetensors"), "--constructor", "mynet_models:MyNet", "--method", "l1",
+            "--target-flops", "0.5", "--repeats", "1", "--no-progress"]
+    _one_line(capsys, main([*argv, "--out", str(tmp_path / "a")]), "records no input shape; pass --input-shape")
+    assert main([*argv, "--input-shape", "3,16,16", "--out", str(tmp_path / "b")]) == 0
+    record = json.loads((tmp_path / "b" / "record.json").read_text())
+    assert "--input-shape 3,16,16" in record["command"]
+
+
+README_EXAMPLE = re.compile(r"## Python API\n.*?```python\n(.*?)```", re.S)
+
+
+def test_the_readme_python_example_runs_as_written(tmp_path):
+    """The README's complete example, pasted into a file and run as a script in a fresh process."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = README_EXAMPLE.search(readme).group(1)
+    (tmp_path / "example.py").write_text(code)
+    done = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "MACs" in done.stdout and (tmp_path / "tiny_pruned.safetensors").is_file()
