@@ -152,9 +152,27 @@ def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyG
         raise
     except (RuntimeError, ValueError, TypeError) as exc:
         raise LeanconvError(f"cannot trace the model on an input of shape {tuple(x.shape)}: {exc}") from exc
+    except (ArithmeticError, IndexError, KeyError, AttributeError) as exc:  # inside torch-pruning's index mapping
+        raise LeanconvError(f"the dependency graph cannot follow this model's channels through "
+                            f"{_failing_step(exc)} ({type(exc).__name__}); leanconv cannot prune it") from exc
     dg.leanconv_output_shape = tuple(outputs[0].shape)
     dg.leanconv_activation_ops, dg.leanconv_input_readers = _activation_ops(outputs[0].grad_fn, x)
     return dg
+
+
+def _failing_step(exc: BaseException) -> str:
+    """What torch-pruning was mapping when it failed, from the innermost frame of its traceback."""
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    where = next((f for f in reversed(frames) if f.startswith("update_") and f.endswith("_index_mapping")), "")
+    if "reshape" in where:
+        return "a reshape of the channel dimension (view or reshape, e.g. a channel shuffle)"
+    if "concat" in where or "split" in where:
+        return f"a channel {'concatenation' if 'concat' in where else 'split'} it cannot map"
+    return f"an operation it cannot map ({where or (frames[-1] if frames else 'unknown')})"
 
 
 def _activation_ops(root, x: torch.Tensor) -> tuple[set[int], set[int]]:

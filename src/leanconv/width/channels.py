@@ -110,9 +110,11 @@ def remove_channels(
         p.requires_grad_(flags.get(name, True))
     actual = channel_counts(model)
     wrong = sorted(n for n, c in expected.items() if actual.get(n) != c)
-    if wrong:
-        raise RuntimeError(f"leanconv bug: pruning left {wrong[0]} with {actual.get(wrong[0])} channels "
-                           f"(in, out) instead of {expected[wrong[0]]}")
+    if wrong:  # the dependency graph resized a layer more than the groups say (it reads some channels twice)
+        raise LeanconvError(f"leanconv cannot prune this model: removing channels left {wrong[0]} with "
+                            f"{actual.get(wrong[0])} channels (in, out) where the channel groups account for "
+                            f"{expected[wrong[0]]}; a layer that reads the same channels twice (e.g. a ghost "
+                            "module's concatenation of a tensor with a function of itself) is not supported")
     try:
         shape = _output_shape(model, example_input)
     except (RuntimeError, ValueError) as exc:  # e.g. a per-channel buffer or constant the graph cannot see
