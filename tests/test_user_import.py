@@ -165,3 +165,59 @@ def test_the_readme_python_example_runs_as_written(tmp_path):
     done = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "MACs" in done.stdout and (tmp_path / "tiny_pruned.safetensors").is_file()
+
+
+def _loader(n=96, side=16, classes=3, seed=0):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(TensorDataset(torch.randn(n, 3, side, side, generator=g), torch.randint(0, classes, (n,), generator=g)),
+                      batch_size=32)
+
+
+def test_the_one_call_api_on_a_plain_module_and_a_dataloader(user_module):
+    import leanconv
+
+    model, example = user_module.MyNet(), torch.randn(1, 3, 16, 16)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    small = leanconv.prune(model, example, method="l1", target_macs=0.5)  # data-free: no data needed
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # the model given is unchanged
+    assert abs(small.leanconv_record["achieved"]["macs"] - 0.5) <= 0.02 * 0.5
+    tested = leanconv.prune(model, example, data=_loader(), test_data=_loader(seed=1), method="taylor",
+                            target_macs=0.5, finetune_epochs=1, score_images=32)
+    assert tested.leanconv_record["after"]["test_accuracy"] >= 0 and tested.leanconv_record["speedup_batch64"] > 0
+    converted = leanconv.convert(model, example, to="psconv", data=_loader(), finetune_epochs=1)
+    assert leanconv.profile(converted, example, latency=False)["macs"] < leanconv.profile(model, (3, 16, 16),
+                                                                                            latency=False)["macs"]
+    before = small.head[-1].weight.clone()
+    assert leanconv.finetune(small, _loader(), epochs=1, lr=0.05) is small
+    assert not torch.equal(small.head[-1].weight, before)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda lc, m, x: lc.prune(m, x, method="hap", target_macs=0.5), "method hap needs data"),
+    (lambda lc, m, x: lc.prune(m, x, method="l1"), "give one budget"),
+    (lambda lc, m, x: lc.prune(m, x, method="l1", target_macs=0.5, probes=1), "--probes must be at least 2"),
+    (lambda lc, m, x: lc.prune(m, x, method="l1", target_macs=0.5, speed="max"), "has no setting speed"),
+    (lambda lc, m, x: lc.prune(m, torch.randn(3, 16, 16), method="l1", target_macs=0.5), "example_input must be"),
+    (lambda lc, m, x: lc.prune(m, x, data=[(torch.randn(4, 3, 16, 16), torch.rand(4))], method="taylor",
+                               target_macs=0.5), "labels must be one integer class index per image"),
+    (lambda lc, m, x: lc.convert(m, x, to="scc"), "--to scc needs --groups"),
+])
+def test_bad_python_calls_are_one_clear_error(user_module, call, match):
+    import leanconv
+
+    with pytest.raises(leanconv.LeanconvError, match=match):
+        call(leanconv, user_module.MyNet(), torch.randn(1, 3, 16, 16))
+
+
+def test_a_constructor_that_does_not_build_is_one_line(user_module, tmp_path, capsys):
+    torch.save(user_module.MyNet().state_dict(), tmp_path / "w.pt")
+    for ctor, match in (("mynet_models:Nope", "Nope"), ("no_such_module_x:Net", "no_such_module_x")):
+        code = main(["import", "--constructor", ctor, "--weights", str(tmp_path / "w.pt"), "--input-shape", "3,16,16",
+                     "--out", str(tmp_path / "o.safetensors")])
+        _one_line(capsys, code, match)
+    code = main(["import", "--constructor", "mynet_models:MyNet", "--arg", "classes=-3", "--weights",
+                 str(tmp_path / "w.pt"), "--input-shape", "3,16,16", "--out", str(tmp_path / "o.safetensors")])
+    _one_line(capsys, code, "failed with {'classes': -3}")
+    assert not (tmp_path / "o.safetensors").exists()
