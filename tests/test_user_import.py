@@ -221,3 +221,11 @@ def test_a_constructor_that_does_not_build_is_one_line(user_module, tmp_path, ca
                  str(tmp_path / "w.pt"), "--input-shape", "3,16,16", "--out", str(tmp_path / "o.safetensors")])
     _one_line(capsys, code, "failed with {'classes': -3}")
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_explore_takes_your_own_model(user_module, tmp_path, capsys):
+    assert main(["explore", "--model", "mynet_models:MyNet", "--data", "synthetic:k=3", "--psconv-patterns", "psd4_p8",
+                 "--include-dense", "--epochs", "1", "--train-subset", "64", "--batch-size", "32", "--repeats", "1",
+                 "--out", str(tmp_path / "e"), "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "e" / "explore.json").read_text())
+    assert {r["variant"] for r in summary["records"]} == {"dense", "psconv_psd4_p8"}

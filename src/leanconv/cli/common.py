@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import math
 import os
 import sys
@@ -16,8 +15,7 @@ from torch import nn
 from leanconv import checkpoint
 from leanconv.data.splits import DatasetSplits
 from leanconv.errors import LeanconvError
-from leanconv.models import create, from_constructor, names
-from leanconv.models.registry import resolve_constructor
+from leanconv.models import build, names
 from leanconv.runs.source import Source, recorded_data
 
 __all__ = [
@@ -155,27 +153,15 @@ def load_model(spec: str, *, constructor: str | None = None, input_shape: tuple[
     if path.exists() or spec.endswith(".safetensors"):
         return checkpoint.load(path, constructor=constructor)
     if spec not in names() and ":" not in spec:
-        raise LeanconvError(f"{spec!r} is neither a checkpoint file, a zoo model nor PKG.MODULE:FN; zoo models: "
+        raise LeanconvError(f"{spec!r} is neither a checkpoint file nor a zoo model (nor PKG.MODULE:FN); zoo models: "
                             f"{', '.join(names())}")
     shape = input_shape or (3, 32, 32)
     kwargs: dict[str, Any] = {"in_channels": shape[0], "input_size": shape[1]}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    model = create(spec, **kwargs) if spec in names() else _user_model(spec, kwargs)
+    model = build(spec, **kwargs)
     model.leanconv_meta = {"input_shape": list(shape), "num_classes": num_classes or 10}
     return model
-
-
-def _user_model(target: str, kwargs: dict[str, Any]) -> nn.Module:
-    """``PKG.MODULE:FN`` built with those of the zoo's arguments (``num_classes``,
-    ``in_channels``, ``input_size``) that it takes."""
-    fn = resolve_constructor(target)
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        params = {}
-    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    return from_constructor(target, **{k: v for k, v in kwargs.items() if takes_all or k in params})
 
 
 def input_shape_of(model: nn.Module, override: tuple[int, int, int] | None = None) -> tuple[int, int, int]:

@@ -59,7 +59,8 @@ HELP = "train a grid of SCC / pSConv variants of a model; Pareto table and plot"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="resnet20", choices=names(), help="zoo model (default: resnet20)")
+    p.add_argument("--model", default="resnet20", metavar="NAME|PKG.MODULE:FN",
+                   help=f"a zoo model ({', '.join(names())}) or your own constructor (default: resnet20)")
     add_data_args(p)
     p.add_argument("--scc-groups", type=_int_list, default=(), metavar="G,G,...",
                    help="SCC channel groups to try, e.g. 1,2,4,8 (default: none)")

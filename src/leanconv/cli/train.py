@@ -38,6 +38,7 @@ from leanconv.errors import LeanconvError
 from leanconv.train import TrainConfig, evaluate, fit, recalibrate_on_training_data
 from leanconv.train import distributed as dist
 from leanconv.util.files import write_json
+from leanconv.util.model_io import check_classes
 
 __all__ = ["HELP", "add_arguments", "run", "config_from_args", "loaders_for", "CHECKSUM_ENV"]
 
@@ -120,6 +121,7 @@ def _model_and_data(args: argparse.Namespace):
     torch.manual_seed(args.seed)
     model = load_model(args.model or "resnet20", input_shape=(data.in_channels, side, side),
                        num_classes=data.num_classes)
+    check_classes(model, (data.in_channels, side, side), data.num_classes)
     return _with_meta(model, data, (data.in_channels, side, side), args), data
 
 

@@ -39,9 +39,10 @@ from leanconv.data import load_dataset
 from leanconv.data.splits import DatasetSplits
 from leanconv.errors import LeanconvError
 from leanconv.layers.periodic_sparse import PATTERNS
-from leanconv.models import create, names
+from leanconv.models import build, names
 from leanconv.train import TrainConfig, evaluate, fit
 from leanconv.util.files import JsonlStore, write_json, write_text
+from leanconv.util.model_io import check_classes
 from leanconv.util.progress import Progress
 
 __all__ = ["ExploreConfig", "Variant", "variants", "build_variant", "run_explore", "load_results",
@@ -70,8 +71,9 @@ class ExploreConfig:
     latency_repeats: int = 10
 
     def __post_init__(self) -> None:
-        if self.model not in names():
-            raise LeanconvError(f"explore needs a zoo model; {self.model!r} is not one of: {', '.join(names())}")
+        if self.model not in names() and ":" not in self.model:
+            raise LeanconvError(f"explore needs a zoo model ({', '.join(names())}) or package.module:function, "
+                                f"got {self.model!r}")
         if any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in self.scc_groups):
             raise LeanconvError(f"SCC groups must be positive whole numbers, got {list(self.scc_groups)}")
         if self.scc_groups and not self.scc_overlaps:
@@ -121,11 +123,13 @@ def build_variant(config: ExploreConfig, variant: Variant, data: DatasetSplits) 
     """The zoo model for ``data``, freshly initialised from the training seed, converted."""
     torch.manual_seed(config.train.seed)
     shape = _input_shape(data)
-    model = create(config.model, in_channels=shape[0], input_size=shape[1], num_classes=data.num_classes)
+    model = build(config.model, in_channels=shape[0], input_size=shape[1], num_classes=data.num_classes)
     if variant.spec is not None:
         s = variant.spec
         convert(model, s.to, groups=s.groups, overlap=s.overlap, pattern=s.pattern)
-    model.leanconv_meta = {**model.leanconv_meta, "input_shape": list(shape), "num_classes": data.num_classes,
+    check_classes(model, shape, data.num_classes)
+    model.leanconv_meta = {**getattr(model, "leanconv_meta", {}), "input_shape": list(shape),
+                           "num_classes": data.num_classes,
                            "dataset": {"name": data.name, "data_dir": config.data_dir},
                            "explore_variant": variant.name}
     return model

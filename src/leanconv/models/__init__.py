@@ -7,13 +7,14 @@ constructors join the registry. Every constructor accepts ``num_classes=10``,
 """
 
 from leanconv.models import mobilenetv2, preact_resnet, resnet18, resnet_cifar, vgg  # noqa: F401 (register)
-from leanconv.models.registry import create, from_constructor, names, register_model
+from leanconv.models.registry import build, create, from_constructor, names, register_model
 
 __all__ = [
     # building models
     "create",
     "names",
     "from_constructor",
+    "build",
     # adding models
     "register_model",
 ]

@@ -9,6 +9,7 @@ stores that record and replays it on load.
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 from typing import Any, Callable
 
@@ -23,6 +24,7 @@ __all__ = [
     "from_constructor",
     "resolve_constructor",
     "check_zoo_args",
+    "build",
 ]
 
 log = logging.getLogger(__name__)
@@ -99,3 +101,20 @@ def from_constructor(target: str | Callable[..., nn.Module], **kwargs: Any) -> n
     model.leanconv_base = {"constructor": name, "kwargs": dict(kwargs)}
     model.leanconv_constructor = fn  # in memory only: lets checkpoint.save rebuild the base it diffs against
     return model
+
+
+def build(name: str, **zoo_kwargs: Any) -> nn.Module:
+    """A zoo model by ``name``, or a user's ``package.module:function`` given those of the zoo's
+    arguments (``num_classes``, ``in_channels``, ``input_size``) that it accepts."""
+    if name in _MODELS:
+        return create(name, **zoo_kwargs)
+    if ":" not in name:
+        raise LeanconvError(f"unknown model {name!r}; zoo models: {', '.join(names())}, or give "
+                            "package.module:function")
+    fn = resolve_constructor(name)
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        params = {}
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return from_constructor(name, **{k: v for k, v in zoo_kwargs.items() if takes_all or k in params})
