@@ -14,15 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from leanconv.cli.common import (
-    add_config_options,
-    add_data_args,
-    add_model_args,
-    add_output_args,
-    build_config,
-    progress_bar,
-    source_from_args,
-)
+from leanconv.cli.common import (add_config_options, add_data_args, add_model_args, add_output_args, build_config,
+                                 progress_bar, source_from_args)
 from leanconv.errors import LeanconvError
 from leanconv.report.build import build_report
 from leanconv.runs.compare import CompareConfig, run_compare

@@ -22,16 +22,8 @@ from pathlib import Path
 import torch
 
 from leanconv import checkpoint
-from leanconv.cli.common import (
-    add_config_options,
-    add_model_args,
-    build_config,
-    load_model,
-    parse_shape,
-    positive_int,
-    progress_bar,
-    source_from_args,
-)
+from leanconv.cli.common import (add_config_options, add_model_args, build_config, load_model, parse_shape,
+                                 positive_int, progress_bar, source_from_args)
 from leanconv.data import load_dataset
 from leanconv.errors import LeanconvError
 from leanconv.models import names

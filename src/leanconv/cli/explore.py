@@ -17,15 +17,8 @@ import argparse
 from pathlib import Path
 from typing import Callable
 
-from leanconv.cli.common import (
-    add_data_args,
-    add_output_args,
-    add_repeats_arg,
-    add_seed_arg,
-    positive_float,
-    positive_int,
-    progress_bar,
-)
+from leanconv.cli.common import (add_data_args, add_output_args, add_repeats_arg, add_seed_arg, positive_float,
+                                 positive_int, progress_bar)
 from leanconv.convs.explore import PAPER_OVERLAPS, ExploreConfig, run_explore, write_summary
 from leanconv.models import names
 from leanconv.report.plots import tradeoff_chart

@@ -14,15 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-from leanconv.cli.common import (
-    add_config_options,
-    add_data_args,
-    add_model_args,
-    add_output_args,
-    build_config,
-    progress_bar,
-    source_from_args,
-)
+from leanconv.cli.common import (add_config_options, add_data_args, add_model_args, add_output_args, build_config,
+                                 progress_bar, source_from_args)
 from leanconv.cost import simd_channels
 from leanconv.report.plots import channels_chart
 from leanconv.runs.prune import PruneConfig, run_prune

@@ -16,16 +16,8 @@ import json
 import os
 import sys
 
-from leanconv.cli.common import (
-    add_config_options,
-    add_data_args,
-    add_model_args,
-    add_output_args,
-    build_config,
-    positive_int,
-    progress_bar,
-    source_from_args,
-)
+from leanconv.cli.common import (add_config_options, add_data_args, add_model_args, add_output_args, build_config,
+                                 positive_int, progress_bar, source_from_args)
 from leanconv.prune3d.executors import EXECUTORS, create_executor
 from leanconv.report.plots3d import prune3d_plots
 from leanconv.runs.prune3d import Prune3dConfig, run_prune3d

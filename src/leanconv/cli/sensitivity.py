@@ -13,15 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
-from leanconv.cli.common import (
-    add_config_options,
-    add_data_args,
-    add_model_args,
-    add_output_args,
-    build_config,
-    progress_bar,
-    source_from_args,
-)
+from leanconv.cli.common import (add_config_options, add_data_args, add_model_args, add_output_args, build_config,
+                                 progress_bar, source_from_args)
 from leanconv.report.plots import sensitivity_chart
 from leanconv.runs.sensitivity import SensitivityConfig, run_sensitivity
 

@@ -20,19 +20,9 @@ from pathlib import Path
 import torch
 
 from leanconv import checkpoint
-from leanconv.cli.common import (
-    DEFAULT_DATA,
-    add_data_args,
-    add_model_args,
-    data_from_meta,
-    load_model,
-    non_negative_float,
-    positive_float,
-    positive_int,
-    progress_bar,
-    recorded_data_dir,
-    resolution_of,
-)
+from leanconv.cli.common import (DEFAULT_DATA, add_data_args, add_model_args, data_from_meta, load_model,
+                                 non_negative_float, positive_float, positive_int, progress_bar, recorded_data_dir,
+                                 resolution_of)
 from leanconv.data import load_dataset
 from leanconv.errors import LeanconvError
 from leanconv.train import TrainConfig, evaluate, fit, recalibrate_on_training_data

@@ -20,52 +20,17 @@ The run itself (config, record) is :mod:`leanconv.runs.prune3d`::
     res = resolve(sel.model, cost, 0.5 * macs0, realise, allowed_r=discrete_ratios(32, 8))
 """
 
-from leanconv.prune3d.block_importance import (
-    block_importance,
-    bypass_loss_curve,
-    rank_correlation,
-)
-from leanconv.prune3d.blocks import (
-    BlockInfo,
-    bypassed,
-    depth_ratio,
-    find_residual_blocks,
-    prune_blocks,
-)
-from leanconv.prune3d.executors import (
-    EXECUTORS,
-    LocalExecutor,
-    RayExecutor,
-    create_executor,
-)
-from leanconv.prune3d.optimum import (
-    COST_TERMS,
-    AnalyticCost,
-    CalibratedCost,
-    Choice,
-    Resolution,
-    analytic_macs,
-    discrete_ratios,
-    maximise,
-    resolve,
-)
-from leanconv.prune3d.predictor import (
-    FullPolynomial,
-    LowRankPolynomial,
-    Predictor,
-    is_monotone,
-    monotone_violation,
-    predictor_from_dict,
-)
+from leanconv.prune3d.block_importance import block_importance, bypass_loss_curve, rank_correlation
+from leanconv.prune3d.blocks import BlockInfo, bypassed, depth_ratio, find_residual_blocks, prune_blocks
+from leanconv.prune3d.executors import EXECUTORS, LocalExecutor, RayExecutor, create_executor
+from leanconv.prune3d.optimum import (COST_TERMS, AnalyticCost, CalibratedCost, Choice, Resolution, analytic_macs,
+                                      discrete_ratios, maximise, resolve)
+from leanconv.prune3d.predictor import (FullPolynomial, LowRankPolynomial, Predictor, is_monotone, monotone_violation,
+                                        predictor_from_dict)
 from leanconv.prune3d.realise import Realised, StepSettings, realise
 from leanconv.prune3d.resolution import resolution_ratio_to_side, set_resolution
 from leanconv.prune3d.samples import SampleStore, collect_samples, plan_tasks
-from leanconv.prune3d.selection import (
-    HoldoutComparison,
-    Selection,
-    compare_on_holdout,
-    select_predictor,
-)
+from leanconv.prune3d.selection import HoldoutComparison, Selection, compare_on_holdout, select_predictor
 
 __all__ = [
     # depth and resolution

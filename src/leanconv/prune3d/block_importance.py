@@ -25,13 +25,7 @@ from torch import Tensor, nn
 
 from leanconv.errors import LeanconvError
 from leanconv.importance.hessian import channel_traces
-from leanconv.prune3d.blocks import (
-    BlockInfo,
-    _alive,
-    _least_important,
-    _module,
-    bypassed,
-)
+from leanconv.prune3d.blocks import BlockInfo, _alive, _least_important, _module, bypassed
 from leanconv.util.modes import eval_mode
 from leanconv.util.progress import Progress
 

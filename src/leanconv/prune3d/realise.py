@@ -43,11 +43,7 @@ from leanconv.importance import ScoringData, run_criterion
 from leanconv.width.budget import prune_to_budget
 from leanconv.prune3d.block_importance import block_importance
 from leanconv.prune3d.blocks import BlockInfo, find_residual_blocks, prune_blocks
-from leanconv.prune3d.resolution import (
-    MIN_SIDE,
-    resolution_ratio_to_side,
-    set_resolution,
-)
+from leanconv.prune3d.resolution import MIN_SIDE, resolution_ratio_to_side, set_resolution
 from leanconv.train import evaluate, finetune
 
 __all__ = [

@@ -39,17 +39,8 @@ import torch
 
 from leanconv.cost import count
 from leanconv.errors import LeanconvError
-from leanconv.prune3d.realise import (
-    Origin,
-    StepSettings,
-    brief_finetune,
-    bypass_blocks,
-    load_origin,
-    measure_point,
-    prune_width,
-    realise,
-    val_accuracy,
-)
+from leanconv.prune3d.realise import (Origin, StepSettings, brief_finetune, bypass_blocks, load_origin, measure_point,
+                                      prune_width, realise, val_accuracy)
 from leanconv.prune3d.resolution import set_resolution
 from leanconv.util.files import JsonlStore
 from leanconv.util.progress import Progress

@@ -23,12 +23,7 @@ from torch import nn
 from leanconv.cost import count
 from leanconv.errors import LeanconvError
 from leanconv.prune3d.blocks import prune_blocks
-from leanconv.prune3d.optimum import (
-    AnalyticCost,
-    CalibratedCost,
-    discrete_ratios,
-    resolve,
-)
+from leanconv.prune3d.optimum import AnalyticCost, CalibratedCost, discrete_ratios, resolve
 from leanconv.prune3d.predictor import is_monotone
 from leanconv.prune3d.realise import Origin, min_side, realise
 from leanconv.prune3d.selection import compare_on_holdout, select_predictor

@@ -16,13 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from leanconv.errors import LeanconvError
-from leanconv.prune3d.predictor import (
-    FullPolynomial,
-    LowRankPolynomial,
-    _as_samples,
-    _unit_scale,
-    is_monotone,
-)
+from leanconv.prune3d.predictor import FullPolynomial, LowRankPolynomial, _as_samples, _unit_scale, is_monotone
 
 logger = logging.getLogger(__name__)
 

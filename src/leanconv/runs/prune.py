@@ -21,19 +21,8 @@ from leanconv.cost import simd_channels
 from leanconv.importance import ScoringData, criterion_names, run_criterion
 from leanconv.width.budget import check_reachable, iterative_prune, prune_to_budget
 from leanconv.width.implant_fit import IMPLANT_INITS
-from leanconv.runs.config import (
-    RunConfig,
-    batch_size,
-    command_line,
-    finetune_epochs,
-    finetune_lr,
-    latency_repeats,
-    probes,
-    score_images,
-    seed,
-    setting,
-    train_subset,
-)
+from leanconv.runs.config import (RunConfig, batch_size, command_line, finetune_epochs, finetune_lr, latency_repeats,
+                                  probes, score_images, seed, setting, train_subset)
 from leanconv.runs.record import Record, Result, counted, measure
 from leanconv.runs.source import Source
 from leanconv.train import evaluate, finetune

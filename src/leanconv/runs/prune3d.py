@@ -38,20 +38,8 @@ from leanconv.prune3d.executors import LocalExecutor
 from leanconv.prune3d.realise import Origin, StepSettings, brief_finetune, load_origin, val_accuracy
 from leanconv.prune3d.samples import SampleStore, collect_samples, plan_tasks
 from leanconv.prune3d.search import check_budget, choose, fit_samples, sampling_floors
-from leanconv.runs.config import (
-    RunConfig,
-    batch_size,
-    command_line,
-    finetune_epochs,
-    finetune_lr,
-    latency_repeats,
-    probes,
-    score_images,
-    seed,
-    setting,
-    target,
-    train_subset,
-)
+from leanconv.runs.config import (RunConfig, batch_size, command_line, finetune_epochs, finetune_lr, latency_repeats,
+                                  probes, score_images, seed, setting, target, train_subset)
 from leanconv.runs.record import Record, Result, measure
 from leanconv.runs.source import Source
 from leanconv.util import checks

@@ -11,12 +11,6 @@ option (:mod:`leanconv.width.channels`, :mod:`leanconv.width.implant_fit`).
 """
 
 from leanconv.importance.hessian.cache import cached_channel_traces
-from leanconv.importance.hessian.traces import (
-    METHODS,
-    TraceResult,
-    channel_traces,
-    default_params,
-    layer_traces,
-)
+from leanconv.importance.hessian.traces import METHODS, TraceResult, channel_traces, default_params, layer_traces
 
 __all__ = ["channel_traces", "cached_channel_traces", "METHODS", "default_params", "TraceResult", "layer_traces"]

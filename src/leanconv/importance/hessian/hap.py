@@ -39,13 +39,7 @@ from leanconv.errors import LeanconvError
 from leanconv.graph.types import ChannelGroup, Member
 from leanconv.importance.base import Criterion, ScoringData, register_criterion
 from leanconv.importance.hessian import cache, traces
-from leanconv.importance.scoring import (
-    is_weight_layer,
-    member_module,
-    require_batches,
-    sum_over_members,
-    to_scores,
-)
+from leanconv.importance.scoring import is_weight_layer, member_module, require_batches, sum_over_members, to_scores
 
 __all__ = ["HAP", "hap", "probe_settings", "MIN_PROBES"]
 

@@ -59,11 +59,7 @@ from torch import Tensor, nn
 
 from leanconv.errors import LeanconvError
 from leanconv.importance.base import check_batches
-from leanconv.importance.hessian.hvp import (
-    assign_groups,
-    grouped_hvp,
-    rademacher_probes,
-)
+from leanconv.importance.hessian.hvp import assign_groups, grouped_hvp, rademacher_probes
 from leanconv.util.modes import eval_mode
 from leanconv.util.progress import Progress
 
