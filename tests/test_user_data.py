@@ -42,7 +42,8 @@ def test_an_image_folder_is_read_cropped_and_split(tmp_path, caplog):
     assert "skipped 1 image file(s)" in caplog.text and "broken.png" in caplog.text
     assert data.classes == ("cat", "dog", "eel") and data.num_classes == 3
     assert (data.in_channels, data.image_size) == (3, 20)  # a centred 20x20 square of the 20x24 images
-    assert len(data.train) + len(data.val) + len(data.test) == 72 and len(data.test) == 7  # a fixed tenth
+    assert len(data.train) + len(data.val) + len(data.test) == 72 and len(data.test) == 6  # a tenth of each class
+    assert sorted(data.test.labels.tolist()) == [0, 0, 1, 1, 2, 2]
     assert data.name == f"imagefolder:{root.resolve()}"
     again = load_dataset(data.name)  # the recorded name loads the same data
     assert torch.equal(again.test.images, data.test.images) and torch.equal(again.test.labels, data.test.labels)
@@ -112,7 +113,7 @@ def test_npz_arrays_in_every_layout(tmp_path):
     ({"x": np.zeros((10, 8, 8), np.uint8), "y": np.arange(10) % 2, "x_test": np.zeros((2, 8, 8), np.uint8),
       "y_test": np.array([0, 5])}, "labels of the test split must lie in \\[0, 1\\]"),
     ({"x": np.zeros((10, 8, 8), np.uint8)}, "needs arrays 'x' \\(images\\) and 'y'"),
-    ({"x": np.zeros((10, 8, 9), np.uint8), "y": np.arange(10) % 2}, "must be square"),
+    ({"x": np.zeros((10, 2, 8, 8), np.uint8), "y": np.arange(10) % 2}, "with 1 or 3 channels"),
     ({"x": np.full((10, 8, 8), 2.0), "y": np.arange(10) % 2}, "uint8 or floats in \\[0, 1\\]"),
     ({"x": np.array([None] * 10, dtype=object), "y": np.arange(10) % 2}, "not a readable .npz"),
 ])
@@ -136,3 +137,34 @@ def test_train_and_prune_on_a_folder_of_png_files(tmp_path, capsys):
                  "--score-images", "16", "--repeats", "1", "--out", str(tmp_path / "p"), "--no-progress"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert abs(summary["macs"][1] / summary["macs"][0] - 0.5) <= 0.01
+
+
+@pytest.mark.parametrize("options, match", [
+    ("size=abc", "option size must be a whole number in \\[8, 1024\\]"),
+    ("size=16.5", "option size must be a whole number"),
+    ("val_size=2.5", "option val_size must be a whole number"),
+    ("channels=2", "option channels must be"),
+    ("flip_ok=maybe", "option flip_ok must be true or false"),
+    ("max_memory_mb=abc", "option max_memory_mb must be a whole number"),
+])
+def test_bad_dataset_options_are_one_clear_line(tmp_path, options, match):
+    root = _png_folder(tmp_path / "pets", per_class=4)
+    with pytest.raises(LeanconvError, match=match):
+        load_dataset(f"imagefolder:{root},{options}")
+
+
+def test_every_class_is_in_the_test_split_and_npz_images_are_cropped(tmp_path):
+    root = _png_folder(tmp_path / "pets", per_class=12)
+    data = load_dataset(f"imagefolder:{root}")
+    assert sorted(set(data.test.labels.tolist())) == [0, 1, 2]  # a tenth of every class, not of the whole
+    x = (np.random.RandomState(0).rand(40, 10, 14) * 255).astype(np.uint8)
+    arrays = load_dataset(f"npz:{_npz(tmp_path / 'wide.npz', x=x, y=np.arange(40) % 2)}")
+    assert arrays.image_size == 10 and sorted(set(arrays.test.labels.tolist())) == [0, 1]
+
+
+def test_a_relative_data_folder_is_recorded_absolute(tmp_path, monkeypatch, capsys):
+    root = _png_folder(tmp_path / "pets", per_class=24)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--model", "resnet20", "--data", "imagefolder", "--data-dir", "pets", "--epochs", "1",
+                 "--batch-size", "32", "--out", "t", "--no-progress"]) == 0
+    assert checkpoint.read_header(tmp_path / "t" / "model.safetensors")["meta"]["dataset"]["data_dir"] == str(root)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+from torch import nn
 
 from leanconv import checkpoint
 from leanconv.cli.main import main
@@ -201,7 +202,7 @@ def test_the_one_call_api_on_a_plain_module_and_a_dataloader(user_module):
     (lambda lc, m, x: lc.prune(m, x, method="l1", target_macs=0.5, speed="max"), "has no setting speed"),
     (lambda lc, m, x: lc.prune(m, torch.randn(3, 16, 16), method="l1", target_macs=0.5), "example_input must be"),
     (lambda lc, m, x: lc.prune(m, x, data=[(torch.randn(4, 3, 16, 16), torch.rand(4))], method="taylor",
-                               target_macs=0.5), "labels must be one integer class index per image"),
+                               target_macs=0.5), "of one integer class index per image"),
     (lambda lc, m, x: lc.convert(m, x, to="scc"), "--to scc needs --groups"),
 ])
 def test_bad_python_calls_are_one_clear_error(user_module, call, match):
@@ -229,3 +230,60 @@ def test_explore_takes_your_own_model(user_module, tmp_path, capsys):
                  "--out", str(tmp_path / "e"), "--no-progress"]) == 0
     summary = json.loads((tmp_path / "e" / "explore.json").read_text())
     assert {r["variant"] for r in summary["records"]} == {"dense", "psconv_psd4_p8"}
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        g = torch.Generator().manual_seed(0)
+        for _ in range(64):
+            yield torch.randn(3, 16, 16, generator=g), int(torch.randint(0, 3, (1,), generator=g))
+
+
+def test_python_data_edge_cases(user_module, tmp_path):
+    import leanconv
+    from torch.utils.data import DataLoader
+
+    model, x = user_module.MyNet(), torch.randn(1, 3, 16, 16)
+    assert leanconv.finetune(model, DataLoader(_Stream(), batch_size=16), epochs=1) is model  # no len()
+    bad = [(torch.randn(8, 3, 16, 16), torch.full((8,), 5))]
+    with pytest.raises(leanconv.LeanconvError, match=r"labels must lie in \[0, 3\) for the model's 3 outputs"):
+        leanconv.finetune(model, bad, epochs=1)
+    with pytest.raises(leanconv.LeanconvError, match=r"test_data: labels must lie in \[0, 3\)"):
+        leanconv.prune(model, x, method="l1", target_macs=0.5, data=_loader(), test_data=bad)
+    with pytest.raises(leanconv.LeanconvError, match="a generator or iterator can be read only once"):
+        leanconv.prune(model, x, method="taylor", target_macs=0.5, data=(b for b in _loader()))
+    with pytest.raises(leanconv.LeanconvError, match="give one budget"):
+        leanconv.prune(model, x, method="l1", target_macs=0.5, kind="params")
+    with pytest.raises(leanconv.LeanconvError, match="is a folder"):
+        leanconv.save(model, tmp_path)
+    wide = user_module.MyNet().double()
+    small = leanconv.prune(wide, x.double(), method="l1", target_macs=0.5)  # float64 end to end
+    assert next(small.parameters()).dtype == torch.float64
+
+
+def test_a_checkpoint_source_takes_the_constructor_itself(user_module, tmp_path):
+    import leanconv
+
+    model = user_module.MyNet()
+    model.leanconv_meta = {"input_shape": [3, 16, 16], "num_classes": 3, "dataset": {"name": "synthetic:k=3"}}
+    leanconv.save(model, tmp_path / "m.safetensors")  # its own class, no arguments
+    with pytest.raises(leanconv.LeanconvError, match="was built from the user constructor 'mynet_models:MyNet'"):
+        leanconv.Source.from_checkpoint(tmp_path / "m.safetensors")
+    source = leanconv.Source.from_checkpoint(tmp_path / "m.safetensors", constructor=user_module.MyNet)
+    result = leanconv.PruneConfig(method="l1", target=0.5, latency_repeats=1).run(source, out=tmp_path / "p")
+    assert "--constructor mynet_models:MyNet" in result.record.command
+    result.save(tmp_path / "p")
+    with pytest.raises(leanconv.LeanconvError, match="the constructor given .* does not build the model"):
+        leanconv.load(tmp_path / "p" / "model.safetensors", constructor=lambda: nn.Sequential(nn.Conv2d(3, 4, 3)))
+
+
+def test_constructor_arguments_and_classes_from_the_cli(user_module, tmp_path, capsys):
+    assert main(["profile", "mynet_models:MyNet", "--arg", "width=8", "--input-shape", "3,16,16", "--no-latency",
+                 "--json"]) == 0
+    layers = json.loads(capsys.readouterr().out)["layers"]
+    assert layers[-1]["output_shape"] == [3]  # the class's own 3 classes, not a default of 10
+    (tmp_path / "few").mkdir()
+    code = main(["train", "--model", "mynet_models:MyNet", "--data", "synthetic:n=20,k=3", "--batch-size", "64",
+                 "--epochs", "1", "--out", str(tmp_path / "few" / "run")])
+    _one_line(capsys, code, "less than one full batch")
+    assert not (tmp_path / "few" / "run").exists()  # a refused run writes nothing

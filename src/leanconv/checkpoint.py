@@ -37,7 +37,8 @@ from leanconv.util.files import atomic_write
 from leanconv.layers.spec import is_registered, module_from_spec, module_to_spec
 from leanconv.models.registry import create, from_constructor
 
-__all__ = ["save", "load", "read_header", "find_edits", "apply_edits", "build_base", "read_weights", "load_weights"]
+__all__ = ["save", "load", "read_header", "find_edits", "apply_edits", "build_base", "read_weights", "load_weights",
+           "constructor_name"]
 
 FORMAT = 1
 
@@ -119,7 +120,8 @@ def apply_edits(model: nn.Module, edits: list[dict]) -> nn.Module:
     return model
 
 
-def _constructor_name(constructor: Callable[..., nn.Module] | str) -> str:
+def constructor_name(constructor: Callable[..., nn.Module] | str) -> str:
+    """``"package.module:function"`` for a constructor given as a name or as the function itself."""
     if isinstance(constructor, str):
         return constructor
     return f"{constructor.__module__}:{constructor.__qualname__}"
@@ -143,10 +145,12 @@ def save(model: nn.Module, path: str | os.PathLike, constructor: Callable[..., n
     ``extra_tensors`` (e.g. optimiser state) are stored under the ``__extra__.`` prefix and
     ignored by :func:`load`.
     """
+    if Path(path).is_dir():
+        raise LeanconvError(f"{str(path)!r} is a folder; name the .safetensors file to write")
     base_record = getattr(model, "leanconv_base", None)
     if base_record is None:
         constructor = constructor if constructor is not None else type(model)
-        base_record = {"constructor": _constructor_name(constructor), "kwargs": dict(constructor_kwargs or {})}
+        base_record = {"constructor": constructor_name(constructor), "kwargs": dict(constructor_kwargs or {})}
     base = build_base(base_record, constructor or getattr(model, "leanconv_constructor", None))
     header = {
         "format": FORMAT,
@@ -211,7 +215,14 @@ def load(path: str | os.PathLike, constructor: Callable[..., nn.Module] | str | 
         raise LeanconvError(f"{str(path)!r} is truncated or corrupt: {exc}") from exc
     base = build_base(header["base"], constructor)
     with torch.random.fork_rng(devices=[]):  # edits build fresh layers too
-        model = apply_edits(base, header.get("edits", []))
+        try:
+            model = apply_edits(base, header.get("edits", []))
+        except LeanconvError as exc:
+            if "constructor" not in header["base"]:
+                raise
+            given = constructor if isinstance(constructor, str) else getattr(constructor, "__qualname__", constructor)
+            raise LeanconvError(f"the constructor given ({given!r}) does not build the model the file was saved from "
+                                f"({header['base']['constructor']!r}): {exc}; pass that one, unchanged") from None
     if hasattr(base, "leanconv_constructor"):
         model.leanconv_constructor = base.leanconv_constructor
     model.leanconv_base = header["base"]

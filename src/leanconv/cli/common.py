@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -16,10 +17,11 @@ from leanconv import checkpoint
 from leanconv.data.splits import DatasetSplits
 from leanconv.errors import LeanconvError
 from leanconv.models import build, names
+from leanconv.util.model_io import output_classes
 from leanconv.runs.source import Source, recorded_data
 
 __all__ = [
-    "describe", "add_data_args", "add_model_args", "add_seed_arg", "add_repeats_arg", "add_output_args",
+    "describe", "add_build_args", "parse_kwargs", "add_data_args", "add_model_args", "add_seed_arg", "add_repeats_arg", "add_output_args",
     "add_config_options", "build_config", "source_from_args", "load_model", "data_from_meta", "recorded_data_dir",
     "input_shape_of", "resolution_of", "parse_shape", "positive_int", "positive_float", "non_negative_float",
     "check_out_folder", "check_out_file", "progress_bar",
@@ -82,7 +84,7 @@ def describe(doc: str, **fields: str) -> str:
 def add_data_args(parser: argparse.ArgumentParser, default: str | None = DEFAULT_DATA, default_help: str = "",
                   batch_size: bool = True) -> None:
     """``--data``, ``--data-dir`` and (where the command uses it) ``--batch-size``."""
-    helptext = "dataset: fashion-mnist, cifar10, cifar100, synthetic"
+    helptext = "dataset: fashion-mnist, cifar10, cifar100, synthetic, imagefolder:PATH, npz:PATH"
     if default_help:
         helptext += f" (default: {default_help})"
     elif default is None:
@@ -147,8 +149,9 @@ def _check_writable(p: Path, path: str | Path, option: str) -> None:
 
 
 def load_model(spec: str, *, constructor: str | None = None, input_shape: tuple[int, int, int] | None = None,
-               num_classes: int | None = None) -> nn.Module:
-    """A checkpoint path or a zoo model name -> model (zoo models are freshly initialised)."""
+               num_classes: int | None = None, kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """A checkpoint path, a zoo model name or ``PKG.MODULE:FN`` -> model (a model built from a
+    name is freshly initialised; ``kwargs`` go to a user's constructor as given)."""
     path = Path(spec)
     if path.exists() or spec.endswith(".safetensors"):
         return checkpoint.load(path, constructor=constructor)
@@ -156,12 +159,32 @@ def load_model(spec: str, *, constructor: str | None = None, input_shape: tuple[
         raise LeanconvError(f"{spec!r} is neither a checkpoint file nor a zoo model (nor PKG.MODULE:FN); zoo models: "
                             f"{', '.join(names())}")
     shape = input_shape or (3, 32, 32)
-    kwargs: dict[str, Any] = {"in_channels": shape[0], "input_size": shape[1]}
+    zoo: dict[str, Any] = {"in_channels": shape[0], "input_size": shape[1]}
     if num_classes is not None:
-        kwargs["num_classes"] = num_classes
-    model = build(spec, **kwargs)
-    model.leanconv_meta = {"input_shape": list(shape), "num_classes": num_classes or 10}
+        zoo["num_classes"] = num_classes
+    model = build(spec, kwargs, **zoo)
+    model.leanconv_meta = {"input_shape": list(shape), "num_classes": output_classes(model, shape)}
     return model
+
+
+def add_build_args(parser: argparse.ArgumentParser) -> None:
+    """``--arg KEY=VALUE``: keyword arguments of a user's constructor named by PKG.MODULE:FN."""
+    parser.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="a keyword argument of PKG.MODULE:FN (repeatable; VALUE as JSON, else text)")
+
+
+def parse_kwargs(pairs: list[str]) -> dict[str, Any]:
+    """``--arg`` values as keyword arguments."""
+    kwargs: dict[str, Any] = {}
+    for pair in pairs:
+        key, eq, text = pair.partition("=")
+        if not eq or not key.isidentifier():
+            raise LeanconvError(f"--arg takes KEY=VALUE with KEY a Python name, got {pair!r}")
+        try:
+            kwargs[key] = json.loads(text)
+        except json.JSONDecodeError:
+            kwargs[key] = text
+    return kwargs
 
 
 def input_shape_of(model: nn.Module, override: tuple[int, int, int] | None = None) -> tuple[int, int, int]:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from leanconv import checkpoint
-from leanconv.cli.common import (add_config_options, add_model_args, build_config, load_model, parse_shape,
+from leanconv.cli.common import (add_build_args, parse_kwargs, add_config_options, add_model_args, build_config, load_model, parse_shape,
                                  positive_int, progress_bar, source_from_args)
 from leanconv.data import load_dataset
 from leanconv.errors import LeanconvError
@@ -48,6 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-classes", type=positive_int, default=None,
                    help="zoo names only: classes (default: the dataset's, else 10)")
     add_model_args(p)
+    add_build_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the record as JSON")
@@ -66,7 +67,7 @@ def _zoo_source(args: argparse.Namespace, config: ConvertConfig) -> Source:
         shape = shape or (data.in_channels, data.image_size, data.image_size)
         classes = data.num_classes
     torch.manual_seed(config.seed)
-    model = load_model(args.source, input_shape=shape or (3, 32, 32), num_classes=classes or 10)
+    model = load_model(args.source, input_shape=shape or (3, 32, 32), num_classes=classes, kwargs=parse_kwargs(args.arg))
     if data is not None:
         model.leanconv_meta["dataset"] = {"name": data.name, "data_dir": args.data_dir}
     words = [args.source, *(["--input-shape", ",".join(map(str, args.input_shape))] if args.input_shape else []),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from leanconv.cli.common import add_model_args, input_shape_of, load_model, parse_shape, positive_int
+from leanconv.cli.common import add_build_args, parse_kwargs, add_model_args, input_shape_of, load_model, parse_shape, positive_int
 from leanconv.deploy.onnx import TOLERANCE, export_onnx
 
 __all__ = ["HELP", "add_arguments", "run"]
@@ -33,6 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: PyTorch's)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_model_args(p)
+    add_build_args(p)
     p.set_defaults(out_file="onnx")
 
 
@@ -51,7 +52,8 @@ def _describe(result: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    model = load_model(args.model, constructor=args.constructor, input_shape=args.input_shape)
+    model = load_model(args.model, constructor=args.constructor, input_shape=args.input_shape,
+                       kwargs=parse_kwargs(args.arg))
     shape = input_shape_of(model, args.input_shape)
     result = export_onnx(model, shape, args.onnx, opset=args.opset, latency=not args.no_latency,
                          repeats=args.repeats, threads=args.threads)

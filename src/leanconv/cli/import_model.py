@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from leanconv import checkpoint
-from leanconv.cli.common import add_model_args, parse_shape, positive_int
+from leanconv.cli.common import add_model_args, parse_kwargs, parse_shape, positive_int
 from leanconv.errors import LeanconvError
 from leanconv.models import from_constructor
 from leanconv.runs.source import recorded_data
@@ -43,25 +43,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(out_file="out")
 
 
-def _kwargs(pairs: list[str]) -> dict:
-    kwargs = {}
-    for pair in pairs:
-        key, eq, text = pair.partition("=")
-        if not eq or not key.isidentifier():
-            raise LeanconvError(f"--arg takes KEY=VALUE with KEY a Python name, got {pair!r}")
-        try:
-            kwargs[key] = json.loads(text)
-        except json.JSONDecodeError:
-            kwargs[key] = text
-    return kwargs
-
-
 def run(args: argparse.Namespace) -> int:
-    if not args.constructor:
+    if not args.constructor:  # required here, optional in add_model_args' other uses
         raise LeanconvError("leanconv import needs --constructor PKG.MODULE:FN, the function or class that builds "
                             "the model")
     state = checkpoint.read_weights(args.weights)
-    model = from_constructor(args.constructor, **_kwargs(args.arg))
+    model = from_constructor(args.constructor, **parse_kwargs(args.arg))
     checkpoint.load_weights(model, state, repr(args.weights))
     model.eval()
     with torch.no_grad():
@@ -76,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
             "imported": {"weights": str(Path(args.weights).resolve())}}
     if args.data is not None:
         data, folder = recorded_data(meta, args.data, args.data_dir)
-        meta["dataset"] = {"name": data.name, "data_dir": folder}
+        meta["dataset"] = {"name": data.name, "data_dir": None if folder is None else str(Path(folder).resolve())}
     model.leanconv_meta = meta
     checkpoint.save(model, args.out)
     print(json.dumps({"out": str(args.out), "constructor": args.constructor, "input_shape": list(args.input_shape),

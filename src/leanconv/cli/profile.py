@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from leanconv.cli.common import add_model_args, input_shape_of, load_model, parse_shape, positive_int
+from leanconv.cli.common import add_build_args, parse_kwargs, add_model_args, input_shape_of, load_model, parse_shape, positive_int
 from leanconv.cost import format_profile, profile
 
 __all__ = ["HELP", "add_arguments", "run"]
@@ -22,9 +22,11 @@ HELP = "parameters, MACs/FLOPs, memory and measured CPU latency"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL_OR_CKPT", help="a zoo model name (e.g. resnet20), PKG.MODULE:FN or a checkpoint file")
     add_model_args(p)
+    add_build_args(p)
     p.add_argument("--input-shape", type=parse_shape, default=None, metavar="C,H,W",
                    help="input shape (default: the checkpoint's; 3,32,32 for zoo names)")
-    p.add_argument("--num-classes", type=positive_int, default=10, help="classes, for zoo names (default: 10)")
+    p.add_argument("--num-classes", type=positive_int, default=None,
+                   help="classes, for a model built from a name (default: the model's own, 10 for the zoo)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.add_argument("--repeats", type=positive_int, default=20, help="timed runs per batch size (default: 20)")
@@ -32,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model = load_model(args.model, constructor=args.constructor, input_shape=args.input_shape,
+    model = load_model(args.model, constructor=args.constructor, input_shape=args.input_shape, kwargs=parse_kwargs(args.arg),
                        num_classes=args.num_classes)
     shape = input_shape_of(model, args.input_shape)
     result = profile(model, shape, latency=not args.no_latency, repeats=args.repeats, threads=args.threads)

@@ -20,12 +20,13 @@ from pathlib import Path
 import torch
 
 from leanconv import checkpoint
-from leanconv.cli.common import (DEFAULT_DATA, add_data_args, add_model_args, data_from_meta, load_model,
+from leanconv.cli.common import (add_build_args, parse_kwargs, DEFAULT_DATA, add_data_args, add_model_args, data_from_meta, load_model,
                                  non_negative_float, positive_float, positive_int, progress_bar, recorded_data_dir,
                                  resolution_of)
 from leanconv.data import load_dataset
 from leanconv.errors import LeanconvError
 from leanconv.train import TrainConfig, evaluate, fit, recalibrate_on_training_data
+from leanconv.train.loop import check_loader
 from leanconv.train import distributed as dist
 from leanconv.util.files import write_json
 from leanconv.util.model_io import check_classes
@@ -46,6 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="a zoo model, or your own constructor (default: resnet20)")
     src.add_argument("--from", dest="from_ckpt", default=None, metavar="CKPT", help="start from this checkpoint")
     add_model_args(p)
+    add_build_args(p)
     add_data_args(p, default=None, default_help=f"with --from, the checkpoint's; else {DEFAULT_DATA}")
     p.add_argument("--epochs", type=positive_int, default=10, help="epochs (default: 10)")
     p.add_argument("--lr", type=positive_float, default=0.1, help="peak learning rate (default: 0.1)")
@@ -109,7 +111,7 @@ def _model_and_data(args: argparse.Namespace):
     data = load_dataset(args.data or DEFAULT_DATA, args.data_dir)
     side = args.resolution or data.image_size
     torch.manual_seed(args.seed)
-    model = load_model(args.model or "resnet20", input_shape=(data.in_channels, side, side),
+    model = load_model(args.model or "resnet20", kwargs=parse_kwargs(args.arg), input_shape=(data.in_channels, side, side),
                        num_classes=data.num_classes)
     check_classes(model, (data.in_channels, side, side), data.num_classes)
     return _with_meta(model, data, (data.in_channels, side, side), args), data
@@ -117,8 +119,9 @@ def _model_and_data(args: argparse.Namespace):
 
 def _with_meta(model, data, shape, args):
     meta = dict(getattr(model, "leanconv_meta", {}))
-    meta.update({"input_shape": list(shape), "num_classes": data.num_classes,
-                 "dataset": {"name": data.name, "data_dir": recorded_data_dir(meta, args)}})
+    folder = recorded_data_dir(meta, args)
+    meta.update({"input_shape": list(shape), "num_classes": data.num_classes,  # the folder absolute: usable anywhere
+                 "dataset": {"name": data.name, "data_dir": None if folder is None else str(Path(folder).resolve())}})
     model.leanconv_meta = meta
     return model
 
@@ -142,6 +145,7 @@ def _train(args: argparse.Namespace, out: Path, rank: int, world: int) -> int:
     train, val, test = loaders_for(data, args.batch_size, resolution=resolution_of(model, data), seed=args.seed,
                                    augment=not args.no_augment, subset=args.subset, rank=rank, world_size=world)
     main = rank == 0
+    check_loader(train)  # before anything is written: a refused run leaves the folder as it was
     if main:
         write_json(out / "config.json", {"command": "train", "args": {k: v for k, v in vars(args).items() if k != "func"},
                                          "train_config": asdict(config), "model": model.leanconv_base,

@@ -3,7 +3,7 @@
 Layout: ``PATH/<class>/*.png`` (any of .png .jpg .jpeg .bmp .gif .webp .tif .tiff), or
 ``PATH/train/<class>/...`` and ``PATH/test/<class>/...`` (and optionally ``PATH/val/...``).
 Classes are the sorted folder names of the training part; a test or validation folder may
-hold only some of them. Without split folders a fixed tenth of the images (seeded, never
+hold only some of them. Without split folders a fixed tenth of every class (seeded, never
 changing) is the test split; the validation split is carved from the training images as for
 every dataset (:func:`leanconv.data.splits.carve_validation`) unless ``val/`` exists.
 
@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from leanconv.data.splits import DatasetSplits, ImageSplit, carve_validation, channel_stats, default_val_size
+from leanconv.data.splits import (DatasetSplits, ImageSplit, carve_test, carve_validation, channel_stats,
+                                  default_val_size, user_data_options)
 from leanconv.errors import LeanconvError
 
 __all__ = ["load_imagefolder", "FileImages", "EXTENSIONS"]
@@ -168,6 +169,10 @@ def load_imagefolder(data_dir: object = None, *, path: str | None = None, size: 
     where = path if path is not None else data_dir
     if where is None:
         raise LeanconvError("imagefolder needs a folder: --data imagefolder:PATH (or --data-dir PATH)")
+    user_data_options("imagefolder", size=size, channels=channels, val_size=val_size, flip_ok=flip_ok,
+                      max_side=MAX_SIDE)
+    if isinstance(max_memory_mb, bool) or not isinstance(max_memory_mb, int) or max_memory_mb < 0:
+        raise LeanconvError(f"imagefolder option max_memory_mb must be a whole number >= 0, got {max_memory_mb!r}")
     root = Path(str(where)).expanduser()
     if not root.is_dir():
         raise LeanconvError(f"image folder {str(root)!r} does not exist or is not a folder")
@@ -187,10 +192,8 @@ def load_imagefolder(data_dir: object = None, *, path: str | None = None, size: 
                                    root)
     stream = len(paths) * channels * size * size > max_memory_mb * 2**20
     by_part = {name: (p, lab) for name, (p, lab, _, _) in probed.items()}
-    if "test" not in by_part:  # a fixed tenth of the images is the test split
-        n = len(paths)
-        perm = np.random.RandomState(TEST_SEED).permutation(n)
-        test_idx, keep = np.sort(perm[:max(1, n // 10)]), np.sort(perm[max(1, n // 10):])
+    if "test" not in by_part:  # a fixed tenth of every class is the test split
+        keep, test_idx = carve_test(np.asarray(labels), TEST_SEED)
         by_part["test"] = ([paths[i] for i in test_idx], [labels[i] for i in test_idx])
         paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
     if "val" not in by_part:

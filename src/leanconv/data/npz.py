@@ -2,8 +2,8 @@
 
 The file holds ``x`` (images) and ``y`` (integer labels ``0..K-1``), and optionally
 ``x_test``/``y_test`` and ``x_val``/``y_val``. Images are ``[N, H, W]`` (grayscale),
-``[N, H, W, C]`` or ``[N, C, H, W]`` with ``C`` 1 or 3, square, uint8 or floats in [0, 1].
-Without test arrays a fixed tenth of ``x`` is the test split; without validation arrays the
+``[N, H, W, C]`` or ``[N, C, H, W]`` with ``C`` 1 or 3, uint8 or floats in [0, 1] (cropped
+to a centred square). Without test arrays a fixed tenth of every class is the test split; without validation arrays the
 validation split is carved from the training images as for every dataset. ``size`` and
 ``channels`` resize and convert (default: the model's when a checkpoint records them, else
 the arrays' own). The file is read with ``allow_pickle=False``: an object array is refused,
@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from leanconv.data.splits import DatasetSplits, ImageSplit, carve_validation, channel_stats, default_val_size
+from leanconv.data.splits import (DatasetSplits, ImageSplit, carve_test, carve_validation, channel_stats,
+                                  default_val_size, user_data_options)
 from leanconv.data.transforms import resize
 from leanconv.errors import LeanconvError
 
@@ -44,8 +45,10 @@ def _nchw(x: np.ndarray, key: str, path: Path) -> np.ndarray:
     if x.ndim != 4 or x.shape[1] not in (1, 3):
         raise LeanconvError(f"{path}: {key} must be images [N, H, W], [N, H, W, C] or [N, C, H, W] with 1 or 3 "
                             f"channels, got shape {list(x.shape)}")
-    if x.shape[2] != x.shape[3]:
-        raise LeanconvError(f"{path}: {key} images must be square, got {x.shape[2]}x{x.shape[3]}")
+    if x.shape[2] != x.shape[3]:  # a centred square, as for image folders
+        side = min(x.shape[2], x.shape[3])
+        top, left = (x.shape[2] - side) // 2, (x.shape[3] - side) // 2
+        x = x[:, :, top:top + side, left:left + side]
     if x.dtype == np.uint8:
         return np.ascontiguousarray(x)
     if not np.issubdtype(x.dtype, np.floating) or not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
@@ -77,6 +80,7 @@ def load_npz(data_dir: object = None, *, path: str | None = None, size: int | No
     where = path if path is not None else data_dir
     if where is None:
         raise LeanconvError("npz needs a file: --data npz:PATH (or --data-dir PATH)")
+    user_data_options("npz", size=size, channels=channels, val_size=val_size, flip_ok=flip_ok, max_side=MAX_SIDE)
     file = Path(str(where)).expanduser()
     if not file.is_file():
         raise LeanconvError(f"npz file {str(file)!r} does not exist")
@@ -105,11 +109,10 @@ def load_npz(data_dir: object = None, *, path: str | None = None, size: int | No
         raise LeanconvError(f"npz size must lie in [8, {MAX_SIDE}] and channels be 1 or 3, got {size} and {channels}")
     data = {k: (_convert(xs, size, channels), ys) for k, (xs, ys) in data.items()}
     x, y = data["train"]
-    if "test" not in data:
-        perm = np.random.RandomState(TEST_SEED).permutation(len(y))
-        cut = max(1, len(y) // 10)
-        data["test"] = (x[np.sort(perm[:cut])], y[np.sort(perm[:cut])])
-        x, y = x[np.sort(perm[cut:])], y[np.sort(perm[cut:])]
+    if "test" not in data:  # a fixed tenth of every class
+        keep, test_idx = carve_test(y, TEST_SEED)
+        data["test"] = (x[test_idx], y[test_idx])
+        x, y = x[keep], y[keep]
     if "val" not in data:
         keep, val = carve_validation(len(y), default_val_size(len(y)) if val_size is None else val_size)
         data["val"] = (x[val], y[val])

@@ -27,6 +27,8 @@ __all__ = [
     "carve_validation",
     "channel_stats",
     "make_splits",
+    "carve_test",
+    "user_data_options",
 ]
 
 VAL_SEED = 20240607  # fixed forever: changing it changes every validation number ever reported
@@ -98,6 +100,35 @@ class DatasetSplits:
         every pruning decision is scored on (never the test split)."""
         loader = self.loader("val", batch_size, resolution=resolution, subset=min(images, len(self.val)))
         return list(loader.epoch(0))
+
+
+def carve_test(labels: np.ndarray, seed: int, share: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (rest, test) index arrays: a fixed ``share`` of every class (at least one image of
+    each class with two or more), so the test split has every class in proportion."""
+    rng = np.random.RandomState(seed)
+    test = []
+    for k in np.unique(labels):
+        members = np.flatnonzero(labels == k)
+        take = int(round(share * len(members))) if len(members) >= 2 else 0
+        test.append(members[rng.permutation(len(members))[:max(take, 1 if len(members) >= 2 else 0)]])
+    test_idx = np.sort(np.concatenate(test)) if test else np.array([], dtype=np.int64)
+    return np.setdiff1d(np.arange(len(labels)), test_idx), test_idx
+
+
+def user_data_options(where: str, *, size: object, channels: object, val_size: object, flip_ok: object,
+                      max_side: int) -> None:
+    """One line for an option of a user's dataset spec that is not of its kind or range."""
+    for name, value, low, high in (("size", size, 8, max_side), ("channels", channels, 1, 3),
+                                   ("val_size", val_size, 0, None)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high and value > high):
+            span = f"[{low}, {high}]" if high else f">= {low}"
+            raise LeanconvError(f"{where} option {name} must be a whole number in {span}, got {value!r}")
+    if channels not in (None, 1, 3):
+        raise LeanconvError(f"{where} option channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+    if not isinstance(flip_ok, bool):
+        raise LeanconvError(f"{where} option flip_ok must be true or false, got {flip_ok!r}")
 
 
 def default_val_size(n_train_file: int) -> int:

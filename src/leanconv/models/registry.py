@@ -103,11 +103,12 @@ def from_constructor(target: str | Callable[..., nn.Module], **kwargs: Any) -> n
     return model
 
 
-def build(name: str, **zoo_kwargs: Any) -> nn.Module:
-    """A zoo model by ``name``, or a user's ``package.module:function`` given those of the zoo's
-    arguments (``num_classes``, ``in_channels``, ``input_size``) that it accepts."""
+def build(name: str, kwargs: dict[str, Any] | None = None, **zoo_kwargs: Any) -> nn.Module:
+    """A zoo model by ``name``, or a user's ``package.module:function`` given ``kwargs`` as they
+    are and those of the zoo's arguments (``num_classes``, ``in_channels``, ``input_size``) that
+    it accepts and ``kwargs`` does not set."""
     if name in _MODELS:
-        return create(name, **zoo_kwargs)
+        return create(name, **{**zoo_kwargs, **(kwargs or {})})
     if ":" not in name:
         raise LeanconvError(f"unknown model {name!r}; zoo models: {', '.join(names())}, or give "
                             "package.module:function")
@@ -117,4 +118,5 @@ def build(name: str, **zoo_kwargs: Any) -> nn.Module:
     except (TypeError, ValueError):
         params = {}
     takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    return from_constructor(name, **{k: v for k, v in zoo_kwargs.items() if takes_all or k in params})
+    fitting = {k: v for k, v in zoo_kwargs.items() if takes_all or k in params}
+    return from_constructor(name, **{**fitting, **(kwargs or {})})

@@ -120,7 +120,7 @@ def load_origin(ckpt: str, settings: StepSettings) -> Origin:
         model.leanconv_meta = {**model.leanconv_meta, "input_shape": list(settings.input_shape)}
     shape = tuple(int(s) for s in model.leanconv_meta.get("input_shape") or ())
     if len(shape) != 3:
-        raise LeanconvError(f"{ckpt} records no input shape (C, H, W); train it with leanconv first")
+        raise LeanconvError(f"{ckpt} records no input shape (C, H, W); pass --input-shape C,H,W")
     model.eval()
     blocks = find_residual_blocks(model, torch.zeros(2, *shape))
     stages: dict[str, int] = {}

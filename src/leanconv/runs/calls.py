@@ -28,6 +28,8 @@ from leanconv.runs.convert import ConvertConfig, run_convert
 from leanconv.runs.prune import PruneConfig, run_prune
 from leanconv.runs.source import Source
 from leanconv.train import finetune as _finetune
+from leanconv.util.model_io import run_forward
+from leanconv.util.modes import eval_mode
 
 __all__ = ["prune", "convert", "finetune", "profile"]
 
@@ -47,11 +49,19 @@ def _example(example_input: Any) -> torch.Tensor:
     return example_input
 
 
+def _classes(model: nn.Module, x: torch.Tensor) -> int | None:
+    """The number of logits ``model`` gives one input (None when its output is not [N, K])."""
+    with eval_mode(model), torch.no_grad():
+        out = run_forward(model, x[:1])
+    return int(out.shape[-1]) if torch.is_tensor(out) and out.dim() == 2 else None
+
+
 def _source(model: nn.Module, example: torch.Tensor, data, val_data, test_data) -> Source:
     if not isinstance(model, nn.Module):
         raise LeanconvError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     given = any(d is not None for d in (data, val_data, test_data))
-    batches = BatchData(data, example, val=val_data, test=test_data) if given else None
+    batches = (BatchData(data, example, val=val_data, test=test_data, classes=_classes(model, example))
+               if given else None)
     source = Source(batches, model=model, input_shape=tuple(int(s) for s in example.shape[1:]))
     return source
 
@@ -70,7 +80,7 @@ def prune(model: nn.Module, example_input: torch.Tensor, *, data: Iterable | Non
     ``settings`` are :class:`~leanconv.runs.prune.PruneConfig` fields (``finetune_epochs``,
     ``finetune_lr``, ``implant``, ``round_to``, ``probes``, ``score_images``, ``seed``, ...).
     Criteria that score on data (``hap``, ``taylor``) and fine-tuning need ``data``."""
-    if (target_macs is None) == (target_params is None):
+    if (target_macs is None) == (target_params is None) or {"target", "kind"} & set(settings):
         raise LeanconvError("give one budget: target_macs=0.5 (a fraction of the MACs) or target_params=0.5")
     kind, target = ("macs", target_macs) if target_macs is not None else ("params", target_params)
     config = PruneConfig(method=method, target=target, kind=kind, **_settings(PruneConfig, settings, "prune"))
@@ -102,7 +112,12 @@ def finetune(model: nn.Module, data: Iterable, *, epochs: int = 1, lr: float = 0
     config = PruneConfig(finetune_epochs=epochs, finetune_lr=lr, seed=seed)  # the same checks as a run's
     if not config.finetune_epochs:
         return model
-    _finetune(model, BatchData(data), epochs=config.finetune_epochs, lr=config.finetune_lr, seed=config.seed)
+    batches = BatchData(data)
+    first = next(iter(batches.loader("train", 1).epoch(0)), None)
+    if first is None:
+        raise LeanconvError("data holds no batch")
+    batches.num_classes = _classes(model, first[0])
+    _finetune(model, batches, epochs=config.finetune_epochs, lr=config.finetune_lr, seed=config.seed)
     return model
 
 

@@ -36,12 +36,20 @@ from leanconv.cost import count, measure_fastest_layout
 from leanconv.deploy.onnx import OPSETS, export_onnx
 from leanconv.errors import LeanconvError
 from leanconv.layers.periodic_sparse import PATTERNS
-from leanconv.width.budget import check_reachable
-from leanconv.width.channels import channel_counts
 from leanconv.prune3d.realise import load_origin
 from leanconv.prune3d.search import check_budget
-from leanconv.runs.config import (RunConfig, command_line, finetune_epochs, finetune_lr, latency_repeats, probes,
-                                  score_images, seed, setting, train_subset)
+from leanconv.runs.config import (
+    RunConfig,
+    command_line,
+    finetune_epochs,
+    finetune_lr,
+    latency_repeats,
+    probes,
+    score_images,
+    seed,
+    setting,
+    train_subset,
+)
 from leanconv.runs.convert import LAYER_LR, ConvertConfig
 from leanconv.runs.prune import PruneConfig
 from leanconv.runs.prune3d import Prune3dConfig
@@ -53,6 +61,8 @@ from leanconv.train import evaluate
 from leanconv.util import checks
 from leanconv.util.files import file_sha256
 from leanconv.util.progress import Progress
+from leanconv.width.budget import check_reachable
+from leanconv.width.channels import channel_counts
 
 __all__ = ["CompareConfig", "run_compare", "entry_config", "entry_keys", "CONTENDERS", "DEFAULT_METHODS", "IDENTITY"]
 

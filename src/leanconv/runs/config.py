@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shlex
 from dataclasses import MISSING, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
@@ -31,12 +32,13 @@ if TYPE_CHECKING:
     from leanconv.runs.source import Source
 
 __all__ = [
-    "RunConfig", "setting", "command_line",
+    "RunConfig", "setting", "command_line", "reproducing_command",
     "target", "finetune_epochs", "finetune_lr", "train_subset", "score_images", "probes", "seed", "batch_size",
     "latency_repeats",
 ]
 
 Check = Callable[[Any, str], Any]
+log = logging.getLogger(__name__)
 
 
 def setting(default: Any, flag: str | Callable[[Any], str] | None = None, *, check: Check | None = None,
@@ -196,3 +198,16 @@ def _text(value: Any) -> str:
 def command_line(config: RunConfig, source: "Source", out: "str | Path") -> str:
     """The one command that reproduces a run of ``config`` on ``source`` into ``out``."""
     return shlex.join(["leanconv", config.command, *source.argv(), *config.argv(), "--out", str(out)])
+
+
+def reproducing_command(config: RunConfig, source: "Source", out: "str | Path | None") -> str | None:
+    """:func:`command_line`, or None (logged) where the run cannot be written as a command: no
+    output folder, a model given in memory, a setting without an option. A finished run's
+    record carries it; it never fails the run."""
+    if out is None or not source.writable():
+        return None
+    try:
+        return command_line(config, source, out)
+    except LeanconvError as exc:
+        log.info("no reproducing command: %s", exc)
+        return None

@@ -20,8 +20,17 @@ import torch
 from leanconv.convs.convert import CONVERSIONS, ConversionSpec, convert
 from leanconv.errors import LeanconvError
 from leanconv.layers.periodic_sparse import PATTERNS
-from leanconv.runs.config import (RunConfig, batch_size, command_line, finetune_epochs, finetune_lr, latency_repeats,
-                                  seed, setting, train_subset)
+from leanconv.runs.config import (
+    RunConfig,
+    batch_size,
+    finetune_epochs,
+    finetune_lr,
+    latency_repeats,
+    reproducing_command,
+    seed,
+    setting,
+    train_subset,
+)
 from leanconv.runs.record import Record, Result, counted, measure
 from leanconv.runs.source import Source
 from leanconv.train import finetune
@@ -108,7 +117,7 @@ def run_convert(config: ConvertConfig, source: Source, *, out=None, progress: Pr
     after = gauge(model)
     details = {"method": spec.name, "conversion": spec.to_dict(), "name": spec.name,
                "layers": model.leanconv_meta["conversions"][-1]["layers"]}
-    command = command_line(config, source, out) if source.writable() and out is not None else None
+    command = reproducing_command(config, source, out)
     record = Record("convert", config.to_dict(), command, source.describe(), list(shape), before, after,
                     time.perf_counter() - t0, details)
     if full:

@@ -19,15 +19,26 @@ import torch
 
 from leanconv.cost import simd_channels
 from leanconv.importance import ScoringData, criterion_names, run_criterion
-from leanconv.width.budget import check_reachable, iterative_prune, prune_to_budget
-from leanconv.width.implant_fit import IMPLANT_INITS
-from leanconv.runs.config import (RunConfig, batch_size, command_line, finetune_epochs, finetune_lr, latency_repeats,
-                                  probes, score_images, seed, setting, train_subset)
+from leanconv.runs.config import (
+    RunConfig,
+    batch_size,
+    finetune_epochs,
+    finetune_lr,
+    latency_repeats,
+    probes,
+    reproducing_command,
+    score_images,
+    seed,
+    setting,
+    train_subset,
+)
 from leanconv.runs.record import Record, Result, counted, measure
 from leanconv.runs.source import Source
 from leanconv.train import evaluate, finetune
 from leanconv.util import checks
 from leanconv.util.progress import Progress, Stage, quiet
+from leanconv.width.budget import check_reachable, iterative_prune, prune_to_budget
+from leanconv.width.implant_fit import IMPLANT_INITS
 
 __all__ = ["PruneConfig", "run_prune", "round_to_arg"]
 
@@ -116,7 +127,7 @@ def run_prune(config: PruneConfig, source: Source, *, out=None, progress: Progre
     criterion = run_criterion(config.method, probes=config.probes, seed=config.seed, progress=progress,
                               shrink=config.shrink)  # an unknown method fails here, before any work
     model, data, shape, resolution = source.fresh(), source.data, source.shape, source.resolution
-    example = torch.randn(1, *shape)
+    example = torch.randn(1, *shape).to(next(model.parameters()).dtype)  # a float64 model traces in float64
     check_reachable(model, example, target=config.target, kind=config.kind, input_shape=shape,
                     round_to=config.round_to, strict=config.strict)  # an unreachable target: before any work
     test = data.loader("test", 256, resolution=resolution) if measured else None
@@ -152,7 +163,7 @@ def run_prune(config: PruneConfig, source: Source, *, out=None, progress: Progre
                "layers": _merge_layers(results),
                "hessian": None if traces is None else {"probes": traces.probes, "converged": traces.converged,
                                                        "seconds": traces.seconds, "method": traces.method}}
-    command = command_line(config, source, out) if source.writable() and out is not None else None
+    command = reproducing_command(config, source, out)
     record = Record("prune", config.to_dict(), command, source.describe(), list(shape), before, after,
                     time.perf_counter() - t0, details)
     model.leanconv_meta = {**getattr(model, "leanconv_meta", {}),

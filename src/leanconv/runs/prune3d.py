@@ -29,17 +29,31 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from leanconv import checkpoint
 from leanconv.errors import LeanconvError
 from leanconv.importance import criterion_names
 from leanconv.prune3d.executors import LocalExecutor
+from leanconv.width.budget import check_reachable
 from leanconv.prune3d.realise import Origin, StepSettings, brief_finetune, load_origin, val_accuracy
 from leanconv.prune3d.samples import SampleStore, collect_samples, plan_tasks
 from leanconv.prune3d.search import check_budget, choose, fit_samples, sampling_floors
-from leanconv.runs.config import (RunConfig, batch_size, command_line, finetune_epochs, finetune_lr, latency_repeats,
-                                  probes, score_images, seed, setting, target, train_subset)
+from leanconv.runs.config import (
+    RunConfig,
+    batch_size,
+    finetune_epochs,
+    finetune_lr,
+    latency_repeats,
+    probes,
+    reproducing_command,
+    score_images,
+    seed,
+    setting,
+    target,
+    train_subset,
+)
 from leanconv.runs.record import Record, Result, measure
 from leanconv.runs.source import Source
 from leanconv.util import checks
@@ -159,6 +173,8 @@ def _run(config: Prune3dConfig, source: Source, out: Path, executor: Any, progre
                                                          source.input_shape))
     box = check_budget(origin, config.target, w_min=config.w_min, r_min=config.r_min,
                        min_per_stage=config.min_blocks_per_stage)  # an impossible budget fails here, before any work
+    example = torch.zeros(1, *origin.shape, dtype=next(origin.model.parameters()).dtype)
+    check_reachable(origin.model, example, target=0.999, input_shape=origin.shape)  # any prunable channel? now
     budget = config.target * origin.macs
     w_floor, side_floor = sampling_floors(box, origin.side, config.target, config.clip_box)
     box.update(w_sampled_min=w_floor, side_sampled_min=side_floor)
@@ -182,7 +198,7 @@ def _run(config: Prune3dConfig, source: Source, out: Path, executor: Any, progre
     seconds = {"samples": t_samples - t0, "total": time.perf_counter() - t0,
                "sampling_compute": sum(s["seconds"] for s in samples)}
     details = _details(origin, config, box, samples, fit, result, point, curve, accuracy, before, after)
-    command = command_line(config, source, out) if source.writable() else None
+    command = reproducing_command(config, source, out)
     record = Record("prune3d", config.to_dict(), command, source.describe(), list(origin.shape), before, after,
                     seconds, details)
     model.leanconv_meta = {**model.leanconv_meta, "test": {"accuracy": after["test_accuracy"]},

@@ -19,7 +19,7 @@ from typing import Any
 from leanconv.errors import LeanconvError
 from leanconv.importance.hessian import cached_channel_traces, channel_traces
 from leanconv.importance.hessian.hap import probe_settings
-from leanconv.runs.config import RunConfig, batch_size, command_line, probes, score_images, seed, setting
+from leanconv.runs.config import RunConfig, batch_size, probes, reproducing_command, score_images, seed, setting
 from leanconv.runs.record import Record, Result
 from leanconv.runs.source import Source
 from leanconv.util import checks
@@ -97,7 +97,7 @@ def run_sensitivity(config: SensitivityConfig, source: Source, *, out: str | Pat
     else:
         result = channel_traces(model, batches, **settings)
     details = {"images": sum(len(y) for _, y in batches), **sensitivity_details(model, result)}
-    command = command_line(config, source, out) if source.writable() and out is not None else None
+    command = reproducing_command(config, source, out)
     record = Record("sensitivity", config.to_dict(), command, source.describe(), list(source.shape), None, None,
                     result.seconds, details)
     return Result(None, record)

@@ -63,7 +63,7 @@ class Source:
     data: DatasetSplits | None
     checkpoint: Path | None = None
     model: nn.Module | None = None
-    constructor: str | None = None
+    constructor: Any = None  # "package.module:function" or the function itself
     data_dir: str | None = None  # the folder the data was read from (None: the system copy)
     input_shape: tuple[int, int, int] | None = None  # overrides the shape the model records
     label: str | None = None  # how records name a model given in memory (e.g. the zoo name it was built from)
@@ -83,7 +83,12 @@ class Source:
                         constructor: str | None = None, input_shape: tuple[int, int, int] | None = None) -> "Source":
         """The checkpoint at ``path`` with the dataset it records (or ``data``); ``input_shape``
         for a checkpoint that records none."""
-        meta = dict(checkpoint.read_header(path).get("meta", {}))
+        header = checkpoint.read_header(path)
+        base = header.get("base") or {}
+        if isinstance(base, dict) and "constructor" in base and constructor is None:
+            raise LeanconvError(f"{str(path)!r} was built from the user constructor {base['constructor']!r}; pass it "
+                                "(constructor=... or --constructor)")
+        meta = dict(header.get("meta", {}))
         if input_shape is not None:
             meta["input_shape"] = list(input_shape)
         splits, folder = recorded_data(meta, data, data_dir)
@@ -126,7 +131,8 @@ class Source:
         if self.checkpoint is None:
             raise LeanconvError("a run from a model in memory cannot be written as a command; save the model "
                                 "with leanconv.save and start from the file")
-        words = [str(self.checkpoint), *(["--constructor", self.constructor] if self.constructor else [])]
+        words = [str(self.checkpoint)]
+        words += ["--constructor", checkpoint.constructor_name(self.constructor)] if self.constructor else []
         words += ["--input-shape", ",".join(map(str, self.input_shape))] if self.input_shape else []
         if self.data is not None:
             words += ["--data", self.data.name]

@@ -62,6 +62,8 @@ def finetune(model: nn.Module, data, *, epochs: int, lr: float, seed: int = 0, b
     n = len(data.train) if images is None else min(int(images), len(data.train))
     train = data.loader("train", min(batch_size, n), shuffle=True, augment=True, resolution=resolution, seed=seed,
                         drop_last=True, subset=None if images is None else n)
-    fit(model, train, TrainConfig(epochs=epochs, lr=lr, seed=seed), progress=progress)
-    recalibrate_on_training_data(model, data, resolution, batch_size)
-    model.to(memory_format=torch.contiguous_format)
+    try:
+        fit(model, train, TrainConfig(epochs=epochs, lr=lr, seed=seed), progress=progress)
+        recalibrate_on_training_data(model, data, resolution, batch_size)
+    finally:  # plain NCHW weights again, also when a batch was refused half-way
+        model.to(memory_format=torch.contiguous_format)

@@ -45,7 +45,7 @@ from leanconv.util.files import JsonlStore
 from leanconv.util.model_io import model_device
 from leanconv.util.progress import Progress
 
-__all__ = ["Loader", "TrainConfig", "TrainResult", "fit", "evaluate", "learning_rate"]
+__all__ = ["Loader", "TrainConfig", "TrainResult", "fit", "evaluate", "learning_rate", "check_loader"]
 
 log = logging.getLogger(__name__)
 
@@ -299,6 +299,13 @@ def _epoch(net, model, loaders, opt, config, epoch, total, progress, ddp) -> dic
     return row
 
 
+def check_loader(train_loader: Loader) -> None:
+    """Raise :class:`LeanconvError` when the training loader yields no full batch."""
+    if len(train_loader) == 0:
+        raise LeanconvError("the training data holds less than one full batch (the last partial batch is dropped); "
+                            "lower --batch-size or use more images")
+
+
 def fit(model: nn.Module, train_loader: Loader, config: TrainConfig, *, val_loader: Loader | None = None,
         out_dir: str | Path | None = None, resume: bool = False, progress: Progress | None = None,
         distributed: bool | None = None) -> TrainResult:
@@ -308,9 +315,7 @@ def fit(model: nn.Module, train_loader: Loader, config: TrainConfig, *, val_load
     process group of two or more; every process of the group must then call ``fit``.
     """
     ddp = _use_ddp(distributed)
-    if len(train_loader) == 0:
-        raise LeanconvError("the training data holds less than one full batch (the last partial batch is dropped); "
-                            "lower --batch-size or use more images")
+    check_loader(train_loader)
     world, writer = (dist.world_size(), dist.is_main()) if ddp else (1, True)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None and writer:

@@ -13,7 +13,7 @@ from torch import nn
 
 from leanconv.errors import LeanconvError
 
-__all__ = ["check_shape", "example_input", "run_forward", "model_device", "check_classes"]
+__all__ = ["check_shape", "example_input", "run_forward", "model_device", "output_classes", "check_classes"]
 
 
 def check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
@@ -66,15 +66,21 @@ def model_device(model: nn.Module) -> torch.device:
     return ref.device if ref is not None else torch.device("cpu")
 
 
-def check_classes(model: nn.Module, input_shape: Sequence[int], classes: int) -> None:
-    """Raise :class:`LeanconvError` unless ``model`` maps one input of ``input_shape`` to
-    ``classes`` logits (a user's constructor may not take ``num_classes``)."""
+def output_classes(model: nn.Module, input_shape: Sequence[int]) -> int | None:
+    """The number of logits ``model`` gives one input of ``input_shape`` (None when its output
+    is not ``[N, K]``)."""
     with torch.no_grad():
         was = model.training
         out = run_forward(model.eval(), example_input(model, input_shape))
         model.train(was)
-    got = out.shape[-1] if torch.is_tensor(out) and out.dim() == 2 else None
+    return int(out.shape[-1]) if torch.is_tensor(out) and out.dim() == 2 else None
+
+
+def check_classes(model: nn.Module, input_shape: Sequence[int], classes: int) -> None:
+    """Raise :class:`LeanconvError` unless ``model`` maps one input of ``input_shape`` to
+    ``classes`` logits (a user's constructor may not take ``num_classes``)."""
+    got = output_classes(model, input_shape)
     if got != classes:
-        raise LeanconvError(f"the model outputs {got if got is not None else getattr(out, 'shape', '?')} classes but "
+        raise LeanconvError(f"the model outputs {got if got is not None else 'no [batch, classes]'} logits but "
                             f"the data has {classes}; build it for {classes} classes (a constructor argument "
                             "num_classes is passed when it takes one)")
