@@ -38,18 +38,8 @@ from leanconv.errors import LeanconvError
 from leanconv.layers.periodic_sparse import PATTERNS
 from leanconv.prune3d.realise import load_origin
 from leanconv.prune3d.search import check_budget
-from leanconv.runs.config import (
-    RunConfig,
-    command_line,
-    finetune_epochs,
-    finetune_lr,
-    latency_repeats,
-    probes,
-    score_images,
-    seed,
-    setting,
-    train_subset,
-)
+from leanconv.runs.config import (RunConfig, command_line, finetune_epochs, finetune_lr, latency_repeats, probes,
+                                  score_images, seed, setting, train_subset)
 from leanconv.runs.convert import LAYER_LR, ConvertConfig
 from leanconv.runs.prune import PruneConfig
 from leanconv.runs.prune3d import Prune3dConfig

@@ -20,17 +20,8 @@ import torch
 from leanconv.convs.convert import CONVERSIONS, ConversionSpec, convert
 from leanconv.errors import LeanconvError
 from leanconv.layers.periodic_sparse import PATTERNS
-from leanconv.runs.config import (
-    RunConfig,
-    batch_size,
-    finetune_epochs,
-    finetune_lr,
-    latency_repeats,
-    reproducing_command,
-    seed,
-    setting,
-    train_subset,
-)
+from leanconv.runs.config import (RunConfig, batch_size, finetune_epochs, finetune_lr, latency_repeats,
+                                  reproducing_command, seed, setting, train_subset)
 from leanconv.runs.record import Record, Result, counted, measure
 from leanconv.runs.source import Source
 from leanconv.train import finetune

@@ -19,19 +19,8 @@ import torch
 
 from leanconv.cost import simd_channels
 from leanconv.importance import ScoringData, criterion_names, run_criterion
-from leanconv.runs.config import (
-    RunConfig,
-    batch_size,
-    finetune_epochs,
-    finetune_lr,
-    latency_repeats,
-    probes,
-    reproducing_command,
-    score_images,
-    seed,
-    setting,
-    train_subset,
-)
+from leanconv.runs.config import (RunConfig, batch_size, finetune_epochs, finetune_lr, latency_repeats, probes,
+                                  reproducing_command, score_images, seed, setting, train_subset)
 from leanconv.runs.record import Record, Result, counted, measure
 from leanconv.runs.source import Source
 from leanconv.train import evaluate, finetune

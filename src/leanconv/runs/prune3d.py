@@ -40,20 +40,8 @@ from leanconv.width.budget import check_reachable
 from leanconv.prune3d.realise import Origin, StepSettings, brief_finetune, load_origin, val_accuracy
 from leanconv.prune3d.samples import SampleStore, collect_samples, plan_tasks
 from leanconv.prune3d.search import check_budget, choose, fit_samples, sampling_floors
-from leanconv.runs.config import (
-    RunConfig,
-    batch_size,
-    finetune_epochs,
-    finetune_lr,
-    latency_repeats,
-    probes,
-    reproducing_command,
-    score_images,
-    seed,
-    setting,
-    target,
-    train_subset,
-)
+from leanconv.runs.config import (RunConfig, batch_size, finetune_epochs, finetune_lr, latency_repeats, probes,
+                                  reproducing_command, score_images, seed, setting, target, train_subset)
 from leanconv.runs.record import Record, Result, measure
 from leanconv.runs.source import Source
 from leanconv.util import checks
