@@ -21,7 +21,7 @@ from leanconv.util.model_io import output_classes
 from leanconv.runs.source import Source, recorded_data
 
 __all__ = [
-    "describe", "add_build_args", "parse_kwargs", "add_data_args", "add_model_args", "add_seed_arg", "add_repeats_arg", "add_output_args",
+    "describe", "add_checkpoint_args", "add_build_args", "parse_kwargs", "add_data_args", "add_model_args", "add_seed_arg", "add_repeats_arg", "add_output_args",
     "add_config_options", "build_config", "source_from_args", "load_model", "data_from_meta", "recorded_data_dir",
     "input_shape_of", "resolution_of", "parse_shape", "positive_int", "positive_float", "non_negative_float",
     "check_out_folder", "check_out_file", "progress_bar",
@@ -105,6 +105,12 @@ def add_model_args(parser: argparse.ArgumentParser, input_shape: bool = False) -
     if input_shape:
         parser.add_argument("--input-shape", type=parse_shape, default=None, metavar="C,H,W",
                             help="one input image's shape, for a checkpoint that records none")
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    """``CKPT`` (a trained checkpoint), ``--constructor`` and ``--input-shape``."""
+    parser.add_argument("ckpt", metavar="CKPT", help="a trained leanconv checkpoint (.safetensors)")
+    add_model_args(parser, input_shape=True)
 
 
 def add_seed_arg(parser: argparse.ArgumentParser) -> None:

@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from leanconv.cli.common import (add_config_options, add_data_args, add_model_args, add_output_args, build_config,
+from leanconv.cli.common import (add_checkpoint_args, add_config_options, add_data_args, add_output_args, build_config,
                                  progress_bar, source_from_args)
 from leanconv.errors import LeanconvError
 from leanconv.report.build import build_report
@@ -29,8 +29,7 @@ HELP = "run every method at the same budgets and write a report"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ckpt", metavar="CKPT", help="a trained leanconv checkpoint")
-    add_model_args(p, input_shape=True)
+    add_checkpoint_args(p)
     add_config_options(p, CompareConfig)
     add_data_args(p, default=None, batch_size=False)  # every entry uses leanconv's fixed batch of 128
     add_output_args(p)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from leanconv.cli.common import add_data_args, add_model_args, data_from_meta, load_model, resolution_of
+from leanconv.cli.common import add_checkpoint_args, add_data_args, data_from_meta, load_model, resolution_of
 from leanconv.train import evaluate
 
 __all__ = ["HELP", "add_arguments", "run"]
@@ -19,8 +19,7 @@ HELP = "accuracy and loss of a checkpoint"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ckpt", metavar="CKPT", help="a leanconv .safetensors checkpoint")
-    add_model_args(p, input_shape=True)
+    add_checkpoint_args(p)
     add_data_args(p, default=None)
     p.add_argument("--split", choices=["test", "val", "train"], default="test")
     p.add_argument("--json", action="store_true", help="machine-readable output")

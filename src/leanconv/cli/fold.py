@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from leanconv import checkpoint
-from leanconv.cli.common import add_model_args, input_shape_of, load_model, positive_int
+from leanconv.cli.common import add_checkpoint_args, input_shape_of, load_model, positive_int
 from leanconv.cost import count, measure_fastest_layout
 from leanconv.deploy.fold import TOLERANCE, fold
 from leanconv.errors import LeanconvError
@@ -27,11 +27,10 @@ DOC_FIELDS = {"tolerance": f"{TOLERANCE:g}"}  # filled into the --help text
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ckpt", metavar="CKPT", help="a leanconv checkpoint")
+    add_checkpoint_args(p)
     p.add_argument("--out", required=True, metavar="OUT.safetensors", help="where to write the folded checkpoint")
     p.add_argument("--repeats", type=positive_int, default=10, help="timed runs per model (default: 10)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
-    add_model_args(p, input_shape=True)
     p.set_defaults(out_file="out")
 
 

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from leanconv.cli.common import (add_config_options, add_data_args, add_model_args, add_output_args, build_config,
+from leanconv.cli.common import (add_checkpoint_args, add_config_options, add_data_args, add_output_args, build_config,
                                  progress_bar, source_from_args)
 from leanconv.cost import simd_channels
 from leanconv.report.plots import channels_chart
@@ -27,8 +27,7 @@ HELP = "remove channels to a FLOPs/params budget (hap, l1, taylor, ...)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ckpt", metavar="CKPT", help="a trained leanconv checkpoint")
-    add_model_args(p, input_shape=True)
+    add_checkpoint_args(p)
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--target-flops", type=float, metavar="R", help="keep this fraction of the FLOPs/MACs")
     budget.add_argument("--target-params", type=float, metavar="R", help="keep this fraction of the parameters")

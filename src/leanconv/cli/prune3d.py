@@ -16,7 +16,7 @@ import json
 import os
 import sys
 
-from leanconv.cli.common import (add_config_options, add_data_args, add_model_args, add_output_args, build_config,
+from leanconv.cli.common import (add_checkpoint_args, add_config_options, add_data_args, add_output_args, build_config,
                                  positive_int, progress_bar, source_from_args)
 from leanconv.prune3d.executors import EXECUTORS, create_executor
 from leanconv.report.plots3d import prune3d_plots
@@ -39,8 +39,7 @@ HELP = "3-D pruning: depth x width x resolution under a FLOPs budget"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ckpt", metavar="CKPT", help="a trained leanconv checkpoint")
-    add_model_args(p, input_shape=True)
+    add_checkpoint_args(p)
     add_config_options(p, Prune3dConfig)
     p.add_argument("--executor", choices=EXECUTORS, default="local",
                    help="where sample tasks run: local processes or a Ray cluster (default: local)")

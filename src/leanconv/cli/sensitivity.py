@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from leanconv.cli.common import (add_config_options, add_data_args, add_model_args, add_output_args, build_config,
+from leanconv.cli.common import (add_checkpoint_args, add_config_options, add_data_args, add_output_args, build_config,
                                  progress_bar, source_from_args)
 from leanconv.report.plots import sensitivity_chart
 from leanconv.runs.sensitivity import SensitivityConfig, run_sensitivity
@@ -25,8 +25,7 @@ HELP = "per-channel Hessian traces and HAP sensitivities"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ckpt", metavar="CKPT", help="a trained leanconv checkpoint")
-    add_model_args(p, input_shape=True)
+    add_checkpoint_args(p)
     add_config_options(p, SensitivityConfig)
     p.add_argument("--cache-dir", default=None, help="trace cache folder (default: DIR/cache)")
     add_data_args(p, default=None, batch_size=False)
