@@ -19,7 +19,7 @@ import sys
 from leanconv.cli.common import (add_checkpoint_args, add_config_options, add_data_args, add_output_args, build_config,
                                  positive_int, progress_bar, source_from_args)
 from leanconv.prune3d.executors import EXECUTORS, create_executor
-from leanconv.report.plots3d import prune3d_plots
+from leanconv.report.plots3d import prune3d_plot_writers
 from leanconv.runs.prune3d import Prune3dConfig, run_prune3d
 
 __all__ = ["HELP", "add_arguments", "run"]
@@ -76,9 +76,8 @@ def run(args: argparse.Namespace) -> int:
         result = run_prune3d(config, source, out=args.out, executor=executor, progress=update, stage=stage)
     finally:
         close()
-    result.save(args.out, constructor=args.constructor)
     record = result.record.to_dict()
-    prune3d_plots(record, args.out)
+    result.save(args.out, constructor=args.constructor, extra=prune3d_plot_writers(record))
     choice, acc = record["choice"], record["accuracy"]
     print(json.dumps({"d": round(choice["d"], 4), "w": round(choice["w"], 4), "r": round(choice["r"], 4),
                       "side": choice["realised"]["side"], "macs": [record["before"]["macs"], record["after"]["macs"]],

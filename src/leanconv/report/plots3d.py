@@ -5,7 +5,8 @@
 * :func:`budget_chart`: the predicted accuracy along the budget boundary (for each ``d``
   and ``w``, the largest allowed ``r`` within the MACs budget) with the chosen point, and
   the samples' validation accuracy against their counted MACs with the budget marked.
-* :func:`prune3d_plots`: both, from a ``leanconv prune3d`` record, into a folder.
+* :func:`prune3d_plots`: both, from a ``leanconv prune3d`` record, into a folder
+  (:func:`prune3d_plot_writers`: as writers for the run's file set).
 
 Inputs are plain numbers as the record holds them (MACs: multiply-accumulates, one image).
 """
@@ -13,7 +14,7 @@ Inputs are plain numbers as the record holds them (MACs: multiply-accumulates, o
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import matplotlib
 import numpy as np
@@ -24,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from leanconv.report.plots import save_figure  # noqa: E402
 from leanconv.prune3d.predictor import predictor_from_dict  # noqa: E402
 
-__all__ = ["surface_chart", "budget_chart", "prune3d_plots"]
+__all__ = ["surface_chart", "budget_chart", "prune3d_plot_writers", "prune3d_plots"]
 
 _KIND_MARKERS = {"base": "*", "depth": "s", "width": "^", "resolution": "v", "mixed": "o"}
 
@@ -130,18 +131,24 @@ def budget_chart(curve: Sequence[Mapping], path: str | Path, *, chosen: Mapping 
     return save_figure(fig, path)
 
 
-def prune3d_plots(record: Mapping, out_dir: str | Path) -> list[Path]:
-    """``surface.png`` and ``budget.png`` in ``out_dir`` from a ``leanconv prune3d`` record."""
-    out = Path(out_dir)
+def prune3d_plot_writers(record: Mapping) -> dict[str, Callable[[Path], Path]]:
+    """Writers (name -> ``write(path)``) of ``surface.png`` and ``budget.png`` from a
+    ``leanconv prune3d`` record, to be written with the run's other files as one set."""
     choice, samples, budget = record["choice"], record["samples"], record["budget"]
     box_d = record["predictor"]["model"]["domain"][0]
     depths = sorted({box_d[0], choice["d"], box_d[1]})
-    surface = surface_chart(record["predictor"]["model"], samples, out / "surface.png", d_values=depths,
-                            chosen=choice)
     measured = {"macs_ratio": choice["counted_macs"] / budget["macs0"],
                 "predicted": record["accuracy"]["predicted_val"],
                 "measured": record["accuracy"]["measured_val_protocol"]}
-    curve = budget_chart(record["budget_curve"], out / "budget.png", chosen=choice, samples=samples,
-                         macs0=budget["macs0"], budget_macs=budget["budget_macs"], measured=measured,
-                         title=f"target {budget['target']:g} of the MACs")
-    return [surface, curve]
+    return {
+        "surface.png": lambda path: surface_chart(record["predictor"]["model"], samples, path, d_values=depths,
+                                                  chosen=choice),
+        "budget.png": lambda path: budget_chart(record["budget_curve"], path, chosen=choice, samples=samples,
+                                                macs0=budget["macs0"], budget_macs=budget["budget_macs"],
+                                                measured=measured, title=f"target {budget['target']:g} of the MACs"),
+    }
+
+
+def prune3d_plots(record: Mapping, out_dir: str | Path) -> list[Path]:
+    """``surface.png`` and ``budget.png`` in ``out_dir`` from a ``leanconv prune3d`` record."""
+    return [write(Path(out_dir) / name) for name, write in prune3d_plot_writers(record).items()]

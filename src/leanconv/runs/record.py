@@ -30,7 +30,8 @@ from torch import nn
 from leanconv import checkpoint
 from leanconv.cost import count, measure_fastest_layout
 from leanconv.train import evaluate
-from leanconv.util.files import write_json, write_together
+from leanconv.util.files import write_json
+from leanconv.util.fileset import write_together
 
 __all__ = ["Record", "Result", "measure", "counted", "LATENCY_BATCHES", "RECORD_FILES"]
 

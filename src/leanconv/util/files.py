@@ -2,8 +2,9 @@
 
 Every file leanconv writes goes through :func:`atomic_write`: the content is written under a
 temporary name in the target folder and renamed over the target only when complete, so a
-crash (or a full disk) never leaves a partial file where a good one was. Files that belong
-together (a model and its record) are staged and renamed as a set by :func:`write_together`.
+crash (or a full disk) never leaves a partial file where a good one was; a target that is not
+a regular file (a device, a FIFO) is refused, never replaced. Files that belong together (a
+model and its record) are written as a set by :func:`leanconv.util.fileset.write_together`.
 Append-only logs (samples, comparison entries, explored variants, training metrics) are
 :class:`JsonlStore` files: one JSON object per line, each line flushed and fsynced, a line
 cut short by a crash skipped on reading and closed before the next append.
@@ -11,17 +12,20 @@ cut short by a crash skipped on reading and closed before the next append.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from leanconv.errors import LeanconvError
+from leanconv.util.fileset import check_replaceable
 
-__all__ = ["atomic_write", "write_text", "write_json", "write_together", "file_sha256", "JsonlStore"]
+__all__ = ["atomic_write", "write_text", "write_json", "file_sha256", "JsonlStore", "os_error", "is_os_failure"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +34,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp)`` on a temporary name in the target folder, then rename over ``path``:
     a crash never leaves a partial file where a good one was."""
     path = Path(path)
+    check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -44,6 +49,29 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         raise
 
 
+def os_error(exc: BaseException, path: str | os.PathLike) -> OSError:
+    """The :class:`OSError` behind a writer's own error type (safetensors, exporters), found in
+    its chain of causes or as ``(os error N)`` in its message; ``EIO`` with the message otherwise."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    found = re.search(r"os error (\d+)", str(exc))
+    number = int(found.group(1)) if found else errno.EIO
+    return OSError(number, os.strerror(number) if found else str(exc).splitlines()[0], str(path))
+
+
+def is_os_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an error behind it) is the file system refusing a write."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) or re.search(r"os error \d+", str(seen)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
@@ -52,26 +80,6 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON with sorted keys, atomically."""
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def write_together(folder: str | os.PathLike, writers: dict[str, Callable[[Path], Any]]) -> None:
-    """Write the files of one result as a set: each ``writers[name](path)`` writes to a staged
-    name in ``folder``, and only when all succeeded are they renamed into place, so a failure
-    leaves the previous set (or none), never a mix."""
-    folder = Path(folder)
-    in_the_way = [name for name in writers if (folder / name).is_dir()]
-    if in_the_way:
-        raise LeanconvError(f"{str(folder / in_the_way[0])!r} is a folder; move it away, or use another --out")
-    folder.mkdir(parents=True, exist_ok=True)
-    staged = {name: folder / f".staged.{name}" for name in writers}
-    try:
-        for name, write in writers.items():
-            write(staged[name])
-        for name, path in staged.items():
-            os.replace(path, folder / name)
-    finally:
-        for path in staged.values():
-            path.unlink(missing_ok=True)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -138,6 +146,7 @@ class JsonlStore:
         lines = [json.dumps(r, sort_keys=True, allow_nan=False) for r in records]
         if not lines:
             return 0
+        check_replaceable(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a+b") as fh:
             fh.seek(0, os.SEEK_END)
