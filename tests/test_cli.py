@@ -130,7 +130,7 @@ def test_more_user_errors_fail_before_work(tmp_path, capsys, trained):
     _assert_user_error(capsys, "export", ckpt, "--onnx", str(tmp_path), "--no-latency", match="is a folder")
     _assert_user_error(capsys, "fold", ckpt, "--out", str(tmp_path), match="is a folder")
     _assert_user_error(capsys, "profile", "resnet20", "--input-shape", "3,100000,100000", "--no-latency",
-                       match="cannot make an input batch")
+                       match="input_size must be a whole number in [8, 1024]")
     assert afile.read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # nothing written by any of them
     for bad in (["--momentum", "1"], ["--momentum", "nan"], ["--weight-decay", "-1"], ["--weight-decay", "inf"]):

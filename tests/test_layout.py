@@ -10,8 +10,8 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "leanconv"
 # docs/design.md, "Layout and dependency direction": a package may import only its own
 # modules and the packages before it.
-ORDER = ["errors", "util", "layers", "models", "data", "deploy", "cost", "checkpoint", "train", "graph", "importance",
-         "width", "prune3d", "convs", "runs", "report", "cli"]
+ORDER = ["errors", "util", "layers", "models", "data", "deploy", "cost", "checkpoint_header", "checkpoint", "train",
+         "graph", "importance", "width", "prune3d", "convs", "runs", "report", "cli"]
 
 
 def _module_name(path: Path) -> str:

@@ -21,6 +21,7 @@ captured without bookkeeping.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -29,13 +30,18 @@ from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from leanconv.checkpoint_header import check_fits, corrupt, leanconv_header, read_index
 from leanconv.errors import LeanconvError
 from leanconv.util.files import atomic_write
 from leanconv.layers.spec import is_registered, module_from_spec, module_to_spec
 from leanconv.models.registry import create, from_constructor
+from leanconv.util.inputs import input_file
+from leanconv.util.limits import MAX_MODEL_ELEMENTS
+from leanconv.util.meta_build import BuildLimit, meta_build
 
 __all__ = ["save", "load", "read_header", "find_edits", "apply_edits", "build_base", "read_weights", "load_weights",
            "constructor_name"]
@@ -181,60 +187,111 @@ def _match_dtypes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 def read_header(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and validate the JSON header of a leanconv checkpoint without loading weights."""
-    path = Path(path)
-    if path.is_dir():
-        raise LeanconvError(f"checkpoint {str(path)!r} is a folder; name the .safetensors file inside it")
-    if not path.is_file():
-        raise LeanconvError(f"checkpoint {str(path)!r} does not exist")
+    """Read the JSON header of a leanconv checkpoint, checked field by field against its schema
+    (:mod:`leanconv.checkpoint_header`), without loading weights."""
+    path = input_file(path, "checkpoint")
+    raw, _ = read_index(path)
+    return leanconv_header(raw, path)
+
+
+# What building a model from hostile (but schema-conforming) numbers may raise besides LeanconvError.
+BUILD_ERRORS = (TypeError, ValueError, RuntimeError, OverflowError, RecursionError, MemoryError, AttributeError,
+                KeyError, IndexError, ZeroDivisionError, NotImplementedError)
+
+
+def _not_saved_by(header: dict[str, Any], constructor: Callable[..., nn.Module] | str | None) -> str:
+    given = constructor if isinstance(constructor, str) else getattr(constructor, "__qualname__", constructor)
+    return (f"the constructor given ({given!r}) does not build the model the file was saved from "
+            f"({header['base']['constructor']!r})")
+
+
+def _mismatch_cause(header: dict[str, Any], constructor: Callable[..., nn.Module] | str | None) -> str:
+    """Why a model may not fit its file: with a user constructor, likelier a different constructor."""
+    if "constructor" not in header["base"]:
+        return "the file is corrupt"
+    return f"{_not_saved_by(header, constructor)}; pass that one, unchanged"
+
+
+def _replay(base: nn.Module, header: dict[str, Any], constructor: Any) -> nn.Module:
+    """``apply_edits``; with a user constructor an edit that does not fit names the constructor."""
     try:
-        with open(path, "rb") as fh:
-            size = int.from_bytes(fh.read(8), "little")
-            if size <= 0 or size > min(path.stat().st_size - 8, 100_000_000):
-                raise ValueError("bad header length")
-            raw = json.loads(fh.read(size))
-        text = raw["__metadata__"]["leanconv"]
-        header = json.loads(text)
-    except (ValueError, KeyError, TypeError, OSError) as exc:
-        raise LeanconvError(f"{str(path)!r} is not a leanconv checkpoint (safetensors with a leanconv header)") from exc
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise LeanconvError(f"{str(path)!r} has an unsupported leanconv checkpoint format")
-    return header
+        return apply_edits(base, header["edits"])
+    except LeanconvError as exc:
+        if "constructor" not in header["base"]:
+            raise
+        raise LeanconvError(f"{_not_saved_by(header, constructor)}: {exc}; pass that one, unchanged") from None
+
+
+def _dry_run(header: dict[str, Any], index: dict, path: Path, constructor: Any, cause: str) -> None:
+    """Build the model the header describes on the meta device (no memory) and compare it with
+    the file's tensors, so that a header can never make leanconv allocate more than its weights
+    fill: at most ``MAX_MODEL_ELEMENTS`` or 16 times the file's elements for the base model and
+    the layers its edits build (pruning starts from a larger base). A user constructor that
+    cannot build on the meta device is built as it is (the user named it)."""
+    user = "constructor" in header["base"]
+    stored = sum(math.prod(shape) for _, shape in index.values())
+    try:
+        model, _ = meta_build(lambda: apply_edits(build_base(header["base"], constructor), header["edits"]),
+                              max_elements=max(MAX_MODEL_ELEMENTS, 16 * stored))
+    except BuildLimit as exc:
+        raise corrupt(path, f"the model its header describes has over {exc}, far more than its "
+                      f"{stored:,} stored elements") from None
+    except LeanconvError as exc:
+        if user:
+            return
+        raise corrupt(path, str(exc)) from None
+    except BUILD_ERRORS as exc:
+        if user:
+            return
+        raise corrupt(path, f"its model cannot be built ({_line(exc)})") from None
+    check_fits(model, index, path, cause)
+
+
+def _line(exc: BaseException) -> str:
+    """An exception as one short line (its type, then its text with line breaks folded)."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The file's tensors; a name that is not UTF-8 (which safetensors cannot open) is read through Python."""
+    try:
+        try:
+            str(path).encode("utf-8")
+        except UnicodeEncodeError:
+            with open(path, "rb") as fh:
+                return load_bytes(fh.read())
+        return load_file(str(path))
+    except (SafetensorError, ValueError) as exc:
+        raise LeanconvError(f"{str(path)!r} is truncated or corrupt: {_line(exc)}") from exc
 
 
 def load(path: str | os.PathLike, constructor: Callable[..., nn.Module] | str | None = None,
          with_extra: bool = False) -> nn.Module | tuple[nn.Module, dict[str, torch.Tensor]]:
     """Rebuild the model stored at ``path``: base + edits + weights (strict). No pickle.
 
+    The header is checked first and the model it describes is built on the meta device and
+    compared with the file's tensors (:func:`_dry_run`): a corrupt or hostile header is one
+    :class:`LeanconvError` naming the file, before anything is allocated.
     With ``with_extra`` also returns the ``extra_tensors`` given to :func:`save`.
     """
-    header = read_header(path)
+    path = input_file(path, "checkpoint")
+    raw, index = read_index(path)
+    header = leanconv_header(raw, path)
+    cause = _mismatch_cause(header, constructor)
+    _dry_run(header, index, path, constructor, cause)
+    tensors = _read_tensors(path)
     try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise LeanconvError(f"{str(path)!r} is truncated or corrupt: {exc}") from exc
-    base = build_base(header["base"], constructor)
-    with torch.random.fork_rng(devices=[]):  # edits build fresh layers too
-        try:
-            model = apply_edits(base, header.get("edits", []))
-        except LeanconvError as exc:
-            if "constructor" not in header["base"]:
-                raise
-            given = constructor if isinstance(constructor, str) else getattr(constructor, "__qualname__", constructor)
-            raise LeanconvError(f"the constructor given ({given!r}) does not build the model the file was saved from "
-                                f"({header['base']['constructor']!r}): {exc}; pass that one, unchanged") from None
+        base = build_base(header["base"], constructor)
+        with torch.random.fork_rng(devices=[]):  # edits build fresh layers too
+            model = _replay(base, header, constructor)
+    except BUILD_ERRORS as exc:
+        raise corrupt(path, f"its model cannot be built ({_line(exc)})") from None
     if hasattr(base, "leanconv_constructor"):
         model.leanconv_constructor = base.leanconv_constructor
     model.leanconv_base = header["base"]
-    model.leanconv_meta = header.get("meta", {})
+    model.leanconv_meta = header["meta"]
     extra = {k[len("__extra__."):]: v for k, v in tensors.items() if k.startswith("__extra__.")}
     state = {k: v for k, v in tensors.items() if not k.startswith("__extra__.")}
-    # With a user constructor the likelier cause is a constructor that differs from the saved one.
-    cause = "the file is corrupt"
-    if "constructor" in header["base"]:
-        given = constructor if isinstance(constructor, str) else getattr(constructor, "__qualname__", constructor)
-        cause = (f"the constructor given ({given!r}) does not build the model the file was saved from "
-                 f"({header['base']['constructor']!r}); pass that one, unchanged")
     _match_dtypes(model, state)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -254,9 +311,7 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     ``torch.load(weights_only=True)`` (never a full pickle). A dict that holds the state dict
     under ``state_dict`` or ``model`` (common training checkpoints) and a ``module.`` prefix on
     every key (``DataParallel``) are unwrapped."""
-    path = Path(path)
-    if not path.is_file():
-        raise LeanconvError(f"weights file {str(path)!r} does not exist")
+    path = input_file(path, "weights file")
     if path.suffix == ".safetensors":
         try:
             state: Any = load_file(str(path))

@@ -159,7 +159,7 @@ def load_model(spec: str, *, constructor: str | None = None, input_shape: tuple[
     """A checkpoint path, a zoo model name or ``PKG.MODULE:FN`` -> model (a model built from a
     name is freshly initialised; ``kwargs`` go to a user's constructor as given)."""
     path = Path(spec)
-    if path.exists() or spec.endswith(".safetensors"):
+    if os.path.lexists(path) or spec.endswith(".safetensors"):  # a link loop or a FIFO is a file meant too
         return checkpoint.load(path, constructor=constructor)
     if spec not in names() and ":" not in spec:
         raise LeanconvError(f"{spec!r} is neither a checkpoint file nor a zoo model (nor PKG.MODULE:FN); zoo models: "

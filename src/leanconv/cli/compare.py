@@ -16,11 +16,11 @@ from pathlib import Path
 
 from leanconv.cli.common import (add_checkpoint_args, add_config_options, add_data_args, add_output_args, build_config,
                                  progress_bar, source_from_args)
-from leanconv.errors import LeanconvError
 from leanconv.report.build import build_report
 from leanconv.runs.compare import CompareConfig, run_compare
 from leanconv.runs.config import command_line
 from leanconv.runs.source import Source
+from leanconv.util.inputs import input_file
 
 __all__ = ["HELP", "add_arguments", "run", "compare_and_report"]
 
@@ -56,8 +56,7 @@ def compare_and_report(source: Source, config: CompareConfig, out: Path, *, show
 
 def run(args: argparse.Namespace) -> int:
     config = build_config(CompareConfig, args)
-    if not Path(args.ckpt).is_file():
-        raise LeanconvError(f"checkpoint {args.ckpt!r} does not exist")
+    input_file(args.ckpt, "checkpoint")
     source = source_from_args(args, args.ckpt)
     paths = compare_and_report(source, config, Path(args.out), show_progress=not args.no_progress)
     print(f"report: {paths['html']}")

@@ -29,6 +29,7 @@ from leanconv.train import TrainConfig, evaluate, fit, recalibrate_on_training_d
 from leanconv.train.loop import check_loader
 from leanconv.train import distributed as dist
 from leanconv.util.files import write_json
+from leanconv.util.inputs import input_file
 from leanconv.util.model_io import check_classes
 
 __all__ = ["HELP", "add_arguments", "run", "config_from_args", "loaders_for", "CHECKSUM_ENV"]
@@ -130,8 +131,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.resume and not (out / "train_state.safetensors").exists():
         raise LeanconvError(f"nothing to resume in {out}: no train_state.safetensors; drop --resume")
-    if args.from_ckpt and not Path(args.from_ckpt).is_file():
-        raise LeanconvError(f"checkpoint {args.from_ckpt!r} does not exist")
+    if args.from_ckpt:
+        input_file(args.from_ckpt, "checkpoint")
     rank, world = dist.init_from_env()
     try:
         return _train(args, out, rank, world)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -98,14 +99,19 @@ def load_dataset(name: str, data_dir: str | Path | None = None, **options: Any) 
     parsed.update(options)
     _check_options(canonical, parsed)
     if parsed.get("path") is not None:  # one folder, one cache entry, one name, wherever it was given from
-        parsed["path"] = str(Path(str(parsed["path"])).expanduser().resolve())
-    directory = None if data_dir is None else str(Path(data_dir).expanduser().resolve())
+        parsed["path"] = _absolute(str(parsed["path"]))
+    directory = None if data_dir is None else _absolute(data_dir)
     try:
         key = tuple(sorted(parsed.items()))
         hash(key)
     except TypeError:
         raise LeanconvError(f"dataset options must be plain values, got {parsed!r}") from None
     return _load_cached(canonical, directory, key)
+
+
+def _absolute(path: str | Path) -> str:
+    """``path`` absolute with links resolved; a link loop stays as it is (the loader names it)."""
+    return os.path.realpath(os.path.expanduser(path))
 
 
 @functools.lru_cache(maxsize=8)

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from leanconv.data.idx import read_idx
-from leanconv.data.splits import DatasetSplits, make_splits
+from leanconv.data.splits import DatasetSplits, make_splits, user_data_options
 from leanconv.errors import LeanconvError
+from leanconv.util.inputs import input_file, input_folder, path_kind
 
 __all__ = ["DEFAULT_DIR", "FILES", "CLASSES", "read_fashion_mnist", "load_fashion_mnist"]
 
@@ -34,8 +35,8 @@ CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 def _locate(directory: Path, filename: str) -> Path:
     """The file in ``directory``, gzipped or already unpacked; a clear error when absent."""
     for candidate in (directory / filename, directory / filename.removesuffix(".gz")):
-        if candidate.is_file():
-            return candidate
+        if path_kind(candidate) != "missing":  # a FIFO or a link loop is named as such, not "missing"
+            return input_file(candidate, "Fashion-MNIST file")
     raise LeanconvError(f"Fashion-MNIST file {filename} is missing from {directory}; {_FIX}")
 
 
@@ -57,8 +58,9 @@ def read_fashion_mnist(data_dir: str | Path | None = None
     """Parse the four files into (train_images [N,1,28,28] uint8, train_labels int64,
     test_images, test_labels)."""
     directory = Path(data_dir) if data_dir is not None else DEFAULT_DIR
-    if not directory.is_dir():
+    if path_kind(directory) == "missing":
         raise LeanconvError(f"Fashion-MNIST directory {directory} does not exist; {_FIX}")
+    input_folder(directory, "Fashion-MNIST directory")
     train = _read_pair(directory, "train_images", "train_labels")
     test = _read_pair(directory, "test_images", "test_labels")
     return train[0], train[1], test[0], test[1]
@@ -67,6 +69,7 @@ def read_fashion_mnist(data_dir: str | Path | None = None
 def load_fashion_mnist(data_dir: str | Path | None = None, *, val_size: int | None = None,
                        flip_ok: bool = True) -> DatasetSplits:
     """Fashion-MNIST as :class:`DatasetSplits` (55,000 / 5,000 / 10,000, 1 channel, 28 px)."""
+    user_data_options("fashion-mnist", size=None, channels=None, val_size=val_size, flip_ok=flip_ok, max_side=0)
     train_x, train_y, test_x, test_y = read_fashion_mnist(data_dir)
     return make_splits("fashion-mnist", train_x, train_y, test_x, test_y, classes=CLASSES,
                        flip_ok=flip_ok, val_size=val_size)

@@ -27,6 +27,7 @@ import torch
 from leanconv.data.splits import (DatasetSplits, ImageSplit, carve_test, carve_validation, channel_stats,
                                   default_val_size, user_data_options)
 from leanconv.errors import LeanconvError
+from leanconv.util.inputs import input_folder
 
 __all__ = ["load_imagefolder", "FileImages", "EXTENSIONS"]
 
@@ -171,11 +172,10 @@ def load_imagefolder(data_dir: object = None, *, path: str | None = None, size: 
         raise LeanconvError("imagefolder needs a folder: --data imagefolder:PATH (or --data-dir PATH)")
     user_data_options("imagefolder", size=size, channels=channels, val_size=val_size, flip_ok=flip_ok,
                       max_side=MAX_SIDE)
-    if isinstance(max_memory_mb, bool) or not isinstance(max_memory_mb, int) or max_memory_mb < 0:
-        raise LeanconvError(f"imagefolder option max_memory_mb must be a whole number >= 0, got {max_memory_mb!r}")
-    root = Path(str(where)).expanduser()
-    if not root.is_dir():
-        raise LeanconvError(f"image folder {str(root)!r} does not exist or is not a folder")
+    if isinstance(max_memory_mb, bool) or not isinstance(max_memory_mb, int) or not 0 <= max_memory_mb <= 2**20:
+        raise LeanconvError(f"imagefolder option max_memory_mb must be a whole number in [0, {2**20}] (up to 1 TiB), "
+                            f"got {repr(max_memory_mb)[:60]}")
+    root = input_folder(Path(str(where)).expanduser(), "image folder")
     parts = _split_parts(root)
     classes = sorted(parts["train"])
     if len(classes) < 2:

@@ -22,6 +22,7 @@ from leanconv.data.splits import (DatasetSplits, ImageSplit, carve_test, carve_v
                                   default_val_size, user_data_options)
 from leanconv.data.transforms import resize
 from leanconv.errors import LeanconvError
+from leanconv.util.inputs import input_file
 
 __all__ = ["load_npz"]
 
@@ -81,9 +82,7 @@ def load_npz(data_dir: object = None, *, path: str | None = None, size: int | No
     if where is None:
         raise LeanconvError("npz needs a file: --data npz:PATH (or --data-dir PATH)")
     user_data_options("npz", size=size, channels=channels, val_size=val_size, flip_ok=flip_ok, max_side=MAX_SIDE)
-    file = Path(str(where)).expanduser()
-    if not file.is_file():
-        raise LeanconvError(f"npz file {str(file)!r} does not exist")
+    file = input_file(Path(str(where)).expanduser(), "npz file")
     arrays = _read(file)
     if "x" not in arrays or "y" not in arrays:
         raise LeanconvError(f"{file} needs arrays 'x' (images) and 'y' (labels); it has {sorted(arrays) or 'none'}")

@@ -18,6 +18,7 @@ import torch
 
 from leanconv.data.loader import TensorLoader
 from leanconv.errors import LeanconvError
+from leanconv.util.limits import MAX_IMAGES
 
 __all__ = [
     "ImageSplit",
@@ -119,16 +120,17 @@ def user_data_options(where: str, *, size: object, channels: object, val_size: o
                       max_side: int) -> None:
     """One line for an option of a user's dataset spec that is not of its kind or range."""
     for name, value, low, high in (("size", size, 8, max_side), ("channels", channels, 1, 3),
-                                   ("val_size", val_size, 0, None)):
+                                   ("val_size", val_size, 0, MAX_IMAGES)):
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < low or (high and value > high):
             span = f"[{low}, {high}]" if high else f">= {low}"
-            raise LeanconvError(f"{where} option {name} must be a whole number in {span}, got {value!r}")
+            shown = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else "a huge number"
+            raise LeanconvError(f"{where} option {name} must be a whole number in {span}, got {shown[:60]}")
     if channels not in (None, 1, 3):
         raise LeanconvError(f"{where} option channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
     if not isinstance(flip_ok, bool):
-        raise LeanconvError(f"{where} option flip_ok must be true or false, got {flip_ok!r}")
+        raise LeanconvError(f"{where} option flip_ok must be true or false, got {repr(flip_ok)[:60]}")
 
 
 def default_val_size(n_train_file: int) -> int:
@@ -179,6 +181,7 @@ def make_splits(name: str, train_images: np.ndarray, train_labels: np.ndarray,
     Images are uint8 numpy arrays ``[N, C, H, W]`` with square ``H == W``; labels are integer
     arrays with values in ``[0, len(classes))``.
     """
+    user_data_options(name, size=None, channels=None, val_size=val_size, flip_ok=flip_ok, max_side=0)
     for part, labels in (("train", train_labels), ("test", test_labels)):
         if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
             raise LeanconvError(f"{name}: {part} labels fall outside [0, {len(classes) - 1}]; "

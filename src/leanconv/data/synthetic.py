@@ -17,16 +17,26 @@ from __future__ import annotations
 
 import numpy as np
 
-from leanconv.data.splits import DatasetSplits, make_splits
+from leanconv.data.splits import DatasetSplits, make_splits, user_data_options
 from leanconv.errors import LeanconvError
+from leanconv.util.limits import (MAX_CLASSES, MAX_INPUT_CHANNELS, MAX_SIDE, MAX_SYNTHETIC_IMAGES,
+                                  MAX_SYNTHETIC_VALUES, SEED_MAX)
 
 __all__ = ["make_synthetic", "load_synthetic"]
 
 
-def _check(label: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise LeanconvError(f"synthetic option {label} must be an integer >= {low}, got {value!r}")
+def _check(label: str, value: object, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise LeanconvError(f"synthetic option {label} must be a whole number in [{low}, {high}], got {_brief(value)}")
     return value
+
+
+def _brief(value: object) -> str:
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else "a huge number"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+CHUNK_VALUES = 2**20  # pixels computed at once: the float64 work space stays at ~25 MB for any set size
 
 
 def make_synthetic(count: int, c: int, s: int, k: int, rng: np.random.RandomState
@@ -37,29 +47,41 @@ def make_synthetic(count: int, c: int, s: int, k: int, rng: np.random.RandomStat
     phase = rng.uniform(0.0, 2.0 * np.pi, count)
     contrast = rng.uniform(0.6, 1.0, count)
     coord = np.arange(s) / s
-    wave = np.sin(2.0 * np.pi * cycles[:, None] * coord[None, :] + phase[:, None])  # [count, s]
-    vertical = (labels % 2 == 1)[:, None, None]
-    pattern = np.where(vertical, wave[:, None, :], wave[:, :, None])            # [count, s, s]
     channel = np.arange(c)[None, :]
     tint = 0.7 + 0.3 * np.cos(2.0 * np.pi * (channel / max(c, 1) + labels[:, None] / k))
-    images = 128.0 + 90.0 * (contrast[:, None] * tint)[:, :, None, None] * pattern[:, None]
-    images += rng.normal(0.0, 16.0, images.shape)
-    return np.clip(np.rint(images), 0, 255).astype(np.uint8), labels
+    out = np.empty((count, c, s, s), dtype=np.uint8)
+    step = max(1, CHUNK_VALUES // (c * s * s))
+    for a in range(0, count, step):  # the noise is drawn in order, so any chunking gives the same images
+        b = min(count, a + step)
+        wave = np.sin(2.0 * np.pi * cycles[a:b, None] * coord[None, :] + phase[a:b, None])  # [n, s]
+        vertical = (labels[a:b] % 2 == 1)[:, None, None]
+        pattern = np.where(vertical, wave[:, None, :], wave[:, :, None])                    # [n, s, s]
+        images = 128.0 + 90.0 * (contrast[a:b, None] * tint[a:b])[:, :, None, None] * pattern[:, None]
+        images += rng.normal(0.0, 16.0, images.shape)
+        out[a:b] = np.clip(np.rint(images), 0, 255).astype(np.uint8)
+    return out, labels
 
 
 def load_synthetic(data_dir: object = None, *, n: int = 512, n_test: int | None = None,
                    c: int = 3, s: int = 16, k: int = 4, seed: int = 0,
                    val_size: int | None = None, flip_ok: bool = True) -> DatasetSplits:
-    """The synthetic grating dataset as :class:`DatasetSplits` (``data_dir`` is ignored)."""
-    _check("n", n, 10)
-    n_test = max(1, n // 4) if n_test is None else _check("n_test", n_test, 1)
-    _check("c", c, 1)
-    _check("s", s, 8)
-    _check("k", k, 2)
-    _check("seed", seed, 0)
+    """The synthetic grating dataset as :class:`DatasetSplits` (``data_dir`` is ignored).
+    Ranges (:mod:`leanconv.util.limits`): ``n`` 10..10**7, ``n_test`` 1..10**7, ``c`` 1..256,
+    ``s`` 8..1024, ``k`` 2..2*(s//4), ``seed`` 0..2**32-1, and ``(n + n_test) * c * s * s``
+    at most 2**28 pixels (256 MiB)."""
+    _check("n", n, 10, MAX_SYNTHETIC_IMAGES)
+    n_test = max(1, n // 4) if n_test is None else _check("n_test", n_test, 1, MAX_SYNTHETIC_IMAGES)
+    _check("c", c, 1, MAX_INPUT_CHANNELS)
+    _check("s", s, 8, MAX_SIDE)
+    _check("k", k, 2, MAX_CLASSES)
+    _check("seed", seed, 0, SEED_MAX)
+    user_data_options("synthetic", size=None, channels=None, val_size=val_size, flip_ok=flip_ok, max_side=MAX_SIDE)
     if k > 2 * (s // 4):
         raise LeanconvError(f"synthetic: k={k} classes need s >= {4 * ((k + 1) // 2)} pixels; "
                             "raise s or lower k")
+    if (n + n_test) * c * s * s > MAX_SYNTHETIC_VALUES:
+        raise LeanconvError(f"synthetic: (n + n_test) * c * s * s = {(n + n_test) * c * s * s:,} pixels exceeds "
+                            f"{MAX_SYNTHETIC_VALUES:,} (256 MiB); lower n, c or s")
     rng = np.random.RandomState(seed)
     train_x, train_y = make_synthetic(n, c, s, k, rng)
     test_x, test_y = make_synthetic(n_test, c, s, k, rng)

@@ -43,7 +43,7 @@ from leanconv.layers._kernels import SparseConvPlan, kernels_usable, sparse_conv
 from leanconv.layers._kernels.plan import TapPattern
 from leanconv.layers.spec import register_layer
 
-__all__ = ["PeriodicSparseConv2d", "PATTERNS", "pattern_mask"]
+__all__ = ["support_size", "PeriodicSparseConv2d", "PATTERNS", "pattern_mask"]
 
 _TL, _TR, _BL, _BR = (0, 1, 3, 4), (1, 2, 4, 5), (3, 4, 6, 7), (4, 5, 7, 8)
 _DENSE = tuple(range(9))
@@ -69,6 +69,19 @@ def pattern_mask(out_channels: int, in_channels: int, pattern: str) -> torch.Ten
         by_t[t, list(positions)] = True
     t = (torch.arange(out_channels)[:, None] + torch.arange(in_channels)[None, :] + 1) % period
     return by_t[t].view(out_channels, in_channels, 3, 3)
+
+
+def support_size(out_channels: int, in_channels: int, pattern: str) -> int:
+    """Nonzero weights of the ``[out, in, 3, 3]`` support of ``pattern`` (``pattern_mask(...).sum()``),
+    counted without building the mask: pair (o, i) uses table entry ``(o + i + 1) mod P``."""
+    table = PATTERNS[pattern]
+    period = len(table)
+
+    def residues(n: int) -> list[int]:  # how many of 0..n-1 leave each remainder mod P
+        return [n // period + (1 if r < n % period else 0) for r in range(period)]
+
+    outs, ins = residues(out_channels), residues(in_channels)
+    return sum(outs[a] * ins[b] * len(table[(a + b + 1) % period]) for a in range(period) for b in range(period))
 
 
 def _pair_one(name: str, value) -> int:
@@ -112,7 +125,10 @@ class PeriodicSparseConv2d(nn.Module):
         self.in_channels, self.out_channels, self.pattern = in_channels, out_channels, pattern
         self.kernel_size, self.stride, self.padding, self.impl = 3, stride, padding, impl
         self.period = len(PATTERNS[pattern])
-        nz_index = mask.reshape(-1).nonzero().squeeze(1)
+        if mask.is_meta:  # a dry run (leanconv.util.meta_build): nonzero() needs values; the count does not
+            nz_index = torch.empty(support_size(out_channels, in_channels, pattern), dtype=torch.int64)
+        else:
+            nz_index = mask.reshape(-1).nonzero().squeeze(1)
         self.register_buffer("nz_index", nz_index, persistent=False)  # flat index into [out, in, 3, 3]
         self.weight_nz = nn.Parameter(torch.empty(nz_index.numel()))
         bound = 1 / math.sqrt(nz_index.numel() / out_channels)  # Conv2d's bound, fan-in = nonzeros per filter

@@ -127,12 +127,13 @@ def module_to_spec(module: nn.Module, path: str = "") -> dict[str, Any]:
 
 
 def module_from_spec(spec: dict[str, Any]) -> nn.Module:
-    """Build a fresh module (random weights) from a spec made by :func:`module_to_spec`."""
-    if not isinstance(spec, dict) or "type" not in spec:
-        raise LeanconvError(f"malformed layer spec {spec!r}; the checkpoint is corrupt")
+    """Build a fresh module (random weights) from a spec made by :func:`module_to_spec`.
+    A spec that is not of that shape, or whose arguments the layer refuses, is one
+    :class:`LeanconvError` calling the checkpoint corrupt."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("type"), str) \
+            or not isinstance(spec.get("kwargs", {}), dict) or not isinstance(spec.get("children", []), list):
+        raise LeanconvError(f"malformed layer spec {_brief(spec)}; the checkpoint is corrupt")
     name = spec["type"]
-    if not isinstance(spec.get("kwargs", {}), dict):
-        raise LeanconvError(f"malformed layer spec {spec!r}; the checkpoint is corrupt")
     kwargs = dict(spec.get("kwargs", {}))
     if name == "Sequential":
         return nn.Sequential(*[module_from_spec(c) for c in spec.get("children", [])])
@@ -141,13 +142,21 @@ def module_from_spec(spec: dict[str, Any]) -> nn.Module:
     elif name in _LEANCONV_TYPES:
         cls = _LEANCONV_TYPES[name]
     else:
-        raise LeanconvError(f"checkpoint names unknown layer type {name!r}; it was written by a newer "
+        raise LeanconvError(f"checkpoint names unknown layer type {_brief(name)}; it was written by a newer "
                             "leanconv or is corrupt")
     for key in ("kernel_size", "stride", "padding", "dilation", "output_size"):
         if isinstance(kwargs.get(key), list):
             kwargs[key] = tuple(kwargs[key])
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError, RuntimeError) as exc:  # RuntimeError: e.g. a negative channel count
-        raise LeanconvError(f"cannot build layer {name} from checkpoint arguments {kwargs} ({exc}); "
+    except (LeanconvError, TypeError, ValueError, RuntimeError, OverflowError, MemoryError) as exc:
+        # RuntimeError: e.g. a negative channel count; MemoryError: a layer too large to allocate
+        raise LeanconvError(f"cannot build layer {name} from checkpoint arguments {_brief(kwargs)} "
+                            f"({' '.join(str(exc).split())[:200]}); "
                             "the checkpoint is corrupt") from exc
+
+
+def _brief(value: Any) -> str:
+    """``repr(value)`` cut to 200 characters: a message stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."

@@ -16,6 +16,8 @@ from typing import Any, Callable
 from torch import nn
 
 from leanconv.errors import LeanconvError
+from leanconv.util.limits import MAX_CLASSES, MAX_INPUT_CHANNELS, MAX_MODEL_ELEMENTS, MAX_SIDE
+from leanconv.util.meta_build import BuildLimit, meta_build
 
 __all__ = [
     "register_model",
@@ -42,13 +44,19 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
 
 
 def check_zoo_args(num_classes: int, in_channels: int, input_size: int) -> dict[str, Any]:
-    """Validate the arguments every zoo constructor shares and return the model's initial
-    ``leanconv_meta`` (``input_shape`` [C, H, W] and ``num_classes``)."""
-    for label, value, low in (("num_classes", num_classes, 1), ("in_channels", in_channels, 1),
-                              ("input_size", input_size, 8)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise LeanconvError(f"{label} must be an integer >= {low}, got {value!r}")
+    """Validate the arguments every zoo constructor shares (ranges: :mod:`leanconv.util.limits`)
+    and return the model's initial ``leanconv_meta`` (``input_shape`` [C, H, W] and ``num_classes``)."""
+    for label, value, low, high in (("num_classes", num_classes, 1, MAX_CLASSES),
+                                    ("in_channels", in_channels, 1, MAX_INPUT_CHANNELS),
+                                    ("input_size", input_size, 8, MAX_SIDE)):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise LeanconvError(f"{label} must be a whole number in [{low}, {high}], got {_brief(value)}")
     return {"input_shape": [in_channels, input_size, input_size], "num_classes": num_classes}
+
+
+def _brief(value: Any) -> str:
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else "a huge number"
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def names() -> list[str]:
@@ -59,14 +67,33 @@ def names() -> list[str]:
 def create(name: str, **kwargs: Any) -> nn.Module:
     """Build zoo model ``name`` (e.g. ``resnet20``) with keyword arguments such as
     ``num_classes``, ``in_channels`` and ``input_size``."""
-    if name not in _MODELS:
-        raise LeanconvError(f"unknown model {name!r}; choose one of: {', '.join(names())}")
+    if not isinstance(name, str) or name not in _MODELS:
+        raise LeanconvError(f"unknown model {_brief(name)}; choose one of: {', '.join(names())}")
+    if set(kwargs) - set(_SHARED):  # model-specific numbers (a width list, a config): learn the size first
+        _check_size(name, kwargs)
     try:
         model = _MODELS[name](**kwargs)
-    except TypeError as exc:  # a misspelt keyword
-        raise LeanconvError(f"bad arguments for model {name!r}: {exc}") from exc
+    except _BAD_ARGUMENT as exc:  # a misspelt keyword, a value of the wrong kind
+        raise LeanconvError(f"bad arguments for model {name!r}: {' '.join(str(exc).split())[:200]}") from exc
     model.leanconv_base = {"zoo": name, "kwargs": dict(kwargs)}
     return model
+
+
+_SHARED = ("num_classes", "in_channels", "input_size")
+_BAD_ARGUMENT = (TypeError, ValueError, RuntimeError, IndexError, KeyError, AttributeError, ZeroDivisionError,
+                 OverflowError, RecursionError)
+
+
+def _check_size(name: str, kwargs: dict[str, Any]) -> None:
+    """Build zoo model ``name`` on the meta device (no memory) and refuse it when it would hold
+    more than ``MAX_MODEL_ELEMENTS`` parameters and buffers."""
+    try:
+        meta_build(lambda: _MODELS[name](**kwargs), max_elements=MAX_MODEL_ELEMENTS)
+    except BuildLimit as exc:
+        raise LeanconvError(f"model {name!r} with {_brief(kwargs)} would hold over {exc}; use smaller "
+                            "arguments") from None
+    except (LeanconvError, *_BAD_ARGUMENT):
+        return  # the real build reports it
 
 
 def resolve_constructor(target: str) -> Callable[..., nn.Module]:

@@ -49,6 +49,7 @@ from typing import Any, Iterable, Mapping
 
 from leanconv.errors import LeanconvError
 from leanconv.util.files import JsonlStore
+from leanconv.util.inputs import input_file, path_kind
 
 __all__ = ["RESULTS_FILE", "FAMILIES", "read_results", "parse_results", "validate_record", "append_result"]
 
@@ -257,8 +258,9 @@ def read_results(path: str | Path, *, require_baseline: bool = True) -> dict[str
     see :func:`parse_results` for the returned dict and ``require_baseline``. A last line cut
     short by a crash is skipped with a warning."""
     file = _results_path(path)
-    if not file.is_file():
+    if path_kind(file) == "missing":
         raise LeanconvError(f"{file} does not exist; run the compare command first")
+    input_file(file, "results file")
     return _finish(_collect(JsonlStore(file).numbered(strict=True), str(file)), str(file), require_baseline)
 
 

@@ -17,7 +17,12 @@ __all__ = ["number", "fraction", "whole", "one_of"]
 
 
 def _is_number(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def number(value: Any, name: str, *, above: float | None = None, at_least: float | None = None,
@@ -29,7 +34,7 @@ def number(value: Any, name: str, *, above: float | None = None, at_least: float
     ok = _is_number(value) and (above is None or value > above) and (at_least is None or value >= at_least) \
         and (below is None or value < below) and (at_most is None or value <= at_most)
     if not ok:
-        raise LeanconvError(f"{name} must be a finite number{' ' + must if must else ''}{why}, got {value!r}")
+        raise LeanconvError(f"{name} must be a finite number{' ' + must if must else ''}{why}, got {_short(value)}")
     return value
 
 
@@ -37,22 +42,33 @@ def fraction(value: Any, name: str, *, of: str = "") -> float:
     """A number strictly between 0 and 1 (a budget: the share of the original cost to keep)."""
     if not (_is_number(value) and 0 < value < 1):
         raise LeanconvError(f"{name} must lie strictly between 0 and 1{' (a fraction of the ' + of + ')' if of else ''}"
-                            f", got {value!r}")
+                            f", got {_short(value)}")
     return value
 
 
-def whole(value: Any, name: str, *, at_least: int | None = None, why: str = "") -> int:
-    """A whole number (not a bool, not 2.5), at least ``at_least``."""
+def whole(value: Any, name: str, *, at_least: int | None = None, at_most: int | None = None, why: str = "") -> int:
+    """A whole number (not a bool, not 2.5), at least ``at_least`` and at most ``at_most``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise LeanconvError(f"{name} must be a whole number, got {value!r}")
+        raise LeanconvError(f"{name} must be a whole number, got {_short(value)}")
     if at_least is not None and value < at_least:
-        raise LeanconvError(f"{name} must be at least {at_least}{why}, got {value}")
+        raise LeanconvError(f"{name} must be at least {at_least}{why}, got {_short(value)}")
+    if at_most is not None and value > at_most:
+        span = f"between {at_least} and {at_most}" if at_least is not None else f"at most {at_most}"
+        raise LeanconvError(f"{name} must be {span}{why}, got {_short(value)}")
     return int(value)
+
+
+def _short(value: Any) -> str:
+    """``repr(value)``, cut to 60 characters (a hostile value may be a megabyte long)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**50:
+        return f"a number of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def one_of(value: Any, name: str, choices: Iterable[Any]) -> Any:
     """One of ``choices``."""
     choices = list(choices)
     if value not in choices:
-        raise LeanconvError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        raise LeanconvError(f"{name} must be one of {', '.join(map(str, choices))}, got {_short(value)}")
     return value
