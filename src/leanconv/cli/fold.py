@@ -12,13 +12,12 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
 from leanconv import checkpoint
 from leanconv.cli.common import add_checkpoint_args, input_shape_of, load_model, positive_int
 from leanconv.cost import count, measure_fastest_layout
 from leanconv.deploy.fold import TOLERANCE, fold
 from leanconv.errors import LeanconvError
+from leanconv.util.model_io import example_input
 
 __all__ = ["HELP", "add_arguments", "run"]
 
@@ -40,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         raise LeanconvError(f"--out {out} would overwrite the checkpoint being folded; choose another file")
     model = load_model(args.ckpt, constructor=args.constructor)
     shape = input_shape_of(model, args.input_shape)
-    x = torch.randn(8, *shape, generator=torch.Generator().manual_seed(0))
+    x = example_input(model, shape, batch_size=8)
     result = fold(model, x, tolerance=TOLERANCE)  # raises, writing nothing, if the outputs moved
     folded = result.model
     checkpoint.save(folded, out, constructor=args.constructor)

@@ -22,6 +22,11 @@ registered under one name and carries no user hooks. Anything else (a shared mod
 leanconv sparse layer, an implant conv, a BatchNorm before its conv) is left as it is. The
 folded model is then run on the example batch and must match the original to ``1e-4``
 relative, or :class:`~leanconv.errors.LeanconvError` is raised and nothing is returned.
+
+A float16 (or bfloat16) model is folded and checked on a float32 copy (its weights convert
+exactly), then stored back in its own dtype: its 11-bit mantissa alone differs by ~1e-3
+relative, which no check at ``1e-4`` could tell from a wrong fold. float32 and float64 models
+are folded and checked in their own dtype. The example batch follows the model's dtype.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from leanconv.errors import LeanconvError
+from leanconv.util.model_io import LOW_PRECISION, model_dtype, to_model
 from leanconv.util.modes import eval_mode
 
 __all__ = ["FoldResult", "fold", "fold_batchnorm", "foldable_pairs"]
@@ -168,20 +174,24 @@ def fold(model: nn.Module, example_input: Tensor, *, tolerance: float = TOLERANC
     mode (a folded BatchNorm no longer normalises batches: fine-tune the original)."""
     if not isinstance(model, nn.Module):
         raise LeanconvError(f"fold_batchnorm expects an nn.Module, got {type(model).__name__}")
+    dtype = model_dtype(model)
+    if dtype in LOW_PRECISION:  # folded and checked in float32, stored back (module docstring)
+        model = copy.deepcopy(model).float()
+    x = to_model(example_input, model)
     net = copy.deepcopy(model)
-    pairs = foldable_pairs(net, example_input)
+    pairs = foldable_pairs(net, x)
     for conv_name, norm_name in pairs:
         _fold_into(net.get_submodule(conv_name), net.get_submodule(norm_name))
         parent, _, leaf = norm_name.rpartition(".")
         setattr(net.get_submodule(parent) if parent else net, leaf, nn.Identity())
     net.eval()
     with eval_mode(model), torch.no_grad():
-        diff = _max_rel_diff(model(example_input), net(example_input))
+        diff = _max_rel_diff(model(x), net(x))
     if not diff <= tolerance:
         raise LeanconvError(f"folding BatchNorm changed the model's outputs by {diff:.3g} (relative, limit "
                             f"{tolerance:g}); the model reads a conv output in a way leanconv did not see. "
                             "Use the unfolded model")
-    return FoldResult(net, pairs, diff)
+    return FoldResult(net.to(dtype), pairs, diff)
 
 
 def fold_batchnorm(model: nn.Module, example_input: Tensor) -> nn.Module:

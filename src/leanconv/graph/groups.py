@@ -47,6 +47,7 @@ from torch import nn
 from leanconv.errors import LeanconvError
 from leanconv.graph.types import ChannelGroup, Member
 from leanconv.layers.implant import ImplantConv2d
+from leanconv.util.model_io import to_model
 from leanconv.util.modes import eval_mode
 
 __all__ = ["LayerShare", "TracedGroup", "channel_groups", "trace_groups", "channel_units", "build_graph"]
@@ -134,7 +135,7 @@ def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyG
     """Trace ``model`` on ``example_input`` (in eval mode) into torch-pruning's dependency
     graph; ``dg.leanconv_output_shape`` holds the output's shape. Module train/eval modes and
     ``requires_grad`` flags are left as they were."""
-    x = example_input.detach().clone().requires_grad_(True)
+    x = to_model(example_input.detach(), model).clone().requires_grad_(True)
     outputs = []
 
     def forward(net: nn.Module, inputs: torch.Tensor):

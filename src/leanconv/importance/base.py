@@ -19,7 +19,7 @@ from torch import nn
 
 from leanconv.errors import LeanconvError
 from leanconv.graph.types import ChannelGroup
-from leanconv.util.model_io import run_forward
+from leanconv.util.model_io import run_forward, to_model
 from leanconv.util.modes import eval_mode
 
 __all__ = [
@@ -118,7 +118,7 @@ def check_batches(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.
     if not batches:
         return
     with eval_mode(model), torch.no_grad():
-        out = run_forward(model, batches[0][0][:2])
+        out = run_forward(model, to_model(batches[0][0][:2], model))
     classes = out.shape[-1] if class_labels and torch.is_tensor(out) and out.dim() == 2 else None
     for i, (_, y) in enumerate(batches):
         if classes is not None and len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):

@@ -33,7 +33,7 @@ from leanconv.graph.types import ChannelGroup, Member
 from leanconv.importance.base import Criterion, ScoringData, register_criterion
 from leanconv.importance.scoring import (channel_entries, is_norm_layer, is_weight_layer, member_module,
                                          require_batches, sum_over_members, to_scores)
-from leanconv.util.model_io import model_device
+from leanconv.util.model_io import to_model
 from leanconv.util.modes import eval_mode
 
 __all__ = ["Taylor", "taylor", "eval_with_grads"]
@@ -79,11 +79,10 @@ class Taylor(Criterion):
         batches = require_batches(data, self.name)
         params = _scored_params(model, groups)
         keys, tensors = list(params), list(params.values())
-        dev = model_device(model)
         totals = [torch.zeros(g.size, dtype=torch.float64) for g in groups]
         with eval_with_grads(model, tensors):
             for x, y in batches:
-                loss = data.loss_fn(model(x.to(dev)), y.to(dev))
+                loss = data.loss_fn(model(to_model(x, model)), to_model(y, model))
                 grads = torch.autograd.grad(loss, tensors, allow_unused=True)
                 prods = {
                     k: p.detach() * g if g is not None else torch.zeros_like(p)

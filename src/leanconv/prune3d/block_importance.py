@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from leanconv.errors import LeanconvError
 from leanconv.importance.hessian import channel_traces
 from leanconv.prune3d.blocks import BlockInfo, _alive, _least_important, _module, bypassed
+from leanconv.util.model_io import to_model
 from leanconv.util.modes import eval_mode
 from leanconv.util.progress import Progress
 
@@ -40,7 +41,7 @@ def _mean_loss(model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]], loss_
     total, n = 0.0, 0
     with eval_mode(model), torch.no_grad():
         for x, y in batches:
-            total += float(loss_fn(model(x), y)) * len(y)
+            total += float(loss_fn(model(to_model(x, model)), to_model(y, model))) * len(y)
             n += len(y)
     return total / n
 

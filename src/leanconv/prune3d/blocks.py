@@ -45,6 +45,7 @@ from leanconv.errors import LeanconvError
 from leanconv.models.mobilenetv2 import InvertedResidual
 from leanconv.models.preact_resnet import PreActBlock
 from leanconv.models.resnet_cifar import BasicBlock
+from leanconv.util.model_io import to_model
 from leanconv.util.modes import eval_mode
 
 __all__ = [
@@ -192,7 +193,7 @@ def find_residual_blocks(model: nn.Module, example_input: Tensor) -> list[BlockI
     ``example_input`` (a batch ``[N, C, H, W]``) whose forward adds their input to their output
     (rule in the module docstring)."""
     cands = _candidates(model)
-    shapes = _record_shapes(model, example_input, {p: m for p, _, _, m in cands})
+    shapes = _record_shapes(model, to_model(example_input, model), {p: m for p, _, _, m in cands})
     chosen = []
     for path, stage, index, module in cands:
         seen = shapes.get(path)

@@ -45,6 +45,7 @@ from leanconv.prune3d.block_importance import block_importance
 from leanconv.prune3d.blocks import BlockInfo, find_residual_blocks, prune_blocks
 from leanconv.prune3d.resolution import MIN_SIDE, resolution_ratio_to_side, set_resolution
 from leanconv.train import evaluate, finetune
+from leanconv.util.model_io import check_trainable
 
 __all__ = [
     "StepSettings",
@@ -115,6 +116,7 @@ class Origin:
 def load_origin(ckpt: str, settings: StepSettings) -> Origin:
     """Load the trained checkpoint and its data, find the removable blocks, count MACs."""
     model = checkpoint.load(ckpt, constructor=settings.constructor)
+    check_trainable(model, ckpt)
     data = load_dataset(settings.data, settings.data_dir)
     if settings.input_shape is not None:
         model.leanconv_meta = {**model.leanconv_meta, "input_shape": list(settings.input_shape)}

@@ -28,7 +28,7 @@ from leanconv.runs.convert import ConvertConfig, run_convert
 from leanconv.runs.prune import PruneConfig, run_prune
 from leanconv.runs.source import Source
 from leanconv.train import finetune as _finetune
-from leanconv.util.model_io import run_forward
+from leanconv.util.model_io import check_trainable, run_forward
 from leanconv.util.modes import eval_mode
 
 __all__ = ["prune", "convert", "finetune", "profile"]
@@ -110,6 +110,7 @@ def finetune(model: nn.Module, data: Iterable, *, epochs: int = 1, lr: float = 0
     """Fine-tune ``model`` in place on ``data`` (SGD with momentum, cosine from ``lr``), then
     re-estimate its BatchNorm statistics on the same batches; returns ``model``."""
     config = PruneConfig(finetune_epochs=epochs, finetune_lr=lr, seed=seed)  # the same checks as a run's
+    check_trainable(model, "the model")
     if not config.finetune_epochs:
         return model
     batches = BatchData(data)

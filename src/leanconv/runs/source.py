@@ -20,6 +20,7 @@ from leanconv.data import load_dataset
 from leanconv.data.datasets import dataset_takes, parse_dataset_name
 from leanconv.data.splits import DatasetSplits
 from leanconv.errors import LeanconvError
+from leanconv.util.model_io import check_trainable
 
 __all__ = ["Source", "recorded_data"]
 
@@ -76,6 +77,7 @@ class Source:
             self.checkpoint = Path(self.checkpoint)
             self._meta = checkpoint.read_header(self.checkpoint).get("meta", {})  # one line if not a checkpoint
         else:
+            check_trainable(self.model, "the model")  # float16: refused before any work
             self._meta = getattr(self.model, "leanconv_meta", {})
 
     @classmethod
@@ -117,7 +119,9 @@ class Source:
     def fresh(self) -> nn.Module:
         """A new copy of the trained model."""
         if self.checkpoint is not None:
-            return checkpoint.load(self.checkpoint, constructor=self.constructor)
+            model = checkpoint.load(self.checkpoint, constructor=self.constructor)
+            check_trainable(model, str(self.checkpoint))
+            return model
         return copy.deepcopy(self.model)
 
     def writable(self) -> bool:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from leanconv.train.loop import Loader, TrainConfig, fit
-from leanconv.util.model_io import model_device
+from leanconv.util.model_io import to_model
 from leanconv.util.progress import Progress
 
 __all__ = ["recalibrate_bn", "recalibrate_on_training_data", "finetune"]
@@ -32,11 +32,10 @@ def recalibrate_bn(model: nn.Module, loader: Loader, max_batches: int = 50, chan
         m.momentum = None
     was_training = model.training
     model.train()
-    device = model_device(model)
     for i, (x, _) in enumerate(loader.epoch(0)):
         if i >= max_batches:
             break
-        model((x.contiguous(memory_format=torch.channels_last) if channels_last else x).to(device))
+        model(to_model(x.contiguous(memory_format=torch.channels_last) if channels_last else x, model))
     for m, mom in zip(bns, saved_momentum):
         m.momentum = mom
     model.train(was_training)

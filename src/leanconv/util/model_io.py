@@ -1,9 +1,15 @@
 """Helpers shared by the cost measurements: check an input shape, build an example batch,
 run a model and turn its shape errors into one-line messages (eval mode:
-:func:`leanconv.util.modes.eval_mode`)."""
+:func:`leanconv.util.modes.eval_mode`).
+
+Inputs follow the model: every batch or example input leanconv feeds a model goes through
+:func:`to_model` or :func:`example_input`, which put it on the model's device and in its
+floating dtype (:func:`model_dtype`), so a float64 or float16 model takes the float32 batches
+of the data loaders as they are."""
 
 from __future__ import annotations
 
+import itertools
 import numbers
 import operator
 from collections.abc import Sequence
@@ -13,7 +19,10 @@ from torch import nn
 
 from leanconv.errors import LeanconvError
 
-__all__ = ["check_shape", "example_input", "run_forward", "model_device", "output_classes", "check_classes"]
+__all__ = ["check_shape", "example_input", "run_forward", "model_device", "model_dtype", "to_model", "output_classes",
+           "check_classes", "LOW_PRECISION", "check_trainable"]
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)  # evaluated, profiled, folded, exported; never trained here
 
 
 def check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
@@ -33,15 +42,9 @@ def example_input(model: nn.Module, input_shape: Sequence[int], batch_size: int 
     shape = check_shape(input_shape)
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise LeanconvError(f"batch size must be at least 1, got {batch_size}")
-    device, dtype = torch.device("cpu"), torch.float32
-    for p in model.parameters():
-        device = p.device
-        if p.is_floating_point():
-            dtype = p.dtype
-            break
     gen = torch.Generator().manual_seed(0)
     try:
-        return torch.randn((batch_size, *shape), generator=gen).to(device=device, dtype=dtype)
+        return to_model(torch.randn((batch_size, *shape), generator=gen), model)
     except RuntimeError as exc:  # e.g. the allocator refuses
         raise LeanconvError(f"cannot make an input batch of shape {(batch_size, *shape)} "
                             f"({str(exc).strip().splitlines()[0]}); check the input shape") from exc
@@ -66,6 +69,23 @@ def model_device(model: nn.Module) -> torch.device:
     return ref.device if ref is not None else torch.device("cpu")
 
 
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (else buffer; float32 for a
+    model with neither): the dtype its inputs must have."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+def to_model(x: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """``x`` on ``model``'s device; a floating-point ``x`` (images) also in the model's dtype
+    (:func:`model_dtype`), keeping its memory format. Integer tensors (labels) keep their dtype."""
+    if x.is_floating_point():
+        return x.to(device=model_device(model), dtype=model_dtype(model))
+    return x.to(model_device(model))
+
+
 def output_classes(model: nn.Module, input_shape: Sequence[int]) -> int | None:
     """The number of logits ``model`` gives one input of ``input_shape`` (None when its output
     is not ``[N, K]``)."""
@@ -84,3 +104,17 @@ def check_classes(model: nn.Module, input_shape: Sequence[int], classes: int) ->
         raise LeanconvError(f"the model outputs {got if got is not None else 'no [batch, classes]'} logits but "
                             f"the data has {classes}; build it for {classes} classes (a constructor argument "
                             "num_classes is passed when it takes one)")
+
+
+def check_trainable(model: nn.Module, what: str) -> None:
+    """Refuse a float16 or bfloat16 model (``what`` names it) for work that trains it or takes
+    its gradients: with an 11-bit (8-bit) mantissa an SGD step below ~1/2048 of a weight is
+    rounded away, and Hessian-vector products lose their digits (measured on a CPU, ResNet-20:
+    4% relative error in eval mode, NaN in train mode). Evaluating, profiling, folding and
+    exporting such a model need none of that and are allowed."""
+    dtype = model_dtype(model) if isinstance(model, nn.Module) else None
+    if dtype in LOW_PRECISION:
+        name = str(dtype).removeprefix("torch.")
+        raise LeanconvError(f"{what} holds {name} weights, which leanconv evaluates, profiles, folds and exports but "
+                            f"does not train, score or prune ({name} loses small updates); convert it first: "
+                            f"leanconv.save(leanconv.load(PATH).float(), NEW_PATH)")

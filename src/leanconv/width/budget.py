@@ -57,6 +57,7 @@ from leanconv.width.cost_model import Cost, CostModel
 from leanconv.graph.groups import TracedGroup, trace_groups
 from leanconv.width.latency_weights import latency_weights
 from leanconv.width.permute import fold_channel_orders
+from leanconv.util.model_io import to_model
 from leanconv.util.progress import Progress
 
 __all__ = ["PruneResult", "prune_to_budget", "iterative_prune", "check_reachable"]
@@ -315,7 +316,7 @@ def check_reachable(model: nn.Module, example_input: Tensor, *, target: float, k
     (checked without scoring, so a run can refuse it before any work). The model is unchanged."""
     _check_options(target, kind, round_to, floor, 0.0, tol, "mean")
     shape = tuple(input_shape) if input_shape is not None else tuple(example_input.shape[1:])
-    _reachable_plan(model, example_input, shape, target=target, kind=kind, round_to=round_to, floor=floor,
+    _reachable_plan(model, to_model(example_input, model), shape, target=target, kind=kind, round_to=round_to, floor=floor,
                     implant=0.0, implant_init="zero", tol=tol, ignored=ignored, strict=strict)
 
 
@@ -354,6 +355,7 @@ def prune_to_budget(
         raise LeanconvError("implant_init='fit' fits the implants on data: pass scoring batches (data=...)")
     report = progress or (lambda done, total, info: None)
     shape = tuple(input_shape) if input_shape is not None else tuple(example_input.shape[1:])
+    example_input = to_model(example_input, model)  # a float64 model traces in float64
     traced, costs, planner = _reachable_plan(model, example_input, shape, target=target, kind=kind, round_to=round_to,
                                              floor=floor, implant=implant, implant_init=implant_init, tol=tol,
                                              ignored=ignored, strict=strict)

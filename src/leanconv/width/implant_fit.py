@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from leanconv.errors import LeanconvError
 from leanconv.layers.implant import ImplantConv2d
+from leanconv.util.model_io import to_model
 from leanconv.util.modes import eval_mode
 
 __all__ = ["fit_implants", "IMPLANT_INITS"]
@@ -75,8 +76,7 @@ def fit_implants(
     for path, layer in layers.items():
         if not isinstance(layer, ImplantConv2d) or len(targets[path]) != layer.implant.out_channels:
             raise RuntimeError(f"leanconv bug: {path} is not an implant of {len(targets[path])} channels")
-    device = next(pruned.parameters()).device
-    inputs = [x.to(device) for x, _ in batches]
+    inputs = [to_model(x, pruned) for x, _ in batches]
     with eval_mode(pruned), eval_mode(original):
         wanted = []  # per batch, per path: the replaced channels' outputs, bias taken off, [C, rows]
         for x in inputs:

@@ -60,6 +60,7 @@ from torch import Tensor, nn
 from leanconv.errors import LeanconvError
 from leanconv.importance.base import check_batches
 from leanconv.importance.hessian.hvp import assign_groups, grouped_hvp, rademacher_probes
+from leanconv.util.model_io import to_model
 from leanconv.util.modes import eval_mode
 from leanconv.util.progress import Progress
 
@@ -291,9 +292,7 @@ def channel_traces(
     afterwards; its weights are never modified.
     """
     batches = list(batches)
-    ref = next(iter(model.parameters()), None)
-    dev = ref.device if ref is not None else torch.device("cpu")
-    batches = [(x.to(dev), y.to(dev)) for x, y in batches]
+    batches = [(to_model(x, model), to_model(y, model)) for x, y in batches]
     sel, fixed = _select(model, params)
     rule = (min_probes, max_probes, rel_stderr, probes_per_step, stop_quantile)
     _check_args(batches, sel, rule, method)
