@@ -36,7 +36,7 @@ from torch import nn
 
 from leanconv.checkpoint_header import check_fits, corrupt, leanconv_header, read_index
 from leanconv.errors import LeanconvError
-from leanconv.util.files import atomic_write
+from leanconv.util.files import atomic_write, os_error
 from leanconv.layers.spec import is_registered, module_from_spec, module_to_spec
 from leanconv.models.registry import create, from_constructor
 from leanconv.util.inputs import input_file
@@ -172,8 +172,16 @@ def save(model: nn.Module, path: str | os.PathLike, constructor: Callable[..., n
     except TypeError as exc:
         raise LeanconvError(f"cannot store the model's record as JSON ({exc}); build models with plain "
                             "keyword values (layer types are swapped by edits, not constructor arguments)") from exc
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"leanconv": text}))
+    atomic_write(path, lambda tmp: _write_file(tensors, tmp, text))
     return header
+
+
+def _write_file(tensors: dict[str, torch.Tensor], path: str, header: str) -> None:
+    """safetensors' writer, whose failures (a full disk) are file-system errors: ``OSError``."""
+    try:
+        save_file(tensors, path, metadata={"leanconv": header})
+    except SafetensorError as exc:
+        raise os_error(exc, path) from None
 
 
 def _match_dtypes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -17,7 +17,8 @@ from leanconv import checkpoint
 from leanconv.data.splits import DatasetSplits
 from leanconv.errors import LeanconvError
 from leanconv.models import build, names
-from leanconv.util.model_io import output_classes
+from leanconv.util.fileset import check_replaceable
+from leanconv.util.model_io import check_trainable, output_classes
 from leanconv.runs.source import Source, recorded_data
 
 __all__ = [
@@ -129,11 +130,19 @@ def add_output_args(parser: argparse.ArgumentParser, out_help: str = "output fol
     parser.set_defaults(out_is_folder=True)  # main() checks it before any work
 
 
+# The names leanconv writes into an --out folder (file sets, logs, reports), checked before any work.
+OUTPUT_NAMES = ("model.safetensors", "train_state.safetensors", "origin.safetensors", "record.json", "convert.json",
+                "sensitivity.json", "sensitivity.png", "config.json", "metrics.jsonl", "results.jsonl", "samples.jsonl",
+                "explore.json", "table.md", "pareto.png", "budget.png", "channels.png", "surface.png", "report.md",
+                "report.html", "model.onnx")
+
+
 def check_out_file(path: str | Path, option: str) -> None:
     """Refuse, before any work, an output file path that is a folder or where no file can be
     written. Creates nothing."""
     if Path(path).is_dir():
         raise LeanconvError(f"{option} {str(path)!r} is a folder; name the file to write")
+    check_replaceable(path, option)
     _check_writable(Path(path).absolute().parent, path, option)
 
 
@@ -143,6 +152,8 @@ def check_out_folder(path: str | Path) -> None:
     if Path(path).exists() and not Path(path).is_dir():
         raise LeanconvError(f"--out {str(path)!r} is a file, not a folder; name a folder (it will be created)")
     _check_writable(Path(path).absolute(), path, "--out")
+    for name in OUTPUT_NAMES:
+        check_replaceable(Path(path) / name)
 
 
 def _check_writable(p: Path, path: str | Path, option: str) -> None:
@@ -233,7 +244,7 @@ def source_from_args(args: argparse.Namespace, ckpt: str) -> Source:
     if Path(ckpt).is_dir():
         raise LeanconvError(f"checkpoint {ckpt!r} is a folder; name the .safetensors file")
     constructor = getattr(args, "constructor", None)
-    checkpoint.load(ckpt, constructor=constructor)  # a wrong constructor or a corrupt file: one line, now
+    check_trainable(checkpoint.load(ckpt, constructor=constructor), ckpt)  # a corrupt file or float16: one line, now
     return Source.from_checkpoint(ckpt, data=args.data, data_dir=args.data_dir, constructor=constructor,
                                   input_shape=getattr(args, "input_shape", None))
 

@@ -28,9 +28,9 @@ from leanconv.errors import LeanconvError
 from leanconv.train import TrainConfig, evaluate, fit, recalibrate_on_training_data
 from leanconv.train.loop import check_loader
 from leanconv.train import distributed as dist
-from leanconv.util.files import write_json
+from leanconv.util.fileset import write_together
 from leanconv.util.inputs import input_file
-from leanconv.util.model_io import check_classes
+from leanconv.util.model_io import check_classes, check_trainable
 
 __all__ = ["HELP", "add_arguments", "run", "config_from_args", "loaders_for", "CHECKSUM_ENV"]
 
@@ -104,6 +104,7 @@ def _model_and_data(args: argparse.Namespace):
     unless ``--data`` says otherwise, and the data must fit it (channels, classes)."""
     if args.from_ckpt:
         model = load_model(args.from_ckpt, constructor=args.constructor)
+        check_trainable(model, args.from_ckpt)
         data = data_from_meta(model, args)
         recorded = model.leanconv_meta.get("input_shape")
         side = args.resolution or (recorded[1] if recorded else data.image_size)
@@ -146,14 +147,14 @@ def _train(args: argparse.Namespace, out: Path, rank: int, world: int) -> int:
     train, val, test = loaders_for(data, args.batch_size, resolution=resolution_of(model, data), seed=args.seed,
                                    augment=not args.no_augment, subset=args.subset, rank=rank, world_size=world)
     main = rank == 0
-    check_loader(train)  # before anything is written: a refused run leaves the folder as it was
-    if main:
-        write_json(out / "config.json", {"command": "train", "args": {k: v for k, v in vars(args).items() if k != "func"},
-                                         "train_config": asdict(config), "model": model.leanconv_base,
-                                         "world_size": world})
+    check_loader(train)
+    # config.json goes with every epoch's file set: a refused or killed run leaves the folder as it was
+    record = {"command": "train", "args": {k: v for k, v in vars(args).items() if k != "func"},
+              "train_config": asdict(config), "model": model.leanconv_base, "world_size": world}
     update, close = progress_bar(f"train {args.model or args.from_ckpt}", enabled=main and not args.no_progress)
     try:
-        result = fit(model, train, config, val_loader=val, out_dir=out, resume=args.resume, progress=update)
+        result = fit(model, train, config, val_loader=val, out_dir=out, resume=args.resume, progress=update,
+                     extra_files={"config.json": json.loads(json.dumps(record, default=str))})
     finally:
         close()
     if args.recalibrate_bn:
@@ -163,7 +164,7 @@ def _train(args: argparse.Namespace, out: Path, rank: int, world: int) -> int:
     if os.environ.get(CHECKSUM_ENV):
         (out / f"checksum.rank{rank}.txt").write_text(dist.state_checksum(model) + "\n")
     if main:
-        checkpoint.save(model, out / "model.safetensors")
+        write_together(out, {"model.safetensors": lambda p: checkpoint.save(model, p)})
         summary = {"test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"], "epochs_run": result.epochs_run,
                    "seconds": round(result.seconds, 1), "model": str(out / "model.safetensors")}
         print(json.dumps(summary))

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from leanconv.util.files import atomic_write
+from leanconv.util.files import atomic_write, is_os_failure, os_error
 from leanconv.util.model_io import check_shape, example_input, run_forward
 from leanconv.util.timing import LatencyStats, check_counts, summarise, time_calls
 from leanconv.errors import LeanconvError
@@ -143,6 +143,8 @@ def _export_and_check(net: nn.Module, shape: tuple[int, ...], path: Path, opset:
         except LeanconvError:
             raise
         except Exception as exc:  # the exporters raise many types; the user needs one line
+            if is_os_failure(exc):  # a full disk: a file-system error (exit 1), not the model's fault
+                raise os_error(exc, path) from None
             raise LeanconvError(f"ONNX export failed: {_first_line(exc)}") from exc
         info["export_seconds"] = time.perf_counter() - start
         if opset is not None and info["opset"] != opset:

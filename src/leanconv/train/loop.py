@@ -6,10 +6,14 @@ loader shuffles and augments from a generator seeded by ``(seed, epoch)`` and th
 is re-seeded at each epoch start, so a run resumed from the last completed epoch ends with
 exactly the weights of an uninterrupted run.
 
-With an output folder, after every epoch ``fit`` appends a line to ``metrics.jsonl`` and
-atomically rewrites ``model.safetensors`` (the model) and ``train_state.safetensors`` (the
-model plus optimiser momentum and the epoch reached). A non-finite loss stops the run with
-a :class:`~leanconv.errors.LeanconvError`; the files of the last good epoch stay as they were.
+With an output folder, after every epoch ``fit`` writes one file set
+(:func:`~leanconv.util.fileset.write_together`): ``model.safetensors`` (the model),
+``train_state.safetensors`` (the model plus optimiser momentum and the epoch reached),
+``metrics.jsonl`` (a line per epoch so far) and the caller's ``extra_files``. A kill at any
+moment leaves the set of the last finished epoch, whole. A fresh run in a folder that holds an
+older one replaces that set at its first epoch; nothing is written before the first epoch
+ends. A non-finite loss stops the run with a :class:`~leanconv.errors.LeanconvError`; the
+files of the last good epoch stay as they were.
 
 Under ``torchrun`` (a process group joined with :func:`leanconv.train.distributed.init_from_env`)
 ``fit`` trains data-parallel: the model is wrapped in ``DistributedDataParallel`` (gradients
@@ -31,7 +35,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Any, Iterable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +45,9 @@ from torch.nn.parallel import DistributedDataParallel
 from leanconv import checkpoint
 from leanconv.train import distributed as dist
 from leanconv.errors import LeanconvError
-from leanconv.util.files import JsonlStore
-from leanconv.util.model_io import model_device
+from leanconv.util.files import JsonlStore, write_json
+from leanconv.util.fileset import write_together
+from leanconv.util.model_io import model_device, to_model
 from leanconv.util.progress import Progress
 
 __all__ = ["Loader", "TrainConfig", "TrainResult", "fit", "evaluate", "learning_rate", "check_loader"]
@@ -136,7 +141,7 @@ def evaluate(model: nn.Module, loader: Loader, channels_last: bool = True, *,
             continue
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        x, y = x.to(device), y.to(device)
+        x, y = to_model(x, model), y.to(device)  # a float64 model gets float64 images
         out = model(x)
         total_loss += F.cross_entropy(out, y, reduction="sum").item()
         correct += (out.argmax(1) == y).sum().item()
@@ -206,7 +211,7 @@ def _train_epoch(net, loader, opt, config, epoch, step0, total_steps, progress, 
     for x, y in loader.epoch(epoch):
         for group in opt.param_groups:
             group["lr"] = learning_rate(config, step, total_steps)
-        x, y = _to_input(x, config).to(device), y.to(device)
+        x, y = to_model(_to_input(x, config), net), y.to(device)
         out = net(x)
         loss = F.cross_entropy(out, y, label_smoothing=config.label_smoothing)
         value = loss.item()
@@ -249,18 +254,29 @@ def _resume_point(model: nn.Module, opt, out_dir: Path, config: TrainConfig, wor
     return model, int(saved.leanconv_meta.get("epochs_done", 0))
 
 
-def _save_epoch(model, opt, out_dir: Path, config: TrainConfig, epoch: int, row: dict, *, world: int = 1,
-                write: bool = True) -> None:
-    """Record the epoch in ``model.leanconv_meta`` (every process) and write the files (``write``)."""
+def _save_epoch(model, opt, out_dir: Path, config: TrainConfig, epoch: int, rows: list[dict], *, world: int = 1,
+                write: bool = True, extra_files: dict[str, Any] | None = None) -> None:
+    """Record the epoch in ``model.leanconv_meta`` (every process) and write the epoch's file
+    set (``write``): both checkpoints, every metrics row so far and ``extra_files``."""
     meta = dict(getattr(model, "leanconv_meta", {}))
-    meta.update({"train_config": json.loads(json.dumps(asdict(config))), "epochs_done": epoch + 1, "train": row,
+    meta.update({"train_config": json.loads(json.dumps(asdict(config))), "epochs_done": epoch + 1, "train": rows[-1],
                  "world_size": world})
     model.leanconv_meta = meta
     if not write:
         return
-    checkpoint.save(model, out_dir / "train_state.safetensors", extra_tensors=_optimizer_tensors(model, opt))
-    checkpoint.save(model, out_dir / "model.safetensors")
-    JsonlStore(out_dir / "metrics.jsonl").append([row])
+    state = _optimizer_tensors(model, opt)
+    writers = {"train_state.safetensors": lambda p: checkpoint.save(model, p, extra_tensors=state),
+               "model.safetensors": lambda p: checkpoint.save(model, p),
+               "metrics.jsonl": lambda p: JsonlStore(p).append(rows)}
+    for name, obj in (extra_files or {}).items():
+        writers[name] = lambda p, obj=obj: write_json(p, obj)
+    write_together(out_dir, writers)
+
+
+def _metrics_so_far(out_dir: Path, start: int) -> list[dict]:
+    """The metrics rows of the epochs a resumed run keeps (epochs 1..start)."""
+    rows = JsonlStore(out_dir / "metrics.jsonl").read()
+    return [r for r in rows if isinstance(r.get("epoch"), int) and r["epoch"] <= start]
 
 
 def _use_ddp(distributed: bool | None) -> bool:
@@ -308,9 +324,10 @@ def check_loader(train_loader: Loader) -> None:
 
 def fit(model: nn.Module, train_loader: Loader, config: TrainConfig, *, val_loader: Loader | None = None,
         out_dir: str | Path | None = None, resume: bool = False, progress: Progress | None = None,
-        distributed: bool | None = None) -> TrainResult:
+        distributed: bool | None = None, extra_files: dict[str, Any] | None = None) -> TrainResult:
     """Train ``model`` in place for ``config.epochs`` epochs; see the module docstring.
 
+    ``extra_files`` (name -> JSON object) are written with every epoch's files in ``out_dir``.
     ``distributed``: None (default) trains data-parallel exactly when this process belongs to a
     process group of two or more; every process of the group must then call ``fit``.
     """
@@ -318,17 +335,13 @@ def fit(model: nn.Module, train_loader: Loader, config: TrainConfig, *, val_load
     check_loader(train_loader)
     world, writer = (dist.world_size(), dist.is_main()) if ddp else (1, True)
     out = Path(out_dir) if out_dir is not None else None
-    if out is not None and writer:
-        out.mkdir(parents=True, exist_ok=True)
     home = model_device(model)
     model = _prepare(model, config, ddp)
     opt = _optimizer(model, config)
-    start = 0
+    start, rows = 0, []
     if out is not None and resume:
         model, start = _resume_point(model, opt, out, config, world)
-    elif out is not None and writer:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-        (out / "train_state.safetensors").unlink(missing_ok=True)
+        rows = _metrics_so_far(out, start)
     if ddp and not dist.all_equal(len(train_loader)):
         raise LeanconvError("the processes have different numbers of training batches; shard the loader "
                             "with rank/world_size and drop_last=True")
@@ -342,8 +355,9 @@ def fit(model: nn.Module, train_loader: Loader, config: TrainConfig, *, val_load
             log.info("epoch %d: %s", epoch + 1, row)
         result.history.append(row)
         result.epochs_run += 1
+        rows.append(row)
         if out is not None:
-            _save_epoch(model, opt, out, config, epoch, row, world=world, write=writer)
+            _save_epoch(model, opt, out, config, epoch, rows, world=world, write=writer, extra_files=extra_files)
             if ddp:
                 dist.barrier()
     model.eval()
