@@ -113,6 +113,10 @@ def test_weights_broken_by_the_last_update_are_caught_before_writing(tiny_data, 
     model, _, _ = _setup(tiny_data)
     one_batch = tiny_data.loader("train", 64, subset=64, drop_last=True)
     assert len(one_batch) == 1
+    with pytest.raises(LeanconvError, match="--weight-decay must be a finite number"):
+        TrainConfig(epochs=1, lr=0.05, weight_decay=float("inf"))  # refused by its range first
+    config = TrainConfig(epochs=1, lr=0.05)
+    object.__setattr__(config, "weight_decay", float("inf"))  # past the range check, to reach the guard
     with pytest.raises(LeanconvError, match="weights or the validation loss are no longer finite"):
-        fit(model, one_batch, TrainConfig(epochs=1, lr=0.05, weight_decay=float("inf")), out_dir=tmp_path)
+        fit(model, one_batch, config, out_dir=tmp_path)
     assert not (tmp_path / "model.safetensors").exists()

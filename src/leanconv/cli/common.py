@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -14,63 +13,109 @@ from typing import Any, Callable
 from torch import nn
 
 from leanconv import checkpoint
+from leanconv.data.datasets import check_dataset_spec
 from leanconv.data.splits import DatasetSplits
 from leanconv.errors import LeanconvError
 from leanconv.models import build, names
+from leanconv.util import checks
 from leanconv.util.fileset import check_replaceable
+from leanconv.util.limits import (MAX_BATCH, MAX_CLASSES, MAX_EPOCHS, MAX_IMAGES, MAX_INPUT_CHANNELS,
+                                  MAX_INPUT_VALUES, MAX_LIST, MAX_LR, MAX_NAME_BYTES, MAX_PATH_BYTES, MAX_REPEATS,
+                                  MAX_SIDE, MAX_THREADS, SEED_MAX)
 from leanconv.util.model_io import check_trainable, output_classes
 from leanconv.runs.source import Source, recorded_data
 
 __all__ = [
     "describe", "add_checkpoint_args", "add_build_args", "parse_kwargs", "add_data_args", "add_model_args", "add_seed_arg", "add_repeats_arg", "add_output_args",
     "add_config_options", "build_config", "source_from_args", "load_model", "data_from_meta", "recorded_data_dir",
-    "input_shape_of", "resolution_of", "parse_shape", "positive_int", "positive_float", "non_negative_float",
-    "check_out_folder", "check_out_file", "progress_bar",
+    "input_shape_of", "resolution_of", "parse_shape", "whole_in", "number_in", "whole_number", "positive_int",
+    "batch_size_arg", "epochs_arg", "seed_arg", "repeats_arg", "threads_arg", "workers_arg", "classes_arg", "side_arg",
+    "positive_float", "non_negative_float", "check_data_spec", "list_of", "check_path_text", "check_out_folder",
+    "check_out_file", "progress_bar",
 ]
 
 DEFAULT_DATA = "fashion-mnist"
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
+def whole_in(low: int, high: int, why: str = "") -> Callable[[str], int]:
+    """An argparse type: a whole number in ``[low, high]`` (ranges: :mod:`leanconv.util.limits`)."""
+    def convert(text: str) -> int:
+        try:
+            value = int(text)  # also refuses more than 4,300 digits
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number in [{low}, {high}]{why}, got "
+                                             f"{checks.brief(text)}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be a whole number in [{low}, {high}]{why}, got "
+                                             f"{checks.brief(value)}")
+        return value
+    convert.__name__ = "whole number"
+    return convert
 
 
-def _finite_float(text: str, ok: Callable[[float], bool], must: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and ok(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite number {must}, got {text}")
-    return value
+def number_in(*, above: float | None = None, at_least: float | None = None, below: float | None = None,
+              at_most: float | None = None) -> Callable[[str], float]:
+    """An argparse type: a finite number within the given bounds."""
+    limits = {"above": above, "at_least": at_least, "below": below, "at_most": at_most}
+
+    def convert(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number {checks.bounds(**limits)}, got "
+                                             f"{checks.brief(text)}") from None
+        if not checks.within(value, **limits):
+            raise argparse.ArgumentTypeError(f"must be a finite number {checks.bounds(**limits)}, got "
+                                             f"{checks.brief(text)}")
+        return value
+    convert.__name__ = "number"
+    return convert
 
 
-def positive_float(text: str) -> float:
-    """A finite number above 0 (learning rates)."""
-    return _finite_float(text, lambda v: v > 0, "above 0")
-
-
-def non_negative_float(text: str) -> float:
-    """A finite number >= 0 (weight decay)."""
-    return _finite_float(text, lambda v: v >= 0, ">= 0")
+# The numeric options the commands declare themselves (run configs check their own: runs/config.py).
+whole_number = whole_in(-(2**63), 2**63 - 1)  # syntax only: the command checks the range
+positive_int = whole_in(1, MAX_IMAGES)  # a count of images
+batch_size_arg = whole_in(1, MAX_BATCH)
+epochs_arg = whole_in(1, MAX_EPOCHS)
+seed_arg = whole_in(0, SEED_MAX)
+repeats_arg = whole_in(1, MAX_REPEATS)
+threads_arg = whole_in(1, MAX_THREADS)
+workers_arg = whole_in(0, MAX_THREADS)
+classes_arg = whole_in(1, MAX_CLASSES)
+side_arg = whole_in(1, MAX_SIDE)
+positive_float = number_in(above=0, at_most=MAX_LR)  # learning rates
+non_negative_float = number_in(at_least=0, at_most=MAX_LR)  # weight decay
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
-    """``"3,32,32"`` -> ``(3, 32, 32)``."""
+    """``"3,32,32"`` -> ``(3, 32, 32)``: channels in [1, 256], sides in [1, 1024], at most
+    3 * 1024 * 1024 values (:mod:`leanconv.util.limits`)."""
     parts = text.replace("x", ",").split(",")
     try:
         shape = tuple(int(p) for p in parts)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"input shape must look like C,H,W (e.g. 3,32,32), got {text!r}") from None
-    if len(shape) != 3 or min(shape) <= 0:
-        raise argparse.ArgumentTypeError(f"input shape must be three positive numbers C,H,W, got {text!r}")
+        raise argparse.ArgumentTypeError(f"input shape must look like C,H,W (e.g. 3,32,32), got {checks.brief(text)}") \
+            from None
+    if len(shape) != 3:
+        raise argparse.ArgumentTypeError(f"input shape must be three whole numbers C,H,W, got {checks.brief(text)}")
+    c, h, w = shape
+    if not (1 <= c <= MAX_INPUT_CHANNELS and 1 <= h <= MAX_SIDE and 1 <= w <= MAX_SIDE) or c * h * w > MAX_INPUT_VALUES:
+        raise argparse.ArgumentTypeError(f"input shape C,H,W needs C in [1, {MAX_INPUT_CHANNELS}], H and W in "
+                                         f"[1, {MAX_SIDE}] and C * H * W <= {MAX_INPUT_VALUES}, got "
+                                         f"{checks.brief(text)}")
     return shape  # type: ignore[return-value]
+
+
+def list_of(item: Callable[[str], Any]) -> Callable[[str], tuple]:
+    """An argparse type: comma-separated values, each read by the argparse type ``item``; at most
+    ``MAX_LIST`` of them."""
+    def convert(text: str) -> tuple:
+        words = [w.strip() for w in text.split(",") if w.strip()]
+        if len(words) > MAX_LIST:
+            raise argparse.ArgumentTypeError(f"takes at most {MAX_LIST} values, got {len(words)}")
+        return tuple(item(w) for w in words)
+    convert.__name__ = "list"
+    return convert
 
 
 def describe(doc: str, **fields: str) -> str:
@@ -95,7 +140,8 @@ def add_data_args(parser: argparse.ArgumentParser, default: str | None = DEFAULT
     parser.add_argument("--data", default=default, help=helptext)
     parser.add_argument("--data-dir", default=None, help="folder with the dataset files (default: the system copy)")
     if batch_size:
-        parser.add_argument("--batch-size", type=positive_int, default=128, help="images per batch (default: 128)")
+        parser.add_argument("--batch-size", type=batch_size_arg, default=128,
+                            help=f"images per batch, 1 to {MAX_BATCH} (default: 128)")
 
 
 def add_model_args(parser: argparse.ArgumentParser, input_shape: bool = False) -> None:
@@ -115,11 +161,12 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_seed_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--seed", type=seed_arg, default=0, help=f"random seed, 0 to {SEED_MAX} (default: 0)")
 
 
 def add_repeats_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--repeats", type=positive_int, default=10, help="timed runs per latency figure (default: 10)")
+    parser.add_argument("--repeats", type=repeats_arg, default=10,
+                        help=f"timed runs per latency figure, 1 to {MAX_REPEATS} (default: 10)")
 
 
 def add_output_args(parser: argparse.ArgumentParser, out_help: str = "output folder",
@@ -137,21 +184,45 @@ OUTPUT_NAMES = ("model.safetensors", "train_state.safetensors", "origin.safetens
                 "report.html", "model.onnx")
 
 
+def check_path_text(path: str | Path, option: str) -> None:
+    """Refuse a path that names nothing any file system could hold: empty, with a NUL, longer
+    than ``MAX_PATH_BYTES`` or with a name longer than ``MAX_NAME_BYTES`` (the file system
+    would refuse it later, after work, as an ``OSError``)."""
+    text = os.fspath(path)
+    if not text:
+        raise LeanconvError(f"{option} is empty")
+    raw = os.fsencode(text) if "\0" not in text else b""
+    if not raw or len(raw) > MAX_PATH_BYTES or any(len(name) > MAX_NAME_BYTES for name in raw.split(b"/")):
+        raise LeanconvError(f"{option} {checks.brief(text)} is no path: at most {MAX_PATH_BYTES} bytes, "
+                            f"{MAX_NAME_BYTES} a name, and no NUL")
+
+
+def check_data_spec(spec: str, option: str = "--data") -> None:
+    """Refuse, before any work, a dataset spec with an unknown name or option or an option out of
+    its range (nothing is loaded: the files are read, and checked, by the command)."""
+    try:
+        check_dataset_spec(spec)
+    except LeanconvError as exc:
+        raise LeanconvError(f"{option}: {exc}") from None
+
+
 def check_out_file(path: str | Path, option: str) -> None:
     """Refuse, before any work, an output file path that is a folder or where no file can be
     written. Creates nothing."""
+    check_path_text(path, option)
     if Path(path).is_dir():
         raise LeanconvError(f"{option} {str(path)!r} is a folder; name the file to write")
-    check_replaceable(path, option)
     _check_writable(Path(path).absolute().parent, path, option)
+    check_replaceable(path, option)
 
 
-def check_out_folder(path: str | Path) -> None:
-    """Refuse, before any work, an ``--out`` folder that cannot be written: the path or one of its
-    parents is a file, or the nearest existing folder is read-only. Creates nothing."""
+def check_out_folder(path: str | Path, option: str = "--out") -> None:
+    """Refuse, before any work, an output folder (``--out``) that cannot be written: the path or
+    one of its parents is a file, or the nearest existing folder is read-only. Creates nothing."""
+    check_path_text(path, option)
     if Path(path).exists() and not Path(path).is_dir():
-        raise LeanconvError(f"--out {str(path)!r} is a file, not a folder; name a folder (it will be created)")
-    _check_writable(Path(path).absolute(), path, "--out")
+        raise LeanconvError(f"{option} {str(path)!r} is a file, not a folder; name a folder (it will be created)")
+    _check_writable(Path(path).absolute(), path, option)
     for name in OUTPUT_NAMES:
         check_replaceable(Path(path) / name)
 
@@ -173,7 +244,8 @@ def load_model(spec: str, *, constructor: str | None = None, input_shape: tuple[
     if os.path.lexists(path) or spec.endswith(".safetensors"):  # a link loop or a FIFO is a file meant too
         return checkpoint.load(path, constructor=constructor)
     if spec not in names() and ":" not in spec:
-        raise LeanconvError(f"{spec!r} is neither a checkpoint file nor a zoo model (nor PKG.MODULE:FN); zoo models: "
+        raise LeanconvError(f"{checks.brief(spec)} is neither a checkpoint file nor a zoo model (nor PKG.MODULE:FN); "
+                            "zoo models: "
                             f"{', '.join(names())}")
     shape = input_shape or (3, 32, 32)
     zoo: dict[str, Any] = {"in_channels": shape[0], "input_size": shape[1]}
@@ -191,16 +263,19 @@ def add_build_args(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_kwargs(pairs: list[str]) -> dict[str, Any]:
-    """``--arg`` values as keyword arguments."""
+    """``--arg`` values as keyword arguments: a VALUE that is JSON as its value, else as text."""
     kwargs: dict[str, Any] = {}
     for pair in pairs:
         key, eq, text = pair.partition("=")
         if not eq or not key.isidentifier():
-            raise LeanconvError(f"--arg takes KEY=VALUE with KEY a Python name, got {pair!r}")
+            raise LeanconvError(f"--arg takes KEY=VALUE with KEY a Python name, got {checks.brief(pair)}")
         try:
             kwargs[key] = json.loads(text)
         except json.JSONDecodeError:
             kwargs[key] = text
+        except (ValueError, RecursionError):  # a number of more than 4,300 digits, or nesting too deep
+            raise LeanconvError(f"--arg {key}: its value is JSON leanconv will not read (a number of more than "
+                                f"4,300 digits, or lists nested too deeply), got {checks.brief(text)}") from None
     return kwargs
 
 
@@ -265,12 +340,16 @@ def _parser_for(f: dataclasses.Field) -> Callable[[str], Any] | None:
 
 
 def _syntax(parse: Callable[[str], Any], what: str = "a value") -> Callable[[str], Any]:
-    """An argparse type: ``parse(text)``, a ValueError being one line naming what was expected."""
+    """An argparse type: ``parse(text)``, a ValueError being one line naming what was expected;
+    a list holds at most ``MAX_LIST`` values."""
     def convert(text: str) -> Any:
         try:
-            return parse(text)
+            value = parse(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {what}, got {checks.brief(text)}") from None
+        if isinstance(value, (tuple, list)) and len(value) > MAX_LIST:
+            raise argparse.ArgumentTypeError(f"takes at most {MAX_LIST} values, got {len(value)}")
+        return value
     convert.__name__ = getattr(parse, "__name__", "value")
     return convert
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from leanconv import checkpoint
-from leanconv.cli.common import (add_build_args, parse_kwargs, add_config_options, add_model_args, build_config, load_model, parse_shape,
-                                 positive_int, progress_bar, source_from_args)
+from leanconv.cli.common import (add_build_args, add_config_options, add_model_args, build_config, classes_arg,
+                                 load_model, parse_kwargs, parse_shape, progress_bar, source_from_args)
 from leanconv.data import load_dataset
 from leanconv.errors import LeanconvError
 from leanconv.models import names
@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="folder with the dataset files (default: the system copy)")
     p.add_argument("--input-shape", type=parse_shape, default=None, metavar="C,H,W",
                    help="zoo names only: input shape (default: the dataset's, else 3,32,32)")
-    p.add_argument("--num-classes", type=positive_int, default=None,
+    p.add_argument("--num-classes", type=classes_arg, default=None,
                    help="zoo names only: classes (default: the dataset's, else 10)")
     add_model_args(p)
     add_build_args(p)

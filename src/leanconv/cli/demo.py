@@ -105,8 +105,8 @@ def _baseline(out: Path, plan: DemoPlan, data, show: bool) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     plan = PLANS["quick" if args.quick else "default"]
-    out = Path(args.out or ("runs/demo-quick" if args.quick else "runs/demo"))
-    check_out_folder(out)
+    out = Path(args.out if args.out is not None else ("runs/demo-quick" if args.quick else "runs/demo"))
+    check_out_folder(args.out if args.out is not None else out)  # an empty --out is refused, not the current folder
     data = load_dataset(args.data, args.data_dir)
     _check_reuse(out, plan, data)
     show = not args.no_progress

@@ -17,35 +17,17 @@ import argparse
 from pathlib import Path
 from typing import Callable
 
-from leanconv.cli.common import (add_data_args, add_output_args, add_repeats_arg, add_seed_arg, positive_float,
-                                 positive_int, progress_bar)
+from leanconv.cli.common import (add_data_args, add_output_args, add_repeats_arg, add_seed_arg, epochs_arg, list_of,
+                                 number_in, positive_float, positive_int, progress_bar, threads_arg, whole_in)
+from leanconv.data import load_dataset
 from leanconv.convs.explore import PAPER_OVERLAPS, ExploreConfig, run_explore, write_summary
 from leanconv.models import names
+from leanconv.models.registry import resolve_constructor
 from leanconv.report.plots import tradeoff_chart
+from leanconv.util.limits import MAX_GROUPS
 from leanconv.train import TrainConfig
 
 __all__ = ["HELP", "add_arguments", "run", "config_from_args"]
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas, got {text!r}") from None
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"every value must be positive, got {text!r}")
-    return values
-
-
-def _float_list(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
-
-
-def _str_list(text: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
 HELP = "train a grid of SCC / pSConv variants of a model; Pareto table and plot"
@@ -55,19 +37,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="resnet20", metavar="NAME|PKG.MODULE:FN",
                    help=f"a zoo model ({', '.join(names())}) or your own constructor (default: resnet20)")
     add_data_args(p)
-    p.add_argument("--scc-groups", type=_int_list, default=(), metavar="G,G,...",
+    p.add_argument("--scc-groups", type=list_of(whole_in(1, MAX_GROUPS)), default=(), metavar="G,G,...",
                    help="SCC channel groups to try, e.g. 1,2,4,8 (default: none)")
-    p.add_argument("--scc-overlap", type=_float_list, default=PAPER_OVERLAPS, metavar="O,O,...",
+    p.add_argument("--scc-overlap", type=list_of(number_in(at_least=0, below=1)), default=PAPER_OVERLAPS,
+                   metavar="O,O,...",
                    help="SCC overlaps to try with every group count (default: 0.25,0.33,0.5,0.75)")
-    p.add_argument("--psconv-patterns", type=_str_list, default=(), metavar="P,P,...",
+    p.add_argument("--psconv-patterns", type=list_of(str), default=(), metavar="P,P,...",
                    help="pSConv patterns to try, e.g. psd4_p8,psd2_p8,psd1_p16,ps4_p4 (default: none)")
     p.add_argument("--include-dense", action="store_true", help="also train the unconverted model")
-    p.add_argument("--epochs", type=positive_int, default=3, help="training epochs per variant (default: 3)")
+    p.add_argument("--epochs", type=epochs_arg, default=3, help="training epochs per variant (default: 3)")
     p.add_argument("--train-subset", "--subset", dest="subset", type=positive_int, default=None, metavar="N",
                    help="train on the first N training images only (quick runs)")
     p.add_argument("--lr", type=positive_float, default=0.1, help="peak learning rate (default: 0.1)")
     add_seed_arg(p)
-    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: PyTorch's)")
+    p.add_argument("--threads", type=threads_arg, default=None, help="CPU threads (default: PyTorch's)")
     add_repeats_arg(p)
     add_output_args(p, out_help="output folder (re-use it to resume)")
 
@@ -97,6 +80,9 @@ def _variant_bars(enabled: bool) -> tuple[Callable[[int, int, dict], None], Call
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    load_dataset(config.dataset, config.data_dir)  # a bad --data or --data-dir: refused before any work (then cached)
+    if config.model not in names():
+        resolve_constructor(config.model)  # PKG.MODULE:FN that cannot be imported: refused before any work
     out = Path(args.out)
     update, close = _variant_bars(not args.no_progress)
     try:

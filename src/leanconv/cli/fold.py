@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from leanconv import checkpoint
-from leanconv.cli.common import add_checkpoint_args, input_shape_of, load_model, positive_int
+from leanconv.cli.common import add_checkpoint_args, input_shape_of, load_model, repeats_arg
 from leanconv.cost import count, measure_fastest_layout
 from leanconv.deploy.fold import TOLERANCE, fold
 from leanconv.errors import LeanconvError
@@ -28,7 +28,7 @@ DOC_FIELDS = {"tolerance": f"{TOLERANCE:g}"}  # filled into the --help text
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_checkpoint_args(p)
     p.add_argument("--out", required=True, metavar="OUT.safetensors", help="where to write the folded checkpoint")
-    p.add_argument("--repeats", type=positive_int, default=10, help="timed runs per model (default: 10)")
+    p.add_argument("--repeats", type=repeats_arg, default=10, help="timed runs per model (default: 10)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.set_defaults(out_file="out")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from leanconv import checkpoint
-from leanconv.cli.common import add_model_args, parse_kwargs, parse_shape, positive_int
+from leanconv.cli.common import add_model_args, classes_arg, parse_kwargs, parse_shape
 from leanconv.errors import LeanconvError
 from leanconv.models import from_constructor
 from leanconv.runs.source import recorded_data
@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", required=True, metavar="FILE",
                    help="the trained state dict: .safetensors, or a torch.save file of tensors only")
     p.add_argument("--input-shape", type=parse_shape, required=True, metavar="C,H,W", help="one input image's shape")
-    p.add_argument("--num-classes", type=positive_int, default=None, metavar="K",
+    p.add_argument("--num-classes", type=classes_arg, default=None, metavar="K",
                    help="classes the model predicts (default: read off its output)")
     p.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
                    help="a keyword argument of the constructor (repeatable; VALUE as JSON, else text)")

@@ -15,7 +15,7 @@ import logging
 import sys
 
 from leanconv import __version__
-from leanconv.cli.common import check_out_file, check_out_folder, describe
+from leanconv.cli.common import check_data_spec, check_out_file, check_out_folder, check_path_text, describe
 from leanconv.errors import LeanconvError
 
 __all__ = ["main", "build_parser", "SUBCOMMANDS"]
@@ -24,12 +24,16 @@ __all__ = ["main", "build_parser", "SUBCOMMANDS"]
 SUBCOMMANDS = ["demo", "import", "train", "eval", "profile", "sensitivity", "prune", "prune3d", "convert",
                "explore", "compare", "report", "export", "fold"]
 MODULES = {"import": "import_model"}  # a subcommand whose module cannot carry its name
+# The paths (or model names) a command reads, by their argparse names: checked as text (empty, too
+# long) before any work.
+READ_PATHS = ("ckpt", "model", "source", "dir", "from_ckpt", "weights", "data_dir", "cache_dir")
 
 
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line, like every other leanconv error."""
 
     def error(self, message: str) -> None:  # noqa: D102 - argparse API
+        message = message.replace("\r", "\\r").replace("\n", "\\n")
         self.exit(2, f"leanconv: error: {message} (see '{self.prog} --help')\n")
 
 
@@ -53,6 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    """An error's message on one line: a line break in a value it quotes (a path, a name) escaped."""
+    return str(exc).replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _option(parser: argparse.ArgumentParser, dest: str) -> str:
+    """How ``--help`` names the argument stored as ``dest``: its first flag, else its metavar."""
+    action = next(a for a in parser._actions if a.dest == dest)  # noqa: SLF001 - argparse keeps no public index
+    return action.option_strings[0] if action.option_strings else action.metavar or dest
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -64,18 +79,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        for name in READ_PATHS:
+            if isinstance(getattr(args, name, None), str):
+                check_path_text(getattr(args, name), _option(parser.commands[args.command], name))
+        if isinstance(getattr(args, "data", None), str):
+            check_data_spec(args.data)
         if getattr(args, "out_is_folder", False):
             check_out_folder(args.out)
         if getattr(args, "out_file", None):
             check_out_file(getattr(args, args.out_file), "--" + args.out_file.replace("_", "-"))
         return int(args.func(args) or 0)
     except LeanconvError as exc:
-        print(f"leanconv: error: {exc}", file=sys.stderr)
+        print(f"leanconv: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:  # the file system refused a read or write (disk full, permissions, a folder in the way)
         if args.verbose:
             raise
-        print(f"leanconv: error: {exc} (every file leanconv writes is written whole or not at all)", file=sys.stderr)
+        print(f"leanconv: error: {_one_line(exc)} (every file leanconv writes is written whole or not at all)",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("leanconv: interrupted; finished work is saved (re-run with --resume where offered)", file=sys.stderr)

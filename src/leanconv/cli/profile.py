@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from leanconv.cli.common import add_build_args, parse_kwargs, add_model_args, input_shape_of, load_model, parse_shape, positive_int
+from leanconv.cli.common import (add_build_args, add_model_args, classes_arg, input_shape_of, load_model, parse_kwargs,
+                                 parse_shape, repeats_arg, threads_arg)
 from leanconv.cost import format_profile, profile
 
 __all__ = ["HELP", "add_arguments", "run"]
@@ -25,12 +26,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_build_args(p)
     p.add_argument("--input-shape", type=parse_shape, default=None, metavar="C,H,W",
                    help="input shape (default: the checkpoint's; 3,32,32 for zoo names)")
-    p.add_argument("--num-classes", type=positive_int, default=None,
+    p.add_argument("--num-classes", type=classes_arg, default=None,
                    help="classes, for a model built from a name (default: the model's own, 10 for the zoo)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
-    p.add_argument("--repeats", type=positive_int, default=20, help="timed runs per batch size (default: 20)")
-    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: PyTorch's)")
+    p.add_argument("--repeats", type=repeats_arg, default=20, help="timed runs per batch size (default: 20)")
+    p.add_argument("--threads", type=threads_arg, default=None, help="CPU threads (default: PyTorch's)")
 
 
 def run(args: argparse.Namespace) -> int:

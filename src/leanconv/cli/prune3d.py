@@ -17,22 +17,12 @@ import os
 import sys
 
 from leanconv.cli.common import (add_checkpoint_args, add_config_options, add_data_args, add_output_args, build_config,
-                                 positive_int, progress_bar, source_from_args)
+                                 progress_bar, source_from_args, threads_arg, workers_arg)
 from leanconv.prune3d.executors import EXECUTORS, create_executor
 from leanconv.report.plots3d import prune3d_plot_writers
 from leanconv.runs.prune3d import Prune3dConfig, run_prune3d
 
 __all__ = ["HELP", "add_arguments", "run"]
-
-
-def _whole(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 HELP = "3-D pruning: depth x width x resolution under a FLOPs budget"
@@ -45,9 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="where sample tasks run: local processes or a Ray cluster (default: local)")
     p.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="join this Ray cluster (host:port or auto; default: start a local Ray instance)")
-    p.add_argument("--workers", type=_whole, default=None, metavar="N",
+    p.add_argument("--workers", type=workers_arg, default=None, metavar="N",
                    help="parallel sample tasks (local: default 1, 0 = in this process; ray: default and 0 = all CPUs)")
-    p.add_argument("--threads", type=positive_int, default=None, metavar="T",
+    p.add_argument("--threads", type=threads_arg, default=None, metavar="T",
                    help="torch threads per task (default: CPUs / workers locally, 1 on Ray)")
     add_data_args(p, default=None, batch_size=False)
     add_output_args(p)

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from leanconv.cli.common import (add_checkpoint_args, add_config_options, add_data_args, add_output_args, build_config,
-                                 progress_bar, source_from_args)
+                                 check_out_folder, progress_bar, source_from_args)
 from leanconv.report.plots import sensitivity_chart
 from leanconv.runs.sensitivity import SensitivityConfig, run_sensitivity
 
@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = build_config(SensitivityConfig, args)
+    if args.cache_dir is not None:
+        check_out_folder(args.cache_dir, "--cache-dir")
     source = source_from_args(args, args.ckpt)
     out = Path(args.out)
     update, close = progress_bar("hessian probes", enabled=not args.no_progress)

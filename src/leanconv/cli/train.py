@@ -21,8 +21,8 @@ import torch
 
 from leanconv import checkpoint
 from leanconv.cli.common import (add_build_args, parse_kwargs, DEFAULT_DATA, add_data_args, add_model_args, data_from_meta, load_model,
-                                 non_negative_float, positive_float, positive_int, progress_bar, recorded_data_dir,
-                                 resolution_of)
+                                 epochs_arg, non_negative_float, number_in, positive_float, positive_int, progress_bar,
+                                 recorded_data_dir, resolution_of, seed_arg, side_arg, threads_arg)
 from leanconv.data import load_dataset
 from leanconv.errors import LeanconvError
 from leanconv.train import TrainConfig, evaluate, fit, recalibrate_on_training_data
@@ -30,6 +30,7 @@ from leanconv.train.loop import check_loader
 from leanconv.train import distributed as dist
 from leanconv.util.fileset import write_together
 from leanconv.util.inputs import input_file
+from leanconv.util.limits import MAX_EPOCHS, MAX_LR, MAX_SIDE, MAX_THREADS, SEED_MAX
 from leanconv.util.model_io import check_classes, check_trainable
 
 __all__ = ["HELP", "add_arguments", "run", "config_from_args", "loaders_for", "CHECKSUM_ENV"]
@@ -50,34 +51,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     add_build_args(p)
     add_data_args(p, default=None, default_help=f"with --from, the checkpoint's; else {DEFAULT_DATA}")
-    p.add_argument("--epochs", type=positive_int, default=10, help="epochs (default: 10)")
-    p.add_argument("--lr", type=positive_float, default=0.1, help="peak learning rate (default: 0.1)")
-    p.add_argument("--momentum", type=momentum_arg, default=0.9, help="SGD momentum, in [0, 1) (default: 0.9)")
-    p.add_argument("--weight-decay", type=non_negative_float, default=5e-4, help="L2 weight decay (default: 5e-4)")
+    p.add_argument("--epochs", type=epochs_arg, default=10, help=f"epochs, 1 to {MAX_EPOCHS} (default: 10)")
+    p.add_argument("--lr", type=positive_float, default=0.1,
+                   help=f"peak learning rate, up to {MAX_LR:g} (default: 0.1)")
+    p.add_argument("--momentum", type=number_in(at_least=0, below=1), default=0.9,
+                   help="SGD momentum, in [0, 1) (default: 0.9)")
+    p.add_argument("--weight-decay", type=non_negative_float, default=5e-4,
+                   help=f"L2 weight decay, 0 to {MAX_LR:g} (default: 5e-4)")
     p.add_argument("--schedule", choices=["cosine", "step"], default="cosine")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resolution", type=positive_int, default=None, help="train at this input side (default: the data's)")
+    p.add_argument("--seed", type=seed_arg, default=0, help=f"random seed, 0 to {SEED_MAX} (default: 0)")
+    p.add_argument("--resolution", type=side_arg, default=None,
+                   help=f"train at this input side, 1 to {MAX_SIDE} (default: the data's)")
     p.add_argument("--train-subset", "--subset", dest="subset", type=positive_int, default=None, metavar="N",
                    help="train on the first N training images only (quick runs)")
     p.add_argument("--no-augment", action="store_true", help="turn off random crop and flip")
     p.add_argument("--recalibrate-bn", action="store_true",
                    help="after training, re-estimate BatchNorm statistics on up to 6,400 un-augmented training "
                    "images (what prune and compare do after fine-tuning)")
-    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads per process (default: PyTorch's)")
+    p.add_argument("--threads", type=threads_arg, default=None,
+                   help=f"CPU threads per process, 1 to {MAX_THREADS} (default: PyTorch's)")
     p.add_argument("--sync-bn", action="store_true",
                    help="under torchrun on GPUs: SyncBatchNorm across processes (default: BatchNorm per process)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(out_is_folder=True)
-
-
-def momentum_arg(text: str) -> float:
-    """A number in [0, 1)."""
-    value = non_negative_float(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
-    return value
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -4,7 +4,9 @@ Names are ``fashion-mnist``, ``cifar10``, ``cifar100``, ``synthetic``, and a use
 ``imagefolder:PATH`` (a folder per class of image files) and ``npz:PATH`` (arrays in a
 ``.npz`` file); case and ``_`` versus ``-`` do not matter. Options may be passed as keyword
 arguments or appended to the name, ``"synthetic:n=512,c=3,s=16,k=4"``; keyword arguments win. Every dataset accepts
-``val_size`` and ``flip_ok``; see each module for its own options. The returned
+``val_size`` and ``flip_ok``; see each module for its own options. :func:`check_dataset_spec`
+checks a spec's name and the ranges of its options without loading anything (the command
+line does so before any work). The returned
 ``DatasetSplits.name`` is canonical (``name:key=value,...`` with the options given), so
 ``load_dataset(splits.name, data_dir)`` loads the same data again.
 
@@ -26,10 +28,13 @@ from leanconv.data.fashion_mnist import load_fashion_mnist
 from leanconv.data.imagefolder import load_imagefolder
 from leanconv.data.npz import load_npz
 from leanconv.data.splits import DatasetSplits
-from leanconv.data.synthetic import load_synthetic
+from leanconv.data.splits import user_data_options
+from leanconv.data.synthetic import check_synthetic_options, load_synthetic
 from leanconv.errors import LeanconvError
+from leanconv.util.checks import brief
+from leanconv.util.limits import MAX_PATH_BYTES, MAX_SIDE
 
-__all__ = ["dataset_names", "dataset_takes", "parse_dataset_name", "load_dataset", "clear_cache"]
+__all__ = ["dataset_names", "dataset_takes", "parse_dataset_name", "check_dataset_spec", "load_dataset", "clear_cache"]
 
 _LOADERS: dict[str, Callable[..., DatasetSplits]] = {
     "cifar10": load_cifar10,
@@ -65,12 +70,14 @@ def _parse_value(text: str) -> Any:
 
 def parse_dataset_name(spec: str) -> tuple[str, dict[str, Any]]:
     """Split ``"name:key=value,..."`` into the canonical name and an options dict."""
+    if not isinstance(spec, str) or len(spec) > MAX_PATH_BYTES:
+        raise LeanconvError(f"a dataset is named by a text of at most {MAX_PATH_BYTES} characters, got {brief(spec)}")
     base, _, rest = spec.partition(":")
     name = base.strip().lower().replace("_", "-")
     if name in ("cifar-10", "cifar-100"):
         name = name.replace("-", "")
     if name not in _LOADERS:
-        raise LeanconvError(f"unknown dataset {base!r}; "
+        raise LeanconvError(f"unknown dataset {brief(base)}; "
                             f"choose one of: {', '.join(dataset_names())}")
     options: dict[str, Any] = {}
     for item in filter(None, (part.strip() for part in rest.split(","))):
@@ -79,7 +86,7 @@ def parse_dataset_name(spec: str) -> tuple[str, dict[str, Any]]:
             options["path"] = item
             continue
         if not eq or not key.strip():
-            raise LeanconvError(f"dataset option {item!r} in {spec!r} must look like key=value")
+            raise LeanconvError(f"dataset option {brief(item)} in {brief(spec)} must look like key=value")
         options[key.strip()] = _parse_value(value)
     return name, options
 
@@ -93,11 +100,26 @@ def _check_options(name: str, options: dict[str, Any]) -> None:
                             f"its options are: {', '.join(allowed)}")
 
 
-def load_dataset(name: str, data_dir: str | Path | None = None, **options: Any) -> DatasetSplits:
-    """Load dataset ``name`` (see :func:`dataset_names`) from ``data_dir`` or its default place."""
+def check_dataset_spec(name: str, **options: Any) -> tuple[str, dict[str, Any]]:
+    """The canonical name and options of dataset spec ``name`` (keyword ``options`` win), the
+    options checked against the dataset's ranges (:mod:`leanconv.util.limits`) without reading
+    or making any image. A path, and the options that depend on the files, are checked when
+    the data is loaded."""
     canonical, parsed = parse_dataset_name(name)
     parsed.update(options)
     _check_options(canonical, parsed)
+    if canonical == "synthetic":
+        check_synthetic_options(**parsed)
+    else:
+        max_side = MAX_SIDE if canonical in _PATH_DATASETS else 0
+        user_data_options(canonical, size=parsed.get("size"), channels=parsed.get("channels"),
+                          val_size=parsed.get("val_size"), flip_ok=parsed.get("flip_ok", True), max_side=max_side)
+    return canonical, parsed
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None, **options: Any) -> DatasetSplits:
+    """Load dataset ``name`` (see :func:`dataset_names`) from ``data_dir`` or its default place."""
+    canonical, parsed = check_dataset_spec(name, **options)
     if parsed.get("path") is not None:  # one folder, one cache entry, one name, wherever it was given from
         parsed["path"] = _absolute(str(parsed["path"]))
     directory = None if data_dir is None else _absolute(data_dir)

@@ -18,6 +18,7 @@ import torch
 
 from leanconv.data.loader import TensorLoader
 from leanconv.errors import LeanconvError
+from leanconv.util.checks import brief
 from leanconv.util.limits import MAX_IMAGES
 
 __all__ = [
@@ -125,12 +126,11 @@ def user_data_options(where: str, *, size: object, channels: object, val_size: o
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < low or (high and value > high):
             span = f"[{low}, {high}]" if high else f">= {low}"
-            shown = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else "a huge number"
-            raise LeanconvError(f"{where} option {name} must be a whole number in {span}, got {shown[:60]}")
+            raise LeanconvError(f"{where} option {name} must be a whole number in {span}, got {brief(value)}")
     if channels not in (None, 1, 3):
         raise LeanconvError(f"{where} option channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
     if not isinstance(flip_ok, bool):
-        raise LeanconvError(f"{where} option flip_ok must be true or false, got {repr(flip_ok)[:60]}")
+        raise LeanconvError(f"{where} option flip_ok must be true or false, got {brief(flip_ok)}")
 
 
 def default_val_size(n_train_file: int) -> int:

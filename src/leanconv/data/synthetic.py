@@ -19,21 +19,17 @@ import numpy as np
 
 from leanconv.data.splits import DatasetSplits, make_splits, user_data_options
 from leanconv.errors import LeanconvError
+from leanconv.util.checks import brief
 from leanconv.util.limits import (MAX_CLASSES, MAX_INPUT_CHANNELS, MAX_SIDE, MAX_SYNTHETIC_IMAGES,
                                   MAX_SYNTHETIC_VALUES, SEED_MAX)
 
-__all__ = ["make_synthetic", "load_synthetic"]
+__all__ = ["make_synthetic", "load_synthetic", "check_synthetic_options"]
 
 
 def _check(label: str, value: object, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise LeanconvError(f"synthetic option {label} must be a whole number in [{low}, {high}], got {_brief(value)}")
+        raise LeanconvError(f"synthetic option {label} must be a whole number in [{low}, {high}], got {brief(value)}")
     return value
-
-
-def _brief(value: object) -> str:
-    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else "a huge number"
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 CHUNK_VALUES = 2**20  # pixels computed at once: the float64 work space stays at ~25 MB for any set size
@@ -62,13 +58,10 @@ def make_synthetic(count: int, c: int, s: int, k: int, rng: np.random.RandomStat
     return out, labels
 
 
-def load_synthetic(data_dir: object = None, *, n: int = 512, n_test: int | None = None,
-                   c: int = 3, s: int = 16, k: int = 4, seed: int = 0,
-                   val_size: int | None = None, flip_ok: bool = True) -> DatasetSplits:
-    """The synthetic grating dataset as :class:`DatasetSplits` (``data_dir`` is ignored).
-    Ranges (:mod:`leanconv.util.limits`): ``n`` 10..10**7, ``n_test`` 1..10**7, ``c`` 1..256,
-    ``s`` 8..1024, ``k`` 2..2*(s//4), ``seed`` 0..2**32-1, and ``(n + n_test) * c * s * s``
-    at most 2**28 pixels (256 MiB)."""
+def check_synthetic_options(*, n: int = 512, n_test: int | None = None, c: int = 3, s: int = 16, k: int = 4,
+                            seed: int = 0, val_size: int | None = None, flip_ok: bool = True) -> int:
+    """Check the options of :func:`load_synthetic` (its ranges) without making any image;
+    returns ``n_test`` (its default filled in)."""
     _check("n", n, 10, MAX_SYNTHETIC_IMAGES)
     n_test = max(1, n // 4) if n_test is None else _check("n_test", n_test, 1, MAX_SYNTHETIC_IMAGES)
     _check("c", c, 1, MAX_INPUT_CHANNELS)
@@ -82,6 +75,19 @@ def load_synthetic(data_dir: object = None, *, n: int = 512, n_test: int | None 
     if (n + n_test) * c * s * s > MAX_SYNTHETIC_VALUES:
         raise LeanconvError(f"synthetic: (n + n_test) * c * s * s = {(n + n_test) * c * s * s:,} pixels exceeds "
                             f"{MAX_SYNTHETIC_VALUES:,} (256 MiB); lower n, c or s")
+    if val_size is not None and val_size >= n:
+        raise LeanconvError(f"synthetic option val_size must be below n ({n}), got {val_size}")
+    return n_test
+
+
+def load_synthetic(data_dir: object = None, *, n: int = 512, n_test: int | None = None,
+                   c: int = 3, s: int = 16, k: int = 4, seed: int = 0,
+                   val_size: int | None = None, flip_ok: bool = True) -> DatasetSplits:
+    """The synthetic grating dataset as :class:`DatasetSplits` (``data_dir`` is ignored).
+    Ranges (:mod:`leanconv.util.limits`): ``n`` 10..10**7, ``n_test`` 1..10**7, ``c`` 1..256,
+    ``s`` 8..1024, ``k`` 2..2*(s//4), ``seed`` 0..2**32-1, ``val_size`` 0..n-1, and
+    ``(n + n_test) * c * s * s`` at most 2**28 pixels (256 MiB)."""
+    n_test = check_synthetic_options(n=n, n_test=n_test, c=c, s=s, k=k, seed=seed, val_size=val_size, flip_ok=flip_ok)
     rng = np.random.RandomState(seed)
     train_x, train_y = make_synthetic(n, c, s, k, rng)
     test_x, test_y = make_synthetic(n_test, c, s, k, rng)

@@ -12,6 +12,10 @@ A run config (``PruneConfig``, ``Prune3dConfig``, ``ConvertConfig``, ``Sensitivi
 * ``check``: how the value is checked, once, when the config is built (a bad value is one
   :class:`~leanconv.errors.LeanconvError` naming the option);
 * ``help``, ``metavar``, ``choices``, ``aliases`` for ``--help``.
+
+Every numeric setting of every run config also has its range in :data:`RANGES`, by field name
+(the bounds are :mod:`leanconv.util.limits`'): a value above it is refused before its field's
+own check, so that a setting has one range in every run and through the library API alike.
 """
 
 from __future__ import annotations
@@ -19,12 +23,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import numbers
 import shlex
 from dataclasses import MISSING, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from leanconv.errors import LeanconvError
 from leanconv.util import checks
+from leanconv.util.limits import (MAX_BATCH, MAX_BLOCKS, MAX_EPOCHS, MAX_GRID, MAX_GROUPS, MAX_IMAGES, MAX_LIST,
+                                  MAX_LR, MAX_PROBES, MAX_REL_STDERR, MAX_REPEATS, MAX_SAMPLES, MAX_STEPS, SEED_MAX)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -32,7 +39,7 @@ if TYPE_CHECKING:
     from leanconv.runs.source import Source
 
 __all__ = [
-    "RunConfig", "setting", "command_line", "reproducing_command",
+    "RunConfig", "setting", "command_line", "reproducing_command", "RANGES",
     "target", "finetune_epochs", "finetune_lr", "train_subset", "score_images", "probes", "seed", "batch_size",
     "latency_repeats",
 ]
@@ -110,18 +117,8 @@ def probes(default: int) -> Any:
                    metavar="N", help="cap on Hutchinson probes for hap")
 
 
-SEED_LIMIT = 2**32  # what every generator leanconv seeds (torch, NumPy) accepts
-
-
-def _seed(value: Any, name: str) -> int:
-    checks.whole(value, name, at_least=0)
-    if value >= SEED_LIMIT:
-        raise LeanconvError(f"{name} must be below 2**32, got {value}")
-    return value
-
-
 def seed() -> Any:
-    return setting(0, "--seed", check=_seed, always=True, help="random seed (0 to 2**32 - 1)")
+    return setting(0, "--seed", check=_at_least(0), always=True, help=f"random seed, 0 to {SEED_MAX}")
 
 
 def batch_size() -> Any:
@@ -130,6 +127,46 @@ def batch_size() -> Any:
 
 def latency_repeats(default: int = 10) -> Any:
     return setting(default, "--repeats", check=_at_least(1), metavar="N", help="timed runs per latency figure")
+
+
+# ---------------------------------------------------------------- the range of every numeric setting
+
+# field name -> (lowest, highest) of every numeric setting of every run config (a float range
+# excludes its lowest); the field's own check refuses values below (with its reason), wrong types
+# and what depends on other fields. Fractions (budgets, overlaps) are checked by their fields.
+RANGES: dict[str, tuple[float, float]] = {
+    "seed": (0, SEED_MAX),
+    "finetune_epochs": (0, MAX_EPOCHS), "sample_epochs": (0, MAX_EPOCHS),
+    "finetune_lr": (0.0, MAX_LR),
+    "train_subset": (1, MAX_IMAGES), "score_images": (1, MAX_IMAGES), "sample_images": (1, MAX_IMAGES),
+    "probes": (2, MAX_PROBES), "min_probes": (2, MAX_PROBES), "rel_stderr": (0.0, MAX_REL_STDERR),
+    "batch_size": (1, MAX_BATCH), "latency_repeats": (1, MAX_REPEATS),
+    "steps": (1, MAX_STEPS), "samples": (4, MAX_SAMPLES), "mixed": (0, MAX_SAMPLES), "holdout_train": (3, MAX_SAMPLES),
+    "grid": (2, MAX_GRID), "min_blocks_per_stage": (1, MAX_BLOCKS),
+    "groups": (1, MAX_GROUPS), "scc_groups": (1, MAX_GROUPS), "round_to": (1, MAX_GROUPS),
+    "probe_groups": (1, MAX_GROUPS),
+}
+
+
+def _check_range(value: Any, name: str, bounds: tuple[float, float] | None) -> None:
+    """Refuse a list of more than ``MAX_LIST`` values, and a number above its range (a number
+    written as digits, as ``--probe-groups`` takes it, too: before anything converts it)."""
+    if isinstance(value, (tuple, list)):
+        if len(value) > MAX_LIST:
+            raise LeanconvError(f"{name} takes at most {MAX_LIST} values, got {len(value)}")
+        return
+    if bounds is None:
+        return
+    low, high = bounds
+    if isinstance(value, str) and value.isdecimal():
+        too_big = len(value) > len(str(int(high))) or int(value) > high
+    else:
+        too_big = isinstance(value, numbers.Real) and not isinstance(value, bool) and value > high
+    if too_big and isinstance(high, float):
+        raise LeanconvError(f"{name} must be a finite number {checks.bounds(above=low, at_most=high)}, got "
+                            f"{checks.brief(value)}")
+    if too_big:
+        raise LeanconvError(f"{name} must be a whole number in [{low}, {high}], got {checks.brief(value)}")
 
 
 # ---------------------------------------------------------------- the base class
@@ -143,6 +180,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         for f in fields(self):
+            _check_range(getattr(self, f.name), option_name(f, self), RANGES.get(f.name))
             check = f.metadata.get("check")
             if check is not None:
                 check(getattr(self, f.name), option_name(f, self))

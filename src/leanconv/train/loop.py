@@ -45,12 +45,16 @@ from torch.nn.parallel import DistributedDataParallel
 from leanconv import checkpoint
 from leanconv.train import distributed as dist
 from leanconv.errors import LeanconvError
+from leanconv.util.checks import number, whole
 from leanconv.util.files import JsonlStore, write_json
 from leanconv.util.fileset import write_together
+from leanconv.util.limits import MAX_EPOCHS, MAX_LR, MAX_THREADS, SEED_MAX
 from leanconv.util.model_io import model_device, to_model
 from leanconv.util.progress import Progress
 
 __all__ = ["Loader", "TrainConfig", "TrainResult", "fit", "evaluate", "learning_rate", "check_loader"]
+
+MAX_STEPS_TOTAL = 10**9  # warm-up steps
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +83,16 @@ class TrainConfig:
     sync_bn: bool = False  # SyncBatchNorm across processes under torchrun (GPUs only); else BN per process
 
     def __post_init__(self) -> None:
-        if self.epochs <= 0:
-            raise LeanconvError(f"--epochs must be a positive whole number, got {self.epochs}")
-        if self.lr <= 0:
-            raise LeanconvError(f"--lr must be positive, got {self.lr}")
+        """The ranges of ``leanconv.util.limits``, for a library caller as for the command line."""
+        whole(self.epochs, "--epochs", at_least=1, at_most=MAX_EPOCHS)
+        number(self.lr, "--lr", above=0, at_most=MAX_LR)
+        number(self.momentum, "--momentum", at_least=0, below=1)
+        number(self.weight_decay, "--weight-decay", at_least=0, at_most=MAX_LR)
+        whole(self.seed, "--seed", at_least=0, at_most=SEED_MAX)
+        whole(self.warmup_steps, "warmup_steps", at_least=0, at_most=MAX_STEPS_TOTAL)
+        number(self.label_smoothing, "label_smoothing", at_least=0, below=1)
+        if self.threads is not None:
+            whole(self.threads, "--threads", at_least=1, at_most=MAX_THREADS)
         if self.schedule not in ("cosine", "step"):
             raise LeanconvError(f"unknown schedule {self.schedule!r}; use cosine or step")
 
