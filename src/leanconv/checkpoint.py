@@ -34,14 +34,14 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from leanconv.checkpoint_header import check_fits, corrupt, leanconv_header, read_index
+from leanconv.checkpoint_header import MAX_ACTIVATION, check_fits, corrupt, leanconv_header, read_index
 from leanconv.errors import LeanconvError
 from leanconv.util.files import atomic_write, os_error
 from leanconv.layers.spec import is_registered, module_from_spec, module_to_spec
 from leanconv.models.registry import create, from_constructor
 from leanconv.util.inputs import input_file
 from leanconv.util.limits import MAX_MODEL_ELEMENTS
-from leanconv.util.meta_build import BuildLimit, meta_build
+from leanconv.util.meta_build import BuildLimit, meta_build, meta_run
 
 __all__ = ["save", "load", "read_header", "find_edits", "apply_edits", "build_base", "read_weights", "load_weights",
            "constructor_name"]
@@ -253,6 +253,30 @@ def _dry_run(header: dict[str, Any], index: dict, path: Path, constructor: Any, 
             return
         raise corrupt(path, f"its model cannot be built ({_line(exc)})") from None
     check_fits(model, index, path, cause)
+    if not user:
+        _check_runs(model, header["meta"], path)
+
+
+def _check_runs(model: nn.Module, meta: dict[str, Any], path: Path) -> None:
+    """Run the meta model of a zoo-based header on one image of its input shape (no memory):
+    layers that do not chain (a padding deleted, a stride changed), an output that is not one
+    score per recorded class, or a layer output of over ``MAX_ACTIVATION`` values per image
+    (a padding of 1024 in every conv) is a corrupt file, refused before anything is allocated."""
+    shape = meta.get("input_shape") or getattr(model, "leanconv_meta", {}).get("input_shape")
+    if shape is None:
+        return
+    try:
+        out = meta_run(model, shape, max_values=MAX_ACTIVATION)
+    except BuildLimit as exc:
+        raise corrupt(path, f"the model its header describes outputs over {exc} for one {list(shape)} "
+                      "image") from None
+    except BUILD_ERRORS as exc:
+        raise corrupt(path, f"the model its header describes does not run on its input shape {list(shape)} "
+                      f"({_line(exc)})") from None
+    classes = meta.get("num_classes")
+    if classes is not None and tuple(out.shape) != (1, classes):
+        raise corrupt(path, f"the model its header describes outputs {list(out.shape)} for one image, not one "
+                      f"score for each of its meta.num_classes ({classes})")
 
 
 def _line(exc: BaseException) -> str:

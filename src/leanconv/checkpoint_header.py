@@ -6,7 +6,8 @@ JSON (:mod:`leanconv.checkpoint`). Both come from the file, so both are checked 
 by field, before leanconv builds or allocates anything:
 
 * the index: known dtypes, shapes of at most 8 sides, byte ranges inside the file whose
-  length is the shape's size (so the index cannot claim more tensor than the file holds);
+  length is the shape's size (so the index cannot claim more tensor than the file holds)
+  and that follow one another without gap or overlap;
 * the leanconv header: ``format`` 1; ``base`` names one zoo model (its ``num_classes``,
   ``in_channels`` and ``input_size`` within :mod:`leanconv.util.limits`, its other
   arguments plain small values) or a user constructor; every edit an ``op``, a dotted
@@ -34,11 +35,11 @@ from torch import nn
 from leanconv.errors import LeanconvError
 from leanconv.layers.spec import layer_types
 from leanconv.models.registry import names
-from leanconv.util.limits import (MAX_CLASSES, MAX_EPOCHS, MAX_INPUT_CHANNELS, MAX_INPUT_VALUES, MAX_SIDE,
-                                  MAX_THREADS, MAX_WIDTH)
+from leanconv.util.limits import (MAX_ACTIVATION, MAX_CLASSES, MAX_EPOCHS, MAX_INPUT_CHANNELS, MAX_INPUT_VALUES,
+                                  MAX_SIDE, MAX_THREADS, MAX_WIDTH)
 
 __all__ = ["read_index", "leanconv_header", "check_header", "check_fits", "not_leanconv", "corrupt", "Invalid",
-           "SPEC_ARGS", "MAX_HEADER_BYTES", "MAX_DEPTH"]
+           "SPEC_ARGS", "MAX_HEADER_BYTES", "MAX_DEPTH", "MAX_ACTIVATION"]
 
 FORMAT = 1
 MAX_HEADER_BYTES = 16 * 2**20  # genuine headers are kilobytes; JSON this size parses to ~10x in memory
@@ -258,7 +259,8 @@ def check_input_shape(shape: Any, field: str = "meta.input_shape") -> None:
         isinstance(s, int) and not isinstance(s, bool) for s in shape)
     if ok:
         c, h, w = shape
-        ok = 1 <= c <= MAX_INPUT_CHANNELS and 1 <= h <= MAX_SIDE and 1 <= w <= MAX_SIDE and c * h * w <= MAX_INPUT_VALUES
+        ok = (1 <= c <= MAX_INPUT_CHANNELS and 1 <= h <= MAX_SIDE and 1 <= w <= MAX_SIDE
+              and c * h * w <= MAX_INPUT_VALUES)
     if not ok:
         raise Invalid(field, f"must be three whole numbers [C, H, W] with C in [1, {MAX_INPUT_CHANNELS}], H and W in "
                       f"[1, {MAX_SIDE}] and C*H*W <= {MAX_INPUT_VALUES}, got {_short(shape)}")
@@ -292,7 +294,8 @@ def check_header(header: Any) -> dict[str, Any]:
         raise Invalid("the header", f"nests deeper than {MAX_DEPTH} levels")
     _object(header, "the header")
     if type(header.get("format")) is not int or header["format"] != FORMAT:
-        raise Invalid("format", f"must be {FORMAT} (this leanconv's checkpoint format), got {_short(header.get('format'))}")
+        raise Invalid("format", f"must be {FORMAT} (this leanconv's checkpoint format), "
+                                f"got {_short(header.get('format'))}")
     _base(header.get("base"))
     for i, edit in enumerate(_array(header.setdefault("edits", []), "edits", MAX_EDITS)):
         _edit(edit, f"edits[{i}]")
@@ -325,24 +328,42 @@ def read_index(path: Path) -> tuple[dict[str, Any], dict[str, tuple[str, tuple[i
 
 
 def _index(raw: dict[str, Any], data_bytes: int) -> dict[str, tuple[str, tuple[int, ...]]]:
-    index = {}
+    index, ranges = {}, []
     for name, entry in raw.items():
         if name == "__metadata__":
             continue
-        _object(entry, repr(name), ("dtype", "shape", "data_offsets"))
+        field = _short(name)
+        _object(entry, field, ("dtype", "shape", "data_offsets"))
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in DTYPES:
-            raise Invalid(f"{name!r}.dtype", f"must be one of {', '.join(DTYPES)}, got {_short(dtype)}")
-        for i, side in enumerate(_array(shape, f"{name!r}.shape", 8)):
-            _whole(side, f"{name!r}.shape[{i}]", 0, data_bytes)
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise Invalid(f"{field}.dtype", f"must be one of {', '.join(DTYPES)}, got {_short(dtype)}")
+        for i, side in enumerate(_array(shape, f"{field}.shape", 8)):
+            _whole(side, f"{field}.shape[{i}]", 0, data_bytes)
         if not (isinstance(offsets, list) and len(offsets) == 2):
-            raise Invalid(f"{name!r}.data_offsets", f"must be [begin, end], got {_short(offsets)}")
-        begin, end = (_whole(o, f"{name!r}.data_offsets", 0, data_bytes) for o in offsets)
+            raise Invalid(f"{field}.data_offsets", f"must be [begin, end], got {_short(offsets)}")
+        begin, end = (_whole(o, f"{field}.data_offsets", 0, data_bytes) for o in offsets)
+        if end < begin:
+            raise Invalid(f"{field}.data_offsets", f"must be [begin, end] with begin <= end, got {[begin, end]}")
         if end - begin != math.prod(shape) * DTYPES[dtype]:
-            raise Invalid(repr(name), f"takes {end - begin} bytes in the file, not the {math.prod(shape)} elements "
+            raise Invalid(field, f"takes {end - begin} bytes in the file, not the {math.prod(shape)} elements "
                           f"of {dtype} its shape says")
         index[name] = (dtype, tuple(shape))
+        ranges.append((begin, end, field))
+    _tiles(ranges, data_bytes)
     return index
+
+
+def _tiles(ranges: list[tuple[int, int, str]], data_bytes: int) -> None:
+    """The tensors' byte ranges must follow one another from the start of the data to its end,
+    with no gap and no overlap (what safetensors itself requires)."""
+    reached = 0
+    for begin, end, field in sorted(ranges):
+        if begin != reached:
+            raise Invalid(f"{field}.data_offsets", f"must start where the previous tensor ends (byte {reached}), "
+                          f"got {[begin, end]}")
+        reached = end
+    if reached != data_bytes:
+        raise Invalid("the tensors", f"fill {reached} of the {data_bytes} bytes after the header")
 
 
 def leanconv_header(raw: dict[str, Any], path: Path) -> dict[str, Any]:

@@ -6,17 +6,20 @@ compared with what it may be. While :func:`meta_build` runs, global registration
 every module, parameter and buffer registered: past ``max_elements`` tensor elements or
 ``max_modules`` modules the build stops at once (the count includes modules built and then
 replaced), so neither a huge layer nor a loop that builds millions of layers gets far.
+
+:func:`meta_run` then runs such a model on one meta image: it learns, again for free,
+whether the layers chain at that input shape and how large each layer's output would be.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 import torch
 from torch.nn.modules import module as _module
 
-__all__ = ["meta_build", "BuildLimit", "MAX_MODULES"]
+__all__ = ["meta_build", "meta_run", "BuildLimit", "MAX_MODULES"]
 
 MAX_MODULES = 100_000  # modules one build may register (ResNet-110: about 500)
 T = TypeVar("T")
@@ -62,3 +65,22 @@ def meta_build(build: Callable[[], T], *, max_elements: int, max_modules: int = 
     finally:
         for handle in handles:
             handle.remove()
+
+
+def meta_run(model: torch.nn.Module, input_shape: Sequence[int], *, max_values: int) -> torch.Tensor:
+    """Run ``model`` (built on the meta device, in eval mode) on one meta image of
+    ``input_shape`` and return its (meta) output. Raises :class:`BuildLimit` when one module
+    outputs more than ``max_values`` values for that image; any other exception of the forward
+    pass (layers that do not chain) propagates."""
+    def count(module, inputs, output):
+        if isinstance(output, torch.Tensor) and output.numel() > max_values:
+            raise BuildLimit(f"values from {type(module).__name__}", output.numel(), max_values)
+
+    parameter = next(iter(model.parameters()), None)
+    dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
+    handle = _module.register_module_forward_hook(count)
+    try:
+        with torch.no_grad():
+            return model.eval()(torch.empty(1, *input_shape, device="meta", dtype=dtype))
+    finally:
+        handle.remove()
