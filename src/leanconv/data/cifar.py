@@ -48,6 +48,8 @@ def read_cifar_batch(path: str | Path, label_key: bytes, num_classes: int
         got = (f"{data.dtype} {list(data.shape)}" if isinstance(data, np.ndarray)
                else type(data).__name__)
         raise LeanconvError(f"{path}: b'data' must be a uint8 array [N, 3072], got {got}")
+    if not len(data):  # a real batch holds 10,000 images: an empty one is a broken or cut file
+        raise LeanconvError(f"{path} holds no images (b'data' has 0 rows); extract the CIFAR archive again")
     if not isinstance(labels, (list, np.ndarray)) or len(labels) != len(data):
         raise LeanconvError(f"{path}: {label_key!r} must list {len(data)} labels")
     labels = np.asarray(labels)

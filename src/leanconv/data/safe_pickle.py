@@ -9,7 +9,9 @@ numpy array are reachable, each wrapped to accept only harmless arguments:
   ``numpy.ndarray`` - create an empty array, filled later by ``ndarray.__setstate__``;
 * ``numpy.dtype`` - refused for object dtypes (which could smuggle arbitrary objects);
 * ``numpy._core.numeric._frombuffer`` - the protocol-5 array path;
-* ``_codecs.encode`` with ``latin1`` - how protocol 2 spells ``bytes`` under Python 3.
+* ``_codecs.encode`` with ``latin1`` - how protocol 2 spells ``bytes`` under Python 3;
+* ``bytes()`` with no argument (``__builtin__.bytes`` / ``builtins.bytes``) - how protocol 2
+  spells *empty* bytes, e.g. the buffer of an array with zero rows.
 
 Everything else raises :class:`LeanconvError` before anything is called.
 """
@@ -64,6 +66,12 @@ def _safe_encode(text: Any, encoding: str = "utf-8") -> bytes:
     return codecs.encode(text, encoding)
 
 
+def _safe_empty_bytes(*args: Any) -> bytes:
+    if args:  # bytes(n) would allocate n bytes
+        raise _Refused("bytes() with arguments")
+    return b""
+
+
 _ALLOWED: dict[tuple[str, str], Callable[..., Any]] = {
     ("numpy.core.multiarray", "_reconstruct"): _safe_reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _safe_reconstruct,
@@ -72,6 +80,8 @@ _ALLOWED: dict[tuple[str, str], Callable[..., Any]] = {
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): _safe_dtype,
     ("_codecs", "encode"): _safe_encode,
+    ("__builtin__", "bytes"): _safe_empty_bytes,
+    ("builtins", "bytes"): _safe_empty_bytes,
 }
 
 

@@ -307,7 +307,9 @@ def _preflight(ctx: _Context, entries: list[tuple[str, str, float | None]]) -> N
         config = entry_config(ctx.config, method, target)
         try:
             if method in WIDTH:
-                check_reachable(model, torch.zeros(1, *shape), target=target, input_shape=shape)
+                check_reachable(model, torch.zeros(1, *shape), target=config.target, kind=config.kind,
+                                input_shape=shape, round_to=config.round_to, strict=config.strict,
+                                implant=config.implant)  # the checks run_prune makes first
             elif method == "3d":
                 origin = load_origin(str(ctx.source.checkpoint), config.step_settings(
                     ctx.source.data.name, ctx.source.data_dir, ctx.source.constructor, ctx.source.input_shape))

@@ -117,8 +117,9 @@ def run_prune(config: PruneConfig, source: Source, *, out=None, progress: Progre
                               shrink=config.shrink)  # an unknown method fails here, before any work
     model, data, shape, resolution = source.fresh(), source.data, source.shape, source.resolution
     example = torch.randn(1, *shape).to(next(model.parameters()).dtype)  # a float64 model traces in float64
+    # an unreachable target (implants included): refused before any scoring, measuring or tuning
     check_reachable(model, example, target=config.target, kind=config.kind, input_shape=shape,
-                    round_to=config.round_to, strict=config.strict)  # an unreachable target: before any work
+                    round_to=config.round_to, strict=config.strict, implant=config.implant)
     test = data.loader("test", 256, resolution=resolution) if measured else None
     say("measuring the unpruned model")
     gauge = (lambda m: measure(m, shape, test, config.latency_repeats)) if measured else (lambda m: counted(m, shape))

@@ -304,6 +304,7 @@ def _reachable_plan(model, example_input, shape, *, target, kind, round_to, floo
     if lowest > target * costs.base.of(kind) * (1 + tol):
         rule = f"at least {floor} channel(s) per layer" if floor >= 1 else f"at least {floor:g} of each layer's channels"
         rule += f" in multiples of {round_to} (--round-to)" if round_to else ""
+        rule += f" and implanting {implant:g} of the channels removed from kxk convs (--implant)" if implant else ""
         raise LeanconvError(f"target {target:g} of the original {kind} is unreachable: keeping {rule}, the smallest "
                             f"model keeps {lowest / costs.base.of(kind):.3f}; raise the target")
     return traced, costs, planner
@@ -311,13 +312,15 @@ def _reachable_plan(model, example_input, shape, *, target, kind, round_to, floo
 
 def check_reachable(model: nn.Module, example_input: Tensor, *, target: float, kind: str = "macs",
                     input_shape: Sequence[int] | None = None, round_to: int | None = None, floor: float = 1,
-                    tol: float = 0.02, ignored: Sequence[str] = (), strict: bool = True) -> None:
-    """Raise :class:`LeanconvError` when :func:`prune_to_budget` could not reach ``target``
-    (checked without scoring, so a run can refuse it before any work). The model is unchanged."""
-    _check_options(target, kind, round_to, floor, 0.0, tol, "mean")
+                    tol: float = 0.02, ignored: Sequence[str] = (), strict: bool = True,
+                    implant: float = 0.0) -> None:
+    """Raise :class:`LeanconvError` when :func:`prune_to_budget` with the same options could not
+    reach ``target`` (checked without scoring, so a run can refuse it before any work; implanted
+    channels count, since they raise the smallest reachable cost). The model is unchanged."""
+    _check_options(target, kind, round_to, floor, implant, tol, "mean")
     shape = tuple(input_shape) if input_shape is not None else tuple(example_input.shape[1:])
     _reachable_plan(model, to_model(example_input, model), shape, target=target, kind=kind, round_to=round_to, floor=floor,
-                    implant=0.0, implant_init="zero", tol=tol, ignored=ignored, strict=strict)
+                    implant=implant, implant_init="zero", tol=tol, ignored=ignored, strict=strict)
 
 
 def prune_to_budget(
