@@ -4,6 +4,7 @@ full disk is one line with exit status 1."""
 from __future__ import annotations
 
 import os
+import shutil
 import resource
 import signal
 import socket
@@ -96,6 +97,20 @@ def test_set_folders_are_readable_like_any_folder(tmp_path):
     os.umask(umask)
     current = (tmp_path / ".leanconv" / "current").resolve()
     assert stat.S_IMODE(current.stat().st_mode) == 0o777 & ~umask
+
+
+@pytest.mark.parametrize("follow", [True, False])
+def test_a_copied_folder_takes_a_new_set_and_the_original_stays(tmp_path, follow):
+    out = tmp_path / "out"
+    write_together(out, {"a.txt": _writer("a1"), "b.txt": _writer("b1")})
+    write_together(out, {"a.txt": _writer("a2")})
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, symlinks=not follow)  # a copy that follows the links, or keeps them
+    assert _visible(copy) == {"a.txt": "a2", "b.txt": "b1"}
+    write_together(copy, {"b.txt": _writer("b3")})
+    assert _visible(copy) == {"a.txt": "a2", "b.txt": "b3"}
+    assert _visible(out) == {"a.txt": "a2", "b.txt": "b1"}
+    assert len(list((copy / fileset.HIDDEN / "sets").iterdir())) == 1
 
 
 # --- what an output may replace -----------------------------------------------------------

@@ -26,6 +26,7 @@ from leanconv.report.markdown import write_markdown
 from leanconv.runs.results import RESULTS_FILE, read_results
 from leanconv.report.tables import (best_pruned, budget_tables, channel_pairs, channel_table, comparison_table,
                                     fmt_macs)
+from leanconv.util.fileset import write_together
 
 __all__ = ["build_report", "build_document", "QUICK_BANNER", "FIGURE_DIR"]
 
@@ -154,8 +155,9 @@ def build_document(results: Mapping[str, Any], figures: Mapping[str, Figure], bu
 
 
 def build_report(out_dir: str | Path, *, now: datetime | None = None) -> dict[str, Path]:
-    """Read ``out_dir/results.jsonl`` and write ``report.md``, ``report.html`` and
-    ``figures/*.png`` there. ``now`` (default: the current UTC time) fills the ``Built:``
+    """Read ``out_dir/results.jsonl`` and write ``figures/*.png`` (each file whole), then
+    ``report.md`` and ``report.html`` there as one file set
+    (:func:`~leanconv.util.fileset.write_together`). ``now`` (default: the current UTC time) fills the ``Built:``
     line. Returns ``{"html": path, "markdown": path, <figure name>: path, ...}``. Raises
     :class:`~leanconv.errors.LeanconvError` when the record is missing or invalid."""
     out = Path(out_dir)
@@ -163,6 +165,7 @@ def build_report(out_dir: str | Path, *, now: datetime | None = None) -> dict[st
     figures = _make_figures(results, out / FIGURE_DIR)
     stamp = (now or datetime.now(timezone.utc)).astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     doc = build_document(results, figures, stamp)
-    paths = {"html": write_html(doc, out / "report.html"), "markdown": write_markdown(doc, out / "report.md")}
+    write_together(out, {"report.html": lambda p: write_html(doc, p), "report.md": lambda p: write_markdown(doc, p)})
+    paths = {"html": out / "report.html", "markdown": out / "report.md"}
     paths.update({name: fig.path for name, fig in figures.items()})
     return paths

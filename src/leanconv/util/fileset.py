@@ -84,13 +84,20 @@ def _current(folder: Path) -> Path | None:
 def clean_up(folder: str | os.PathLike) -> None:
     """Remove what a killed commit left in ``folder``: version folders not in force, a pointer
     that was never switched in, links to names the set in force lacks, and the staged files of
-    older versions. Touches nothing the set in force shows."""
+    older versions. Touches nothing the set in force shows. A folder copied by a tool that
+    followed the links (its pointer is a folder, not a link) keeps what it shows as plain files
+    and loses its version folders; the next commit starts a set from those files."""
     folder = Path(folder)
     for path in folder.glob(".staged.*"):  # the staging names of leanconv before file-set folders
         if path.is_file() and not path.is_symlink():
             path.unlink()
     hidden = folder / HIDDEN
     if not hidden.is_dir():
+        return
+    pointer = hidden / _CURRENT
+    if pointer.exists() and not pointer.is_symlink():  # a copy of a folder that followed the links
+        _materialise(folder)
+        shutil.rmtree(hidden)
         return
     current = _current(folder)
     for path in hidden.glob(f"{_CURRENT}.*.tmp"):
@@ -101,6 +108,18 @@ def clean_up(folder: str | os.PathLike) -> None:
                 shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     for path in folder.iterdir():
         if is_set_link(path) and not (current and (current / path.name).exists()):
+            path.unlink()
+
+
+def _materialise(folder: Path) -> None:
+    """Turn every set link of ``folder`` into a regular file with its content (each file
+    whole), so that the version folders behind them can go."""
+    for path in folder.iterdir():
+        if is_set_link(path) and path.is_file():
+            tmp = folder / HIDDEN / f"{path.name}.plain.tmp"
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, path)
+        elif is_set_link(path):
             path.unlink()
 
 
