@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 
 from leanconv.data import load_dataset
 
@@ -36,3 +37,20 @@ def trained_ckpt(tmp_path_factory):
     assert main(["train", "--model", "resnet20", "--data", "synthetic", "--epochs", "2", "--lr", "0.05",
                  "--out", str(out), "--no-progress"]) == 0
     return out / "model.safetensors"
+
+
+def edited_resnet() -> nn.Module:
+    """ResNet-20 for 3x16x16 and 4 classes with an edit of each leanconv layer kind (pSConv,
+    depthwise + SCC, an implant) and a plain one (a Linear without bias)."""
+    from leanconv.layers.implant import ImplantConv2d
+    from leanconv.layers.periodic_sparse import PeriodicSparseConv2d
+    from leanconv.layers.sliding_channel import SlidingChannelConv2d
+    from leanconv.models import create
+
+    model = create("resnet20", num_classes=4, input_size=16)
+    model.fc = nn.Linear(64, 4, bias=False)
+    model.layer1[0].conv2 = PeriodicSparseConv2d(16, 16, pattern="psd2_p8")
+    model.layer2[0].conv2 = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, groups=32, bias=False),
+                                          SlidingChannelConv2d(32, 32, groups=2, overlap=0.5))
+    model.layer3[0].conv2 = ImplantConv2d(64, 60, 4, 3, padding=1, channel_order=[*range(4, 64), *range(4)])
+    return model

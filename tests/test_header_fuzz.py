@@ -33,10 +33,9 @@ from torch import nn
 
 from leanconv import checkpoint
 from leanconv.errors import LeanconvError
-from leanconv.layers.implant import ImplantConv2d
-from leanconv.layers.periodic_sparse import PeriodicSparseConv2d
-from leanconv.layers.sliding_channel import SlidingChannelConv2d
 from leanconv.models import create
+
+from conftest import edited_resnet
 
 SEED = 18
 LIBRARY_CASES = 800  # checkpoint.load and read_header, in process (about 20 ms each)
@@ -49,13 +48,8 @@ CLI_CPU_S = 120  # RLIMIT_CPU of the child: a runaway loop is killed, and the ca
 
 
 def _edited() -> nn.Module:
-    """ResNet-20 for 3x16x16 and 4 classes with an edit of each leanconv layer kind and a plain one."""
-    model = create("resnet20", num_classes=4, input_size=16)
-    model.fc = nn.Linear(64, 4, bias=False)
-    model.layer1[0].conv2 = PeriodicSparseConv2d(16, 16, pattern="psd2_p8")
-    model.layer2[0].conv2 = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, groups=32, bias=False),
-                                          SlidingChannelConv2d(32, 32, groups=2, overlap=0.5))
-    model.layer3[0].conv2 = ImplantConv2d(64, 60, 4, 3, padding=1, channel_order=[*range(4, 64), *range(4)])
+    """The conftest's edited ResNet-20, with a BatchNorm without momentum and training fields."""
+    model = edited_resnet()
     model.layer3[1].bn2 = nn.BatchNorm2d(64, momentum=None)
     model.leanconv_meta = {**model.leanconv_meta, "dataset": {"name": "synthetic", "data_dir": None},
                            "conversions": [{"kind": "implant", "path": "layer3.0.conv2"}]}

@@ -23,17 +23,14 @@ from leanconv.layers.sliding_channel import SlidingChannelConv2d
 from leanconv.layers.spec import layer_types, module_from_spec, module_to_spec
 from leanconv.models import create, from_constructor, names
 
+from conftest import edited_resnet
+
 META = {"input_shape": [3, 16, 16], "num_classes": 4, "dataset": {"name": "synthetic", "data_dir": None}}
 
 
 def _model():
     """ResNet-20 for 3x16x16 with one edit of each leanconv layer kind and a plain one."""
-    model = create("resnet20", num_classes=4, input_size=16)
-    model.fc = nn.Linear(64, 4, bias=False)
-    model.layer1[0].conv2 = PeriodicSparseConv2d(16, 16, pattern="psd2_p8")
-    model.layer2[0].conv2 = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, groups=32, bias=False),
-                                          SlidingChannelConv2d(32, 32, groups=2, overlap=0.5))
-    model.layer3[0].conv2 = ImplantConv2d(64, 60, 4, 3, padding=1, channel_order=[*range(4, 64), *range(4)])
+    model = edited_resnet()
     model.leanconv_meta = json.loads(json.dumps(META))
     return model
 
