@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import zipfile
 
 import numpy as np
 import pytest
@@ -121,6 +122,21 @@ def test_bad_npz_files_are_one_clear_line(tmp_path, arrays, match):
     path = tmp_path / "bad.npz"
     np.savez(path, **arrays)
     with pytest.raises(LeanconvError, match=match):
+        load_dataset(f"npz:{path}")
+
+
+@pytest.mark.parametrize("shape", [(10**6, 3, 1000, 1000), (10, 8, 8)])
+def test_an_npz_array_that_claims_more_than_it_holds_is_refused_before_allocation(tmp_path, shape):
+    """A hostile header: a 12-TB shape (NumPy would try to allocate it) or a small one
+    over too few bytes. Written by hand: the .npy header, then 64 bytes of data."""
+    header = f"{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}"
+    header += " " * (118 - len(header)) + "\n"
+    npy = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode() + bytes(64)
+    path = tmp_path / "huge.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("x.npy", npy)
+        archive.writestr("y.npy", npy)
+    with pytest.raises(LeanconvError, match=r"array 'x' claims shape .* but holds 193 bytes"):
         load_dataset(f"npz:{path}")
 
 

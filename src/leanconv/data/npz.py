@@ -12,6 +12,7 @@ never unpickled.
 
 from __future__ import annotations
 
+import math
 import zipfile
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from leanconv.data.splits import (DatasetSplits, ImageSplit, carve_test, carve_v
 from leanconv.data.transforms import resize
 from leanconv.errors import LeanconvError
 from leanconv.util.inputs import input_file
+from leanconv.util.limits import MAX_ARRAY_BYTES
 
 __all__ = ["load_npz"]
 
@@ -30,8 +32,28 @@ TEST_SEED = 20261206  # fixed forever: the test tenth of a file without test arr
 MAX_SIDE = 1024
 
 
+def _check_sizes(path: Path) -> None:
+    """Refuse, before NumPy allocates anything, an array whose header claims more bytes than
+    its member of the archive holds, or more than :data:`~leanconv.util.limits.MAX_ARRAY_BYTES`."""
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with archive.open(info) as fp:
+                version = np.lib.format.read_magic(fp)
+                read_header = np.lib.format.read_array_header_2_0 if version >= (2, 0) else \
+                    np.lib.format.read_array_header_1_0
+                shape, _, dtype = read_header(fp)
+            claimed = math.prod(shape) * dtype.itemsize
+            if claimed > min(info.file_size, MAX_ARRAY_BYTES):
+                raise LeanconvError(f"{path}: array {info.filename[:-4]!r} claims shape {list(shape)} of {dtype} "
+                                    f"({claimed:,} bytes) but holds {info.file_size:,} bytes (at most "
+                                    f"{MAX_ARRAY_BYTES:,} are read); the file is corrupt")
+
+
 def _read(path: Path) -> dict[str, np.ndarray]:
     try:
+        _check_sizes(path)
         with np.load(path, allow_pickle=False) as arrays:
             return {k: arrays[k] for k in arrays.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:

@@ -33,6 +33,7 @@ values of one list option   1 .. 100            budgets, SCC groups and overlaps
 bytes of a path, a name     <= 4,095, <= 255    Linux's PATH_MAX and NAME_MAX
 synthetic images            n <= 10**7 and n * c * s * s <= 2**28 (train and test together)
 one layer's output          <= 2**27 values     per image, a checkpoint's model (512 MiB float32)
+one array of a user's .npz  <= 16 GiB           and no more than its member of the archive holds
 ==========================  ==================  =============================================
 
 Besides these, a checkpoint cannot make leanconv build a model larger than its weights
@@ -44,8 +45,9 @@ from __future__ import annotations
 __all__ = [
     "SEED_MAX", "MAX_SIDE", "MAX_INPUT_CHANNELS", "MAX_INPUT_VALUES", "MAX_CLASSES", "MAX_WIDTH", "MAX_BATCH",
     "MAX_EPOCHS", "MAX_REPEATS", "MAX_THREADS", "MAX_IMAGES", "MAX_PROBES", "MAX_STEPS", "MAX_SAMPLES",
-    "MAX_SYNTHETIC_IMAGES", "MAX_SYNTHETIC_VALUES", "MAX_LR", "MAX_MODEL_ELEMENTS", "MAX_ACTIVATION", "MAX_BLOCKS",
-    "MAX_GRID", "MAX_GROUPS", "MAX_REL_STDERR", "MAX_LIST", "MAX_PATH_BYTES", "MAX_NAME_BYTES",
+    "MAX_SYNTHETIC_IMAGES", "MAX_SYNTHETIC_VALUES", "MAX_LR", "MAX_MODEL_ELEMENTS", "MAX_ACTIVATION",
+    "MAX_ARRAY_BYTES", "MAX_BLOCKS", "MAX_GRID", "MAX_GROUPS", "MAX_REL_STDERR", "MAX_LIST", "MAX_PATH_BYTES",
+    "MAX_NAME_BYTES",
 ]
 
 SEED_MAX = 2**32 - 1
@@ -73,4 +75,5 @@ MAX_LIST = 100  # values of one comma-separated option (budgets, SCC groups and 
 MAX_PATH_BYTES = 4095  # a path leanconv reads or writes (Linux's PATH_MAX less the final NUL)
 MAX_NAME_BYTES = 255  # one name in a path (NAME_MAX)
 MAX_MODEL_ELEMENTS = 2**27  # parameters + buffers a zoo model or a checkpoint's base may have beyond its file
+MAX_ARRAY_BYTES = 2**34  # one array of a user's .npz file
 MAX_ACTIVATION = 2**27  # values one layer of a checkpoint's model may output for one image (checked on meta)
