@@ -50,6 +50,18 @@ def test_an_image_folder_is_read_cropped_and_split(tmp_path, caplog):
     assert torch.equal(again.test.images, data.test.images) and torch.equal(again.test.labels, data.test.labels)
 
 
+def test_images_over_the_pixel_limit_are_skipped_not_decoded(tmp_path, caplog, monkeypatch):
+    """A decompression bomb: Pillow's limit lowered to 1,000 pixels stands for its real 89 M."""
+    root = _png_folder(tmp_path / "pets", per_class=12, size=(20, 24))  # 480 pixels each
+    Image.new("RGB", (40, 40)).save(root / "cat" / "warns.png")  # 1,600: over the limit
+    Image.new("RGB", (60, 60)).save(root / "dog" / "bomb.png")  # 3,600: over twice the limit
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with caplog.at_level(logging.WARNING):
+        data = load_dataset(f"imagefolder:{root}")
+    assert "skipped 2 image file(s)" in caplog.text
+    assert len(data.train) + len(data.val) + len(data.test) == 36
+
+
 def test_streamed_batches_equal_the_in_memory_ones(tmp_path):
     root = _png_folder(tmp_path / "pets")
     held = load_dataset(f"imagefolder:{root},size=16,channels=1")

@@ -10,8 +10,8 @@ every dataset (:func:`leanconv.data.splits.carve_validation`) unless ``val/`` ex
 Images are read with Pillow, cropped to a centred square, resized to ``size`` (default: the
 model's input side when a checkpoint records one, else the images' own side, which must then
 be the same for all) and converted to ``channels`` (1: grayscale, 3: RGB; default: the
-model's, else RGB unless every image is grayscale). A file Pillow cannot open is skipped and
-counted (a warning names the first); a folder with no readable image, or one class, is an
+model's, else RGB unless every image is grayscale). A file Pillow cannot open, or one over its
+pixel limit (a decompression bomb), is skipped and counted (a warning names the first); a folder with no readable image, or one class, is an
 error naming it. A set larger than ``max_memory_mb`` once decoded is not held in memory: its
 batches are decoded from disk as they are drawn (every epoch).
 """
@@ -19,6 +19,7 @@ batches are decoded from disk as they are drawn (every epoch).
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +59,7 @@ def _decode(path: Path, channels: int, size: int) -> np.ndarray:
             if side != size:
                 img = img.resize((size, size), Image.BILINEAR)
             array = np.asarray(img, dtype=np.uint8)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise LeanconvError(f"cannot read image {path}: {exc}") from None
     return array[None] if channels == 1 else array.transpose(2, 0, 1)
 
@@ -113,9 +114,11 @@ def _probe(files: dict[str, list[Path]]) -> tuple[list[Path], list[int], list[tu
     for k, name in enumerate(files):
         for path in files[name]:
             try:
-                with Image.open(path) as img:
-                    info.append((img.size[0], img.size[1], img.mode))
-            except (OSError, ValueError):
+                with warnings.catch_warnings():  # an image over Pillow's pixel limit counts as unreadable
+                    warnings.simplefilter("error", Image.DecompressionBombWarning)
+                    with Image.open(path) as img:
+                        info.append((img.size[0], img.size[1], img.mode))
+            except (OSError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError):
                 bad.append(path)
                 continue
             paths.append(path)
