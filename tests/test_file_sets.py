@@ -223,3 +223,11 @@ def test_a_full_disk_is_one_line_with_exit_1_and_leaves_the_old_files(small_ckpt
     assert target.read_bytes() == b"the file that was there"
     leftovers = [p for p in out.rglob("*") if p.is_file() and p.resolve() != target.resolve()]
     assert leftovers == [], leftovers
+
+
+def test_a_store_line_nested_too_deep_is_a_bad_line_not_a_crash(tmp_path, caplog):
+    path = tmp_path / "samples.jsonl"
+    path.write_text('{"a": 1}\n' + "[" * 100_000 + "]" * 100_000 + '\n{"b": 2}\n')
+    assert JsonlStore(path).read() == [{"a": 1}, {"b": 2}]  # skipped with a warning, as any bad line
+    with pytest.raises(LeanconvError, match="line 2: not valid JSON \\(nested too deep\\)"):
+        JsonlStore(path).read(strict=True)

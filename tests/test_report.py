@@ -66,6 +66,7 @@ def test_read_results_groups_records(tmp_path):
     ('{"kind": "entry", "key": "x"', "line 3: not valid JSON"),
     ('{"kind": "bogus"}', "line 3: 'kind' must be one of baseline, sensitivity, entry"),
     ('[1, 2]', "line 3: a record must be a JSON object"),
+    ("[" * 100_000 + "]" * 100_000, "line 3: not valid JSON (nested too deep)"),  # not a RecursionError
 ])
 def test_bad_line_is_one_line_error_with_line_number(tmp_path, line, message):
     recs = synthetic_records()

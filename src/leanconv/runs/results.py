@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from leanconv.errors import LeanconvError
-from leanconv.util.files import JsonlStore
+from leanconv.util.files import JsonlStore, json_error
 from leanconv.util.inputs import input_file, path_kind
 
 __all__ = ["RESULTS_FILE", "FAMILIES", "read_results", "parse_results", "validate_record", "append_result"]
@@ -243,8 +243,8 @@ def parse_results(lines: Iterable[str], source: str = RESULTS_FILE, *,
             continue
         try:
             numbered.append((number, json.loads(text)))
-        except json.JSONDecodeError as exc:
-            raise LeanconvError(f"{source} line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise LeanconvError(f"{source} line {number}: not valid JSON ({json_error(exc)})") from None
     return _finish(_collect(numbered, source), source, require_baseline)
 
 

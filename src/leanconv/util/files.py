@@ -25,7 +25,8 @@ from typing import Any, Callable, Iterable
 from leanconv.errors import LeanconvError
 from leanconv.util.fileset import check_replaceable
 
-__all__ = ["atomic_write", "write_text", "write_json", "file_sha256", "JsonlStore", "os_error", "is_os_failure"]
+__all__ = ["atomic_write", "write_text", "write_json", "file_sha256", "JsonlStore", "os_error", "is_os_failure",
+           "json_error"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,14 @@ def is_os_failure(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+def json_error(exc: ValueError | RecursionError) -> str:
+    """What is wrong with a JSON text, for a message: where it fails, or that it nests too deep
+    (deeper than Python's recursion limit, which ``json`` reports as a ``RecursionError``)."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at column {exc.colno}"
+    return "nested too deep"
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -122,10 +131,9 @@ class JsonlStore:
             torn = number == len(lines)  # the text after the last newline: an interrupted append
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as exc:
+            except (json.JSONDecodeError, RecursionError) as exc:
                 if strict and not torn:
-                    raise LeanconvError(f"{self.path} line {number}: not valid JSON ({exc.msg} at column "
-                                        f"{exc.colno})") from None
+                    raise LeanconvError(f"{self.path} line {number}: not valid JSON ({json_error(exc)})") from None
                 log.warning("%s line %d is not JSON (an interrupted write?); ignored", self.path, number)
                 continue
             if not isinstance(record, dict):

@@ -126,7 +126,7 @@ def _read(path: Path, key: str) -> TraceResult | None:
         if record.get("format") != FORMAT or record.get("key") != key:
             return None
         return TraceResult.from_dict(record["result"])
-    except (OSError, ValueError, KeyError, TypeError, LeanconvError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError, LeanconvError) as exc:
         log.warning("ignoring unreadable Hessian cache entry %s (%s)", path, exc)
         return None
 
