@@ -113,6 +113,35 @@ def test_a_copied_folder_takes_a_new_set_and_the_original_stays(tmp_path, follow
     assert len(list((copy / fileset.HIDDEN / "sets").iterdir())) == 1
 
 
+@pytest.mark.parametrize("plant", ["hidden", "sets", "pointer"])
+def test_a_planted_link_in_the_hidden_folder_never_leads_leanconv_elsewhere(tmp_path, plant):
+    """A link planted at ``.leanconv``, ``.leanconv/sets`` or the pointer must not make a
+    commit write into, or clean up, a folder that is not leanconv's own."""
+    victim = tmp_path / "victim"
+    (victim / "sets" / "keep").mkdir(parents=True)
+    (victim / "sets" / "keep" / "data.txt").write_text("precious")
+    (victim / "data.txt").write_text("precious")
+    out = tmp_path / "out"
+    if plant == "pointer":
+        write_together(out, {"a.txt": _writer("a1")})
+        pointer = out / fileset.HIDDEN / "current"
+        pointer.unlink()
+        os.symlink(victim, pointer)  # an absolute pointer to someone else's folder
+        write_together(out, {"a.txt": _writer("a2")})
+        assert _visible(out) == {"a.txt": "a2"}
+    else:
+        (out / fileset.HIDDEN).mkdir(parents=True) if plant == "sets" else out.mkdir()
+        target, link = (victim, out / fileset.HIDDEN) if plant == "hidden" else (victim / "sets",
+                                                                                   out / fileset.HIDDEN / "sets")
+        os.symlink(target, link)
+        with pytest.raises(LeanconvError, match="is not leanconv's own folder"):
+            write_together(out, {"a.txt": _writer("a1")})
+        assert not (out / "a.txt").exists()
+    assert (victim / "data.txt").read_text() == "precious"
+    assert (victim / "sets" / "keep" / "data.txt").read_text() == "precious"
+    assert sorted(p.name for p in victim.rglob("*")) == ["data.txt", "data.txt", "keep", "sets"]
+
+
 # --- what an output may replace -----------------------------------------------------------
 
 

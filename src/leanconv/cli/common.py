@@ -18,7 +18,7 @@ from leanconv.data.splits import DatasetSplits
 from leanconv.errors import LeanconvError
 from leanconv.models import build, names
 from leanconv.util import checks
-from leanconv.util.fileset import check_replaceable
+from leanconv.util.fileset import check_replaceable, check_set_folder
 from leanconv.util.limits import (MAX_BATCH, MAX_CLASSES, MAX_EPOCHS, MAX_IMAGES, MAX_INPUT_CHANNELS,
                                   MAX_INPUT_VALUES, MAX_LIST, MAX_LR, MAX_NAME_BYTES, MAX_PATH_BYTES, MAX_REPEATS,
                                   MAX_SIDE, MAX_THREADS, SEED_MAX)
@@ -223,6 +223,7 @@ def check_out_folder(path: str | Path, option: str = "--out") -> None:
     if Path(path).exists() and not Path(path).is_dir():
         raise LeanconvError(f"{option} {str(path)!r} is a file, not a folder; name a folder (it will be created)")
     _check_writable(Path(path).absolute(), path, option)
+    check_set_folder(Path(path))
     for name in OUTPUT_NAMES:
         check_replaceable(Path(path) / name)
 

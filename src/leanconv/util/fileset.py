@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 from leanconv.errors import LeanconvError
 
-__all__ = ["write_together", "check_replaceable", "is_set_link", "clean_up", "HIDDEN"]
+__all__ = ["write_together", "check_replaceable", "check_set_folder", "is_set_link", "clean_up", "HIDDEN"]
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +73,25 @@ def check_replaceable(path: str | os.PathLike, what: str = "output") -> None:
 
 
 def _current(folder: Path) -> Path | None:
-    """The version folder in force, or None."""
+    """The version folder in force, or None (also for a pointer leanconv did not make: it
+    must read ``sets/<name>`` and lead to a real folder there)."""
     pointer = folder / HIDDEN / _CURRENT
     if not pointer.is_symlink():
         return None
-    target = folder / HIDDEN / os.readlink(pointer)
-    return target if target.is_dir() else None
+    kind, _, name = os.readlink(pointer).partition("/")
+    target = folder / HIDDEN / _SETS / name
+    if kind != _SETS or name in ("", ".", "..") or "/" in name or target.is_symlink() or not target.is_dir():
+        return None
+    return target
+
+
+def check_set_folder(folder: Path) -> None:
+    """Refuse a ``.leanconv`` (or its ``sets``) that is not a real folder: a link there would
+    make leanconv write, and clean up, somewhere it did not choose."""
+    for path in (folder / HIDDEN, folder / HIDDEN / _SETS):
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            raise LeanconvError(f"{str(path)!r} is not leanconv's own folder (a link or a file stands there); "
+                                "remove it or write to another folder")
 
 
 def clean_up(folder: str | os.PathLike) -> None:
@@ -88,6 +101,7 @@ def clean_up(folder: str | os.PathLike) -> None:
     followed the links (its pointer is a folder, not a link) keeps what it shows as plain files
     and loses its version folders; the next commit starts a set from those files."""
     folder = Path(folder)
+    check_set_folder(folder)
     for path in folder.glob(".staged.*"):  # the staging names of leanconv before file-set folders
         if path.is_file() and not path.is_symlink():
             path.unlink()
@@ -201,6 +215,7 @@ def write_together(folder: str | os.PathLike, writers: dict[str, Callable[[Path]
     writes the file at ``path``; the folder shows the previous set until all of them succeeded,
     then the new one. Files of the previous set not named in ``writers`` stay in the set."""
     folder = Path(folder)
+    check_set_folder(folder)
     for name in writers:
         check_replaceable(folder / name)
     folder.mkdir(parents=True, exist_ok=True)
