@@ -51,7 +51,6 @@ from leanconv.train import evaluate
 from leanconv.util import checks
 from leanconv.util.files import file_sha256
 from leanconv.util.progress import Progress
-from leanconv.width.budget import check_reachable
 from leanconv.width.channels import channel_counts
 
 __all__ = ["CompareConfig", "run_compare", "entry_config", "entry_keys", "CONTENDERS", "DEFAULT_METHODS", "IDENTITY"]
@@ -307,9 +306,7 @@ def _preflight(ctx: _Context, entries: list[tuple[str, str, float | None]]) -> N
         config = entry_config(ctx.config, method, target)
         try:
             if method in WIDTH:
-                check_reachable(model, torch.zeros(1, *shape), target=config.target, kind=config.kind,
-                                input_shape=shape, round_to=config.round_to, strict=config.strict,
-                                implant=config.implant)  # the checks run_prune makes first
+                config.check_target(model, torch.zeros(1, *shape), shape)  # what run_prune checks first
             elif method == "3d":
                 origin = load_origin(str(ctx.source.checkpoint), config.step_settings(
                     ctx.source.data.name, ctx.source.data_dir, ctx.source.constructor, ctx.source.input_shape))

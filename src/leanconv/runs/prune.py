@@ -93,6 +93,12 @@ class PruneConfig(RunConfig):
     def run(self, source: Source, **kwargs: Any) -> Result:
         return run_prune(self, source, **kwargs)
 
+    def check_target(self, model, example: torch.Tensor, shape: tuple[int, ...]) -> None:
+        """Refuse a target ``model`` cannot reach with these settings (implants and rounding
+        included), without scoring: what a run checks before any work, and compare before its first."""
+        check_reachable(model, example, target=self.target, kind=self.kind, input_shape=shape,
+                        round_to=self.round_to, strict=self.strict, implant=self.implant)
+
 
 def _split(total: int, parts: int) -> list[int]:
     """``total`` epochs over ``parts`` rounds, the remainder going to the last rounds: 5, 3 -> [1, 2, 2]."""
@@ -116,10 +122,8 @@ def run_prune(config: PruneConfig, source: Source, *, out=None, progress: Progre
     criterion = run_criterion(config.method, probes=config.probes, seed=config.seed, progress=progress,
                               shrink=config.shrink)  # an unknown method fails here, before any work
     model, data, shape, resolution = source.fresh(), source.data, source.shape, source.resolution
-    example = torch.randn(1, *shape).to(next(model.parameters()).dtype)  # a float64 model traces in float64
-    # an unreachable target (implants included): refused before any scoring, measuring or tuning
-    check_reachable(model, example, target=config.target, kind=config.kind, input_shape=shape,
-                    round_to=config.round_to, strict=config.strict, implant=config.implant)
+    example = torch.randn(1, *shape)  # the engine gives it the model's dtype (util.model_io.to_model)
+    config.check_target(model, example, shape)  # before any scoring, measuring or tuning
     test = data.loader("test", 256, resolution=resolution) if measured else None
     say("measuring the unpruned model")
     gauge = (lambda m: measure(m, shape, test, config.latency_repeats)) if measured else (lambda m: counted(m, shape))
