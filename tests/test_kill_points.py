@@ -26,6 +26,8 @@ from safetensors.torch import load_file
 
 from leanconv import checkpoint
 
+from kill_points import visible  # the harness beside this file (tests/ is on the path, as for conftest)
+
 HARNESS = Path(__file__).with_name("kill_points.py")
 STORES = ("metrics.jsonl", "results.jsonl", "samples.jsonl")
 SMALL = ["--no-progress", "--data", "synthetic"]
@@ -65,11 +67,6 @@ def _inject(tmp_path: Path, argv: list[str], *, before: list[str] | None = None,
 
 
 def _visible(folder: Path) -> dict[str, bytes]:
-    sys.path.insert(0, str(HARNESS.parent))
-    try:
-        from kill_points import visible
-    finally:
-        sys.path.pop(0)
     return {rel: (folder / rel).read_bytes() for rel in visible(folder)}
 
 
