@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 from leanconv import checkpoint
-from leanconv.cli.common import (add_build_args, parse_kwargs, DEFAULT_DATA, add_data_args, add_model_args, data_from_meta, load_model,
-                                 epochs_arg, non_negative_float, number_in, positive_float, positive_int, progress_bar,
-                                 recorded_data_dir, resolution_of, seed_arg, side_arg, threads_arg)
+from leanconv.cli.common import (DEFAULT_DATA, add_build_args, add_data_args, add_model_args, data_from_meta,
+                                 epochs_arg, load_model, non_negative_float, number_in, parse_kwargs, positive_float,
+                                 positive_int, progress_bar, recorded_data_dir, resolution_of, seed_arg, side_arg,
+                                 threads_arg)
 from leanconv.data import load_dataset
 from leanconv.errors import LeanconvError
 from leanconv.train import TrainConfig, evaluate, fit, recalibrate_on_training_data
@@ -111,8 +112,8 @@ def _model_and_data(args: argparse.Namespace):
     data = load_dataset(args.data or DEFAULT_DATA, args.data_dir)
     side = args.resolution or data.image_size
     torch.manual_seed(args.seed)
-    model = load_model(args.model or "resnet20", kwargs=parse_kwargs(args.arg), input_shape=(data.in_channels, side, side),
-                       num_classes=data.num_classes)
+    model = load_model(args.model or "resnet20", kwargs=parse_kwargs(args.arg),
+                       input_shape=(data.in_channels, side, side), num_classes=data.num_classes)
     check_classes(model, (data.in_channels, side, side), data.num_classes)
     return _with_meta(model, data, (data.in_channels, side, side), args), data
 
