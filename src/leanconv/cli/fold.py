@@ -9,12 +9,17 @@ at batch 64. The folded model is for inference: fine-tune the original.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from leanconv import checkpoint
 from leanconv.cli.common import add_checkpoint_args, input_shape_of, load_model, repeats_arg
-from leanconv.cost import count, measure_fastest_layout
+from leanconv.cost import count
+from leanconv.cost.side_by_side import time_prepared
 from leanconv.deploy.fold import TOLERANCE, fold
 from leanconv.errors import LeanconvError
 from leanconv.util.model_io import example_input
@@ -33,6 +38,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(out_file="out")
 
 
+def _side_by_side(model, folded, shape, repeats: int) -> dict:
+    """Both models in eager PyTorch (channels_last, batch 64, one thread), timed in 7
+    interleaved rounds: each one's median ms and the speedup (median over rounds, with the
+    lowest and highest round)."""
+    x = example_input(model, shape, batch_size=64).contiguous(memory_format=torch.channels_last)
+    nets = {k: copy.deepcopy(m).eval().to(memory_format=torch.channels_last) for k, m in (("model", model),
+                                                                                        ("folded", folded))}
+    with torch.inference_mode():
+        times = time_prepared({k: (lambda n=n: n(x)) for k, n in nets.items()}, threads=1, rounds=7,
+                              repeats=repeats, warmup=3)
+    rounds = np.median(times["model"], axis=1) / np.median(times["folded"], axis=1)
+    return {"latency_b64_ms": [float(np.median(times[k])) for k in ("model", "folded")],
+            "speedup_b64": float(np.median(rounds)), "speedup_b64_spread": [float(rounds.min()), float(rounds.max())],
+            "timing": "eager PyTorch, channels_last, batch 64, 1 thread, 7 interleaved rounds"}
+
+
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.resolve() == Path(args.ckpt).resolve():
@@ -47,7 +68,6 @@ def run(args: argparse.Namespace) -> int:
     summary = {"out": str(out), "folded": [list(p) for p in result.pairs], "max_rel_diff": result.max_rel_diff,
                "params": [before.params, after.params], "macs": [before.macs, after.macs]}
     if not args.no_latency:
-        times = [measure_fastest_layout(m, shape, 64, repeats=args.repeats, warmup=3).median_ms for m in (model, folded)]
-        summary.update({"latency_b64_ms": times, "speedup_b64": times[0] / times[1]})
+        summary.update(_side_by_side(model, folded, shape, args.repeats))
     print(json.dumps(summary))
     return 0

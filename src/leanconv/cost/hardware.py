@@ -12,9 +12,12 @@ every pruned channel count a multiple of :func:`simd_channels`.
 
 from __future__ import annotations
 
+import platform
+from pathlib import Path
+
 import torch
 
-__all__ = ["simd_channels"]
+__all__ = ["cpu_name", "simd_channels"]
 
 _LANES = {"AVX512": 16, "AVX2": 8, "SVE256": 8}  # float32 lanes per vector register
 
@@ -26,3 +29,21 @@ def simd_channels() -> int:
     which ``ATEN_CPU_CAPABILITY`` can lower), taken as a stand-in for the instruction set
     oneDNN uses; anything not listed (NEON, VSX, DEFAULT) counts as 4 lanes."""
     return _LANES.get(torch.backends.cpu.get_cpu_capability(), 4)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``'s first ``model name``, else what Python's
+    :mod:`platform` knows), with its logical core count: it keys latency tables and is stated
+    in every timing, because a latency holds on one CPU only."""
+    name = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    name = name or platform.processor() or platform.machine() or "unknown CPU"
+    import os
+
+    return f"{name} ({os.cpu_count() or 1} logical cores)"

@@ -37,7 +37,7 @@ from leanconv.util.model_io import check_shape, example_input, run_forward
 from leanconv.util.timing import LatencyStats, check_counts, summarise, time_calls
 from leanconv.errors import LeanconvError
 
-__all__ = ["export_onnx", "measure_onnx_latency", "DYNAMO_MIN_OPSET", "OPSETS", "TOLERANCE"]
+__all__ = ["export_onnx", "write_for_runtime", "measure_onnx_latency", "DYNAMO_MIN_OPSET", "OPSETS", "TOLERANCE"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,24 @@ def _write_onnx(net: nn.Module, x: torch.Tensor, dest: str, opset: int | None, d
         torch.onnx.export(net, (x,), dest, dynamo=False, verbose=False, opset_version=opset,
                           input_names=[_INPUT], output_names=[_OUTPUT], dynamic_axes=axes)
         return "torchscript"
+
+
+RUNTIME_OPSET = 17  # the TorchScript exporter: a fraction of a second per model, where the dynamo one takes seconds
+
+
+def write_for_runtime(net: nn.Module, x: torch.Tensor, dest: Path) -> Path:
+    """Write ``net`` (eval mode, traced on ``x``, its batch fixed) to ``dest`` for timing in a
+    runtime: no output check and no atomic rename, for a temporary file. The fast TorchScript
+    exporter first; the dynamo exporter where that one cannot export the model."""
+    x = x.float()
+    net = copy.deepcopy(net).float().eval()
+    try:
+        with torch.no_grad():
+            _write_onnx(net, x, str(dest), RUNTIME_OPSET, dynamic_batch=False)
+    except Exception:  # noqa: BLE001  an op the TorchScript exporter lacks: try the other exporter
+        with torch.no_grad():
+            _write_onnx(net, x, str(dest), None, dynamic_batch=False)
+    return dest
 
 
 def _outputs(value: Any) -> list[np.ndarray]:

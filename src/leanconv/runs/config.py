@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 from leanconv.errors import LeanconvError
 from leanconv.util import checks
 from leanconv.util.limits import (MAX_BATCH, MAX_BLOCKS, MAX_EPOCHS, MAX_GRID, MAX_GROUPS, MAX_IMAGES, MAX_LIST,
-                                  MAX_LR, MAX_PROBES, MAX_REL_STDERR, MAX_REPEATS, MAX_SAMPLES, MAX_STEPS, SEED_MAX)
+                                  MAX_LR, MAX_PROBES, MAX_REL_STDERR, MAX_REPEATS, MAX_SAMPLES, MAX_STEPS, MAX_THREADS,
+                                  SEED_MAX)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 __all__ = [
     "RunConfig", "setting", "command_line", "reproducing_command", "RANGES",
     "target", "finetune_epochs", "finetune_lr", "train_subset", "score_images", "probes", "seed", "batch_size",
-    "latency_repeats",
+    "latency_repeats", "runtime", "threads", "latency_batch", "latency_table",
 ]
 
 Check = Callable[[Any, str], Any]
@@ -129,6 +130,44 @@ def latency_repeats(default: int = 10) -> Any:
     return setting(default, "--repeats", check=_at_least(1), metavar="N", help="timed runs per latency figure")
 
 
+def _runtime(value: Any, name: str) -> str:
+    from leanconv.cost.runtimes import RUNTIMES, check_runtime
+
+    checks.one_of(value, name, RUNTIMES)
+    return check_runtime(value)  # installed, or one line saying how to install it
+
+
+def runtime() -> Any:
+    """The runtime every latency of a run is measured on (``leanconv.cost.runtimes``)."""
+    from leanconv.cost.runtimes import DEFAULT_RUNTIME, RUNTIMES
+
+    return setting(DEFAULT_RUNTIME, "--runtime", check=_runtime, always=True, choices=RUNTIMES,
+                   help="where latency is measured and budgeted: onnxruntime (CPU), torch (eager, BatchNorm folded, "
+                   "channels_last) or openvino (CPU; the optional extra)")
+
+
+def threads() -> Any:
+    return setting(1, "--threads", check=_at_least(1), metavar="T",
+                   help="intra-op threads of the runtime when timing (default 1)")
+
+
+def latency_batch() -> Any:
+    return setting(1, "--batch", check=_at_least(1), metavar="B",
+                   help="batch size a latency target holds for (default 1); records also time batches 1 and 64")
+
+
+def _table_path(value: Any, name: str) -> Any:
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise LeanconvError(f"{name} must name a file, got {checks.brief(value)}")
+    return value
+
+
+def latency_table() -> Any:
+    return setting(None, "--latency-table", check=_table_path, metavar="FILE",
+                   help="a latency table from 'leanconv latency-table' (e.g. built on the deployment device) "
+                   "instead of this machine's cached one")
+
+
 # ---------------------------------------------------------------- the range of every numeric setting
 
 # field name -> (lowest, highest) of every numeric setting of every run config (a float range
@@ -140,7 +179,8 @@ RANGES: dict[str, tuple[float, float]] = {
     "finetune_lr": (0.0, MAX_LR),
     "train_subset": (1, MAX_IMAGES), "score_images": (1, MAX_IMAGES), "sample_images": (1, MAX_IMAGES),
     "probes": (2, MAX_PROBES), "min_probes": (2, MAX_PROBES), "rel_stderr": (0.0, MAX_REL_STDERR),
-    "batch_size": (1, MAX_BATCH), "latency_repeats": (1, MAX_REPEATS),
+    "batch_size": (1, MAX_BATCH), "latency_repeats": (1, MAX_REPEATS), "latency_batch": (1, MAX_BATCH),
+    "threads": (1, MAX_THREADS),
     "steps": (1, MAX_STEPS), "samples": (4, MAX_SAMPLES), "mixed": (0, MAX_SAMPLES), "holdout_train": (3, MAX_SAMPLES),
     "grid": (2, MAX_GRID), "min_blocks_per_stage": (1, MAX_BLOCKS),
     "groups": (1, MAX_GROUPS), "scc_groups": (1, MAX_GROUPS), "round_to": (1, MAX_GROUPS),
@@ -233,12 +273,12 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-def command_line(config: RunConfig, source: "Source", out: "str | Path") -> str:
+def command_line(config: RunConfig, source: Source, out: str | Path) -> str:
     """The one command that reproduces a run of ``config`` on ``source`` into ``out``."""
     return shlex.join(["leanconv", config.command, *source.argv(), *config.argv(), "--out", str(out)])
 
 
-def reproducing_command(config: RunConfig, source: "Source", out: "str | Path | None") -> str | None:
+def reproducing_command(config: RunConfig, source: Source, out: str | Path | None) -> str | None:
     """:func:`command_line`, or None (logged) where the run cannot be written as a command: no
     output folder, a model given in memory, a setting without an option. A finished run's
     record carries it; it never fails the run."""

@@ -21,8 +21,8 @@ from leanconv.convs.convert import CONVERSIONS, ConversionSpec, convert
 from leanconv.errors import LeanconvError
 from leanconv.layers.periodic_sparse import PATTERNS
 from leanconv.runs.config import (RunConfig, batch_size, finetune_epochs, finetune_lr, latency_repeats,
-                                  reproducing_command, seed, setting, train_subset)
-from leanconv.runs.record import Record, Result, counted, measure
+                                  reproducing_command, runtime, seed, setting, threads, train_subset)
+from leanconv.runs.record import Record, Result, add_latency, counted, measure, time_pair
 from leanconv.runs.source import Source
 from leanconv.train import finetune
 from leanconv.util import checks
@@ -55,6 +55,8 @@ class ConvertConfig(RunConfig):
     train_subset: int | None = train_subset()
     batch_size: int = batch_size()
     latency_repeats: int = latency_repeats()
+    runtime: str = runtime()
+    threads: int = threads()
 
     def check(self) -> None:
         if self.to == "scc":
@@ -98,7 +100,7 @@ def run_convert(config: ConvertConfig, source: Source, *, out=None, progress: Pr
         convert(model, spec.to, groups=spec.groups, overlap=spec.overlap, pattern=spec.pattern)  # checks first
     full = measured and config.finetune_epochs > 0
     test = source.data.loader("test", 256, resolution=source.resolution) if full else None
-    gauge = (lambda m: measure(m, shape, test, config.latency_repeats)) if full else (lambda m: counted(m, shape))
+    gauge = (lambda m: measure(m, shape, test)) if full else (lambda m: counted(m, shape))
     before = gauge(source.fresh())
     if config.finetune_epochs > 0:
         say(f"fine-tuning for {config.finetune_epochs} epochs at lr {config.finetune_lr:g}")
@@ -106,11 +108,17 @@ def run_convert(config: ConvertConfig, source: Source, *, out=None, progress: Pr
                  batch_size=config.batch_size, resolution=source.resolution, images=config.train_subset,
                  progress=progress)
     after = gauge(model)
+    timing = None
+    if full:
+        say(f"timing the original and the converted model side by side on {config.runtime}")
+        timing = time_pair(source.fresh(), model, (shape, shape), runtime=config.runtime, threads=config.threads,
+                           repeats=config.latency_repeats)
+        add_latency(before, after, timing)
     details = {"method": spec.name, "conversion": spec.to_dict(), "name": spec.name,
                "layers": model.leanconv_meta["conversions"][-1]["layers"]}
     command = reproducing_command(config, source, out)
     record = Record("convert", config.to_dict(), command, source.describe(), list(shape), before, after,
-                    time.perf_counter() - t0, details)
+                    time.perf_counter() - t0, details, timing)
     if full:
         model.leanconv_meta = {**model.leanconv_meta, "test": {"accuracy": after["test_accuracy"]}}
     return Result(model, record)

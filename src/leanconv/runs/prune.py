@@ -18,23 +18,30 @@ from typing import Any
 import torch
 
 from leanconv.cost import simd_channels
+from leanconv.errors import LeanconvError
 from leanconv.importance import ScoringData, criterion_names, run_criterion
-from leanconv.runs.config import (RunConfig, batch_size, finetune_epochs, finetune_lr, latency_repeats, probes,
-                                  reproducing_command, score_images, seed, setting, train_subset)
-from leanconv.runs.record import Record, Result, counted, measure
+from leanconv.runs.config import (RunConfig, batch_size, finetune_epochs, finetune_lr, latency_batch, latency_repeats,
+                                  latency_table, probes, reproducing_command, runtime, score_images, seed, setting,
+                                  threads, train_subset)
+from leanconv.runs.latency import LatencyBudget, describe, prune_to_measured_latency
+from leanconv.runs.record import Record, Result, add_latency, counted, measure, time_pair
 from leanconv.runs.source import Source
 from leanconv.train import evaluate, finetune
+from leanconv.train.finetune import recalibrate_on_training_data
 from leanconv.util import checks
 from leanconv.util.progress import Progress, Stage, quiet
 from leanconv.width.budget import check_reachable, iterative_prune, prune_to_budget
 from leanconv.width.implant_fit import IMPLANT_INITS
 
-__all__ = ["PruneConfig", "run_prune", "round_to_arg"]
+__all__ = ["PruneConfig", "round_to_arg", "run_prune"]
 
 
 def round_to_arg(text: str) -> int | None:
     """``--round-to``: a whole number, or ``auto`` for this CPU's float32 vector width."""
     return simd_channels() if text == "auto" else int(text)
+
+
+TARGET_FLAGS = {"macs": "--target-flops", "params": "--target-params", "latency": "--target-latency"}
 
 
 def _implant_share(value: Any, name: str) -> float:
@@ -49,10 +56,11 @@ class PruneConfig(RunConfig):
 
     method: str = setting("hap", "--method", check=lambda v, n: checks.one_of(v, n, criterion_names()),
                           always=True, choices=criterion_names, help="importance criterion")
-    target: float = setting(0.5, lambda c: "--target-flops" if c.kind == "macs" else "--target-params",
+    target: float = setting(0.5, lambda c: TARGET_FLAGS.get(c.kind, "--target-flops"),
                             check=lambda v, n: checks.fraction(v, n), always=True, cli=False,
-                            help="keep this fraction of the MACs (kind macs) or parameters (kind params)")
-    kind: str = setting("macs", check=lambda v, n: checks.one_of(v, n, ("macs", "params")), implied=True)
+                            help="keep this fraction of the MACs (kind macs), parameters (kind params) or of the "
+                            "unpruned model's measured latency on --runtime (kind latency)")
+    kind: str = setting("macs", check=lambda v, n: checks.one_of(v, n, tuple(TARGET_FLAGS)), implied=True)
     implant: float = setting(0.0, "--implant", check=_implant_share, metavar="F",
                              help="share of the pruned channels to implant as a 1x1 conv instead of removing")
     implant_init: str = setting("zero", "--implant-init", check=lambda v, n: checks.one_of(v, n, IMPLANT_INITS),
@@ -89,15 +97,35 @@ class PruneConfig(RunConfig):
     seed: int = seed()
     batch_size: int = batch_size()
     latency_repeats: int = latency_repeats()
+    runtime: str = runtime()
+    threads: int = threads()
+    latency_batch: int = latency_batch()
+    latency_table: str | None = latency_table()
 
     def run(self, source: Source, **kwargs: Any) -> Result:
         return run_prune(self, source, **kwargs)
 
-    def check_target(self, model, example: torch.Tensor, shape: tuple[int, ...]) -> None:
+    def check(self) -> None:
+        if self.kind == "latency":
+            for flag, bad in (("--implant", self.implant > 0), ("--round-to", self.round_to is not None),
+                              ("--latency-aware", self.latency_aware)):
+                if bad:
+                    raise LeanconvError(f"{flag} does not apply to --target-latency (the solver keeps only channel "
+                                        "counts on the runtime's measured staircase); drop it or use --target-flops")
+
+    def budget(self) -> LatencyBudget:
+        return LatencyBudget(self.runtime, self.threads, self.latency_batch, self.latency_table, self.latency_repeats)
+
+    def check_target(self, model, example: torch.Tensor, shape: tuple[int, ...], stage: Stage | None = None):
         """Refuse a target ``model`` cannot reach with these settings (implants and rounding
-        included), without scoring: what a run checks before any work, and compare before its first."""
+        included), without scoring: what a run checks before any work, and compare before its
+        first. A latency target measures the unpruned model and the layers the solver may
+        choose on the runtime (the latency table) and returns that calibrated model."""
+        if self.kind == "latency":
+            return self.budget().check(model, example, shape, self.target, strict=self.strict, stage=stage)
         check_reachable(model, example, target=self.target, kind=self.kind, input_shape=shape,
                         round_to=self.round_to, strict=self.strict, implant=self.implant)
+        return None
 
 
 def _split(total: int, parts: int) -> list[int]:
@@ -109,6 +137,17 @@ def _merge_layers(results) -> dict[str, list[int]]:
     """Channels per layer before the first round and after the last."""
     first, last = results[0].layers, results[-1].layers
     return {name: [first[name][0], last.get(name, first[name])[1]] for name in first}
+
+
+def _one_shot(model, shape, test, data, resolution, batch_size: int) -> dict[str, Any]:
+    """Judge the cut right after pruning: re-estimate the model's BatchNorm statistics on
+    training images (no fine-tuning; what fine-tuning then starts from) and measure counted
+    cost and test accuracy; ``test_accuracy_stale_bn`` is the accuracy before that, with the
+    statistics the unpruned model left."""
+    stale = evaluate(model, test)["accuracy"]
+    recalibrate_on_training_data(model, data, resolution, batch_size)
+    return {**counted(model, shape), "test_accuracy": evaluate(model, test)["accuracy"],
+            "test_accuracy_stale_bn": stale, "bn": "re-estimated on training images"}
 
 
 def run_prune(config: PruneConfig, source: Source, *, out=None, progress: Progress | None = None,
@@ -123,10 +162,10 @@ def run_prune(config: PruneConfig, source: Source, *, out=None, progress: Progre
                               shrink=config.shrink)  # an unknown method fails here, before any work
     model, data, shape, resolution = source.fresh(), source.data, source.shape, source.resolution
     example = torch.randn(1, *shape)  # the engine gives it the model's dtype (util.model_io.to_model)
-    config.check_target(model, example, shape)  # before any scoring, measuring or tuning
+    latency = config.check_target(model, example, shape, stage=say)  # before any scoring or tuning
     test = data.loader("test", 256, resolution=resolution) if measured else None
     say("measuring the unpruned model")
-    gauge = (lambda m: measure(m, shape, test, config.latency_repeats)) if measured else (lambda m: counted(m, shape))
+    gauge = (lambda m: measure(m, shape, test)) if measured else (lambda m: counted(m, shape))
     before = gauge(model)
     scoring = None if data is None else ScoringData(
         data.scoring_batches(config.score_images, config.batch_size, resolution), extra={"input_shape": shape})
@@ -139,11 +178,17 @@ def run_prune(config: PruneConfig, source: Source, *, out=None, progress: Progre
                "normalize": config.normalize, "latency_aware": config.latency_aware,
                "implant_init": config.implant_init, "strict": config.strict}
     say(f"scoring with {config.method} and pruning to {config.target:g} of the {config.kind}")
-    cut = None  # with several rounds, fine-tuning is interleaved with them
-    if config.steps == 1:
+    cut, attempts = None, None  # with several rounds, fine-tuning is interleaved with them
+    if config.kind == "latency":
+        results, attempts = prune_to_measured_latency(model, criterion, example, latency, config.budget(),
+                                                      target=config.target, shape=shape, data=scoring,
+                                                      normalize=config.normalize, strict=config.strict,
+                                                      measured=measured, progress=progress, stage=say)
+    elif config.steps == 1:
         results = [prune_to_budget(model, criterion, example, target=config.target, implant=config.implant, **options)]
+    if config.steps == 1 or config.kind == "latency":
         if measured:
-            cut = {**counted(model, shape), "test_accuracy": evaluate(model, test)["accuracy"]}
+            cut = _one_shot(model, shape, test, data, resolution, config.batch_size)
         say(f"fine-tuning for {config.finetune_epochs} epochs")
         tune(model, config.finetune_epochs)
     else:
@@ -152,14 +197,21 @@ def run_prune(config: PruneConfig, source: Source, *, out=None, progress: Progre
                                   target=config.target, steps=config.steps, implant=config.implant, **options)
     say("measuring the pruned model")
     after = gauge(model)
+    timing = None
+    if measured:
+        say(f"timing the unpruned and the pruned model side by side on {config.runtime}")
+        timing = time_pair(source.fresh(), model, (shape, shape), runtime=config.runtime, threads=config.threads,
+                           repeats=config.latency_repeats, batches=(1, 64, config.latency_batch))
+        add_latency(before, after, timing)
     traces = getattr(criterion, "last_traces", None)
     details = {"method": config.method, "after_prune_before_finetune": cut, "rounds": [r.to_dict() for r in results],
+               "latency_budget": None if attempts is None else {**describe(latency), "attempts": attempts},
                "layers": _merge_layers(results),
                "hessian": None if traces is None else {"probes": traces.probes, "converged": traces.converged,
                                                        "seconds": traces.seconds, "method": traces.method}}
     command = reproducing_command(config, source, out)
     record = Record("prune", config.to_dict(), command, source.describe(), list(shape), before, after,
-                    time.perf_counter() - t0, details)
+                    time.perf_counter() - t0, details, timing)
     model.leanconv_meta = {**getattr(model, "leanconv_meta", {}),
                            "prune": {"method": config.method, "config": config.to_dict(),
                                      "achieved": record.derived()["achieved"]},

@@ -41,8 +41,8 @@ from leanconv.prune3d.realise import Origin, StepSettings, brief_finetune, load_
 from leanconv.prune3d.samples import SampleStore, collect_samples, plan_tasks
 from leanconv.prune3d.search import check_budget, choose, fit_samples, sampling_floors
 from leanconv.runs.config import (RunConfig, batch_size, finetune_epochs, finetune_lr, latency_repeats, probes,
-                                  reproducing_command, score_images, seed, setting, target, train_subset)
-from leanconv.runs.record import Record, Result, measure
+                                  reproducing_command, runtime, score_images, seed, setting, target, train_subset)
+from leanconv.runs.record import Record, Result, add_latency, measure, time_pair
 from leanconv.runs.source import Source
 from leanconv.util import checks
 from leanconv.util.progress import Progress, Stage, quiet
@@ -95,6 +95,7 @@ class Prune3dConfig(RunConfig):
     grid: int = setting(101, check=_whole(2))  # width grid of the optimum
     seed: int = seed()
     latency_repeats: int = latency_repeats()
+    runtime: str = runtime()
 
     def check(self) -> None:
         if self.mixed is not None and self.mixed > self.samples - 1:
@@ -179,16 +180,20 @@ def _run(config: Prune3dConfig, source: Source, out: Path, executor: Any, progre
     result, model, point, curve = choose(origin, fit, budget, r_min=config.r_min, grid=config.grid)
     accuracy = _finish(origin, model, config, say)
     say("measuring")
-    before = measure(origin.model, origin.shape, _test_loader(origin, origin.side), config.latency_repeats,
-                     latency=measured)
-    after = measure(model, tuple(model.leanconv_meta["input_shape"]), _test_loader(origin, point.side),
-                    config.latency_repeats, latency=measured)
+    after_shape = tuple(model.leanconv_meta["input_shape"])
+    before = measure(origin.model, origin.shape, _test_loader(origin, origin.side))
+    after = measure(model, after_shape, _test_loader(origin, point.side))
+    timing = None
+    if measured:
+        timing = time_pair(origin.model, model, (origin.shape, after_shape), runtime=config.runtime, threads=1,
+                           repeats=config.latency_repeats)
+        add_latency(before, after, timing)
     seconds = {"samples": t_samples - t0, "total": time.perf_counter() - t0,
                "sampling_compute": sum(s["seconds"] for s in samples)}
     details = _details(origin, config, box, samples, fit, result, point, curve, accuracy, before, after)
     command = reproducing_command(config, source, out)
     record = Record("prune3d", config.to_dict(), command, source.describe(), list(origin.shape), before, after,
-                    seconds, details)
+                    seconds, details, timing)
     model.leanconv_meta = {**model.leanconv_meta, "test": {"accuracy": after["test_accuracy"]},
                            "prune3d": {"target": config.target, "choice": details["choice"],
                                        "val_accuracy": accuracy["val_after_finetune"]}}

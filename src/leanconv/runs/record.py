@@ -9,9 +9,14 @@ A :class:`Record` has the same top-level keys for every kind of run (``record.js
   result (:func:`measure`: counted ``params``, ``macs`` and ``flops`` of one image, test
   accuracy and loss, and latency in milliseconds per batch; counted costs only when the
   caller measures itself);
+* ``timing``: where latency was measured, the two models timed *side by side* in interleaved
+  rounds (:func:`time_pair`, :mod:`leanconv.cost.side_by_side`) on the run's runtime, at batch
+  1 and 64 (and the run's batch), with runtime, version, threads and CPU; ``before`` and
+  ``after`` then hold each model's ``latency_ms`` from that same timing;
 * derived from them: ``achieved`` (kept share of MACs and params), ``mac_reduction`` and,
-  where latency was measured, ``speedup_batch1``, ``speedup_batch64`` and
-  ``speedup_batch64_bn_folded`` (median time before / after, each model in its faster layout);
+  where latency was measured, ``speedup_batch1`` and ``speedup_batch64`` (the median over
+  rounds of the unpruned over the result's time; the spread is in ``timing``), and
+  ``runtime``;
 * ``seconds``, and the keys that kind of run adds (``details``, flattened into the top level:
   the channel plan of a prune, the samples and predictor of a 3-D prune, ...).
 
@@ -21,21 +26,23 @@ accuracy is top-1 in percent.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
 from leanconv import checkpoint
-from leanconv.cost import count, measure_fastest_layout
+from leanconv.cost import count
+from leanconv.cost.side_by_side import time_side_by_side
 from leanconv.train import evaluate
 from leanconv.util.files import write_json
 from leanconv.util.fileset import write_together
 
-__all__ = ["Record", "Result", "measure", "counted", "LATENCY_BATCHES", "RECORD_FILES"]
+__all__ = ["Record", "Result", "measure", "counted", "time_pair", "add_latency", "LATENCY_BATCHES", "RECORD_FILES"]
 
-LATENCY_BATCHES = ("batch1", "batch64", "batch64_bn_folded")
+LATENCY_BATCHES = ("batch1", "batch64")
 RECORD_FILES = {"convert": "convert.json", "sensitivity": "sensitivity.json"}  # other kinds: record.json
 
 
@@ -45,25 +52,33 @@ def counted(model: nn.Module, shape) -> dict[str, Any]:
     return {"params": cost.params, "macs": cost.macs, "flops": cost.flops}
 
 
-def measure(model: nn.Module, shape, test_loader, repeats: int, *, latency: bool = True) -> dict[str, Any]:
-    """Counted cost, test accuracy and loss, and (with ``latency``) the measured latency at batch
-    1 and 64 (each in the model's faster memory layout) and at batch 64 in the deployment form
-    (BatchNorm folded into its conv, :mod:`leanconv.deploy.fold`)."""
+def measure(model: nn.Module, shape, test_loader) -> dict[str, Any]:
+    """Counted cost, test accuracy and loss (latency comes from :func:`time_pair`, side by side)."""
     metrics = evaluate(model, test_loader)
-    out = {**counted(model, shape), "test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"]}
-    if latency:
-        times = {f"batch{b}": measure_fastest_layout(model, shape, b, repeats=repeats, warmup=3).to_dict()
-                 for b in (1, 64)}
-        times["batch64_bn_folded"] = measure_fastest_layout(model, shape, 64, repeats=repeats, warmup=3,
-                                                            fold_bn=True).to_dict()
-        out["latency_ms"] = times
+    return {**counted(model, shape), "test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"]}
+
+
+def time_pair(before: nn.Module, after: nn.Module, shapes: tuple, *, runtime: str, threads: int, repeats: int,
+              batches: tuple[int, ...] = (1, 64)) -> dict[str, Any]:
+    """``before`` and ``after`` (input shapes ``shapes``) timed side by side on ``runtime`` at
+    each batch size: ``{"runtime", "version", "threads", "cpu", "rounds", "repeats",
+    "batch<B>": {"latency_ms", "ratio", "speedup"} ...}``, the ratios as
+    :class:`~leanconv.cost.side_by_side.SideBySide` gives them (after over before)."""
+    out: dict[str, Any] = {}
+    for batch in dict.fromkeys(batches):
+        sbs = time_side_by_side({"before": before, "after": after}, {"before": shapes[0], "after": shapes[1]},
+                                runtime=runtime, threads=threads, batch=batch, rounds=7, repeats=repeats, warmup=3)
+        out.update({"runtime": sbs.runtime, "version": sbs.version, "threads": sbs.threads, "cpu": sbs.cpu,
+                    "rounds": sbs.rounds, "repeats": sbs.repeats})
+        out[f"batch{batch}"] = {"latency_ms": sbs.latency_ms, "ratio": sbs.ratio["after"],
+                                "speedup": sbs.speedup["after"]}
     return out
 
 
-def _speedup(before: dict, after: dict, batch: str) -> float | None:
-    if batch not in before.get("latency_ms", {}) or batch not in after.get("latency_ms", {}):
-        return None
-    return before["latency_ms"][batch]["median_ms"] / after["latency_ms"][batch]["median_ms"]
+def add_latency(before: dict[str, Any], after: dict[str, Any], timing: dict[str, Any]) -> None:
+    """Each model's latency (ms per batch, from the side-by-side ``timing``) into its measurement."""
+    for key, side in (("before", before), ("after", after)):
+        side["latency_ms"] = {b: t["latency_ms"][key] for b, t in timing.items() if b.startswith("batch")}
 
 
 @dataclass
@@ -79,22 +94,26 @@ class Record:
     after: dict[str, Any] | None
     seconds: float | dict[str, float]
     details: dict[str, Any] = field(default_factory=dict)
+    timing: dict[str, Any] | None = None  # time_pair's side-by-side timing, where latency was measured
 
     def derived(self) -> dict[str, Any]:
-        """``achieved``, ``mac_reduction`` and the speedups, from ``before`` and ``after``."""
+        """``achieved``, ``mac_reduction`` and the speedups, from ``before``, ``after`` and ``timing``."""
         b, a = self.before, self.after
         if not b or not a or "macs" not in b or "macs" not in a:
             return {}
         out: dict[str, Any] = {"achieved": {"macs": a["macs"] / b["macs"], "params": a["params"] / b["params"]},
                                "mac_reduction": b["macs"] / a["macs"]}
+        timing = self.timing or {}
         for batch in LATENCY_BATCHES:
-            out[f"speedup_{batch}"] = _speedup(b, a, batch)
+            out[f"speedup_{batch}"] = timing[batch]["speedup"]["median"] if batch in timing else None
+        if timing:
+            out["runtime"] = f"{timing['runtime']} {timing['version']}, {timing['threads']} thread(s), {timing['cpu']}"
         return out
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "config": self.config, "command": self.command, "source": self.source,
                 "input_shape": self.input_shape, "before": self.before, "after": self.after, **self.derived(),
-                "seconds": self.seconds, **self.details}
+                "timing": self.timing, "seconds": self.seconds, **self.details}
 
 
 @dataclass

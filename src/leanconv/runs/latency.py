@@ -1,0 +1,128 @@
+"""A latency budget, end to end: measure, predict, solve, measure again, tighten.
+
+What ``--target-latency R`` runs (``prune``, ``compare``): R is a fraction of the unpruned
+model's latency *measured* on the run's runtime (``--runtime``, ``--threads``, ``--batch``).
+
+1. :meth:`LatencyBudget.check` (before any scoring): the unpruned model is timed on the
+   runtime, the latency table (this machine's cache, or ``--latency-table FILE``) gets every
+   layer configuration the solver may choose, the prediction is fitted to the measurement
+   (:class:`~leanconv.cost.latency_table.LatencyModel`), and a target below the fastest model
+   the staircase allows is refused in one line.
+2. :func:`prune_to_measured_latency`: the model is scored once and solved
+   (:class:`~leanconv.width.latency_budget.LatencyPruner`); the result is timed side by side
+   with the unpruned model (:mod:`leanconv.cost.side_by_side`). A measured ratio above
+   ``R + 0.03`` tightens the goal by ``R / measured`` and solves again (at most
+   :data:`MAX_ATTEMPTS` times); every attempt is recorded. With a table made on another CPU
+   nothing can be measured here: the result is the prediction, and the record says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from leanconv.cost.hardware import simd_channels
+from leanconv.cost.latency_table import LatencyModel, LatencyTable, cached_table, table_key
+from leanconv.cost.side_by_side import time_side_by_side
+from leanconv.util.progress import Progress, Stage, quiet
+from leanconv.width.budget import PruneResult
+from leanconv.width.latency_budget import LatencyPruner, check_latency_reachable
+
+__all__ = ["MAX_ATTEMPTS", "SLACK", "LatencyBudget", "describe", "prune_to_measured_latency"]
+
+MAX_ATTEMPTS = 4
+SLACK = 0.03  # a measured ratio up to target + SLACK meets the target
+
+
+@dataclass(frozen=True)
+class LatencyBudget:
+    """Where a latency target holds: runtime, intra-op threads, batch size, and the table to use
+    (None: this machine's cache); ``repeats`` timed calls per round when measuring."""
+
+    runtime: str
+    threads: int
+    batch: int
+    table_path: str | None = None
+    repeats: int = 10
+
+    def table(self) -> LatencyTable:
+        if self.table_path is None:
+            return cached_table(self.runtime, self.threads, self.batch)
+        return LatencyTable.load(self.table_path, table_key(self.runtime, self.threads, self.batch), strict=True)
+
+    def measure(self, models: dict[str, nn.Module], shape) -> Any:
+        return time_side_by_side(models, shape, runtime=self.runtime, threads=self.threads, batch=self.batch,
+                                 rounds=5, repeats=self.repeats, warmup=3)
+
+    def check(self, model: nn.Module, example: torch.Tensor, shape, target: float, *, strict: bool = True,
+              stage: Stage | None = None) -> LatencyModel:
+        """The calibrated latency model of ``model`` (unpruned); raises when ``target`` is unreachable."""
+        say = stage or quiet
+        table = self.table()
+        if table.here:
+            say(f"timing the unpruned model on {self.runtime} ({self.threads} thread(s), batch {self.batch})")
+            measured = self.measure({"unpruned": model}, shape).latency_ms["unpruned"]["median_ms"]
+        else:
+            measured = None  # a table from the deployment device: its own sum stands in for the model
+        say(f"latency table: {len(table.entries)} entries; measuring what the solver needs")
+        if measured is None:
+            uncalibrated = LatencyModel(table, tuple(shape), 1.0, 1.0, simd_channels())
+            measured = uncalibrated.predict(model)
+        latency = LatencyModel.calibrate(table, model, shape, measured)
+        check_latency_reachable(model, example, target=target, latency=latency, input_shape=shape, strict=strict)
+        return latency
+
+
+def prune_to_measured_latency(model: nn.Module, criterion, example: torch.Tensor, latency: LatencyModel,
+                              budget: LatencyBudget, *, target: float, shape, data=None, normalize: str = "mean",
+                              strict: bool = True, measured: bool = True, progress: Progress | None = None,
+                              stage: Stage | None = None) -> tuple[list[PruneResult], list[dict[str, Any]]]:
+    """Prune ``model`` in place to ``target`` of its measured latency (module docstring).
+    Returns the result (one round) and the attempts: ``{"goal", "predicted", "measured"}``
+    ratios, ``measured`` with its spread (None where nothing could be measured)."""
+    say = stage or quiet
+    pruner = LatencyPruner(model, criterion, example, latency=latency, input_shape=shape, data=data,
+                           normalize=normalize, strict=strict, progress=progress)
+    verify = measured and latency.table.here
+    goal, attempts, best = target, [], None
+    for _ in range(MAX_ATTEMPTS):
+        plan = pruner.solve(goal)
+        trial, result = pruner.realise(plan, target)
+        entry: dict[str, Any] = {"goal": goal, "predicted": result.achieved, "measured": None,
+                                 "kept": plan.kept}
+        attempts.append(entry)
+        if not verify:
+            best = (trial, result)
+            break
+        sbs = budget.measure({"unpruned": model, "pruned": trial}, shape)
+        ratio = sbs.ratio["pruned"]
+        entry["measured"] = ratio
+        say(f"goal {goal:.3f}: predicted {result.achieved:.3f}, measured {ratio['median']:.3f} "
+            f"({ratio['low']:.3f}-{ratio['high']:.3f}) of the unpruned latency")
+        best = (trial, result)
+        if ratio["median"] <= target + SLACK:
+            break
+        tighter = goal * target / ratio["median"]
+        if tighter < pruner.fastest:
+            break
+        goal = tighter
+    trial, result = best
+    met = attempts[-1]["measured"] is not None and attempts[-1]["measured"]["median"] <= target + SLACK
+    if verify and not met:
+        say(f"warning: the result measures {attempts[-1]['measured']['median']:.3f} of the unpruned latency, above "
+            f"the target {target:g} + {SLACK}; the runtime's timing may be noisy here (see the record's attempts)")
+    for name, child in list(trial.named_children()):
+        setattr(model, name, child)  # adopt the pruned layers; the model object stays the same
+    return [result], attempts
+
+
+def describe(latency: LatencyModel) -> dict[str, Any]:
+    """The latency model as a record states it."""
+    key = latency.table.key
+    return {"runtime": key["runtime"], "version": key["version"], "threads": key["threads"], "batch": key["batch"],
+            "cpu": key["cpu"], "reference_ms": latency.reference_ms, "scale": latency.scale,
+            "table_entries": len(latency.table.entries), "measured_here": latency.table.here}
+
