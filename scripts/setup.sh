@@ -14,6 +14,8 @@ if ! .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.__version__.sta
     $PIP install -q "torch==2.13.0"          # CPU wheel; must come before anything that depends on torch
 fi
 $PIP install -q -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+# the optional OpenVINO runtime (--runtime openvino); leanconv works without it, so a failure only warns
+$PIP install -q -e ".[openvino]" 2>&1 | grep -v "^WARNING: Location" || echo "setup: openvino not installed (optional)"
 # the compatibility matrix's third-party model files (pure PyTorch); --no-deps: its metadata
 # asks for torchvision, which none of those files imports (and which would replace torch)
 $PIP install -q --no-deps "pytorchcv==0.0.74" 2>&1 | grep -v "^WARNING: Location" || true

@@ -51,6 +51,7 @@ WORK = {
     "prune3d": "leanconv.cli.prune3d.run_prune3d", "convert": "leanconv.cli.convert.run_convert",
     "explore": "leanconv.cli.explore.run_explore", "compare": "leanconv.cli.compare.run_compare",
     "export": "leanconv.cli.export.export_onnx", "fold": "leanconv.cli.fold.fold",
+    "latency-table": "leanconv.cli.latency_table.solver_configs",
 }  # report: its one argument is the folder build_report reads, refused as it reads it
 
 
@@ -120,6 +121,7 @@ def bases(w: World) -> dict[str, list[tuple[str, str | None]]]:
         "export": [("<pos>", "resnet20"), ("--input-shape", "3,16,16"), ("--onnx", f"{w.out}/model.onnx"),
                    ("--no-latency", None)],
         "fold": [("<pos>", w.ckpt), ("--out", f"{w.out}/model.safetensors"), ("--no-latency", None)],
+        "latency-table": [("<pos>", w.ckpt), ("--out", f"{w.out}/table.json"), ("--no-progress", None)],
         "report": [("<pos>", w.folder)],
     }
 
@@ -230,8 +232,10 @@ def options(w: World) -> dict[str, list[Opt]]:
     method = o("--method", CHOICE)
     normalize = o("--normalize", CHOICE)
     run = [seed, ft_epochs, ft_lr, subset, score, probes, repeats, data, data_dir, shape, ckpt, out]
+    timing = [o("--runtime", CHOICE), threads, o("--batch", whole(1, MAX_BATCH)),
+              o("--latency-table", read_paths(w))]
     return {
-        "demo": [out, data, data_dir],
+        "demo": [out, data, data_dir, o("--runtime", CHOICE), o("--batch", whole(1, MAX_BATCH))],
         "import": [o("--constructor", CONSTRUCTORS), o("--weights", read_paths(w)), shape,
                    o("--num-classes", whole(1, MAX_CLASSES)), o("--arg", PAIRS), data, data_dir,
                    o("--out", out_files(w))],
@@ -246,7 +250,9 @@ def options(w: World) -> dict[str, list[Opt]]:
         "sensitivity": [ckpt, probes, o("--min-probes", whole(2, 4)), o("--rel-stderr", number(0, 1, low_open=True)),
                         o("--probe-groups", [v for v in whole(1, MAX_GROUPS) if v != "layer"]), score, seed, batch,
                         o("--cache-dir", out_folders(w)), data, data_dir, shape, out],
-        "prune": [*run, o("--target-flops", FRACTION), o("--target-params", FRACTION, replaces="--target-flops"),
+        "prune": [*run, *timing, o("--target-flops", FRACTION),
+                  o("--target-params", FRACTION, replaces="--target-flops"),
+                  o("--target-latency", FRACTION, replaces="--target-flops"),
                   method,
                   o("--implant", number(0, 1, high_open=True)), o("--implant-init", CHOICE), normalize,
                   o("--round-to", whole(1, MAX_GROUPS)), o("--steps", whole(1, MAX_STEPS)), batch],
@@ -268,8 +274,9 @@ def options(w: World) -> dict[str, list[Opt]]:
                     o("--psconv-patterns", ["nope", "psd4_p8,nope", LONG, "é"]), o("--epochs", whole(1, MAX_EPOCHS)),
                     o("--train-subset", whole(1, MAX_IMAGES)), o("--lr", number(0, 1000, low_open=True)), seed,
                     threads, repeats, out],
-        "compare": [*run, o("--target-flops", [*FRACTION, "0.5,1", "0.5,nan", ",",
-                                               ",".join(f"0.{i:04d}1" for i in range(1, 1001))]),
+        "compare": [*run, *timing, o("--target-flops", [*FRACTION, "0.5,1", "0.5,nan", ",",
+                                                        ",".join(f"0.{i:04d}1" for i in range(1, 1001))]),
+                    o("--target-latency", [*FRACTION, "0.5,1", ","], replaces="--target-flops"),
                     o("--methods", ["", "nope", "l1,nope", ",", LONG, "é", "L1"]),
                     o("--samples", whole(4, MAX_SAMPLES)),
                     o("--onnx-opset", whole(7, 30)), o("--scc-groups", whole(1, MAX_GROUPS)),
@@ -277,6 +284,8 @@ def options(w: World) -> dict[str, list[Opt]]:
         "export": [o("<pos>", [*MODELS, *read_paths(w)]), o("--onnx", out_files(w)), o("--opset", whole(7, 30)), shape,
                    repeats, threads, o("--arg", PAIRS)],
         "fold": [ckpt, o("--out", out_files(w)), repeats, shape],
+        "latency-table": [ckpt, o("--out", out_files(w)), o("--runtime", CHOICE), threads,
+                          o("--batch", whole(1, MAX_BATCH)), shape],
         "report": [o("<pos>", [*read_paths(w), w.out])],
     }
 

@@ -133,12 +133,24 @@ def test_tables_group_by_budget_with_measured_and_counted_ratios(tmp_path):
     l1 = half.rows[1]
     assert l1[cols["Δ acc (pts)"]] == "-1.75"
     assert l1[cols["MACs (M)"]] == "5.00"
-    assert l1[cols["speedup torch b64"]] == "1.67x"  # 10 ms / 6 ms, measured
-    assert l1[cols["speedup ORT b64"]] == "1.67x"
+    # records without a side-by-side timing (made before it existed): the ratio of two medians, marked
+    assert l1[cols["speedup torch b64"]] == "1.67x*"  # 10 ms / 6 ms
+    assert l1[cols["speedup ORT b64"]] == "1.67x*"
     assert l1[cols["MAC ratio"]] == "2.00x"  # 10 M / 5 M, counted
     assert half.rows[0][cols["Δ acc (pts)"]] == "—" and half.rows[0][cols["MAC ratio"]] == "1.00x"
     scc = tables[2][2].rows[1]
     assert scc[0] == "scc g=2 o=0.5" and scc[cols["ORT b64 (ms)"]] == "n/a" and scc[cols["speedup ORT b64"]] == "n/a"
+
+
+def test_speedup_column_shows_the_side_by_side_timing_with_its_spread():
+    base = synthetic_records()[0]
+    entry = _entry("l1@0.5", "l1", "width", 0.5, 88.0, 5_000_000, 6.0)
+    entry["speedup"] = {"torch": {"batch64": {"median": 1.8, "low": 1.7, "high": 1.9}}, "onnx": None}
+    table = comparison_table(base, [entry])
+    cols = {h: i for i, h in enumerate(table.header)}
+    assert table.rows[1][cols["speedup torch b64"]] == "1.80x (1.70-1.90)"  # not 10 ms / 6 ms
+    assert table.rows[1][cols["speedup ORT b64"]] == "1.67x*"  # no side-by-side timing on ONNX Runtime
+    assert table.rows[0][cols["speedup torch b64"]] == "1.00x"
 
 
 def test_same_label_twice_in_one_table_shows_keys():

@@ -27,7 +27,7 @@ from leanconv.runs.source import Source, recorded_data
 
 __all__ = [
     "describe", "add_checkpoint_args", "add_build_args", "parse_kwargs", "add_data_args", "add_model_args", "add_seed_arg", "add_repeats_arg", "add_output_args",
-    "add_config_options", "build_config", "source_from_args", "load_model", "data_from_meta", "recorded_data_dir",
+    "add_config_options", "list_arg", "build_config", "source_from_args", "load_model", "data_from_meta", "recorded_data_dir",
     "input_shape_of", "resolution_of", "parse_shape", "whole_in", "number_in", "whole_number", "positive_int",
     "batch_size_arg", "epochs_arg", "seed_arg", "repeats_arg", "threads_arg", "workers_arg", "classes_arg", "side_arg",
     "positive_float", "non_negative_float", "check_data_spec", "list_of", "check_path_text", "check_out_folder",
@@ -353,6 +353,12 @@ def _syntax(parse: Callable[[str], Any], what: str = "a value") -> Callable[[str
         return value
     convert.__name__ = getattr(parse, "__name__", "value")
     return convert
+
+
+def list_arg(parse: Callable[[str], Any], what: str) -> Callable[[str], Any]:
+    """An argparse type for a comma-separated option the command declares itself (as a config
+    field's option is parsed): one line naming what was expected, at most ``MAX_LIST`` values."""
+    return _syntax(parse, what)
 
 
 def add_config_options(parser: argparse.ArgumentParser, config_type: type, *, skip: tuple[str, ...] = ()) -> None:

@@ -2,7 +2,9 @@
 
 Prune/convert a trained checkpoint with every method (width criteria hap, hap+implant, l1,
 taylor, random, ...; 3-D pruning; SCC and pSConv layers), each with the same fine-tuning
-budget; measure accuracy, params, MACs and latency (PyTorch and ONNX Runtime); write
+budget: a latency budget (--target-latency, measured on --runtime) or a MACs budget
+(--target-flops); measure accuracy, params, MACs and latency, every model timed side by side
+with the baseline in interleaved rounds (PyTorch, ONNX Runtime, and --runtime); write
 DIR/results.jsonl and DIR/report.html + DIR/report.md. Resumable: a finished entry is never
 redone, and a re-run may add methods or budgets; a DIR made with another checkpoint, data or
 fine-tuning settings is refused (use a new --out).
@@ -15,10 +17,11 @@ import sys
 from pathlib import Path
 
 from leanconv.cli.common import (add_checkpoint_args, add_config_options, add_data_args, add_output_args, build_config,
-                                 progress_bar, source_from_args)
+                                 list_arg, progress_bar, source_from_args)
 from leanconv.report.build import build_report
-from leanconv.runs.compare import CompareConfig, run_compare
+from leanconv.runs.compare import CompareConfig, parse_budgets, run_compare
 from leanconv.runs.config import command_line
+from leanconv.runs.latency import LatencyBudget
 from leanconv.runs.source import Source
 from leanconv.util.inputs import input_file
 
@@ -30,6 +33,13 @@ HELP = "run every method at the same budgets and write a report"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_checkpoint_args(p)
+    budget = p.add_mutually_exclusive_group()
+    budgets = list_arg(parse_budgets, "comma-separated fractions such as 0.5,0.33")
+    budget.add_argument("--target-latency", type=budgets, metavar="R[,R...]",
+                        help="latency budgets: fractions of the baseline's latency measured on --runtime at --threads "
+                        "and --batch (width methods are solved for it and measured; 3d aims at MACs R)")
+    budget.add_argument("--target-flops", type=budgets, metavar="R[,R...]",
+                        help="MACs/FLOPs budgets as fractions of the original (default 0.5)")
     add_config_options(p, CompareConfig)
     add_data_args(p, default=None, batch_size=False)  # every entry uses leanconv's fixed batch of 128
     add_output_args(p)
@@ -54,8 +64,18 @@ def compare_and_report(source: Source, config: CompareConfig, out: Path, *, show
     return build_report(out)
 
 
+def config_from_args(args: argparse.Namespace) -> CompareConfig:
+    if args.target_latency is not None:
+        return build_config(CompareConfig, args, budget="latency", targets=args.target_latency)
+    if args.target_flops is not None:
+        return build_config(CompareConfig, args, targets=args.target_flops)
+    return build_config(CompareConfig, args)
+
+
 def run(args: argparse.Namespace) -> int:
-    config = build_config(CompareConfig, args)
+    config = config_from_args(args)
+    if config.latency_table is not None:  # refused before any work when it cannot serve
+        LatencyBudget(config.runtime, config.threads, config.latency_batch, config.latency_table).check_table()
     input_file(args.ckpt, "checkpoint")
     source = source_from_args(args, args.ckpt)
     paths = compare_and_report(source, config, Path(args.out), show_progress=not args.no_progress)

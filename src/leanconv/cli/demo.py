@@ -1,8 +1,11 @@
 """``leanconv demo``: the main job on the embedded default (Fashion-MNIST, ResNet-20).
 
 Train (or reuse) a ResNet-20 baseline on Fashion-MNIST, compress it every way leanconv knows
-at 50% of the MACs with the same fine-tuning budget, and write DIR/report.html and
-DIR/report.md. --quick uses tiny budgets (a few minutes) and says so in the report.
+with the same fine-tuning budget, and write DIR/report.html and DIR/report.md. The width
+methods are solved for half the baseline's latency measured on ONNX Runtime at batch 1, one
+thread (--runtime, --batch; --target-flops 0.5 compares at half the MACs instead); every model
+is timed side by side with the baseline. --quick uses tiny budgets (a few minutes) and says so
+in the report.
 
 The baseline is kept in ``DIR/baseline`` (a second run reuses it); the comparison is
 :func:`leanconv.runs.compare.run_compare` with the plan's budgets.
@@ -20,12 +23,13 @@ from pathlib import Path
 import torch
 
 from leanconv import checkpoint
-from leanconv.cli.common import check_out_folder, progress_bar
+from leanconv.cli.common import batch_size_arg, check_out_folder, progress_bar
 from leanconv.cli.compare import compare_and_report
 from leanconv.data import load_dataset
 from leanconv.errors import LeanconvError
 from leanconv.models import create
-from leanconv.runs.compare import CompareConfig
+from leanconv.cost.runtimes import DEFAULT_RUNTIME, RUNTIMES
+from leanconv.runs.compare import DEFAULT_METHODS, CompareConfig
 from leanconv.runs.source import Source
 from leanconv.train import TrainConfig, evaluate, fit
 
@@ -54,6 +58,8 @@ PLANS = {
 }
 
 
+LATENCY_METHODS = tuple(m for m in DEFAULT_METHODS if m != "hap+implant")  # implants are pruned to MACs
+
 HELP = "the main job: train ResNet-20 on Fashion-MNIST, compare every method, report"
 
 
@@ -63,6 +69,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="tiny budgets: a few minutes, figures not representative")
     p.add_argument("--data", default="fashion-mnist", help="dataset (default: fashion-mnist, the embedded default)")
     p.add_argument("--data-dir", default=None, help="dataset folder (default: the system copy)")
+    p.add_argument("--runtime", default=DEFAULT_RUNTIME, choices=RUNTIMES,
+                   help=f"where latency is budgeted and measured (default: {DEFAULT_RUNTIME})")
+    p.add_argument("--batch", type=batch_size_arg, default=1, metavar="B",
+                   help="batch size of the latency budget (default 1)")
+    p.add_argument("--target-flops", action="store_true",
+                   help="compare at half the MACs (the counted budget) instead of half the measured latency")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -114,12 +126,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"leanconv demo: baseline ResNet-20 on {data.name} ({plan.base_epochs} epochs) in {out}/baseline",
               file=sys.stderr)
     ckpt = _baseline(out, plan, data, show)
-    config = CompareConfig(targets=(0.5,), finetune_epochs=plan.finetune_epochs, train_subset=plan.train_subset,
+    budget = {} if args.target_flops else {"budget": "latency", "methods": LATENCY_METHODS}
+    config = CompareConfig(targets=(0.5,), **budget, runtime=args.runtime, latency_batch=args.batch,
+                           finetune_epochs=plan.finetune_epochs, train_subset=plan.train_subset,
                            probes=plan.probes, score_images=plan.score_images, samples=plan.samples,
                            latency_repeats=plan.latency_repeats, quick=args.quick,
                            onnx_opset=17 if args.quick else None)  # quick: the TorchScript exporter, ~20x faster
-    command = shlex.join(["leanconv", "demo", "--out", str(out), "--data", args.data, *(["--quick"] if args.quick else [])])
+    command = shlex.join(["leanconv", "demo", "--out", str(out), "--data", args.data, "--runtime", args.runtime,
+                          "--batch", str(args.batch), *(["--target-flops"] if args.target_flops else []),
+                          *(["--quick"] if args.quick else [])])
     source = Source.from_checkpoint(ckpt, data=args.data, data_dir=args.data_dir)
     paths = compare_and_report(source, config, out, show_progress=show, command=command)
-    print(json.dumps({"report": str(paths["html"]), "markdown": str(paths["markdown"]), "baseline": str(ckpt)}))
+    print(json.dumps({"report": str(paths["html"]), "markdown": str(paths["markdown"]), "baseline": str(ckpt),
+                      "budget": f"{config.budget} 0.5" + (f" on {args.runtime}, batch {args.batch}"
+                                                           if config.budget == "latency" else "")}))
     return 0

@@ -21,9 +21,9 @@ from leanconv.errors import LeanconvError
 __all__ = ["main", "build_parser", "SUBCOMMANDS"]
 
 # Subcommand modules, in the order --help lists them.
-SUBCOMMANDS = ["demo", "import", "train", "eval", "profile", "sensitivity", "prune", "prune3d", "convert",
-               "explore", "compare", "report", "export", "fold"]
-MODULES = {"import": "import_model"}  # a subcommand whose module cannot carry its name
+SUBCOMMANDS = ["demo", "import", "train", "eval", "profile", "sensitivity", "prune", "latency-table", "prune3d",
+               "convert", "explore", "compare", "report", "export", "fold"]
+MODULES = {"import": "import_model", "latency-table": "latency_table"}  # a subcommand whose module cannot carry its name
 # The paths (or model names) a command reads, by their argparse names: checked as text (empty, too
 # long) before any work.
 READ_PATHS = ("ckpt", "model", "source", "dir", "from_ckpt", "weights", "data_dir", "cache_dir")

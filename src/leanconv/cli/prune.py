@@ -72,6 +72,7 @@ def _hint_no_implant(record: dict, config: PruneConfig) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    config.budget().check_table()  # a --latency-table that cannot serve is refused before any work
     source = source_from_args(args, args.ckpt)
     update, close = progress_bar(f"prune {config.method}", enabled=not args.no_progress)
     stage = (lambda text: None) if args.no_progress else (lambda text: print(f"leanconv: {text}", file=sys.stderr, flush=True))

@@ -37,9 +37,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import stat
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -60,6 +62,8 @@ __all__ = [
     "CALL", "LatencyModel", "LatencyTable", "LayerConfig", "cache_folder", "cached_table", "layer_configs",
     "table_key",
 ]
+
+log = logging.getLogger(__name__)
 
 FORMAT = "leanconv-latency-table/1"
 MAX_TABLE_BYTES = 64 * 2**20
@@ -165,12 +169,17 @@ def layer_configs(model: nn.Module, input_shape: Sequence[int]) -> dict[str, Lay
     return found
 
 
+_MACHINE = ("cpu", "step")  # what a table made on another machine (the deployment device) may differ in
+
+
 def table_key(runtime: str, threads: int, batch: int) -> dict[str, Any]:
     """What a table's times hold for: it must match exactly for the table to be used."""
     check_runtime(runtime)
     check_threads_batch(threads, batch)
+    from leanconv.cost.hardware import simd_channels
+
     return {"format": FORMAT, "runtime": runtime, "version": runtime_version(runtime), "threads": threads,
-            "batch": batch, "cpu": cpu_name()}
+            "batch": batch, "cpu": cpu_name(), "step": simd_channels()}
 
 
 def cache_folder() -> Path:
@@ -196,6 +205,11 @@ class LatencyTable:
         return self.key["runtime"]
 
     @property
+    def step(self) -> int:
+        """The channel block of the table's CPU (:func:`~leanconv.cost.simd_channels` there)."""
+        return int(self.key["step"])
+
+    @property
     def here(self) -> bool:
         """Whether this table's CPU is this machine's (only then can entries be measured)."""
         return self.key.get("cpu") == cpu_name()
@@ -208,7 +222,8 @@ class LatencyTable:
 
     def ensure(self, configs: Iterable[LayerConfig], progress: Callable[[int, int], None] | None = None) -> int:
         """Measure every configuration not yet in the table; returns how many were measured.
-        The table is saved to its cache file after the measurements."""
+        The table is saved to its cache file after the measurements (a cache that cannot be
+        written is logged, and the new entries are kept for this run only)."""
         todo = self.missing(configs)
         if not todo:
             return 0
@@ -221,7 +236,10 @@ class LatencyTable:
             if progress is not None:
                 progress(i, len(todo))
         if self.path is not None:
-            self.save(self.path)
+            try:
+                self.save(self.path)
+            except (OSError, LeanconvError) as exc:  # e.g. a read-only cache, a FIFO in its place
+                log.warning("latency table cache %s not saved: %s", self.path, exc)
         return len(todo)
 
     def predict_layers(self, configs: Mapping[str, LayerConfig]) -> float:
@@ -244,7 +262,7 @@ class LatencyTable:
         try:
             data = json.loads(_read(path))
             entries = _entries(data)
-            wanted = {k: v for k, v in key.items() if not (strict and k == "cpu")}
+            wanted = {k: v for k, v in key.items() if not (strict and k in _MACHINE)}
             wrong = [k for k, v in wanted.items() if data.get(k) != v]
             if wrong:
                 raise ValueError("it was made for " + ", ".join(f"{k} {data.get(k)!r} (not {key[k]!r})"
@@ -257,7 +275,7 @@ class LatencyTable:
                     from None
             raise LeanconvError(f"cannot use latency table {path}: {exc}; build one for this setting with "
                                 "leanconv latency-table") from None
-        return cls({**key, "cpu": data["cpu"]}, entries, path=None if strict else path)
+        return cls({**key, "cpu": data["cpu"], "step": data["step"]}, entries, path=None if strict else path)
 
 
 def _read(path: Path) -> str:
@@ -275,15 +293,19 @@ def _read(path: Path) -> str:
 def _entries(data: Any) -> dict[str, float]:
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("entries"), dict):
         raise ValueError(f"it is not a leanconv latency table ({FORMAT})")
+    step = data.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or not 1 <= step <= 1024:
+        raise ValueError("it names no channel block (step) of its CPU")
     if not isinstance(data.get("cpu"), str):
         raise ValueError("it names no CPU")  # noqa: TRY004
     entries = {}
     for k, v in data["entries"].items():
         try:
             config = LayerConfig.from_key(k)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, KeyError) as exc:  # KeyError: no kind=
             raise ValueError(f"entry {k[:60]!r} is not a layer configuration") from exc
-        if config.key() != k or isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+        big = sys.float_info.max  # not math.inf: a JSON integer above it cannot become a float
+        if config.key() != k or isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= big:
             raise ValueError(f"entry {k[:60]!r} is not a positive time")
         entries[k] = float(v)
     return entries
@@ -325,14 +347,13 @@ class LatencyModel:
     @classmethod
     def calibrate(cls, table: LatencyTable, model: nn.Module, input_shape: Sequence[int], measured_ms: float, *,
                   step: int | None = None, progress: Callable[[int, int], None] | None = None) -> LatencyModel:
-        """Fit the blocked layers' factor so that ``model`` (unpruned) is predicted at ``measured_ms``."""
-        from leanconv.cost.hardware import simd_channels
-
+        """Fit the blocked layers' factor so that ``model`` (unpruned) is predicted at ``measured_ms``;
+        ``step`` (default: the table's CPU's channel block) says which layers are blocked."""
         configs = layer_configs(model, input_shape)
         if not configs:
             raise LeanconvError("the model has no conv or linear layer whose latency a table can hold")
         table.ensure([CALL, *configs.values()], progress)
-        fitted = cls(table, tuple(input_shape), float(measured_ms), 1.0, step or simd_channels())
+        fitted = cls(table, tuple(input_shape), float(measured_ms), 1.0, step or table.step)
         blocked = sum(fitted._net(c) for c in configs.values() if c.blocked(fitted.step))
         other = sum(fitted._net(c) for c in configs.values() if not c.blocked(fitted.step))
         if blocked > 0:

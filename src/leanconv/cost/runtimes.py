@@ -42,7 +42,7 @@ RUNTIMES = ("torch", "onnxruntime", "openvino")
 DEFAULT_RUNTIME = "onnxruntime"
 _PACKAGES = {"torch": "torch", "onnxruntime": "onnxruntime", "openvino": "openvino"}
 _INSTALL = {"openvino": "pip install 'leanconv[openvino]' (or: pip install openvino)",
-            "onnxruntime": "pip install onnxruntime"}
+            "onnxruntime": "pip install onnxruntime", "torch": "pip install torch"}
 
 
 def check_runtime(name: str) -> str:
@@ -137,8 +137,9 @@ def _openvino(model: nn.Module, x: torch.Tensor, threads: int) -> tuple[Callable
     core = ov.Core()
     with tempfile.TemporaryDirectory(prefix="leanconv-ov-") as folder:
         net = core.read_model(str(_onnx_file(model, x, folder)))
+        # float32 like the other runtimes: the CPU plugin's default is bfloat16 on CPUs that have it
         compiled = core.compile_model(net, "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
-                                                   "NUM_STREAMS": 1})
+                                                   "NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": "f32"})
     request = compiled.create_infer_request()
     data = np.ascontiguousarray(x.numpy())
     return (lambda: request.infer([data])), "contiguous"

@@ -6,8 +6,11 @@ so the Markdown and HTML reports show identical figures and rebuild byte for byt
 Columns of a comparison table (units in the header): test accuracy (%), its difference to
 the baseline in percentage points, parameters, MACs for one image in millions, median
 latency per batch of 1 and 64 images in eager PyTorch and ONNX Runtime (ms), the measured
-speedup at batch 64 (baseline latency / model latency) for both backends, and the MAC ratio
-(baseline MACs / model MACs): the speedup that counting alone would promise.
+speedup at batch 64 for both backends, and the MAC ratio (baseline MACs / model MACs): the
+speedup that counting alone would promise. A speedup is the model timed side by side with the
+baseline in interleaved rounds (the record's ``speedup``: median over rounds, with the lowest
+and highest round in brackets); records made before leanconv timed side by side give the ratio
+of the two medians, marked ``*``.
 """
 
 from __future__ import annotations
@@ -59,6 +62,18 @@ def _latency(record: Mapping[str, Any], backend: str, batch: str) -> float | Non
     return None if pair is None else float(pair[batch])
 
 
+def _speedup(record: Mapping[str, Any], baseline: Mapping[str, Any], backend: str, batch: str) -> str:
+    """The side-by-side speedup with its spread, or (an older record) the ratio of medians, marked."""
+    if record is baseline:
+        return "1.00x"
+    measured = (record.get("speedup") or {}).get(backend) or {}
+    if batch in measured:
+        s = measured[batch]
+        return f"{s['median']:.2f}x ({s['low']:.2f}-{s['high']:.2f})"
+    ratio = _ratio(_latency(baseline, backend, batch), _latency(record, backend, batch))
+    return ratio if ratio == "n/a" else ratio + "*"
+
+
 def _row(record: Mapping[str, Any], baseline: Mapping[str, Any], method: str) -> tuple[str, ...]:
     is_base = record is baseline
     delta = "—" if is_base else f"{record['accuracy'] - baseline['accuracy']:+.2f}"
@@ -73,8 +88,8 @@ def _row(record: Mapping[str, Any], baseline: Mapping[str, Any], method: str) ->
         fmt_ms(lat["torch", "batch64"]),
         fmt_ms(lat["onnx", "batch1"]),
         fmt_ms(lat["onnx", "batch64"]),
-        _ratio(_latency(baseline, "torch", "batch64"), lat["torch", "batch64"]),
-        _ratio(_latency(baseline, "onnx", "batch64"), lat["onnx", "batch64"]),
+        _speedup(record, baseline, "torch", "batch64"),
+        _speedup(record, baseline, "onnx", "batch64"),
         _ratio(baseline["macs"], record["macs"]),
     )
 
@@ -91,12 +106,15 @@ def comparison_table(baseline: Mapping[str, Any], entries: Sequence[Mapping[str,
     return Table(COLUMNS, tuple(rows), align, ("baseline", *(e["key"] for e in entries)))
 
 
-def _budget_title(target: float) -> str:
+def _budget_title(target: float, timing: Mapping[str, Any] | None) -> str:
+    if timing and timing.get("budget") == "latency":
+        return (f"Latency budget {100 * target:.4g}% of the baseline on {timing['runtime']}, batch {timing['batch']} "
+                f"(target {target:g}; 3-D pruning: MACs {target:g})")
     return f"MACs budget {100 * target:.4g}% of the baseline (target {target:g})"
 
 
 def budget_tables(results: Mapping[str, Any]) -> list[tuple[str, str, Table]]:
-    """``(anchor, title, table)`` per MACs budget, largest budget first, width and 3-D entries
+    """``(anchor, title, table)`` per budget (MACs or latency), largest budget first, width and 3-D entries
     in file order; then one table of the layer variants (family ``layer``) if there are any."""
     baseline, entries = results["baseline"], results["entries"]
     pruned = [e for e in entries if e["family"] != "layer"]
@@ -104,7 +122,7 @@ def budget_tables(results: Mapping[str, Any]) -> list[tuple[str, str, Table]]:
     for target in sorted({float(e["target"]) for e in pruned}, reverse=True):
         mine = [e for e in pruned if float(e["target"]) == target]
         anchor = "budget-" + f"{target:g}".replace(".", "_")
-        out.append((anchor, _budget_title(target), comparison_table(baseline, mine)))
+        out.append((anchor, _budget_title(target, baseline.get("timing")), comparison_table(baseline, mine)))
     layers = [e for e in entries if e["family"] == "layer"]
     if layers:
         out.append(("layer-variants", "Layer variants (new convolution types)", comparison_table(baseline, layers)))

@@ -32,14 +32,15 @@ import torch
 from torch import nn
 
 from leanconv.convs.convert import convert
-from leanconv.cost import count, measure_fastest_layout
+from leanconv.cost import count
+from leanconv.cost.side_by_side import time_side_by_side
 from leanconv.deploy.onnx import OPSETS, export_onnx
 from leanconv.errors import LeanconvError
 from leanconv.layers.periodic_sparse import PATTERNS
 from leanconv.prune3d.realise import load_origin
 from leanconv.prune3d.search import check_budget
-from leanconv.runs.config import (RunConfig, command_line, finetune_epochs, finetune_lr, latency_repeats, probes,
-                                  score_images, seed, setting, train_subset)
+from leanconv.runs.config import (RunConfig, command_line, finetune_epochs, finetune_lr, latency_batch, latency_repeats,
+                                  latency_table, probes, runtime, score_images, seed, setting, threads, train_subset)
 from leanconv.runs.convert import LAYER_LR, ConvertConfig
 from leanconv.runs.prune import PruneConfig
 from leanconv.runs.prune3d import Prune3dConfig
@@ -68,6 +69,9 @@ DEFAULT_METHODS = ("hap", "hap+implant", "l1", "taylor", "random", "3d", "scc", 
 # repeats, ONNX export, quick).
 IDENTITY = ("finetune_epochs", "finetune_lr", "train_subset", "score_images", "probes", "seed", "samples",
             "scc_groups", "scc_overlap", "psconv_pattern")
+LATENCY_IDENTITY = ("budget", "runtime", "threads", "latency_batch", "latency_table")  # with --target-latency only
+RUNTIME_KEYS = {"torch": "torch", "onnxruntime": "onnx", "openvino": "openvino"}  # runtime -> its key in latency_ms
+TIMED_BATCHES = (1, 64)
 ENTRY_BATCH = 128  # every entry's batch size
 
 
@@ -81,7 +85,7 @@ def _targets(values: Any, name: str) -> tuple:
     return values
 
 
-def _numbers(text: str) -> tuple[float, ...]:
+def parse_budgets(text: str) -> tuple[float, ...]:
     return tuple(float(t) for t in text.split(",") if t.strip())
 
 
@@ -95,9 +99,12 @@ class CompareConfig(RunConfig):
 
     command = "compare"
 
-    targets: tuple[float, ...] = setting((0.5,), "--target-flops", always=True, parse=_numbers,
+    targets: tuple[float, ...] = setting((0.5,), lambda c: "--target-latency" if c.budget == "latency" else
+                                         "--target-flops", always=True, parse=parse_budgets, cli=False,
                                          metavar="R[,R...]",
-                                         help="MACs/FLOPs budgets as fractions of the original")
+                                         help="budgets as fractions of the original MACs (--target-flops) or of "
+                                         "its latency measured on --runtime (--target-latency)")
+    budget: str = setting("macs", check=lambda v, n: checks.one_of(v, n, ("macs", "latency")), implied=True)
     methods: tuple[str, ...] = setting(DEFAULT_METHODS, "--methods", always=True, parse=_words, metavar="M[,M...]",
                                        help=f"comma-separated, from: {', '.join(CONTENDERS)}")
     finetune_epochs: int = finetune_epochs(1, "fine-tuning epochs of every entry")
@@ -109,7 +116,11 @@ class CompareConfig(RunConfig):
     samples: int = setting(6, "--samples", check=lambda v, n: checks.whole(v, n, at_least=4), metavar="N",
                            help="3-D pruning samples")
     latency_repeats: int = latency_repeats()
-    onnx: bool = setting(True, "--no-onnx", help="skip ONNX export and ONNX Runtime latency")
+    runtime: str = runtime()
+    threads: int = threads()
+    latency_batch: int = latency_batch()
+    latency_table: str | None = latency_table()
+    onnx: bool = setting(True, "--no-onnx", help="skip ONNX export and ONNX Runtime latency (unless it is --runtime)")
     onnx_opset: int | None = setting(None, "--onnx-opset", metavar="N",
                                      check=lambda v, n: v if v is None else checks.one_of(v, n, OPSETS),
                                      help="ONNX opset to export (default: torch's exporter's own, 18 or newer; "
@@ -137,6 +148,18 @@ class CompareConfig(RunConfig):
         # a repeated method or budget would run twice under one entry key: keep the first of each
         object.__setattr__(self, "methods", tuple(dict.fromkeys(self.methods)))
         object.__setattr__(self, "targets", _distinct_targets(tuple(self.targets)))
+        if self.latency_table is not None and self.budget != "latency":
+            raise LeanconvError("--latency-table is for --target-latency; drop it or give latency targets")
+        if self.budget == "latency":
+            flat = [m for m in self.methods if m in WIDTH and WIDTH[m][1] > 0]
+            if flat:
+                raise LeanconvError(f"{', '.join(flat)} has no latency budget (Neural Implant is pruned to MACs); "
+                                    "drop it from --methods or use --target-flops")
+
+    def runtimes(self) -> tuple[str, ...]:
+        """The runtimes every model is timed on: PyTorch, ONNX Runtime (unless --no-onnx) and
+        the budget's runtime."""
+        return tuple(dict.fromkeys(("torch", *(("onnxruntime",) if self.onnx else ()), self.runtime)))
 
 
     def run(self, source: Source, **kwargs: Any) -> Path:
@@ -167,9 +190,12 @@ def entry_config(c: CompareConfig, method: str, target: float | None) -> RunConf
     """The run config of one entry: the comparison's fine-tuning, data and probe settings."""
     if method in WIDTH:
         criterion, implant = WIDTH[method]
+        kind = {"kind": "latency", "runtime": c.runtime, "threads": c.threads, "latency_batch": c.latency_batch,
+                "latency_table": c.latency_table} if c.budget == "latency" else {}
         return PruneConfig(method=criterion, target=target, implant=implant, finetune_epochs=c.finetune_epochs,
                            finetune_lr=c.finetune_lr, score_images=c.score_images, probes=c.probes, seed=c.seed,
-                           train_subset=c.train_subset, batch_size=ENTRY_BATCH)
+                           train_subset=c.train_subset, batch_size=ENTRY_BATCH, latency_repeats=c.latency_repeats,
+                           **kind)
     if method == "3d":  # its final fine-tuning uses the whole training split; a train subset caps the samples'
         images = min(c.train_subset, 2000) if c.train_subset is not None else 2000
         return Prune3dConfig(target=target, samples=c.samples, sample_epochs=1, sample_images=images,
@@ -185,13 +211,21 @@ def _notes(c: CompareConfig, method: str, config: RunConfig, result: Result) -> 
     """(family, label, notes) of an entry."""
     record = result.record.to_dict()
     if method in WIDTH:
-        return "width", method, f"{config.method} scores, MACs x{record['achieved']['macs']:.3f}"
+        notes = f"{config.method} scores, MACs x{record['achieved']['macs']:.3f}"
+        if c.budget == "latency":
+            last = record["latency_budget"]["attempts"][-1]
+            measured = last["measured"]["median"] if last["measured"] else None
+            notes += (f"; solved for {c.runtime} latency x{config.target:g} (batch {c.latency_batch}), predicted "
+                      f"x{last['predicted']:.3f}" + (f", measured x{measured:.3f}" if measured is not None else ""))
+        return "width", method, notes
     if method == "3d":
         choice = record["choice"]["realised"]
         notes = (f"d={choice.get('d', float('nan')):.2f} w={choice.get('w', float('nan')):.2f} "
                  f"side={choice.get('side', '?')}; {c.samples} samples")
         if c.train_subset is not None:
             notes += f"; final fine-tuning on all training images (train subset {c.train_subset}: sampling only)"
+        if c.budget == "latency":
+            notes += f"; 3-D pruning has no latency budget: solved for MACs x{config.target:g} instead"
         return "3d", method, notes
     label = f"scc g={c.scc_groups} o={c.scc_overlap:g}" if method == "scc" else f"psconv {c.psconv_pattern}"
     notes = (f"converted layers trained {c.finetune_epochs} epochs at lr {config.finetune_lr:g}; other weights from "
@@ -206,28 +240,53 @@ class _Context:
     out: Path
     command: str
     progress: Progress | None = None
+    _baseline_model: nn.Module | None = None
+
+    def baseline(self) -> nn.Module:
+        """The unpruned model every entry is timed against (loaded once)."""
+        if self._baseline_model is None:
+            self._baseline_model = self.source.fresh()
+        return self._baseline_model
 
 
-def _latency(model: nn.Module, shape, repeats: int) -> dict[str, float]:
-    """Median ms per batch in the model's faster memory layout (NCHW or channels_last)."""
-    return {f"batch{b}": measure_fastest_layout(model, shape, b, repeats=repeats, warmup=3).median_ms for b in (1, 64)}
+def _timed(model: nn.Module, shape, ctx: _Context) -> tuple[dict, dict]:
+    """``model`` timed side by side with the baseline (interleaved rounds) on every runtime of
+    the comparison at batch 1, 64 and the budget's batch: ``latency_ms[runtime key][batchB]``
+    (the model's median ms) and ``speedup[runtime key][batchB]`` (the baseline's time over the
+    model's: median over rounds, lowest and highest round). The baseline alone when ``model``
+    is None."""
+    c = ctx.config
+    models = {"baseline": ctx.baseline()} if model is None else {"baseline": ctx.baseline(), "model": model}
+    shapes = {"baseline": ctx.source.shape, "model": shape}
+    latency: dict[str, dict] = {}
+    speedup: dict[str, dict] = {}
+    for rt in c.runtimes():
+        key = RUNTIME_KEYS[rt]
+        latency[key], speedup[key] = {}, {}
+        for batch in dict.fromkeys((*TIMED_BATCHES, c.latency_batch)):
+            sbs = time_side_by_side(models, {n: shapes[n] for n in models}, runtime=rt, threads=c.threads,
+                                    batch=batch, rounds=5, repeats=c.latency_repeats, warmup=3)
+            name = "model" if model is not None else "baseline"
+            latency[key][f"batch{batch}"] = sbs.latency_ms[name]["median_ms"]
+            speedup[key][f"batch{batch}"] = sbs.speedup[name]
+    latency.setdefault("onnx", None)
+    return latency, speedup
 
 
-def _measured(model: nn.Module, ctx: _Context, folder: Path) -> dict[str, Any]:
-    """Accuracy, counted cost, latency (PyTorch and ONNX Runtime) and channels of ``model``, at
-    the input shape the model records (3-D pruning may have changed the resolution)."""
+def _measured(model: nn.Module, ctx: _Context, folder: Path, *, baseline: bool = False) -> dict[str, Any]:
+    """Accuracy, counted cost, channels and latency of ``model`` (timed side by side with the
+    baseline, :func:`_timed`), at the input shape the model records (3-D pruning may have
+    changed the resolution). With ``onnx`` the model is also exported (output checked)."""
     shape = tuple(getattr(model, "leanconv_meta", {}).get("input_shape") or ctx.source.shape)
     data = ctx.source.data
     resolution = None if shape[-1] == data.image_size else shape[-1]
     cost = count(model, shape)
     test = data.loader("test", 256, resolution=resolution)
-    onnx = None
     if ctx.config.onnx:
-        info = export_onnx(model, shape, folder / "model.onnx", opset=ctx.config.onnx_opset,
-                           repeats=ctx.config.latency_repeats, warmup=3)
-        onnx = {k: v["median_ms"] for k, v in info["latency_ms"].items()}
+        export_onnx(model, shape, folder / "model.onnx", opset=ctx.config.onnx_opset, latency=False)
+    latency, speedup = _timed(None if baseline else model, shape, ctx)
     return {"accuracy": evaluate(model, test)["accuracy"], "params": cost.params, "macs": cost.macs,
-            "latency_ms": {"torch": _latency(model, shape, ctx.config.latency_repeats), "onnx": onnx},
+            "latency_ms": latency, "speedup": speedup,
             "channels": {name: after for name, (_, after) in channel_counts(model).items()}}
 
 
@@ -236,9 +295,22 @@ def _baseline(ctx: _Context) -> dict[str, Any]:
     folder = ctx.out / "entries" / "baseline"
     folder.mkdir(parents=True, exist_ok=True)
     base = model.leanconv_base.get("zoo") or model.leanconv_base.get("constructor")
+    c = ctx.config
     return {"kind": "baseline", "label": "baseline", "model": str(base), "dataset": ctx.source.data.name,
             "input_shape": list(ctx.source.shape), "checkpoint": ctx.source.describe(), "command": ctx.command,
-            "quick": ctx.config.quick, "threads": torch.get_num_threads(), **_measured(model, ctx, folder)}
+            "quick": c.quick, "threads": c.threads, "timing": _timing_setting(c),
+            **_measured(model, ctx, folder, baseline=True)}
+
+
+def _timing_setting(c: CompareConfig) -> dict[str, Any]:
+    """How every latency of the comparison was measured (the report states it)."""
+    from leanconv.cost.hardware import cpu_name
+    from leanconv.cost.runtimes import runtime_version
+
+    return {"runtime": c.runtime, "runtime_key": RUNTIME_KEYS[c.runtime], "batch": c.latency_batch,
+            "threads": c.threads, "cpu": cpu_name(), "budget": c.budget, "method": "side by side, 5 interleaved "
+            f"rounds of {c.latency_repeats} calls per model and batch",
+            "versions": {rt: runtime_version(rt) for rt in c.runtimes()}}
 
 
 def _sensitivity(ctx: _Context) -> dict[str, Any]:
@@ -260,6 +332,7 @@ def _run_entry(ctx: _Context, key: str, method: str, target: float | None) -> di
     model.leanconv_meta = {**getattr(model, "leanconv_meta", {}), "compare": {"key": key, "method": method}}
     result.save(folder, constructor=ctx.source.constructor)
     record = {"kind": "entry", "key": key, "label": label, "target": target, "family": family,
+              "budget": ctx.config.budget if family == "width" else ("macs" if family == "3d" else None),
               "finetune_epochs": ctx.config.finetune_epochs, "checkpoint": str(folder / "model.safetensors"),
               "command": result.record.command, "notes": notes, **_measured(model, ctx, folder)}
     record["seconds"] = time.perf_counter() - t0
@@ -273,6 +346,8 @@ def _identity(ctx: _Context) -> dict[str, Any]:
                 "data_dir": None if source.data_dir is None else str(Path(source.data_dir).resolve()),
                 "input_shape": list(source.shape), "resolution": source.resolution,
                 **{name: getattr(ctx.config, name) for name in IDENTITY}}
+    if ctx.config.budget == "latency":
+        identity.update({name: getattr(ctx.config, name) for name in LATENCY_IDENTITY})
     return json.loads(json.dumps(identity))
 
 
@@ -302,11 +377,15 @@ def _preflight(ctx: _Context, entries: list[tuple[str, str, float | None]]) -> N
     the channel floors cannot reach, a 3-D budget outside its search box, a conversion the
     layers do not allow (groups that do not divide a layer's channels)."""
     model, shape = ctx.source.fresh(), ctx.source.shape
+    checked: dict[float | None, bool] = {}
     for key, method, target in entries:
         config = entry_config(ctx.config, method, target)
         try:
             if method in WIDTH:
+                if config.kind == "latency" and checked.get(target):
+                    continue  # one latency check per target: the table and calibration do not depend on the method
                 config.check_target(model, torch.zeros(1, *shape), shape)  # what run_prune checks first
+                checked[target] = True
             elif method == "3d":
                 origin = load_origin(str(ctx.source.checkpoint), config.step_settings(
                     ctx.source.data.name, ctx.source.data_dir, ctx.source.constructor, ctx.source.input_shape))

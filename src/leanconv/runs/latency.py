@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from leanconv.cost.hardware import simd_channels
 from leanconv.cost.latency_table import LatencyModel, LatencyTable, cached_table, table_key
 from leanconv.cost.side_by_side import time_side_by_side
+from leanconv.util.inputs import input_file
 from leanconv.util.progress import Progress, Stage, quiet
 from leanconv.width.budget import PruneResult
 from leanconv.width.latency_budget import LatencyPruner, check_latency_reachable
@@ -47,6 +47,13 @@ class LatencyBudget:
     batch: int
     table_path: str | None = None
     repeats: int = 10
+
+    def check_table(self) -> None:
+        """Refuse, in one line and before any work, a named table that is missing, not a table,
+        or made for another runtime, version, thread count or batch."""
+        if self.table_path is not None:
+            input_file(self.table_path, "latency table")
+            self.table()
 
     def table(self) -> LatencyTable:
         if self.table_path is None:
@@ -69,7 +76,7 @@ class LatencyBudget:
             measured = None  # a table from the deployment device: its own sum stands in for the model
         say(f"latency table: {len(table.entries)} entries; measuring what the solver needs")
         if measured is None:
-            uncalibrated = LatencyModel(table, tuple(shape), 1.0, 1.0, simd_channels())
+            uncalibrated = LatencyModel(table, tuple(shape), 1.0, 1.0, table.step)
             measured = uncalibrated.predict(model)
         latency = LatencyModel.calibrate(table, model, shape, measured)
         check_latency_reachable(model, example, target=target, latency=latency, input_shape=shape, strict=strict)
@@ -78,7 +85,7 @@ class LatencyBudget:
 
 def prune_to_measured_latency(model: nn.Module, criterion, example: torch.Tensor, latency: LatencyModel,
                               budget: LatencyBudget, *, target: float, shape, data=None, normalize: str = "mean",
-                              strict: bool = True, measured: bool = True, progress: Progress | None = None,
+                              strict: bool = True, progress: Progress | None = None,
                               stage: Stage | None = None) -> tuple[list[PruneResult], list[dict[str, Any]]]:
     """Prune ``model`` in place to ``target`` of its measured latency (module docstring).
     Returns the result (one round) and the attempts: ``{"goal", "predicted", "measured"}``
@@ -86,7 +93,7 @@ def prune_to_measured_latency(model: nn.Module, criterion, example: torch.Tensor
     say = stage or quiet
     pruner = LatencyPruner(model, criterion, example, latency=latency, input_shape=shape, data=data,
                            normalize=normalize, strict=strict, progress=progress)
-    verify = measured and latency.table.here
+    verify = latency.table.here  # a table from another CPU: nothing here says how fast it runs there
     goal, attempts, best = target, [], None
     for _ in range(MAX_ATTEMPTS):
         plan = pruner.solve(goal)

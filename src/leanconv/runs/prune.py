@@ -2,11 +2,14 @@
 
 What ``leanconv prune`` (and ``compare``'s width entries) run. Channel groups are scored
 with any registered criterion on validation batches (never the test split) and removed
-physically until the counted MACs or params land within 2% of the target (optionally in
-``steps`` rounds with fine-tuning between them, optionally implanting the most sensitive
-pruned channels: HAP's Neural Implant); the model is then fine-tuned with the shared loop,
-BatchNorm statistics are re-estimated on training data, and accuracy, counted cost and
-measured latency are recorded before and after (:mod:`leanconv.runs.record`).
+physically until the model meets the budget: a latency measured on a runtime
+(:mod:`leanconv.runs.latency`), or counted MACs or params within 2% of the target (optionally
+in ``steps`` rounds with fine-tuning between them, optionally implanting the most sensitive
+pruned channels: HAP's Neural Implant). Right after the cut BatchNorm statistics are
+re-estimated on training images and the cut is judged (``after_prune_before_finetune``:
+one-shot test accuracy); the model is then fine-tuned with the shared loop (which ends by
+re-estimating them again), and accuracy and counted cost are recorded before and after, with
+both models timed side by side on the run's runtime (:mod:`leanconv.runs.record`).
 """
 
 from __future__ import annotations
@@ -106,6 +109,8 @@ class PruneConfig(RunConfig):
         return run_prune(self, source, **kwargs)
 
     def check(self) -> None:
+        if self.latency_table is not None and self.kind != "latency":
+            raise LeanconvError("--latency-table is for --target-latency; drop it or give a latency target")
         if self.kind == "latency":
             for flag, bad in (("--implant", self.implant > 0), ("--round-to", self.round_to is not None),
                               ("--latency-aware", self.latency_aware)):
@@ -183,12 +188,14 @@ def run_prune(config: PruneConfig, source: Source, *, out=None, progress: Progre
         results, attempts = prune_to_measured_latency(model, criterion, example, latency, config.budget(),
                                                       target=config.target, shape=shape, data=scoring,
                                                       normalize=config.normalize, strict=config.strict,
-                                                      measured=measured, progress=progress, stage=say)
+                                                      progress=progress, stage=say)
     elif config.steps == 1:
         results = [prune_to_budget(model, criterion, example, target=config.target, implant=config.implant, **options)]
     if config.steps == 1 or config.kind == "latency":
         if measured:
             cut = _one_shot(model, shape, test, data, resolution, config.batch_size)
+        elif data is not None:  # the cut's own BatchNorm statistics, whatever comes next
+            recalibrate_on_training_data(model, data, resolution, config.batch_size)
         say(f"fine-tuning for {config.finetune_epochs} epochs")
         tune(model, config.finetune_epochs)
     else:

@@ -54,6 +54,7 @@ __all__ = ["prune_to_latency", "LatencyPruner", "LatencyPlan", "check_latency_re
            "solver_configs", "PRICES"]
 
 PRICES = ("damage", "importance")
+MAX_COMBINATIONS = 1024  # channel-count combinations of one layer measured up front
 
 
 @dataclass
@@ -71,7 +72,7 @@ class _Solver:
                  latency: LatencyModel, *, floor: float, step: int | None) -> None:
         self.traced, self.latency = list(traced), latency
         self.base = layer_configs(model, shape)
-        step = step or simd_channels()
+        step = step or (latency.step if latency is not None else simd_channels())  # the table's CPU's block
         self.options: list[list[int]] = []  # allowed kept counts per group, descending
         for t in self.traced:
             size, unit = t.group.size, t.group.size // len(t.units)
@@ -123,16 +124,16 @@ class _Solver:
         return self.latency.predict_configs(self.configs(kept))
 
     def all_configs(self) -> list[LayerConfig]:
-        """Every configuration the solver can visit (for measuring them in one go), or, for a
-        layer with too many combinations, those of its lowest and highest counts only."""
+        """Every configuration the solver can visit (for measuring them in one go); a layer with
+        more than MAX_COMBINATIONS combinations of its groups' counts gives only its own."""
         found = set()
         for name in self.base:
             ins = [(g, per) for g, rows in enumerate(self.touches) for n, k, per in rows if n == name and k == "in"]
             outs = [(g, per) for g, rows in enumerate(self.touches) for n, k, per in rows if n == name and k == "out"]
             groups = sorted({g for g, _ in ins + outs})
             combos = math.prod(len(self.options[g]) for g in groups) if groups else 1
-            if combos > 256:
-                groups = []
+            if combos > MAX_COMBINATIONS:
+                groups = []  # measured on demand when the solver visits them
             for choice in _product([self.options[g] for g in groups]):
                 kept = [opts[0] for opts in self.options]
                 for g, k in zip(groups, choice):
@@ -279,9 +280,7 @@ def solver_configs(model: nn.Module, example_input: Tensor, *, input_shape: Sequ
     model's own, each one the solver can choose, and the runtime's call cost (what
     ``leanconv latency-table`` measures, e.g. on the deployment device)."""
     _check(0.5, floor, step)
-    shape = tuple(input_shape) if input_shape is not None else tuple(example_input.shape[1:])
-    solver = _Solver(model, trace_groups(model, to_model(example_input, model), ignored=ignored, strict=strict),
-                     shape, None, floor=floor, step=step)
+    _, shape, solver = _prepare(model, example_input, input_shape, None, floor, step, ignored, strict)
     return sorted({CALL, *solver.base.values(), *solver.all_configs()})
 
 
