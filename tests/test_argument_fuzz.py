@@ -252,7 +252,7 @@ def options(w: World) -> dict[str, list[Opt]]:
                         o("--cache-dir", out_folders(w)), data, data_dir, shape, out],
         "prune": [*run, *timing, o("--target-flops", FRACTION),
                   o("--target-params", FRACTION, replaces="--target-flops"),
-                  o("--target-latency", FRACTION, replaces="--target-flops"),
+                  o("--target-latency", FRACTION, replaces="--target-flops"), o("--candidates", whole(1, 1000)),
                   method,
                   o("--implant", number(0, 1, high_open=True)), o("--implant-init", CHOICE), normalize,
                   o("--round-to", whole(1, MAX_GROUPS)), o("--steps", whole(1, MAX_STEPS)), batch],

@@ -372,7 +372,7 @@ class LatencyModel:
         return self._net(config) * (self.scale if config.blocked(self.step) else 1.0)
 
     def predict_configs(self, configs: Mapping[str, LayerConfig]) -> float:
-        self.table.ensure(configs.values())
+        self.table.ensure([CALL, *configs.values()])
         return self.call_ms + float(sum(self.layer_ms(c) for c in configs.values()))
 
     def predict(self, model: nn.Module, progress: Callable[[int, int], None] | None = None) -> float:

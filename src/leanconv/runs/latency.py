@@ -9,7 +9,9 @@ model's latency *measured* on the run's runtime (``--runtime``, ``--threads``, `
    (:class:`~leanconv.cost.latency_table.LatencyModel`), and a target below the fastest model
    the staircase allows is refused in one line.
 2. :func:`prune_to_measured_latency`: the model is scored once and solved
-   (:class:`~leanconv.width.latency_budget.LatencyPruner`); the result is timed side by side
+   (:class:`~leanconv.width.latency_budget.LatencyPruner`: channel counts priced by their
+   measured damage, the best of ``--candidates`` allocations by validation loss right after
+   the cut); the result is timed side by side
    with the unpruned model (:mod:`leanconv.cost.side_by_side`). A measured ratio above
    ``R + 0.03`` tightens the goal by ``R / measured`` and solves again (at most
    :data:`MAX_ATTEMPTS` times); every attempt is recorded. With a table made on another CPU
@@ -85,21 +87,24 @@ class LatencyBudget:
 
 def prune_to_measured_latency(model: nn.Module, criterion, example: torch.Tensor, latency: LatencyModel,
                               budget: LatencyBudget, *, target: float, shape, data=None, normalize: str = "mean",
-                              strict: bool = True, progress: Progress | None = None,
+                              strict: bool = True, candidates: int = 1, seed: int = 0,
+                              progress: Progress | None = None,
                               stage: Stage | None = None) -> tuple[list[PruneResult], list[dict[str, Any]]]:
     """Prune ``model`` in place to ``target`` of its measured latency (module docstring).
     Returns the result (one round) and the attempts: ``{"goal", "predicted", "measured"}``
     ratios, ``measured`` with its spread (None where nothing could be measured)."""
     say = stage or quiet
+    has_data = data is not None and bool(getattr(data, "batches", None))
     pruner = LatencyPruner(model, criterion, example, latency=latency, input_shape=shape, data=data,
-                           normalize=normalize, strict=strict, progress=progress)
+                           normalize=normalize, candidates=candidates if has_data else 1, seed=seed, strict=strict,
+                           progress=progress)
     verify = latency.table.here  # a table from another CPU: nothing here says how fast it runs there
     goal, attempts, best = target, [], None
     for _ in range(MAX_ATTEMPTS):
         plan = pruner.solve(goal)
         trial, result = pruner.realise(plan, target)
         entry: dict[str, Any] = {"goal": goal, "predicted": result.achieved, "measured": None,
-                                 "kept": plan.kept}
+                                 "kept": plan.kept, "price": pruner.price, "candidates": pruner.chosen}
         attempts.append(entry)
         if not verify:
             best = (trial, result)

@@ -104,6 +104,9 @@ class PruneConfig(RunConfig):
     threads: int = threads()
     latency_batch: int = latency_batch()
     latency_table: str | None = latency_table()
+    candidates: int = setting(8, "--candidates", check=lambda v, n: checks.whole(v, n, at_least=1), metavar="N",
+                              help="latency budgets: solve N allocations (the greedy one and N-1 with randomly "
+                              "scaled prices) and keep the one with the lowest validation loss right after the cut")
 
     def run(self, source: Source, **kwargs: Any) -> Result:
         return run_prune(self, source, **kwargs)
@@ -188,6 +191,7 @@ def run_prune(config: PruneConfig, source: Source, *, out=None, progress: Progre
         results, attempts = prune_to_measured_latency(model, criterion, example, latency, config.budget(),
                                                       target=config.target, shape=shape, data=scoring,
                                                       normalize=config.normalize, strict=config.strict,
+                                                      candidates=config.candidates, seed=config.seed,
                                                       progress=progress, stage=say)
     elif config.steps == 1:
         results = [prune_to_budget(model, criterion, example, target=config.target, implant=config.implant, **options)]

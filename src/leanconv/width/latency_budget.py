@@ -310,12 +310,19 @@ class LatencyPruner:
     :func:`~leanconv.width.budget.prune_to_budget`); it decides which channels a group drops.
     ``price`` decides how many each group drops: ``damage`` (default when ``data`` holds
     validation batches) prices a cut by its measured loss increase (:func:`measured_damage`),
-    ``importance`` by the criterion's scores of the dropped units."""
+    ``importance`` by the criterion's scores of the dropped units.
+
+    ``candidates`` (with validation data): the allocation is then chosen by measured quality,
+    as EagleEye (Li et al., ECCV 2020) does: besides the greedy plan, ``candidates - 1`` plans
+    are solved with each group's prices scaled by a random factor (log-normal, sigma 0.5,
+    seeded), and the plan whose pruned model has the lowest validation loss right after the cut
+    (BatchNorm re-estimated on the same batches) wins."""
 
     def __init__(self, model: nn.Module, importance: Importance | Sequence[Tensor], example_input: Tensor, *,
                  latency: LatencyModel, input_shape: Sequence[int] | None = None, data=None, floor: float = 1,
                  step: int | None = None, normalize: str = "mean", price: str | None = None,
-                 ignored: Sequence[str] = (), strict: bool = True, progress: Progress | None = None) -> None:
+                 candidates: int = 1, seed: int = 0, ignored: Sequence[str] = (), strict: bool = True,
+                 progress: Progress | None = None) -> None:
         _check(0.5, floor, step)
         if normalize not in ("mean", "none"):
             raise LeanconvError(f"normalize must be 'mean' or 'none', got {normalize!r}")
@@ -325,7 +332,12 @@ class LatencyPruner:
             raise LeanconvError(f"price must be one of {', '.join(PRICES)}, got {self.price!r}")
         if self.price == "damage" and not has_data:
             raise LeanconvError("price 'damage' measures each cut on validation batches: pass data=ScoringData(...)")
-        report = progress or (lambda done, total, info: None)
+        if isinstance(candidates, bool) or not isinstance(candidates, int) or not 1 <= candidates <= 1000:
+            raise LeanconvError(f"candidates must be a whole number from 1 to 1000, got {candidates!r}")
+        if candidates > 1 and not has_data:
+            raise LeanconvError("choosing among candidates measures each on validation batches: pass data=...")
+        self.candidates, self.seed, self.data = candidates, seed, data
+        self.report = report = progress or (lambda done, total, info: None)
         self.model, self.latency = model, latency
         self.example = to_model(example_input, model)
         self.traced, self.shape, self.solver = _prepare(model, self.example, input_shape, latency, floor, step,
@@ -352,15 +364,38 @@ class LatencyPruner:
                 unit = traced[g].group.size // len(traced[g].units)
                 return sum(unit_scores[g][lower // unit:kept // unit])
         self._lost = lost
+        self.chosen: dict | None = None  # what solve() chose among candidates, for the record
         report(3, 3, {"stage": "scores"})
 
     def solve(self, target: float) -> LatencyPlan:
-        """The plan for ``target`` times the unpruned latency (a fraction; raises if unreachable)."""
+        """The plan for ``target`` times the unpruned latency (a fraction; raises if unreachable):
+        the greedy plan, or the best of the candidates (class docstring)."""
         checks.fraction(target, "target", of="the unpruned model's measured latency")
         if self.fastest > target:
             raise LeanconvError(f"latency target {target:g} is unreachable on {self.latency.table.runtime}: the "
                                 f"fastest model the staircase allows is predicted at {self.fastest:.3f}; raise it")
-        return self.solver.solve(target * self.latency.reference_ms, self._lost)
+        goal = target * self.latency.reference_ms
+        plan = self.solver.solve(goal, self._lost)
+        if self.candidates == 1:
+            return plan
+        gen = torch.Generator().manual_seed(self.seed)
+        plans = {tuple(plan.kept): plan}
+        for _ in range(3 * self.candidates):  # a few draws may repeat a plan already there
+            if len(plans) >= self.candidates:
+                break
+            factor = torch.exp(0.5 * torch.randn(len(self.traced), generator=gen)).tolist()
+            drawn = self.solver.solve(goal, lambda g, kept, lower: factor[g] * self._lost(g, kept, lower))
+            plans.setdefault(tuple(drawn.kept), drawn)
+        batches, loss_fn = list(self.data.batches), self.data.loss_fn
+        scored = []
+        for i, candidate in enumerate(plans.values(), 1):
+            trial, _ = self.realise(candidate, target)
+            scored.append((_loss(trial, batches, loss_fn), i, candidate))
+            self.report(i, len(plans), {"stage": "candidates"})
+        best = min(scored, key=lambda item: (item[0], item[1]))
+        self.chosen = {"candidates": len(plans), "losses": [round(loss, 6) for loss, _, _ in scored],
+                       "chosen": best[1] - 1}
+        return best[2]
 
     def realise(self, plan: LatencyPlan, target: float) -> tuple[nn.Module, PruneResult]:
         """A pruned copy of the model for ``plan`` and its result (``achieved``: the predicted ratio)."""
