@@ -15,7 +15,10 @@ if ! .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.__version__.sta
 fi
 $PIP install -q -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
 # the optional OpenVINO runtime (--runtime openvino); leanconv works without it, so a failure only warns
-$PIP install -q -e ".[openvino]" 2>&1 | grep -v "^WARNING: Location" || echo "setup: openvino not installed (optional)"
+if ! out=$($PIP install -q -e ".[openvino]" 2>&1); then
+    echo "setup: the optional OpenVINO runtime was not installed (leanconv works without it):"
+    echo "$out" | grep -v "^WARNING: Location" | tail -3
+fi
 # the compatibility matrix's third-party model files (pure PyTorch); --no-deps: its metadata
 # asks for torchvision, which none of those files imports (and which would replace torch)
 $PIP install -q --no-deps "pytorchcv==0.0.74" 2>&1 | grep -v "^WARNING: Location" || true

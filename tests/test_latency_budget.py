@@ -307,3 +307,21 @@ def test_compare_refuses_implants_under_a_latency_budget(trained_ckpt, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "hap+implant has no latency budget" in err[0], err
     assert not out.exists()
+
+
+def test_python_api_prunes_your_model_to_a_latency():
+    import leanconv
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                          nn.Conv2d(32, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 4))
+    data = DataLoader(TensorDataset(torch.randn(64, *SHAPE), torch.randint(0, 4, (64,))), batch_size=16)
+    small = leanconv.prune(model, torch.randn(1, *SHAPE), data=data, method="l1", target_latency=0.6,
+                           runtime="torch", score_images=16, candidates=2)
+    record = small.leanconv_record
+    assert record["config"]["kind"] == "latency" and record["latency_budget"]["attempts"]
+    assert record["achieved"]["macs"] < 1 and model[0].out_channels == 32  # the model given is unchanged
+    with pytest.raises(LeanconvError, match="give one budget"):
+        leanconv.prune(model, torch.randn(1, *SHAPE), data=data, method="l1", target_latency=0.5, target_macs=0.5)

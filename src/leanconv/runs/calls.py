@@ -1,6 +1,6 @@
 """The one-call Python API: a plain ``nn.Module`` and the user's own batches in, a model out.
 
-    small = leanconv.prune(model, example_input, data=loader, method="hap", target_macs=0.5)
+    small = leanconv.prune(model, example_input, data=loader, method="l1", target_latency=0.5)
 
 Each call builds the run's config (so every value is checked as on the command line), wraps
 the model and the batches in a :class:`~leanconv.runs.source.Source` and runs the same run
@@ -74,15 +74,21 @@ def _finish(result) -> nn.Module:
 
 def prune(model: nn.Module, example_input: torch.Tensor, *, data: Iterable | None = None,
           val_data: Iterable | None = None, test_data: Iterable | None = None, method: str = "hap",
-          target_macs: float | None = None, target_params: float | None = None, **settings: Any) -> nn.Module:
-    """A copy of ``model`` with channels removed until it keeps ``target_macs`` of its MACs (or
-    ``target_params`` of its parameters), ranked by ``method`` (``leanconv.list_criteria()``);
-    ``settings`` are :class:`~leanconv.runs.prune.PruneConfig` fields (``finetune_epochs``,
-    ``finetune_lr``, ``implant``, ``round_to``, ``probes``, ``score_images``, ``seed``, ...).
+          target_macs: float | None = None, target_params: float | None = None, target_latency: float | None = None,
+          **settings: Any) -> nn.Module:
+    """A copy of ``model`` with channels removed until it runs in ``target_latency`` of its
+    measured latency (on ``runtime``, ``threads`` and ``latency_batch``: ONNX Runtime, 1 and 1
+    by default) or keeps ``target_macs`` of its MACs (or ``target_params`` of its parameters),
+    ranked by ``method`` (``leanconv.list_criteria()``); ``settings`` are
+    :class:`~leanconv.runs.prune.PruneConfig` fields (``finetune_epochs``, ``finetune_lr``,
+    ``implant``, ``round_to``, ``probes``, ``score_images``, ``seed``, ``runtime``, ...).
     Criteria that score on data (``hap``, ``taylor``) and fine-tuning need ``data``."""
-    if (target_macs is None) == (target_params is None) or {"target", "kind"} & set(settings):
-        raise LeanconvError("give one budget: target_macs=0.5 (a fraction of the MACs) or target_params=0.5")
-    kind, target = ("macs", target_macs) if target_macs is not None else ("params", target_params)
+    budgets = {"latency": target_latency, "macs": target_macs, "params": target_params}
+    given = {k: v for k, v in budgets.items() if v is not None}
+    if len(given) != 1 or {"target", "kind"} & set(settings):
+        raise LeanconvError("give one budget: target_latency=0.5 (a fraction of the measured latency), "
+                            "target_macs=0.5 (of the MACs) or target_params=0.5")
+    (kind, target), = given.items()
     config = PruneConfig(method=method, target=target, kind=kind, **_settings(PruneConfig, settings, "prune"))
     example = _example(example_input)
     if data is None and val_data is None and (create_criterion(method).needs_data or config.finetune_epochs):
