@@ -92,10 +92,19 @@ def _no_timing() -> None:
     from leanconv.cost import latency
     from leanconv.deploy import onnx
 
+    from leanconv.cost import latency_table, runtimes, side_by_side
+
     def time_calls(call, warmup, repeats, clock="wall"):
         return np.ones(repeats)
 
-    latency.time_calls = onnx.time_calls = time_calls
+    def prepare(model, input_shape, *, runtime="onnxruntime", threads=1, batch=1):
+        return runtimes.Prepared(runtime, threads, batch, lambda: None, "contiguous")
+
+    latency.time_calls = onnx.time_calls = side_by_side.time_calls = time_calls
+    original = runtimes.prepare  # wherever it was imported by name already, and where it will be
+    for module in [m for m in sys.modules.values() if getattr(m, "prepare", None) is original]:
+        module.prepare = prepare
+    runtimes.prepare = side_by_side.prepare = latency_table.prepare = prepare
 
 
 def _copy(folder: Path, to: Path) -> None:

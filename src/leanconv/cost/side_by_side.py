@@ -19,7 +19,7 @@ import numpy as np
 from torch import nn
 
 from leanconv.cost.hardware import cpu_name
-from leanconv.cost.runtimes import DEFAULT_RUNTIME, prepare, runtime_version, torch_threads
+from leanconv.cost.runtimes import DEFAULT_RUNTIME, Prepared, prepare, runtime_version, torch_threads
 from leanconv.errors import LeanconvError
 from leanconv.util.timing import time_calls
 
@@ -78,8 +78,10 @@ def time_side_by_side(models: Mapping[str, nn.Module], input_shape: Sequence[int
                       runtime: str = DEFAULT_RUNTIME, threads: int = 1, batch: int = 1, rounds: int = 7,
                       repeats: int = 10, warmup: int = 5) -> SideBySide:
     """Time every model of ``models`` (name -> model; none is changed) on ``runtime`` side by
-    side (module docstring). ``input_shape`` is one image's shape, or a shape per name (a model
-    that runs at a lower resolution). ``reference`` (default: the first name) is what ratios
+    side (module docstring); a value may also be a model already :func:`prepared
+    <leanconv.cost.runtimes.prepare>` for this runtime, threads and batch (reused across
+    calls). ``input_shape`` is one image's shape, or a shape per name (a model that runs at a
+    lower resolution). ``reference`` (default: the first name) is what ratios
     divide by."""
     if not models:
         raise LeanconvError("nothing to time: give at least one model")
@@ -94,7 +96,12 @@ def time_side_by_side(models: Mapping[str, nn.Module], input_shape: Sequence[int
     shapes = input_shape if isinstance(input_shape, Mapping) else dict.fromkeys(models, input_shape)
     if set(shapes) != set(models):
         raise LeanconvError("give an input shape for every model timed")
-    prepared = {n: prepare(m, shapes[n], runtime=runtime, threads=threads, batch=batch) for n, m in models.items()}
+    prepared = {n: m if isinstance(m, Prepared) else prepare(m, shapes[n], runtime=runtime, threads=threads,
+                                                             batch=batch) for n, m in models.items()}
+    for n, p in prepared.items():
+        if (p.runtime, p.threads, p.batch) != (runtime, threads, batch):
+            raise LeanconvError(f"{n} was prepared for {p.runtime}, {p.threads} thread(s), batch {p.batch}; "
+                                f"not {runtime}, {threads} thread(s), batch {batch}")
     times = time_prepared({n: p.call for n, p in prepared.items()}, threads=threads, rounds=rounds, repeats=repeats,
                           warmup=warmup)
     per_round = {n: np.median(t, axis=1) for n, t in times.items()}

@@ -24,7 +24,7 @@ import copy
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from torch import nn
 
 from leanconv.convs.convert import convert
 from leanconv.cost import count
+from leanconv.cost.runtimes import Prepared, prepare
 from leanconv.cost.side_by_side import time_side_by_side
 from leanconv.deploy.onnx import OPSETS, export_onnx
 from leanconv.errors import LeanconvError
@@ -242,11 +243,20 @@ class _Context:
     progress: Progress | None = None
     _baseline_model: nn.Module | None = None
 
+    _prepared: dict = field(default_factory=dict)
+
     def baseline(self) -> nn.Module:
         """The unpruned model every entry is timed against (loaded once)."""
         if self._baseline_model is None:
             self._baseline_model = self.source.fresh()
         return self._baseline_model
+
+    def prepared_baseline(self, runtime: str, batch: int) -> Prepared:
+        """The baseline made ready on ``runtime`` at ``batch`` (once per comparison)."""
+        if (runtime, batch) not in self._prepared:
+            self._prepared[runtime, batch] = prepare(self.baseline(), self.source.shape, runtime=runtime,
+                                                     threads=self.config.threads, batch=batch)
+        return self._prepared[runtime, batch]
 
 
 def _timed(model: nn.Module, shape, ctx: _Context) -> tuple[dict, dict]:
@@ -256,7 +266,6 @@ def _timed(model: nn.Module, shape, ctx: _Context) -> tuple[dict, dict]:
     model's: median over rounds, lowest and highest round). The baseline alone when ``model``
     is None."""
     c = ctx.config
-    models = {"baseline": ctx.baseline()} if model is None else {"baseline": ctx.baseline(), "model": model}
     shapes = {"baseline": ctx.source.shape, "model": shape}
     latency: dict[str, dict] = {}
     speedup: dict[str, dict] = {}
@@ -264,6 +273,8 @@ def _timed(model: nn.Module, shape, ctx: _Context) -> tuple[dict, dict]:
         key = RUNTIME_KEYS[rt]
         latency[key], speedup[key] = {}, {}
         for batch in dict.fromkeys((*TIMED_BATCHES, c.latency_batch)):
+            base = ctx.prepared_baseline(rt, batch)
+            models = {"baseline": base} if model is None else {"baseline": base, "model": model}
             sbs = time_side_by_side(models, {n: shapes[n] for n in models}, runtime=rt, threads=c.threads,
                                     batch=batch, rounds=5, repeats=c.latency_repeats, warmup=3)
             name = "model" if model is not None else "baseline"
