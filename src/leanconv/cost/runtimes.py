@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from leanconv.errors import LeanconvError
+from leanconv.util.files import is_os_failure, os_error
 from leanconv.util.limits import MAX_BATCH, MAX_THREADS
 from leanconv.util.model_io import check_shape
 from leanconv.util.modes import eval_mode
@@ -166,6 +167,8 @@ def prepare(model: nn.Module, input_shape: Sequence[int], *, runtime: str = DEFA
     except LeanconvError:
         raise
     except Exception as exc:  # each runtime raises its own exception types
+        if is_os_failure(exc):  # a full disk or file-size limit on the temporary ONNX file: exit 1, not the model
+            raise os_error(exc, tempfile.gettempdir()) from None
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LeanconvError(f"{runtime} cannot run this model: {text}") from exc
     return Prepared(runtime, threads, batch, call, layout)
