@@ -26,18 +26,22 @@ CONFIGS = [
                 shrink=True, latency_aware=True, round_to=8, strict=False, steps=2, finetune_epochs=3,
                 finetune_lr=0.003, train_subset=500, score_images=64, probes=12, seed=3, batch_size=32,
                 latency_repeats=4),
+    PruneConfig(method="taylor", target=0.33, kind="latency", runtime="torch", threads=2, latency_batch=16,
+                latency_table="t.json", candidates=3),
     Prune3dConfig(),
     Prune3dConfig(target=0.25, samples=9, mixed=2, method="taylor", normalize="none", sample_epochs=0,
                   sample_images=100, finetune_epochs=1, finetune_lr=0.02, train_subset=300, batch_size=64,
                   score_images=32, probes=4, w_min=0.3, r_min=0.6, min_blocks_per_stage=2, clip_box=False, seed=5,
                   latency_repeats=3),
-    ConvertConfig(to="scc", groups=4),
+    ConvertConfig(to="scc", groups=4, runtime="torch", threads=2),
     ConvertConfig(to="scc", groups=2, overlap=0.25, seed=7, finetune_epochs=2, finetune_lr=0.1, train_subset=64),
     ConvertConfig(to="psconv", pattern="psd1_p16", batch_size=16),
     SensitivityConfig(),
     SensitivityConfig(probes=16, min_probes=4, rel_stderr=0.1, probe_groups="layer", score_images=128, seed=2,
                       batch_size=64),
     CompareConfig(),
+    CompareConfig(targets=(0.5, 0.33), budget="latency", runtime="torch", threads=2, latency_batch=8,
+                  methods=("l1", "3d")),
     CompareConfig(targets=(0.5, 0.33), methods=("l1", "3d", "scc"), finetune_epochs=0, finetune_lr=0.02,
                   probes=8, score_images=100, train_subset=256, samples=5, latency_repeats=2, onnx=False,
                   onnx_opset=17, quick=True, seed=1, scc_groups=4, scc_overlap=0.25, psconv_pattern="ps4_p4"),
@@ -56,11 +60,13 @@ def test_a_config_turns_into_the_command_that_rebuilds_it(config, source, tmp_pa
     words = shlex.split(command_line(config, source, tmp_path / "out"))
     assert words[:2] == ["leanconv", config.command]
     args = build_parser().parse_args(words[1:])
-    given = {}
-    if isinstance(config, PruneConfig):  # the budget option carries the kind
-        given = {"kind": "macs" if args.target_flops is not None else "params",
-                 "target": args.target_flops if args.target_flops is not None else args.target_params}
-    assert build_config(type(config), args, **given) == config
+    if isinstance(config, (PruneConfig, CompareConfig)):  # the budget option carries the kind
+        from leanconv.cli import compare as compare_cli, prune as prune_cli
+
+        cli = prune_cli if isinstance(config, PruneConfig) else compare_cli
+        assert cli.config_from_args(args) == config
+    else:
+        assert build_config(type(config), args) == config
     assert args.data == source.data.name and args.out == str(tmp_path / "out")
 
 
@@ -87,7 +93,7 @@ def test_shared_settings_have_one_name_and_one_check():
         for f in dataclasses.fields(config_type):
             if f.metadata.get("flag") and not callable(f.metadata["flag"]):
                 shared.setdefault(f.metadata["flag"], set()).add(f.name)
-    assert shared.pop("--target-flops") == {"target", "targets"}  # compare takes several budgets
+    assert shared.pop("--target-flops") == {"target"}  # prune3d's; prune's and compare's depend on the budget kind
     assert all(len(names) == 1 for names in shared.values()), shared
     assert shared["--finetune-lr"] == {"finetune_lr"} and shared["--train-subset"] == {"train_subset"}
     assert shared["--score-images"] == {"score_images"}
