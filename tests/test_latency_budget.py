@@ -40,7 +40,7 @@ class StairTable(LatencyTable):
     channel blocks of its input and output (blocks of ``block``), plus a fixed call cost."""
 
     def __init__(self, block: int = 8, step: int = 8):
-        super().__init__({**table_key("torch", 1, 1), "step": step})
+        super().__init__({**table_key("onnxruntime", 1, 1), "step": step})
         self.block, self.measured = block, 0
 
     def ensure(self, configs, progress=None) -> int:
@@ -223,26 +223,27 @@ def test_a_model_with_implants_is_refused():
 
 def test_prune_target_latency_records_the_budget_and_times_side_by_side(trained_ckpt, tmp_path, capsys):
     out = tmp_path / "p"
-    code = main(["prune", str(trained_ckpt), "--method", "l1", "--target-latency", "0.6", "--runtime", "torch",
+    code = main(["prune", str(trained_ckpt), "--method", "l1", "--target-latency", "0.7", "--runtime", "onnxruntime",
                  "--score-images", "32", "--candidates", "2", "--repeats", "2", "--finetune-epochs", "0",
                  "--out", str(out), "--no-progress"])
     assert code == 0, capsys.readouterr().err
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     record = json.loads((out / "record.json").read_text())
     budget = record["latency_budget"]
-    assert record["config"]["kind"] == "latency" and record["config"]["runtime"] == "torch"
-    assert budget["runtime"] == "torch" and budget["batch"] == 1 and budget["threads"] == 1 and budget["measured_here"]
+    assert record["config"]["kind"] == "latency" and record["config"]["runtime"] == "onnxruntime"
+    assert budget["runtime"] == "onnxruntime" and budget["batch"] == 1 and budget["threads"] == 1 and budget["measured_here"]
     attempt = budget["attempts"][0]
-    assert attempt["goal"] == 0.6 and attempt["price"] == "damage" and attempt["candidates"]["candidates"] >= 1
+    assert attempt["goal"] == 0.7 and attempt["price"] == "damage" and attempt["candidates"]["candidates"] >= 1
     assert attempt["measured"]["low"] <= attempt["measured"]["median"] <= attempt["measured"]["high"]
     for later, earlier in zip(budget["attempts"][1:], budget["attempts"]):
         assert later["goal"] < earlier["goal"]  # a missed target tightens the goal
     assert record["rounds"][0]["macs_after"] < record["rounds"][0]["macs_before"]
     assert record["after_prune_before_finetune"]["bn"] == "re-estimated on training images"
-    assert summary["runtime"].startswith("torch ") and record["timing"]["runtime"] == "torch"
+    assert summary["runtime"].startswith("onnxruntime ") and record["timing"]["runtime"] == "onnxruntime"
     pruned = checkpoint.load(out / "model.safetensors")
     assert channel_counts(pruned)["layer3.0.conv2"][1] < 64 or channel_counts(pruned)["layer2.0.conv2"][1] < 32
-    assert record["command"] and "--target-latency 0.6" in record["command"] and "--runtime torch" in record["command"]
+    assert record["command"] and "--target-latency 0.7" in record["command"]
+    assert "--runtime onnxruntime" in record["command"]
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -283,21 +284,22 @@ def test_prune_refuses_a_table_made_for_another_batch(trained_ckpt, tmp_path, ca
 
 def test_compare_target_latency_places_width_entries_at_the_latency(trained_ckpt, tmp_path, capsys):
     out = tmp_path / "c"
-    code = main(["compare", str(trained_ckpt), "--target-latency", "0.6", "--methods", "l1", "--runtime", "torch",
+    code = main(["compare", str(trained_ckpt), "--target-latency", "0.7", "--methods", "l1", "--runtime", "onnxruntime",
                  "--no-onnx", "--finetune-epochs", "0", "--score-images", "32", "--repeats", "2",
                  "--out", str(out), "--no-progress"])
     assert code == 0, capsys.readouterr().err
     lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
     run, base, entry = lines[0], lines[1], lines[-1]
-    assert run["identity"]["budget"] == "latency" and run["identity"]["runtime"] == "torch"
-    assert base["timing"]["runtime"] == "torch" and base["timing"]["budget"] == "latency"
-    assert entry["key"] == "l1@0.6" and entry["budget"] == "latency"
-    s = entry["speedup"]["torch"]["batch1"]
-    assert s["low"] <= s["median"] <= s["high"]
-    assert "solved for torch latency x0.6" in entry["notes"]
+    assert run["identity"]["budget"] == "latency" and run["identity"]["runtime"] == "onnxruntime"
+    assert base["timing"]["runtime"] == "onnxruntime" and base["timing"]["budget"] == "latency"
+    assert entry["key"] == "l1@0.7" and entry["budget"] == "latency"
+    for runtime in ("torch", "onnx"):  # --no-onnx leaves ONNX Runtime in: it is the budget's runtime
+        s = entry["speedup"][runtime]["batch1"]
+        assert s["low"] <= s["median"] <= s["high"]
+    assert "solved for onnxruntime latency x0.7" in entry["notes"]
     report = (out / "report.md").read_text()
-    assert "Latency budget 60% of the baseline on torch, batch 1" in report
-    assert "measured latency on torch, batch 1" in report
+    assert "Latency budget 70% of the baseline on onnxruntime, batch 1" in report
+    assert "measured latency on onnxruntime, batch 1" in report
 
 
 def test_compare_refuses_implants_under_a_latency_budget(trained_ckpt, tmp_path, capsys):

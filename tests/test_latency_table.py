@@ -417,14 +417,14 @@ def test_calibrate_predicts_the_measured_latency(measured):
     blocked, other = _sums(model, 4)
     assert blocked > 0 and other > 0  # both kinds present
     measured_ms = fake_ms(CALL) + 1.5 * blocked + other
-    table = cached_table("torch", 1, 1)
+    table = cached_table("onnxruntime", 1, 1)
     fitted = LatencyModel.calibrate(table, model, SHAPE, measured_ms, step=4)
     assert {c for c, *_ in measured} == {CALL, *layer_configs(model, SHAPE).values()}
     assert fitted.scale == pytest.approx(1.5, rel=1e-9)
     assert (fitted.step, fitted.input_shape, fitted.reference_ms) == (4, SHAPE, measured_ms)
     assert fitted.call_ms == fake_ms(CALL)
     assert fitted.predict(model) == pytest.approx(measured_ms, rel=1e-9)
-    assert cached_table("torch", 1, 1).entries == table.entries  # calibration's measurements were cached
+    assert cached_table("onnxruntime", 1, 1).entries == table.entries  # calibration's measurements were cached
     for config in layer_configs(model, SHAPE).values():
         net = fake_ms(config) - fake_ms(CALL)
         assert fitted.layer_ms(config) == pytest.approx(net * (1.5 if config.blocked(4) else 1.0), rel=1e-12)
@@ -433,7 +433,7 @@ def test_calibrate_predicts_the_measured_latency(measured):
 def test_fewer_channels_predict_lower(measured):
     model = _chain()
     blocked, other = _sums(model, 4)
-    fitted = LatencyModel.calibrate(cached_table("torch", 1, 1), model, SHAPE, fake_ms(CALL) + 1.2 * blocked + other,
+    fitted = LatencyModel.calibrate(cached_table("onnxruntime", 1, 1), model, SHAPE, fake_ms(CALL) + 1.2 * blocked + other,
                                     step=4)
     full = fitted.predict(model)
     before = len(measured)
@@ -448,30 +448,45 @@ def test_fewer_channels_predict_lower(measured):
 def test_calibrate_clamps_the_scale(measured, factor, scale):
     model = _chain()
     blocked, other = _sums(model, 4)
-    fitted = LatencyModel.calibrate(cached_table("torch", 1, 1), model, SHAPE,
+    fitted = LatencyModel.calibrate(cached_table("onnxruntime", 1, 1), model, SHAPE,
                                     (fake_ms(CALL) + blocked + other) * factor, step=4)
     assert fitted.scale == scale
 
 
 def test_calibrate_without_blocked_layers_keeps_scale_one(measured):
     model = _chain((6, 6, 6))  # the first conv reads the image (3 channels) but gives 6: nothing blocked at step 4
-    fitted = LatencyModel.calibrate(cached_table("torch", 1, 1), model, SHAPE, 123.0, step=4)
+    fitted = LatencyModel.calibrate(cached_table("onnxruntime", 1, 1), model, SHAPE, 123.0, step=4)
     assert fitted.scale == 1.0
 
 
 def test_calibrate_default_step_is_the_cpu_block(measured):
-    fitted = LatencyModel.calibrate(cached_table("torch", 1, 1), _chain(), SHAPE, 1.0)
+    fitted = LatencyModel.calibrate(cached_table("onnxruntime", 1, 1), _chain(), SHAPE, 1.0)
     assert fitted.step == simd_channels()
 
 
 def test_calibrate_refuses_a_model_without_layers(measured):
     with pytest.raises(LeanconvError, match="no conv or linear layer"):
-        LatencyModel.calibrate(cached_table("torch", 1, 1), nn.ReLU(), SHAPE, 1.0)
+        LatencyModel.calibrate(cached_table("onnxruntime", 1, 1), nn.ReLU(), SHAPE, 1.0)
     assert measured == []
 
 
 def test_layer_faster_than_a_call_counts_zero():
-    table = LatencyTable(table_key("torch", 1, 1), {CALL.key(): 0.05, CONFIGS[2].key(): 0.03})
+    table = LatencyTable(table_key("onnxruntime", 1, 1), {CALL.key(): 0.05, CONFIGS[2].key(): 0.03})
     model = LatencyModel(table, (8,), 1.0, 2.0, 4)
     assert model.layer_ms(CONFIGS[2]) == 0.0
     assert model.predict(nn.Linear(8, 5)) == 0.05  # call cost once, the layer's net time clamped at zero
+
+
+def test_eager_pytorch_predicts_each_layer_as_timed_plus_a_fixed_offset(measured):
+    """Eager PyTorch calls every layer on its own: no call cost is taken off, no blocked factor,
+    and what the table does not hold is one offset fitted on the unpruned model."""
+    model = _chain()
+    layers = sum(fake_ms(c) for c in layer_configs(model, SHAPE).values())
+    fitted = LatencyModel.calibrate(cached_table("torch", 1, 1), model, SHAPE, layers + 0.25, step=4)
+    assert fitted.eager and fitted.scale == 1.0 and fitted.offset == pytest.approx(0.25)
+    assert fitted.predict(model) == pytest.approx(layers + 0.25, rel=1e-12)
+    smaller = _chain((4, 4, 4))
+    expected = 0.25 + sum(fake_ms(c) for c in layer_configs(smaller, SHAPE).values())
+    assert fitted.predict(smaller) == pytest.approx(expected, rel=1e-12)
+    fitted.refit(model, layers + 0.5)  # a steadier measurement of the unpruned model moves the offset only
+    assert fitted.offset == pytest.approx(0.5) and fitted.reference_ms == layers + 0.5

@@ -27,7 +27,11 @@ graph pays differently, and the prediction corrects for two of them, both measur
   equals its measured latency; other layers convert around themselves in the graph too and
   count as measured.
 
-So ``predict = call + scale * sum(blocked - call) + sum(other - call)``. Measured on the
+So ``predict = call + scale * sum(blocked - call) + sum(other - call)`` on ONNX Runtime and
+OpenVINO. Eager PyTorch is different: it calls every layer on its own (each pays its call
+cost, as when timed alone), and what the table does not hold (activations, adds, pooling:
+mostly per-call costs at small sizes) does not shrink with the channels; there
+``predict = offset + sum(layer)``, the offset fitted on the unpruned model. Measured on the
 trained ResNet-20 (ONNX Runtime, 1 thread): pruned models predicted within 2-7% at batch 1
 and 64, where the raw sum was 20-60% off; ``benchmarks/bench_latency_budget.py`` reports the
 error on every model it prunes.
@@ -341,8 +345,16 @@ class LatencyModel:
     table: LatencyTable
     input_shape: tuple[int, ...]
     reference_ms: float  # the unpruned model, measured on the runtime
-    scale: float  # the factor of blocked layers
+    scale: float  # the factor of blocked layers (graph runtimes)
     step: int  # the channel block
+    offset: float = 0.0  # eager PyTorch: the time of what the table does not hold, fitted on the unpruned model
+
+    @property
+    def eager(self) -> bool:
+        """Eager PyTorch calls every layer on its own, so each pays its call cost, and what the
+        table does not hold (activations, adds, pooling: mostly per-call costs at small sizes)
+        stays as a fixed offset; graph runtimes (ONNX Runtime, OpenVINO) run a model in one call."""
+        return self.table.runtime == "torch"
 
     @classmethod
     def calibrate(cls, table: LatencyTable, model: nn.Module, input_shape: Sequence[int], measured_ms: float, *,
@@ -354,11 +366,20 @@ class LatencyModel:
             raise LeanconvError("the model has no conv or linear layer whose latency a table can hold")
         table.ensure([CALL, *configs.values()], progress)
         fitted = cls(table, tuple(input_shape), float(measured_ms), 1.0, step or table.step)
+        if fitted.eager:
+            fitted.offset = measured_ms - sum(table.time_of(c) for c in configs.values())
+            return fitted
         blocked = sum(fitted._net(c) for c in configs.values() if c.blocked(fitted.step))
         other = sum(fitted._net(c) for c in configs.values() if not c.blocked(fitted.step))
         if blocked > 0:
             fitted.scale = min(20.0, max(0.05, (measured_ms - fitted.call_ms - other) / blocked))
         return fitted
+
+    def refit(self, model: nn.Module, measured_ms: float) -> None:
+        """Fit again, in place, to a new measurement of the unpruned ``model`` (one taken side by
+        side with a pruned model is steadier than the first one alone)."""
+        fitted = type(self).calibrate(self.table, model, self.input_shape, measured_ms, step=self.step)
+        self.reference_ms, self.scale, self.offset = fitted.reference_ms, fitted.scale, fitted.offset
 
     @property
     def call_ms(self) -> float:
@@ -369,11 +390,14 @@ class LatencyModel:
 
     def layer_ms(self, config: LayerConfig) -> float:
         """One layer's share of a whole model's latency (table entries must be there)."""
+        if self.eager:
+            return self.table.time_of(config)
         return self._net(config) * (self.scale if config.blocked(self.step) else 1.0)
 
     def predict_configs(self, configs: Mapping[str, LayerConfig]) -> float:
         self.table.ensure([CALL, *configs.values()])
-        return self.call_ms + float(sum(self.layer_ms(c) for c in configs.values()))
+        fixed = self.offset if self.eager else self.call_ms
+        return fixed + float(sum(self.layer_ms(c) for c in configs.values()))
 
     def predict(self, model: nn.Module, progress: Callable[[int, int], None] | None = None) -> float:
         """Predicted ms per batch of ``model`` (measuring any configuration the table lacks)."""

@@ -11,6 +11,7 @@ lowest and highest round as the spread. Units: milliseconds per batch.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -59,13 +60,17 @@ def _spread(values: np.ndarray) -> dict[str, float]:
 
 
 def time_prepared(calls: Mapping[str, Any], *, threads: int, rounds: int, repeats: int,
-                  warmup: int) -> dict[str, np.ndarray]:
-    """Per name, an array ``[rounds, repeats]`` of milliseconds: the interleaved timing itself."""
+                  warmup: int, warmup_s: float = 0.0) -> dict[str, np.ndarray]:
+    """Per name, an array ``[rounds, repeats]`` of milliseconds: the interleaved timing itself.
+    Each call first runs ``warmup`` times, and on until ``warmup_s`` seconds have passed."""
     names = list(calls)
     times = {n: np.empty((rounds, repeats)) for n in names}
     with torch_threads(threads):
         for n in names:
             time_calls(calls[n], warmup, 1)
+            start = time.perf_counter()
+            while time.perf_counter() - start < warmup_s:
+                calls[n]()
         for r in range(rounds):
             shift = r % len(names)
             for n in names[shift:] + names[:shift]:
@@ -76,7 +81,7 @@ def time_prepared(calls: Mapping[str, Any], *, threads: int, rounds: int, repeat
 def time_side_by_side(models: Mapping[str, nn.Module], input_shape: Sequence[int] | Mapping[str, Sequence[int]], *,
                       reference: str | None = None,
                       runtime: str = DEFAULT_RUNTIME, threads: int = 1, batch: int = 1, rounds: int = 7,
-                      repeats: int = 10, warmup: int = 5) -> SideBySide:
+                      repeats: int = 10, warmup: int = 5, warmup_s: float = 0.0) -> SideBySide:
     """Time every model of ``models`` (name -> model; none is changed) on ``runtime`` side by
     side (module docstring); a value may also be a model already :func:`prepared
     <leanconv.cost.runtimes.prepare>` for this runtime, threads and batch (reused across
@@ -103,7 +108,7 @@ def time_side_by_side(models: Mapping[str, nn.Module], input_shape: Sequence[int
             raise LeanconvError(f"{n} was prepared for {p.runtime}, {p.threads} thread(s), batch {p.batch}; "
                                 f"not {runtime}, {threads} thread(s), batch {batch}")
     times = time_prepared({n: p.call for n, p in prepared.items()}, threads=threads, rounds=rounds, repeats=repeats,
-                          warmup=warmup)
+                          warmup=warmup, warmup_s=warmup_s)
     per_round = {n: np.median(t, axis=1) for n, t in times.items()}
     latency = {n: {"median_ms": float(np.median(t)), "p10_ms": float(np.percentile(t, 10)),
                    "p90_ms": float(np.percentile(t, 90))} for n, t in times.items()}

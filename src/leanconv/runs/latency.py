@@ -37,6 +37,7 @@ __all__ = ["MAX_ATTEMPTS", "SLACK", "LatencyBudget", "describe", "prune_to_measu
 
 MAX_ATTEMPTS = 4
 SLACK = 0.03  # a measured ratio up to target + SLACK meets the target
+WARMUP_S = 0.5  # each model runs at least this long before it is timed (a runtime's first calls are slow)
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class LatencyBudget:
 
     def measure(self, models: dict[str, nn.Module], shape) -> Any:
         return time_side_by_side(models, shape, runtime=self.runtime, threads=self.threads, batch=self.batch,
-                                 rounds=5, repeats=self.repeats, warmup=3)
+                                 rounds=5, repeats=self.repeats, warmup=3, warmup_s=WARMUP_S)
 
     def check(self, model: nn.Module, example: torch.Tensor, shape, target: float, *, strict: bool = True,
               stage: Stage | None = None) -> LatencyModel:
@@ -112,6 +113,8 @@ def prune_to_measured_latency(model: nn.Module, criterion, example: torch.Tensor
         sbs = budget.measure({"unpruned": model, "pruned": trial}, shape)
         ratio = sbs.ratio["pruned"]
         entry["measured"] = ratio
+        entry["unpruned_ms"] = sbs.latency_ms["unpruned"]["median_ms"]
+        latency.refit(model, entry["unpruned_ms"])  # the next solve predicts from this steadier figure
         say(f"goal {goal:.3f}: predicted {result.achieved:.3f}, measured {ratio['median']:.3f} "
             f"({ratio['low']:.3f}-{ratio['high']:.3f}) of the unpruned latency")
         best = (trial, result)
