@@ -11,6 +11,21 @@ from leanconv.data import load_dataset
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_latency_cache(tmp_path_factory):
+    """Latency tables that tests build go to a folder of the session, never the user's cache
+    (children the tests start inherit it)."""
+    import os
+
+    before = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if before is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = before
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     """Every test starts seeded and on one thread (tiny ops thrash when several processes
