@@ -320,8 +320,8 @@ def test_python_api_prunes_your_model_to_a_latency():
                           nn.Conv2d(32, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 4))
     data = DataLoader(TensorDataset(torch.randn(64, *SHAPE), torch.randint(0, 4, (64,))), batch_size=16)
-    small = leanconv.prune(model, torch.randn(1, *SHAPE), data=data, method="l1", target_latency=0.6,
-                           runtime="torch", score_images=16, candidates=2)
+    small = leanconv.prune(model, torch.randn(1, *SHAPE), data=data, method="l1", target_latency=0.8,
+                           runtime="onnxruntime", latency_batch=8, score_images=16, candidates=2)
     record = small.leanconv_record
     assert record["config"]["kind"] == "latency" and record["latency_budget"]["attempts"]
     assert record["achieved"]["macs"] < 1 and model[0].out_channels == 32  # the model given is unchanged
