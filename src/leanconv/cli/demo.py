@@ -88,6 +88,8 @@ def _check_reuse(out: Path, plan: DemoPlan, data) -> bool:
     if not path.exists():
         return False
     meta = checkpoint.read_header(path)["meta"]
+    if "demo_plan" not in meta and (meta.get("dataset") or {}).get("name") in (None, data.name):
+        return False  # a baseline whose training was interrupted: training resumes it (fit checks its settings)
     made = (meta.get("demo_plan"), (meta.get("dataset") or {}).get("name"))
     if made != ({"epochs": plan.base_epochs, "subset": plan.base_subset}, data.name):
         raise LeanconvError(f"{out} holds a demo made with other settings (baseline {made[0]} on {made[1]}); "
