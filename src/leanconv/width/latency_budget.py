@@ -295,11 +295,15 @@ def check_latency_reachable(model: nn.Module, example_input: Tensor, *, target: 
     _, _, solver = _prepare(model, example_input, input_shape, latency, floor, step, ignored, strict)
     solver.latency.table.ensure(solver.all_configs(), progress)
     fastest = solver.predict(solver.lowest()) / latency.reference_ms
+    _refuse_unreachable(target, fastest, latency)
+    return fastest
+
+
+def _refuse_unreachable(target: float, fastest: float, latency: LatencyModel) -> None:
     if fastest > target:
         raise LeanconvError(f"latency target {target:g} is unreachable on {latency.table.runtime}: with every layer "
                             f"at its fewest channels on the runtime's staircase the model is predicted at "
                             f"{fastest:.3f} of the unpruned latency; raise the target")
-    return fastest
 
 
 class LatencyPruner:
@@ -322,7 +326,7 @@ class LatencyPruner:
                  latency: LatencyModel, input_shape: Sequence[int] | None = None, data=None, floor: float = 1,
                  step: int | None = None, normalize: str = "mean", price: str | None = None,
                  candidates: int = 1, seed: int = 0, ignored: Sequence[str] = (), strict: bool = True,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, target: float | None = None) -> None:
         _check(0.5, floor, step)
         if normalize not in ("mean", "none"):
             raise LeanconvError(f"normalize must be 'mean' or 'none', got {normalize!r}")
@@ -344,6 +348,9 @@ class LatencyPruner:
                                                         ignored, strict)
         latency.table.ensure(self.solver.all_configs())
         self.fastest = self.solver.predict(self.solver.lowest()) / latency.reference_ms
+        if target is not None:  # refused before any scoring
+            checks.fraction(target, "target", of="the unpruned model's measured latency")
+            _refuse_unreachable(target, self.fastest, latency)
         report(1, 3, {"stage": "groups", "groups": len(self.traced)})
         scores = _normalized(_scores(importance, model, [t.group for t in self.traced], data), normalize)
         self.planner = _Planner(model, self.traced, floor=1, round_to=None, implant=0.0)
@@ -371,9 +378,7 @@ class LatencyPruner:
         """The plan for ``target`` times the unpruned latency (a fraction; raises if unreachable):
         the greedy plan, or the best of the candidates (class docstring)."""
         checks.fraction(target, "target", of="the unpruned model's measured latency")
-        if self.fastest > target:
-            raise LeanconvError(f"latency target {target:g} is unreachable on {self.latency.table.runtime}: the "
-                                f"fastest model the staircase allows is predicted at {self.fastest:.3f}; raise it")
+        _refuse_unreachable(target, self.fastest, self.latency)
         goal = target * self.latency.reference_ms
         plan = self.solver.solve(goal, self._lost)
         if self.candidates == 1:
@@ -420,11 +425,7 @@ def prune_to_latency(model: nn.Module, importance: Importance | Sequence[Tensor]
     predicted ratio. ``options`` are :class:`LatencyPruner`'s. An unreachable target raises
     before any scoring."""
     _check(target, options.get("floor", 1), options.get("step"))
-    check_latency_reachable(model, example_input, target=target, latency=latency,
-                            input_shape=options.get("input_shape"), floor=options.get("floor", 1),
-                            step=options.get("step"), ignored=options.get("ignored", ()),
-                            strict=options.get("strict", True))
-    pruner = LatencyPruner(model, importance, example_input, latency=latency, **options)
+    pruner = LatencyPruner(model, importance, example_input, latency=latency, target=target, **options)
     trial, result = pruner.realise(pruner.solve(target), target)
     for name, child in list(trial.named_children()):
         setattr(model, name, child)  # adopt the pruned layers; the model object stays the same
