@@ -41,9 +41,11 @@ from leanconv.importance.base import Criterion, ScoringData, register_criterion
 from leanconv.importance.hessian import cache, traces
 from leanconv.importance.scoring import is_weight_layer, member_module, require_batches, sum_over_members, to_scores
 
-__all__ = ["HAP", "hap", "probe_settings", "MIN_PROBES"]
+__all__ = ["HAP", "hap", "probe_settings", "MIN_PROBES", "FORMS", "HAP_ESTIMATOR", "HAP_FORM"]
 
 MIN_PROBES = 8  # probes every estimate runs before the stopping rule may stop it
+FORMS = ("trace", "block")  # Tr(H_pp) / numel(W_p) * ||W_p||^2 (the paper), or W_p^T H_pp W_p itself
+HAP_ESTIMATOR, HAP_FORM = "hutchinson", "trace"  # what a run uses unless told (README, Benchmarks)
 
 
 def probe_settings(probes: int, seed: int = 0, min_probes: int | None = None) -> dict:
@@ -80,16 +82,23 @@ class HAP(Criterion):
         cache_dir: str | Path | None = None,
         progress: Callable[[int, int, dict], None] | None = None,
         shrink: bool = False,
+        form: str = "trace",
         **trace_settings,
     ):
+        if form not in FORMS:
+            raise LeanconvError(f"hap: unknown form {form!r}; choose one of: {', '.join(FORMS)}")
+        if form == "block" and trace_settings.get("estimator", "hutchinson") != "gauss-newton":
+            raise LeanconvError("hap: the block form needs the exact Gauss-Newton blocks; use estimator "
+                                "'gauss-newton' or the trace form")
         unknown = sorted(set(trace_settings) - _SETTINGS)
         if unknown:
             known = ", ".join(sorted(_SETTINGS))
             raise LeanconvError(f"hap: unknown setting(s) {', '.join(unknown)}; "
-                                f"known: {known}, cache_dir, progress, shrink")
+                                f"known: {known}, cache_dir, progress, shrink, form")
         self.cache_dir = cache_dir
         self.progress = progress
         self.shrink = shrink
+        self.form = form
         self.trace_settings = trace_settings
         self.last_traces: traces.TraceResult | None = None
 
@@ -104,7 +113,7 @@ class HAP(Criterion):
         else:
             result = traces.channel_traces(model, batches, **kw)
         self.last_traces = result
-        sens = result.hap_sensitivity(weights, shrink=self.shrink)
+        sens = result.quadratic if self.form == "block" else result.hap_sensitivity(weights, shrink=self.shrink)
 
         def score(module: nn.Module, member: Member) -> Tensor | None:
             s = sens.get(f"{member.module}.weight")
@@ -128,6 +137,7 @@ def _out_weights(model: nn.Module, groups: Sequence[ChannelGroup]) -> dict[str, 
 
 
 @register_criterion("hap")
-def hap(cache_dir: str | Path | None = None, progress=None, shrink: bool = False, **trace_settings) -> HAP:
+def hap(cache_dir: str | Path | None = None, progress=None, shrink: bool = False, form: str = "trace",
+        **trace_settings) -> HAP:
     """Hessian-aware sensitivity (Yu et al. 2022)."""
-    return HAP(cache_dir=cache_dir, progress=progress, shrink=shrink, **trace_settings)
+    return HAP(cache_dir=cache_dir, progress=progress, shrink=shrink, form=form, **trace_settings)
