@@ -31,11 +31,19 @@ original cost. How it decides:
    at run time (:func:`~leanconv.width.permute.fold_channel_orders`). Implants start at zero
    (HAP), or with ``implant_init="fit"`` as the least-squares stand-in for the filters they
    replace, fitted on ``data``'s batches (:mod:`.implant_fit`).
+6. **Candidates** (``candidates=N``, with ``data``): the allocation of step 4 is one guess;
+   ``N - 1`` more are drawn by shifting each group's scores by a seeded random multiple of
+   their standard deviation (one per group; ``seed``) and searched the same way, each meeting
+   the same budget. Each distinct one is realised on a copy (implants fitted), its BatchNorm
+   statistics re-estimated on ``data``'s batches and its loss on them measured; the lowest
+   wins (EagleEye's adaptive-BN evaluation, :mod:`.candidates`), and the result records every
+   loss and the choice.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import numbers
@@ -52,6 +60,7 @@ from leanconv.util import checks
 from leanconv.importance.base import ScoringData, check_batches, check_scores
 from leanconv.layers.implant import ImplantConv2d
 from leanconv.width.channels import can_implant, channel_counts, implant_channels, remove_channels
+from leanconv.width.candidates import check_candidates, choose, shifted_scores
 from leanconv.width.implant_fit import IMPLANT_INITS, fit_implants
 from leanconv.width.cost_model import Cost, CostModel
 from leanconv.graph.groups import TracedGroup, trace_groups
@@ -76,7 +85,9 @@ class PruneResult:
     ``implanted`` list group channels (indices into the root layer's original outputs) by
     group root. ``implant_fit`` (``implant_init="fit"`` only) gives, per implanted conv, the
     share of its replaced filters' output (sum of squares) the fitted implant leaves
-    unexplained: 0 = exact, 1 = no better than a zero implant."""
+    unexplained: 0 = exact, 1 = no better than a zero implant. ``candidates`` (``candidates`` >
+    1 only): ``{"candidates": n, "losses": [...], "chosen": i}``, the validation loss of each
+    allocation judged (the plain one first) and the index of the one applied."""
 
     kind: str
     target: float
@@ -89,6 +100,7 @@ class PruneResult:
     removed: dict[str, list[int]] = field(default_factory=dict)
     implanted: dict[str, list[int]] = field(default_factory=dict)
     implant_fit: dict[str, float] = field(default_factory=dict)
+    candidates: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -183,7 +195,8 @@ def _check_options(target: float, kind: str, round_to: int | None, floor: float,
                    normalize: str) -> None:
     if kind not in ("macs", "params"):
         raise LeanconvError(f"budget kind must be 'macs' or 'params', got {kind!r}")
-    for name, value in (("target", target), ("floor", floor), ("implant", implant), ("tol", tol), ("round_to", round_to)):
+    for name, value in (("target", target), ("floor", floor), ("implant", implant), ("tol", tol),
+                        ("round_to", round_to)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
                                   or not math.isfinite(value)):
             raise LeanconvError(f"{name} must be a finite number, got {value!r}")
@@ -302,7 +315,8 @@ def _reachable_plan(model, example_input, shape, *, target, kind, round_to, floo
     planner = _Planner(model, traced, floor=floor, round_to=round_to, implant=implant, implant_init=implant_init)
     lowest = costs.estimate(*_parts(planner.plan(planner.candidates(planner.total)))).of(kind)
     if lowest > target * costs.base.of(kind) * (1 + tol):
-        rule = f"at least {floor} channel(s) per layer" if floor >= 1 else f"at least {floor:g} of each layer's channels"
+        rule = (f"at least {floor} channel(s) per layer" if floor >= 1
+                else f"at least {floor:g} of each layer's channels")
         rule += f" in multiples of {round_to} (--round-to)" if round_to else ""
         rule += f" and implanting {implant:g} of the channels removed from kxk convs (--implant)" if implant else ""
         raise LeanconvError(f"target {target:g} of the original {kind} is unreachable: keeping {rule}, the smallest "
@@ -319,8 +333,8 @@ def check_reachable(model: nn.Module, example_input: Tensor, *, target: float, k
     channels count, since they raise the smallest reachable cost). The model is unchanged."""
     _check_options(target, kind, round_to, floor, implant, tol, "mean")
     shape = tuple(input_shape) if input_shape is not None else tuple(example_input.shape[1:])
-    _reachable_plan(model, to_model(example_input, model), shape, target=target, kind=kind, round_to=round_to, floor=floor,
-                    implant=implant, implant_init="zero", tol=tol, ignored=ignored, strict=strict)
+    _reachable_plan(model, to_model(example_input, model), shape, target=target, kind=kind, round_to=round_to,
+                    floor=floor, implant=implant, implant_init="zero", tol=tol, ignored=ignored, strict=strict)
 
 
 def prune_to_budget(
@@ -338,6 +352,8 @@ def prune_to_budget(
     implant_init: str = "zero",
     normalize: str = "mean",
     latency_aware: bool = False,
+    candidates: int = 1,
+    seed: int = 0,
     tol: float = 0.02,
     ignored: Sequence[str] = (),
     strict: bool = True,
@@ -349,9 +365,11 @@ def prune_to_budget(
     ``importance(model, groups, data)`` or precomputed scores for
     ``channel_groups(model, example_input, ignored=ignored, strict=strict)``; with
     ``strict=False`` channels that pass through layers leanconv cannot resize are kept
-    instead of raising. Raises :class:`LeanconvError` (model untouched) for bad options or
-    an unreachable target."""
+    instead of raising. ``candidates > 1`` (needs ``data``) chooses the allocation among that
+    many by validation loss after the cut (module docstring, step 6; ``seed`` draws them).
+    Raises :class:`LeanconvError` (model untouched) for bad options or an unreachable target."""
     _check_options(target, kind, round_to, floor, implant, tol, normalize)
+    check_candidates(candidates, seed, data is not None and bool(data.batches))
     if implant_init not in IMPLANT_INITS:
         raise LeanconvError(f"implant_init must be one of {', '.join(IMPLANT_INITS)}, got {implant_init!r}")
     if implant and implant_init == "fit" and (data is None or not data.batches):
@@ -374,10 +392,12 @@ def prune_to_budget(
         scores = [s / w for s, w in zip(scores, weights)]
     planner.rank(scores)
     report(2, 4, {"stage": "scores"})
-    trial, plan, cost = _realise(model, traced, planner, costs, goal, kind, tol, example_input, shape)
-    fitted = {}
-    if implant_init == "fit" and any(plan.implanted):
-        fitted = fit_implants(trial, model, _implant_targets(traced, planner, plan), data.batches)
+    realise = functools.partial(_realise, model, traced, planner, costs, goal, kind, tol, example_input, shape)
+    fit = functools.partial(_fit, model, traced, planner, data if implant_init == "fit" else None)
+    cut, chosen = _Cut(*realise()), None
+    if candidates > 1:
+        cut, chosen = _best_cut(cut, realise, fit, planner, scores, data, candidates, seed, progress)
+    trial, plan, cost = fit(cut).trial, cut.plan, cut.cost
     fold_channel_orders(trial, example_input)  # implants output [kept..., implanted...]: no re-ordering
     report(3, 4, {"stage": "search", "ratio": cost.of(kind) / costs.base.of(kind)})
     layers = _layer_changes(model, trial)
@@ -389,7 +409,8 @@ def prune_to_budget(
         kind=kind, target=target, achieved=cost.of(kind) / b.of(kind), params_before=b.params,
         params_after=cost.params, macs_before=b.macs, macs_after=cost.macs, layers=layers,
         removed={t.group.root: r for t, r in zip(traced, plan.removed) if r},
-        implanted={t.group.root: i for t, i in zip(traced, plan.implanted) if i}, implant_fit=fitted,
+        implanted={t.group.root: i for t, i in zip(traced, plan.implanted) if i}, implant_fit=cut.fitted,
+        candidates=chosen,
     )
 
 
@@ -412,6 +433,48 @@ def _realise(model, traced, planner: _Planner, costs: CostModel, goal: float, ki
                             f"{cost.of(kind) / costs.base.of(kind):.3f} of the {kind}; {coarse}, or choose a "
                             "target near that")
     return trial, planner.plan(chosen), cost
+
+
+@dataclass
+class _Cut:
+    """A realised plan: the pruned copy, its plan, its counted cost and its implants' fit
+    (None until :func:`_fit` ran)."""
+
+    trial: nn.Module
+    plan: _Plan
+    cost: Cost
+    fitted: dict[str, float] | None = None
+
+
+def _fit(model: nn.Module, traced, planner: _Planner, data: ScoringData | None, cut: _Cut) -> _Cut:
+    """Fit ``cut``'s implants on ``data``'s batches (None: zero implants, nothing to fit), once."""
+    if cut.fitted is None:
+        cut.fitted = {}
+        if data is not None and any(cut.plan.implanted):
+            cut.fitted = fit_implants(cut.trial, model, _implant_targets(traced, planner, cut.plan), data.batches)
+    return cut
+
+
+def _best_cut(plain: _Cut, realise: Callable[[], tuple], fit: Callable[[_Cut], _Cut], planner: _Planner,
+              scores: Sequence[Tensor], data: ScoringData, candidates: int, seed: int,
+              progress: Progress | None) -> tuple[_Cut, dict[str, Any]]:
+    """Step 6 of the module docstring: the cut with the lowest validation loss after the cut
+    among ``plain`` and up to ``candidates - 1`` distinct cuts of randomly shifted ``scores``,
+    and the record of the choice. Leaves ``planner`` ranked by the last draw."""
+    def draw(generator: torch.Generator) -> _Cut | None:
+        planner.rank(shifted_scores(scores, generator))
+        try:
+            return _Cut(*realise())
+        except LeanconvError:  # no plan of this ranking lands within tol of the budget
+            return None
+
+    def judged(cut: _Cut) -> nn.Module:  # a copy: the cut kept has the statistics the plain one would have
+        return copy.deepcopy(fit(cut).trial)
+
+    def key(cut: _Cut) -> tuple:
+        return tuple(map(tuple, cut.plan.removed)), tuple(map(tuple, cut.plan.implanted))
+
+    return choose(plain, draw, key=key, realise=judged, candidates=candidates, seed=seed, data=data, progress=progress)
 
 
 def _implant_targets(traced, planner: _Planner, plan: _Plan) -> dict[str, list[int]]:
@@ -450,13 +513,15 @@ def iterative_prune(
     the current model each round and ``finetune_fn(model, s)`` (the caller's training, may be
     None) runs after each round. Neural Implant (``implant``) is applied in the last round only,
     because implanted outputs are not pruned again. ``options`` go to :func:`prune_to_budget`
-    (``data``, ``round_to``, ``floor``, ``normalize``, ``latency_aware``, ``tol``, ``input_shape``,
-    ``ignored``).
+    (``data``, ``round_to``, ``floor``, ``normalize``, ``latency_aware``, ``candidates`` and
+    ``seed``: the same draws each round, ``tol``, ``input_shape``, ``ignored``).
     Returns one :class:`PruneResult` per round (ratios relative to that round's input)."""
     if int(steps) != steps or steps < 1:
         raise LeanconvError(f"steps must be a positive integer, got {steps}")
     _check_options(target, kind, options.get("round_to"), options.get("floor", 1), implant,
                    options.get("tol", 0.02), options.get("normalize", "mean"))
+    data = options.get("data")
+    check_candidates(options.get("candidates", 1), options.get("seed", 0), data is not None and bool(data.batches))
     shape = options.get("input_shape") or tuple(example_input.shape[1:])
     original = _counted(model, shape).of(kind)
     results = []

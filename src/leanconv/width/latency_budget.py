@@ -49,6 +49,7 @@ from leanconv.util.model_io import to_model
 from leanconv.util.progress import Progress
 from leanconv.width.budget import (Importance, PruneResult, _apply, _layer_changes, _normalized, _Planner, _scores,
                                    _trial)
+from leanconv.width.candidates import adaptive_bn_loss, check_candidates, choose, group_factors
 
 __all__ = ["prune_to_latency", "LatencyPruner", "LatencyPlan", "check_latency_reachable", "measured_damage",
            "solver_configs", "PRICES"]
@@ -204,25 +205,6 @@ class _Solver:
         return found
 
 
-def _loss(model: nn.Module, batches, loss_fn) -> float:
-    """Mean loss on ``batches`` right after re-estimating BatchNorm statistics on them."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    with torch.no_grad():
-        if norms:
-            momenta = [m.momentum for m in norms]
-            for m in norms:
-                m.reset_running_stats()
-                m.momentum = None
-            model.train()
-            for x, _ in batches:
-                model(to_model(x, model))
-            for m, momentum in zip(norms, momenta):
-                m.momentum = momentum
-        model.eval()
-        total = sum(float(loss_fn(model(to_model(x, model)), y)) * len(y) for x, y in batches)
-    return total / sum(len(y) for _, y in batches)
-
-
 def measured_damage(model: nn.Module, traced: Sequence[TracedGroup], planner: _Planner, options: list[list[int]],
                     example_input: Tensor, data, progress: Callable[[int, int], None] | None = None
                     ) -> dict[tuple[int, int], float]:
@@ -230,7 +212,7 @@ def measured_damage(model: nn.Module, traced: Sequence[TracedGroup], planner: _P
     ``k`` channels (its lowest-ranked units) with BatchNorm re-estimated, minus the unpruned
     model's loss measured the same way (EagleEye's adaptive-BN evaluation, one group at a time)."""
     batches, loss_fn = list(data.batches), data.loss_fn
-    base = _loss(copy.deepcopy(model), batches, loss_fn)
+    base = adaptive_bn_loss(copy.deepcopy(model), batches, loss_fn)
     pairs = [(g, k) for g, opts in enumerate(options) for k in opts[1:]]
     damage = {}
     for i, (g, k) in enumerate(pairs, 1):
@@ -239,7 +221,7 @@ def measured_damage(model: nn.Module, traced: Sequence[TracedGroup], planner: _P
         drop[g] = (traced[g].group.size - k) // unit
         trial = copy.deepcopy(model)
         _apply(trial, traced, planner.plan(drop), example_input)
-        damage[(g, k)] = _loss(trial, batches, loss_fn) - base
+        damage[(g, k)] = adaptive_bn_loss(trial, batches, loss_fn) - base
         if progress is not None:
             progress(i, len(pairs))
     return damage
@@ -320,7 +302,7 @@ class LatencyPruner:
     as EagleEye (Li et al., ECCV 2020) does: besides the greedy plan, ``candidates - 1`` plans
     are solved with each group's prices scaled by a random factor (log-normal, sigma 0.5,
     seeded), and the plan whose pruned model has the lowest validation loss right after the cut
-    (BatchNorm re-estimated on the same batches) wins."""
+    (BatchNorm re-estimated on the same batches) wins (:mod:`.candidates`)."""
 
     def __init__(self, model: nn.Module, importance: Importance | Sequence[Tensor], example_input: Tensor, *,
                  latency: LatencyModel, input_shape: Sequence[int] | None = None, data=None, floor: float = 1,
@@ -336,10 +318,7 @@ class LatencyPruner:
             raise LeanconvError(f"price must be one of {', '.join(PRICES)}, got {self.price!r}")
         if self.price == "damage" and not has_data:
             raise LeanconvError("price 'damage' measures each cut on validation batches: pass data=ScoringData(...)")
-        if isinstance(candidates, bool) or not isinstance(candidates, int) or not 1 <= candidates <= 1000:
-            raise LeanconvError(f"candidates must be a whole number from 1 to 1000, got {candidates!r}")
-        if candidates > 1 and not has_data:
-            raise LeanconvError("choosing among candidates measures each on validation batches: pass data=...")
+        check_candidates(candidates, seed, has_data)
         self.candidates, self.seed, self.data = candidates, seed, data
         self.report = report = progress or (lambda done, total, info: None)
         self.model, self.latency = model, latency
@@ -383,24 +362,15 @@ class LatencyPruner:
         plan = self.solver.solve(goal, self._lost)
         if self.candidates == 1:
             return plan
-        gen = torch.Generator().manual_seed(self.seed)
-        plans = {tuple(plan.kept): plan}
-        for _ in range(3 * self.candidates):  # a few draws may repeat a plan already there
-            if len(plans) >= self.candidates:
-                break
-            factor = torch.exp(0.5 * torch.randn(len(self.traced), generator=gen)).tolist()
-            drawn = self.solver.solve(goal, lambda g, kept, lower: factor[g] * self._lost(g, kept, lower))
-            plans.setdefault(tuple(drawn.kept), drawn)
-        batches, loss_fn = list(self.data.batches), self.data.loss_fn
-        scored = []
-        for i, candidate in enumerate(plans.values(), 1):
-            trial, _ = self.realise(candidate, target)
-            scored.append((_loss(trial, batches, loss_fn), i, candidate))
-            self.report(i, len(plans), {"stage": "candidates"})
-        best = min(scored, key=lambda item: (item[0], item[1]))
-        self.chosen = {"candidates": len(plans), "losses": [round(loss, 6) for loss, _, _ in scored],
-                       "chosen": best[1] - 1}
-        return best[2]
+
+        def draw(generator: torch.Generator) -> LatencyPlan:
+            factor = group_factors(len(self.traced), generator)
+            return self.solver.solve(goal, lambda g, kept, lower: factor[g] * self._lost(g, kept, lower))
+
+        plan, self.chosen = choose(plan, draw, key=lambda p: tuple(p.kept),
+                                   realise=lambda p: self.realise(p, target)[0], candidates=self.candidates,
+                                   seed=self.seed, data=self.data, progress=self.report)
+        return plan
 
     def realise(self, plan: LatencyPlan, target: float) -> tuple[nn.Module, PruneResult]:
         """A pruned copy of the model for ``plan`` and its result (``achieved``: the predicted ratio)."""
