@@ -6,17 +6,18 @@ from __future__ import annotations
 from typing import Any
 
 from leanconv.importance.base import Criterion, create_criterion
-from leanconv.importance.hessian.hap import HAP_ESTIMATOR, HAP_FORM, probe_settings
+from leanconv.importance.hessian.hap import HAP_ESTIMATOR, probe_settings
 from leanconv.util.progress import Progress
 
 __all__ = ["run_criterion"]
 
 
 def run_criterion(method: str, *, probes: int, seed: int = 0, progress: Progress | None = None,
-                  shrink: bool = False, estimator: str = HAP_ESTIMATOR, form: str = HAP_FORM) -> Criterion:
+                  shrink: bool = False, estimator: str = HAP_ESTIMATOR, form: str | None = None) -> Criterion:
     """Criterion ``method``: ``hap`` with :func:`probe_settings` (``probes``, ``seed``), progress
     after every step of probes, ``shrink``, the curvature ``estimator`` and the score ``form``
-    (:class:`~leanconv.importance.hessian.hap.HAP`); ``random`` seeded by ``seed``; the others
+    (:class:`~leanconv.importance.hessian.hap.HAP`; None = the block form with the
+    Gauss-Newton estimator, the trace form with the others); ``random`` seeded by ``seed``; the others
     as they are (they take no settings). An unknown name or a bad combination raises before
     any work."""
     kwargs: dict[str, Any] = {}

@@ -14,6 +14,7 @@ fine-tuning and BatchNorm re-estimation, and ``test_data`` for accuracy and late
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, Iterable, Sequence
 
@@ -28,6 +29,7 @@ from leanconv.runs.convert import ConvertConfig, run_convert
 from leanconv.runs.prune import PruneConfig, run_prune
 from leanconv.runs.source import Source
 from leanconv.train import finetune as _finetune
+from leanconv.train.distill import DEFAULT_TEMPERATURE, DEFAULT_WEIGHT, Distillation
 from leanconv.util.model_io import check_trainable, run_forward
 from leanconv.util.modes import eval_mode
 
@@ -81,8 +83,9 @@ def prune(model: nn.Module, example_input: torch.Tensor, *, data: Iterable | Non
     by default) or keeps ``target_macs`` of its MACs (or ``target_params`` of its parameters),
     ranked by ``method`` (``leanconv.list_criteria()``); ``settings`` are
     :class:`~leanconv.runs.prune.PruneConfig` fields (``finetune_epochs``, ``finetune_lr``,
-    ``implant``, ``round_to``, ``probes``, ``score_images``, ``seed``, ``runtime``, ...).
-    Criteria that score on data (``hap``, ``taylor``) and fine-tuning need ``data``."""
+    ``implant``, ``round_to``, ``probes``, ``score_images``, ``seed``, ``runtime``, ``distill``,
+    ``regularize_epochs``, ...). Criteria that score on data (``hap``, ``taylor``), fine-tuning and
+    regularisation need ``data``."""
     budgets = {"latency": target_latency, "macs": target_macs, "params": target_params}
     given = {k: v for k, v in budgets.items() if v is not None}
     if len(given) != 1 or {"target", "kind"} & set(settings):
@@ -96,6 +99,8 @@ def prune(model: nn.Module, example_input: torch.Tensor, *, data: Iterable | Non
                             "data: pass data=<(images, labels) batches>, e.g. a DataLoader")
     if config.finetune_epochs and data is None:
         raise LeanconvError("fine-tuning needs training batches: pass data=")
+    if config.regularize_epochs and data is None:
+        raise LeanconvError("regularize_epochs trains before the cut and needs training batches: pass data=")
     source = _source(model, example, data, val_data, test_data)
     return _finish(run_prune(config, source, measured=test_data is not None))
 
@@ -112,10 +117,16 @@ def convert(model: nn.Module, example_input: torch.Tensor, *, to: str = "scc", d
     return _finish(run_convert(config, source, measured=test_data is not None))
 
 
-def finetune(model: nn.Module, data: Iterable, *, epochs: int = 1, lr: float = 0.01, seed: int = 0) -> nn.Module:
+def finetune(model: nn.Module, data: Iterable, *, epochs: int = 1, lr: float = 0.01, seed: int = 0,
+             teacher: nn.Module | None = None, distill_temperature: float = DEFAULT_TEMPERATURE,
+             distill_weight: float = DEFAULT_WEIGHT) -> nn.Module:
     """Fine-tune ``model`` in place on ``data`` (SGD with momentum, cosine from ``lr``), then
-    re-estimate its BatchNorm statistics on the same batches; returns ``model``."""
-    config = PruneConfig(finetune_epochs=epochs, finetune_lr=lr, seed=seed)  # the same checks as a run's
+    re-estimate its BatchNorm statistics on the same batches; returns ``model``. With a
+    ``teacher`` (e.g. the model before pruning; it is not changed) the loss is knowledge
+    distillation from it (:mod:`leanconv.train.distill`) at ``distill_temperature`` with
+    ``distill_weight``; its outputs must match ``model``'s."""
+    config = PruneConfig(finetune_epochs=epochs, finetune_lr=lr, seed=seed, distill=teacher is not None,
+                         distill_temperature=distill_temperature, distill_weight=distill_weight)  # a run's checks
     check_trainable(model, "the model")
     if not config.finetune_epochs:
         return model
@@ -124,7 +135,14 @@ def finetune(model: nn.Module, data: Iterable, *, epochs: int = 1, lr: float = 0
     if first is None:
         raise LeanconvError("data holds no batch")
     batches.num_classes = _classes(model, first[0])
-    _finetune(model, batches, epochs=config.finetune_epochs, lr=config.finetune_lr, seed=config.seed)
+    loss = None
+    if teacher is not None:
+        if not isinstance(teacher, nn.Module):
+            raise LeanconvError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
+        loss = Distillation(copy.deepcopy(teacher), temperature=config.distill_temperature,
+                            weight=config.distill_weight)
+        loss.check(model, first[0])
+    _finetune(model, batches, epochs=config.finetune_epochs, lr=config.finetune_lr, seed=config.seed, loss=loss)
     return model
 
 

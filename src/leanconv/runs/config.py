@@ -29,10 +29,11 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from leanconv.errors import LeanconvError
+from leanconv.importance.hessian import ESTIMATORS
 from leanconv.util import checks
 from leanconv.util.limits import (MAX_BATCH, MAX_BLOCKS, MAX_EPOCHS, MAX_GRID, MAX_GROUPS, MAX_IMAGES, MAX_LIST,
-                                  MAX_LR, MAX_PROBES, MAX_REL_STDERR, MAX_REPEATS, MAX_SAMPLES, MAX_STEPS, MAX_THREADS,
-                                  SEED_MAX)
+                                  MAX_LR, MAX_PROBES, MAX_REL_STDERR, MAX_REPEATS, MAX_SAMPLES, MAX_STEPS,
+                                  MAX_TEMPERATURE, MAX_THREADS, SEED_MAX)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -118,6 +119,15 @@ def probes(default: int) -> Any:
                    metavar="N", help="cap on Hutchinson probes for hap")
 
 
+def hessian(default: str) -> Any:
+    """How HAP's curvature is estimated (:data:`leanconv.importance.hessian.ESTIMATORS`)."""
+    return setting(default, "--hessian", check=lambda v, n: checks.one_of(v, n, ESTIMATORS), choices=ESTIMATORS,
+                   help="how the curvature is estimated: hutchinson = random probes (the paper's), hutch++ = "
+                   "probes with a sketched low-rank part taken exactly, gauss-newton = the exact Gauss-Newton "
+                   "blocks from per-image Jacobians (equal to the Hessian's for ReLU networks; no probe noise, "
+                   "cross-entropy only)")
+
+
 def seed() -> Any:
     return setting(0, "--seed", check=_at_least(0), always=True, help=f"random seed, 0 to {SEED_MAX}")
 
@@ -185,6 +195,8 @@ RANGES: dict[str, tuple[float, float]] = {
     "grid": (2, MAX_GRID), "min_blocks_per_stage": (1, MAX_BLOCKS),
     "groups": (1, MAX_GROUPS), "scc_groups": (1, MAX_GROUPS), "round_to": (1, MAX_GROUPS),
     "probe_groups": (1, MAX_GROUPS),
+    "distill_temperature": (0.0, MAX_TEMPERATURE), "regularize_epochs": (0, MAX_EPOCHS),
+    "regularize_strength": (0.0, MAX_LR),
 }
 
 

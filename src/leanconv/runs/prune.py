@@ -10,6 +10,8 @@ re-estimated on training images and the cut is judged (``after_prune_before_fine
 one-shot test accuracy); the model is then fine-tuned with the shared loop (which ends by
 re-estimating them again), and accuracy and counted cost are recorded before and after, with
 both models timed side by side on the run's runtime (:mod:`leanconv.runs.record`).
+Two recovery options (:mod:`leanconv.runs.recovery`): group-lasso training before scoring
+(``regularize_epochs``) and distillation from the unpruned model while fine-tuning (``distill``).
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ import torch
 from leanconv.cost import simd_channels
 from leanconv.errors import LeanconvError
 from leanconv.importance import ScoringData, criterion_names, run_criterion
-from leanconv.runs.config import (RunConfig, batch_size, finetune_epochs, finetune_lr, latency_batch, latency_repeats,
-                                  latency_table, probes, reproducing_command, runtime, score_images, seed, setting,
-                                  threads, train_subset)
+from leanconv.importance.hessian.hap import FORMS, HAP_ESTIMATOR
+from leanconv.runs.config import (RunConfig, batch_size, finetune_epochs, finetune_lr, hessian, latency_batch,
+                                  latency_repeats, latency_table, probes, reproducing_command, runtime, score_images,
+                                  seed, setting, threads, train_subset)
+from leanconv.runs import recovery
 from leanconv.runs.latency import LatencyBudget, describe, prune_to_measured_latency
 from leanconv.runs.record import Record, Result, add_latency, counted, measure, time_pair
 from leanconv.runs.source import Source
@@ -79,6 +83,13 @@ class PruneConfig(RunConfig):
     shrink: bool = setting(False, "--shrink", help="hap: shrink each channel's trace estimate toward its layer's "
                            "mean by its standard error before ranking (default: raw estimates, measured more "
                            "accurate here)")
+    hessian: str = hessian(HAP_ESTIMATOR)
+    hap_form: str | None = setting(None, "--hap-form",
+                                   check=lambda v, n: v if v is None else checks.one_of(v, n, FORMS), choices=FORMS,
+                                   help="hap: block = the whole quadratic form W_p^T H_pp W_p, the second-order loss "
+                                   "change of zeroing the channel (needs --hessian gauss-newton); trace = "
+                                   "Tr(H_pp)/numel(W_p)*||W_p||^2 (the paper's approximation of it) (default: block "
+                                   "with gauss-newton, trace with the probing estimators)")
     latency_aware: bool = setting(False, "--latency-aware", help="time every resized layer on this machine first "
                                   "and prefer cutting channels that cost more time per MAC (same MAC budget, more "
                                   "speed)")
@@ -94,6 +105,12 @@ class PruneConfig(RunConfig):
                          help="prune in K rounds with fine-tuning between them")
     finetune_epochs: int = finetune_epochs(0, "fine-tuning epochs after the cut")
     finetune_lr: float = finetune_lr()
+    # recovery (runs/recovery.py): distillation while fine-tuning, group-lasso training before the cut
+    distill: bool = recovery.distill()
+    distill_temperature: float = recovery.distill_temperature()
+    distill_weight: float = recovery.distill_weight()
+    regularize_epochs: int = recovery.regularize_epochs()
+    regularize_strength: float = recovery.regularize_strength()
     train_subset: int | None = train_subset()
     score_images: int = score_images()
     probes: int = probes(64)
@@ -104,14 +121,25 @@ class PruneConfig(RunConfig):
     threads: int = threads()
     latency_batch: int = latency_batch()
     latency_table: str | None = latency_table()
-    candidates: int = setting(8, "--candidates", check=lambda v, n: checks.whole(v, n, at_least=1), metavar="N",
-                              help="latency budgets: solve N allocations (the greedy one and N-1 with randomly "
-                              "scaled prices) and keep the one with the lowest validation loss right after the cut")
+    # None: 8 for a latency budget, 1 (the plain global ranking, as before) for MAC/params budgets
+    candidates: int | None = setting(None, "--candidates", metavar="N",
+                                     check=lambda v, n: v if v is None else checks.whole(v, n, at_least=1),
+                                     help="choose the per-layer allocation among N by validation loss right after "
+                                     "the cut, BatchNorm re-estimated (EagleEye): the plain one and N-1 drawn with "
+                                     "each layer's scores randomly shifted (latency: prices randomly scaled); "
+                                     "default 8 for --target-latency, 1 for --target-flops/--target-params")
+
+    def allocations(self) -> int:
+        """How many allocations the run judges: ``candidates``, or its default for the budget."""
+        return self.candidates if self.candidates is not None else 8 if self.kind == "latency" else 1
 
     def run(self, source: Source, **kwargs: Any) -> Result:
         return run_prune(self, source, **kwargs)
 
     def check(self) -> None:
+        recovery.check_settings(self)
+        if self.hap_form == "block" and self.hessian != "gauss-newton":  # None: the estimator's own form
+            raise LeanconvError("--hap-form block needs the exact Gauss-Newton blocks; add --hessian gauss-newton")
         if self.latency_table is not None and self.kind != "latency":
             raise LeanconvError("--latency-table is for --target-latency; drop it or give a latency target")
         if self.kind == "latency":
@@ -167,31 +195,38 @@ def run_prune(config: PruneConfig, source: Source, *, out=None, progress: Progre
     say = stage or quiet
     t0 = time.perf_counter()
     criterion = run_criterion(config.method, probes=config.probes, seed=config.seed, progress=progress,
-                              shrink=config.shrink)  # an unknown method fails here, before any work
+                              shrink=config.shrink, estimator=config.hessian,
+                              form=config.hap_form)  # an unknown method fails here, before any work
     model, data, shape, resolution = source.fresh(), source.data, source.shape, source.resolution
+    if data is None and (config.candidates or 1) > 1:
+        raise LeanconvError("--candidates judges allocations on validation images: give the run data, or drop it")
     example = torch.randn(1, *shape)  # the engine gives it the model's dtype (util.model_io.to_model)
     latency = config.check_target(model, example, shape, stage=say)  # before any scoring or tuning
+    teacher = recovery.teacher_loss(config, source, model, example)  # --distill: checked before any work
     test = data.loader("test", 256, resolution=resolution) if measured else None
     say("measuring the unpruned model")
     gauge = (lambda m: measure(m, shape, test)) if measured else (lambda m: counted(m, shape))
     before = gauge(model)
+    regularized = recovery.regularize_before_cut(config, model, data, example, resolution, test=test,
+                                                 progress=progress, stage=say)
     scoring = None if data is None else ScoringData(
         data.scoring_batches(config.score_images, config.batch_size, resolution), extra={"input_shape": shape})
 
     def tune(m, epochs: int) -> None:
         finetune(m, data, epochs=epochs, lr=config.finetune_lr, seed=config.seed, batch_size=config.batch_size,
-                 resolution=resolution, images=config.train_subset, progress=progress)
+                 resolution=resolution, images=config.train_subset, progress=progress, loss=teacher)
 
     options = {"kind": config.kind, "input_shape": shape, "data": scoring, "round_to": config.round_to,
                "normalize": config.normalize, "latency_aware": config.latency_aware,
-               "implant_init": config.implant_init, "strict": config.strict}
+               "implant_init": config.implant_init, "strict": config.strict,
+               **({"candidates": config.allocations(), "seed": config.seed} if scoring is not None else {})}
     say(f"scoring with {config.method} and pruning to {config.target:g} of the {config.kind}")
     cut, attempts = None, None  # with several rounds, fine-tuning is interleaved with them
     if config.kind == "latency":
         results, attempts = prune_to_measured_latency(model, criterion, example, latency, config.budget(),
                                                       target=config.target, shape=shape, data=scoring,
                                                       normalize=config.normalize, strict=config.strict,
-                                                      candidates=config.candidates, seed=config.seed,
+                                                      candidates=config.allocations(), seed=config.seed,
                                                       progress=progress, stage=say)
     elif config.steps == 1:
         results = [prune_to_budget(model, criterion, example, target=config.target, implant=config.implant, **options)]
@@ -217,7 +252,8 @@ def run_prune(config: PruneConfig, source: Source, *, out=None, progress: Progre
     traces = getattr(criterion, "last_traces", None)
     details = {"method": config.method, "after_prune_before_finetune": cut, "rounds": [r.to_dict() for r in results],
                "latency_budget": None if attempts is None else {**describe(latency), "attempts": attempts},
-               "layers": _merge_layers(results),
+               "layers": _merge_layers(results), "regularization": regularized,
+               "distillation": recovery.distillation_record(config),
                "hessian": None if traces is None else {"probes": traces.probes, "converged": traces.converged,
                                                        "seconds": traces.seconds, "method": traces.method}}
     command = reproducing_command(config, source, out)

@@ -19,7 +19,8 @@ from typing import Any
 from leanconv.errors import LeanconvError
 from leanconv.importance.hessian import cached_channel_traces, channel_traces
 from leanconv.importance.hessian.hap import probe_settings
-from leanconv.runs.config import RunConfig, batch_size, probes, reproducing_command, score_images, seed, setting
+from leanconv.runs.config import (RunConfig, batch_size, hessian, probes, reproducing_command, score_images, seed,
+                                  setting)
 from leanconv.runs.record import Record, Result
 from leanconv.runs.source import Source
 from leanconv.util import checks
@@ -50,6 +51,7 @@ class SensitivityConfig(RunConfig):
     probe_groups: str = setting("1", "--probe-groups", check=_groups, metavar="G|layer",
                                 help="split each probe into G groups of layers (or 'layer': one per layer): G times "
                                 "the HVPs per probe, no cross-group noise in the per-channel estimates")
+    hessian: str = hessian("hutchinson")
     score_images: int = score_images(aliases=("--images",))
     seed: int = seed()
     batch_size: int = batch_size()
@@ -64,7 +66,7 @@ class SensitivityConfig(RunConfig):
         """The settings of :func:`~leanconv.importance.hessian.channel_traces`."""
         groups = self.probe_groups if self.probe_groups == "layer" else int(self.probe_groups)
         return {**probe_settings(self.probes, self.seed, self.min_probes), "rel_stderr": self.rel_stderr,
-                "probe_groups": groups}
+                "probe_groups": groups, "estimator": self.hessian}
 
     def run(self, source: Source, **kwargs: Any) -> Result:
         return run_sensitivity(self, source, **kwargs)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from leanconv.train.loop import Loader, TrainConfig, fit
-from leanconv.util.model_io import to_model
+from leanconv.train.loop import Loader, Loss, TrainConfig, fit
+from leanconv.util.batchnorm import reestimate_batchnorm
 from leanconv.util.progress import Progress
 
 __all__ = ["recalibrate_bn", "recalibrate_on_training_data", "finetune"]
@@ -23,23 +23,8 @@ __all__ = ["recalibrate_bn", "recalibrate_on_training_data", "finetune"]
 def recalibrate_bn(model: nn.Module, loader: Loader, max_batches: int = 50, channels_last: bool = True) -> int:
     """Re-estimate BatchNorm running statistics on ``loader`` (cumulative average over at most
     ``max_batches`` batches, weights untouched). Returns the number of BN layers reset."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not bns:
-        return 0
-    saved_momentum = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    was_training = model.training
-    model.train()
-    for i, (x, _) in enumerate(loader.epoch(0)):
-        if i >= max_batches:
-            break
-        model(to_model(x.contiguous(memory_format=torch.channels_last) if channels_last else x, model))
-    for m, mom in zip(bns, saved_momentum):
-        m.momentum = mom
-    model.train(was_training)
-    return len(bns)
+    images = (x.contiguous(memory_format=torch.channels_last) if channels_last else x for x, _ in loader.epoch(0))
+    return reestimate_batchnorm(model, images, max_batches=max_batches)
 
 
 def recalibrate_on_training_data(model: nn.Module, data, resolution: int | None = None, batch_size: int = 128) -> None:
@@ -49,20 +34,22 @@ def recalibrate_on_training_data(model: nn.Module, data, resolution: int | None 
 
 
 def finetune(model: nn.Module, data, *, epochs: int, lr: float, seed: int = 0, batch_size: int = 128,
-             resolution: int | None = None, images: int | None = None, progress: Progress | None = None) -> None:
+             resolution: int | None = None, images: int | None = None, progress: Progress | None = None,
+             loss: Loss | None = None) -> None:
     """Fine-tune ``model`` in place on the training split of ``data`` (a ``DatasetSplits``):
     ``epochs`` of the shared loop (augmented, cosine from ``lr``) on the first ``images``
     training images (all when None), then re-estimate BatchNorm statistics on up to 6,400
     un-augmented training images. Leaves plain NCHW weights, which the pruning engine's
     dependency graph traces. Every compression path (pruning, 3-D samples, converted layers)
-    fine-tunes through here."""
+    fine-tunes through here. ``loss`` replaces cross-entropy (``leanconv.train.loop.Loss``:
+    distillation, a group-lasso penalty)."""
     if epochs <= 0:
         return
     n = len(data.train) if images is None else min(int(images), len(data.train))
     train = data.loader("train", min(batch_size, n), shuffle=True, augment=True, resolution=resolution, seed=seed,
                         drop_last=True, subset=None if images is None else n)
     try:
-        fit(model, train, TrainConfig(epochs=epochs, lr=lr, seed=seed), progress=progress)
+        fit(model, train, TrainConfig(epochs=epochs, lr=lr, seed=seed), progress=progress, loss=loss)
         recalibrate_on_training_data(model, data, resolution, batch_size)
     finally:  # plain NCHW weights again, also when a batch was refused half-way
         model.to(memory_format=torch.contiguous_format)

@@ -15,6 +15,12 @@ older one replaces that set at its first epoch; nothing is written before the fi
 ends. A non-finite loss stops the run with a :class:`~leanconv.errors.LeanconvError`; the
 files of the last good epoch stay as they were.
 
+The objective is cross-entropy unless the caller gives a ``loss`` (:class:`Loss`: the
+distillation of :mod:`leanconv.train.distill`, the group lasso of
+:mod:`leanconv.train.regularize`), called on every batch with the model's output, the batch and
+its labels. A loss that can ``describe()`` itself is recorded with every epoch, and resuming
+with another one is refused.
+
 Under ``torchrun`` (a process group joined with :func:`leanconv.train.distributed.init_from_env`)
 ``fit`` trains data-parallel: the model is wrapped in ``DistributedDataParallel`` (gradients
 averaged over the processes; the optimiser steps on the plain module, which is what gets
@@ -52,7 +58,7 @@ from leanconv.util.limits import MAX_EPOCHS, MAX_LR, MAX_THREADS, SEED_MAX
 from leanconv.util.model_io import model_device, to_model
 from leanconv.util.progress import Progress
 
-__all__ = ["Loader", "TrainConfig", "TrainResult", "fit", "evaluate", "learning_rate", "check_loader"]
+__all__ = ["Loader", "Loss", "TrainConfig", "TrainResult", "fit", "evaluate", "learning_rate", "check_loader"]
 
 MAX_STEPS_TOTAL = 10**9  # warm-up steps
 
@@ -62,6 +68,16 @@ log = logging.getLogger(__name__)
 class Loader(Protocol):
     def __len__(self) -> int: ...
     def epoch(self, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+class Loss(Protocol):
+    """A training objective in place of cross-entropy: ``loss(out, x, y)`` is the batch's mean
+    loss, given the model's output ``out`` on the images ``x`` (on the model's device and in
+    its dtype and memory format) with labels ``y``. It must draw no random numbers, so that
+    runs stay reproducible per seed. ``describe()``, where a loss has it, returns its settings
+    as plain JSON values (recorded with every epoch and compared on resume)."""
+
+    def __call__(self, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -213,7 +229,8 @@ def _check_epoch_finite(model: nn.Module, row: dict, config: "TrainConfig", epoc
                         "this epoch was written; lower the learning rate or check the data")
 
 
-def _train_epoch(net, loader, opt, config, epoch, step0, total_steps, progress, ddp=False) -> dict[str, float]:
+def _train_epoch(net, loader, opt, config, epoch, step0, total_steps, progress, ddp=False,
+                 loss_fn: Loss | None = None) -> dict[str, float]:
     net.train()
     torch.manual_seed(config.seed * 100_003 + epoch)
     device = model_device(net)
@@ -223,7 +240,10 @@ def _train_epoch(net, loader, opt, config, epoch, step0, total_steps, progress, 
             group["lr"] = learning_rate(config, step, total_steps)
         x, y = to_model(_to_input(x, config), net), y.to(device)
         out = net(x)
-        loss = F.cross_entropy(out, y, label_smoothing=config.label_smoothing)
+        if loss_fn is None:
+            loss = F.cross_entropy(out, y, label_smoothing=config.label_smoothing)
+        else:
+            loss = loss_fn(out, x, y)
         value = loss.item()
         _check_finite(value, ddp, epoch, step - step0 + 1, config)
         opt.zero_grad(set_to_none=True)
@@ -248,13 +268,25 @@ def _same_config(saved: dict, mine: dict) -> bool:
     return {k: v for k, v in saved.items() if k != "threads"} == {k: v for k, v in mine.items() if k != "threads"}
 
 
-def _resume_point(model: nn.Module, opt, out_dir: Path, config: TrainConfig, world: int) -> tuple[nn.Module, int]:
+def _loss_settings(loss_fn: Loss | None) -> Any:
+    """What the metadata records of a caller's loss: None for cross-entropy."""
+    if loss_fn is None:
+        return None
+    describe = getattr(loss_fn, "describe", None)
+    return json.loads(json.dumps(describe())) if callable(describe) else type(loss_fn).__name__
+
+
+def _resume_point(model: nn.Module, opt, out_dir: Path, config: TrainConfig, world: int,
+                  loss_fn: Loss | None = None) -> tuple[nn.Module, int]:
     state_path = out_dir / "train_state.safetensors"
     if not state_path.exists():
         return model, 0
     saved, extra = checkpoint.load(state_path, with_extra=True)
     if not _same_config(saved.leanconv_meta.get("train_config", {}), json.loads(json.dumps(asdict(config)))):
         raise LeanconvError(f"cannot resume: {out_dir} was started with a different training config; use a new --out")
+    if saved.leanconv_meta.get("train_loss") != _loss_settings(loss_fn):
+        raise LeanconvError(f"cannot resume: {out_dir} was started with another loss "
+                            f"({saved.leanconv_meta.get('train_loss') or 'cross-entropy'}); use a new --out")
     saved_world = int(saved.leanconv_meta.get("world_size", 1))
     if saved_world != world:
         raise LeanconvError(f"cannot resume: {out_dir} was trained by {saved_world} process(es), this run has "
@@ -265,12 +297,15 @@ def _resume_point(model: nn.Module, opt, out_dir: Path, config: TrainConfig, wor
 
 
 def _save_epoch(model, opt, out_dir: Path, config: TrainConfig, epoch: int, rows: list[dict], *, world: int = 1,
-                write: bool = True, extra_files: dict[str, Any] | None = None) -> None:
+                write: bool = True, extra_files: dict[str, Any] | None = None, loss: Any = None) -> None:
     """Record the epoch in ``model.leanconv_meta`` (every process) and write the epoch's file
     set (``write``): both checkpoints, every metrics row so far and ``extra_files``."""
     meta = dict(getattr(model, "leanconv_meta", {}))
     meta.update({"train_config": json.loads(json.dumps(asdict(config))), "epochs_done": epoch + 1, "train": rows[-1],
                  "world_size": world})
+    meta.pop("train_loss", None)  # the settings of a caller's loss; cross-entropy records none (as before)
+    if loss is not None:
+        meta["train_loss"] = loss
     model.leanconv_meta = meta
     if not write:
         return
@@ -309,12 +344,12 @@ def _wrap(model: nn.Module, config: TrainConfig) -> nn.Module:
     return DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def _epoch(net, model, loaders, opt, config, epoch, total, progress, ddp) -> dict:
+def _epoch(net, model, loaders, opt, config, epoch, total, progress, ddp, loss_fn: Loss | None = None) -> dict:
     """Train one epoch, then (optionally) validate; the row for ``metrics.jsonl``."""
     train_loader, val_loader = loaders
     e0, steps = time.perf_counter(), len(train_loader)
     row = {"epoch": epoch + 1, **_train_epoch(net, train_loader, opt, config, epoch, epoch * steps, total,
-                                              progress, ddp)}
+                                              progress, ddp, loss_fn)}
     if ddp:
         dist.broadcast_buffers(model)  # BatchNorm statistics of rank 0 everywhere: identical models
     if val_loader is not None:
@@ -334,10 +369,12 @@ def check_loader(train_loader: Loader) -> None:
 
 def fit(model: nn.Module, train_loader: Loader, config: TrainConfig, *, val_loader: Loader | None = None,
         out_dir: str | Path | None = None, resume: bool = False, progress: Progress | None = None,
-        distributed: bool | None = None, extra_files: dict[str, Any] | None = None) -> TrainResult:
+        distributed: bool | None = None, extra_files: dict[str, Any] | None = None,
+        loss: Loss | None = None) -> TrainResult:
     """Train ``model`` in place for ``config.epochs`` epochs; see the module docstring.
 
     ``extra_files`` (name -> JSON object) are written with every epoch's files in ``out_dir``.
+    ``loss`` replaces cross-entropy (and ``config.label_smoothing``) as the objective (:class:`Loss`).
     ``distributed``: None (default) trains data-parallel exactly when this process belongs to a
     process group of two or more; every process of the group must then call ``fit``.
     """
@@ -350,7 +387,7 @@ def fit(model: nn.Module, train_loader: Loader, config: TrainConfig, *, val_load
     opt = _optimizer(model, config)
     start, rows = 0, []
     if out is not None and resume:
-        model, start = _resume_point(model, opt, out, config, world)
+        model, start = _resume_point(model, opt, out, config, world, loss)
         rows = _metrics_so_far(out, start)
     if ddp and not dist.all_equal(len(train_loader)):
         raise LeanconvError("the processes have different numbers of training batches; shard the loader "
@@ -359,7 +396,7 @@ def fit(model: nn.Module, train_loader: Loader, config: TrainConfig, *, val_load
     total = len(train_loader) * config.epochs
     result, t0 = TrainResult(epochs_run=0), time.perf_counter()
     for epoch in range(start, config.epochs):
-        row = _epoch(net, model, (train_loader, val_loader), opt, config, epoch, total, progress, ddp)
+        row = _epoch(net, model, (train_loader, val_loader), opt, config, epoch, total, progress, ddp, loss)
         _check_epoch_finite(model, row, config, epoch)
         if writer:
             log.info("epoch %d: %s", epoch + 1, row)
@@ -367,7 +404,8 @@ def fit(model: nn.Module, train_loader: Loader, config: TrainConfig, *, val_load
         result.epochs_run += 1
         rows.append(row)
         if out is not None:
-            _save_epoch(model, opt, out, config, epoch, rows, world=world, write=writer, extra_files=extra_files)
+            _save_epoch(model, opt, out, config, epoch, rows, world=world, write=writer, extra_files=extra_files,
+                        loss=_loss_settings(loss))
             if ddp:
                 dist.barrier()
     model.eval()

@@ -47,7 +47,7 @@ __all__ = [
     "MAX_EPOCHS", "MAX_REPEATS", "MAX_THREADS", "MAX_IMAGES", "MAX_PROBES", "MAX_STEPS", "MAX_SAMPLES",
     "MAX_SYNTHETIC_IMAGES", "MAX_SYNTHETIC_VALUES", "MAX_LR", "MAX_MODEL_ELEMENTS", "MAX_ACTIVATION",
     "MAX_ARRAY_BYTES", "MAX_BLOCKS", "MAX_GRID", "MAX_GROUPS", "MAX_REL_STDERR", "MAX_LIST", "MAX_PATH_BYTES",
-    "MAX_NAME_BYTES",
+    "MAX_NAME_BYTES", "MAX_TEMPERATURE",
 ]
 
 SEED_MAX = 2**32 - 1
@@ -71,6 +71,7 @@ MAX_BLOCKS = 1000  # residual blocks a stage keeps (3-D pruning)
 MAX_GRID = 10_001  # points of the width grid of the 3-D optimum
 MAX_GROUPS = MAX_WIDTH  # channel groups: SCC groups, --round-to, Hutchinson probe groups
 MAX_REL_STDERR = 1.0  # the stopping rule of Hutchinson probes
+MAX_TEMPERATURE = 1000.0  # a distillation temperature (softmax of logits / T): far above any that helps
 MAX_LIST = 100  # values of one comma-separated option (budgets, SCC groups and overlaps, patterns)
 MAX_PATH_BYTES = 4095  # a path leanconv reads or writes (Linux's PATH_MAX less the final NUL)
 MAX_NAME_BYTES = 255  # one name in a path (NAME_MAX)
