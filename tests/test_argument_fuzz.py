@@ -30,7 +30,8 @@ from leanconv import checkpoint
 from leanconv.cli.main import main
 from leanconv.models import create
 from leanconv.util.limits import (MAX_BATCH, MAX_BLOCKS, MAX_CLASSES, MAX_EPOCHS, MAX_GROUPS, MAX_IMAGES, MAX_PROBES,
-                                  MAX_REPEATS, MAX_SAMPLES, MAX_SIDE, MAX_STEPS, MAX_THREADS, SEED_MAX)
+                                  MAX_REPEATS, MAX_SAMPLES, MAX_SIDE, MAX_STEPS, MAX_TEMPERATURE, MAX_THREADS,
+                                  SEED_MAX)
 
 SEED = 18  # the fuzzer's own seed: the same cases on every run
 CASES = 3000  # cases CI runs: about 40 s on two cores
@@ -247,7 +248,7 @@ def options(w: World) -> dict[str, list[Opt]]:
         "eval": [ckpt, shape, data, data_dir, batch, o("--split", CHOICE)],
         "profile": [o("<pos>", [*MODELS, *read_paths(w)]), shape, o("--num-classes", whole(1, MAX_CLASSES)), repeats,
                     threads, o("--arg", PAIRS)],
-        "sensitivity": [ckpt, probes, o("--min-probes", whole(2, 4)), o("--rel-stderr", number(0, 1, low_open=True)),
+        "sensitivity": [ckpt, probes, o("--hessian", CHOICE), o("--min-probes", whole(2, 4)), o("--rel-stderr", number(0, 1, low_open=True)),
                         o("--probe-groups", [v for v in whole(1, MAX_GROUPS) if v != "layer"]), score, seed, batch,
                         o("--cache-dir", out_folders(w)), data, data_dir, shape, out],
         "prune": [*run, *timing, o("--target-flops", FRACTION),
@@ -255,7 +256,11 @@ def options(w: World) -> dict[str, list[Opt]]:
                   o("--target-latency", FRACTION, replaces="--target-flops"), o("--candidates", whole(1, 1000)),
                   method,
                   o("--implant", number(0, 1, high_open=True)), o("--implant-init", CHOICE), normalize,
-                  o("--round-to", whole(1, MAX_GROUPS)), o("--steps", whole(1, MAX_STEPS)), batch],
+                  o("--round-to", whole(1, MAX_GROUPS)), o("--steps", whole(1, MAX_STEPS)), batch,
+                  o("--hessian", CHOICE), o("--hap-form", CHOICE),
+                  o("--distill-temperature", number(0, MAX_TEMPERATURE, low_open=True)),
+                  o("--distill-weight", number(0, 1)), o("--regularize-epochs", whole(0, MAX_EPOCHS)),
+                  o("--regularize-strength", number(0, 1000, low_open=True))],
         "prune3d": [*run, o("--target-flops", FRACTION), o("--samples", whole(4, MAX_SAMPLES)),
                     o("--mixed", whole(0, 3)), method, normalize, o("--sample-epochs", whole(0, MAX_EPOCHS)),
                     o("--sample-images", whole(1, MAX_IMAGES)), batch, o("--w-min", FRACTION),

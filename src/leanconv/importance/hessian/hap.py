@@ -22,6 +22,14 @@ their layer's mean by their standard errors
 ranked by noise. It is off by default: on that ResNet-20 it was less accurate after
 fine-tuning than the raw estimates (README, Benchmarks).
 
+Two choices make the estimate precise (README, "HAP's curvature"): ``estimator`` (a
+``channel_traces`` setting: ``hutchinson``, the paper's; ``hutch++``; or ``gauss-newton``, the
+exact Gauss-Newton blocks, equal to the Hessian's own blocks for piecewise-linear networks) and
+``form``: ``"trace"`` is the paper's ``S_p`` above, ``"block"`` the whole quadratic form
+``W_p^T H_pp W_p`` it approximates (only the Gauss-Newton estimator computes it). A bare
+criterion is the paper's (Hutchinson, trace form); a run (:func:`~leanconv.importance.run_criterion`)
+defaults to :data:`HAP_ESTIMATOR` with its block form, chosen by measurement.
+
 The criterion keeps the estimate it computed in ``last_traces`` (a ``TraceResult``) so that
 a caller can write the sensitivity report without a second estimate.
 """
