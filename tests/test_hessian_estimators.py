@@ -189,3 +189,30 @@ def test_cli_prunes_with_the_default_and_with_the_papers_estimator(trained_ckpt,
     assert record["hessian"]["probes"] == probes
     assert record["hessian"]["method"] == method or (not method and record["hessian"]["method"] != "gauss-newton")
     assert abs(record["achieved"]["macs"] - 0.5) <= 0.01
+
+
+def test_gauss_newton_takes_jacobians_image_by_image_where_vmap_cannot():
+    from test_hessian import _Square
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), _Square(), nn.Linear(4, 3)).double()
+    data = [(torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 3, (6,)))]
+    r = gauss_newton_traces(net, data)
+    assert r.method == "gauss-newton (image by image)"
+    w = {n: p.detach() for n, p in net.named_parameters()}
+    sizes = [w["0.weight"].numel(), w["2.weight"].numel()]
+
+    def logits(flat_w, x):
+        a, b = flat_w.split(sizes)
+        h = (x @ a.reshape(4, 3).T + w["0.bias"]) ** 2
+        return h @ b.reshape(3, 4).T + w["2.bias"]
+
+    flat_w = torch.cat([w["0.weight"].reshape(-1), w["2.weight"].reshape(-1)])
+    g = torch.zeros(sum(sizes), sum(sizes), dtype=torch.float64)
+    for x in data[0][0]:
+        j = torch.func.jacrev(logits)(flat_w, x)
+        p = torch.softmax(logits(flat_w, x), -1)
+        g += j.T @ (torch.diag(p) - p[:, None] * p[None]) @ j / 6
+    d = g.diagonal()
+    torch.testing.assert_close(r.traces["0.weight"], d[:12].reshape(4, 3).sum(1))
+    torch.testing.assert_close(r.traces["2.weight"], d[12:].reshape(3, 4).sum(1))

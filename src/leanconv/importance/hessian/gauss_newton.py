@@ -34,6 +34,7 @@ not of an estimator), so the rest of HAP (sensitivity, shrinkage, the report) ru
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Callable, Iterable, Mapping
 
@@ -49,6 +50,8 @@ from leanconv.util.modes import eval_mode
 from leanconv.util.progress import Progress
 
 __all__ = ["gauss_newton_traces", "check_cross_entropy", "MAX_JACOBIAN_FLOATS"]
+
+log = logging.getLogger(__name__)
 
 MAX_JACOBIAN_FLOATS = 2**25  # per-chunk Jacobian size (128 MiB in float32): sets the images per chunk
 
@@ -99,14 +102,22 @@ def gauss_newton_traces(
     def logits(p: dict, x: Tensor) -> Tensor:
         return functional_call(model, {**fixed, **p}, (x.unsqueeze(0),)).squeeze(0)
 
-    jac = vmap(jacrev(logits), in_dims=(None, 0))
-    done = 0
+    vmapped = vmap(jacrev(logits), in_dims=(None, 0))
+    done, looped = 0, False
     with eval_mode(model), torch.no_grad():
         for x, _ in batches:
             for a in range(0, x.shape[0], per_chunk):
                 xs = x[a:a + per_chunk]
                 prob = torch.softmax(_logits(model, xs).double(), dim=-1)  # [n, C]
-                for name, j in jac(sel, xs).items():  # j: [n, C, *shape]
+                if not looped:
+                    try:
+                        jacobians = vmapped(sel, xs)
+                    except (RuntimeError, NotImplementedError) as exc:  # e.g. an autograd.Function without vmap
+                        log.info("per-image Jacobians by vmap failed (%s); taking them image by image", exc)
+                        looped = True
+                if looped:
+                    jacobians = _jacobians_one_by_one(logits, sel, xs, classes)
+                for name, j in jacobians.items():  # j: [n, C, *shape]
                     _accumulate(j, prob, sel[name], (s1[name], s2[name], quad[name]))
                 done += xs.shape[0]
                 if progress is not None:
@@ -120,11 +131,28 @@ def gauss_newton_traces(
         numel_per_channel={n: p[0].numel() for n, p in sel.items()},
         probes=0,
         converged=True,
-        method="gauss-newton",
+        method="gauss-newton" + (" (image by image)" if looped else ""),
         seconds=time.perf_counter() - start,
         achieved_rel_stderr=float("nan"),
         quadratic={n: (q / images).to(dtype) for n, q in quad.items()},
     )
+
+
+def _jacobians_one_by_one(logits: Callable, sel: dict, xs: Tensor, classes: int) -> dict[str, Tensor]:
+    """The per-image Jacobians by plain backward passes (one per image and class): slower than
+    the vmapped ones, but they work for any layer that has a backward."""
+    names = list(sel)
+    out = {n: torch.empty(xs.shape[0], classes, *p.shape, dtype=p.dtype) for n, p in sel.items()}
+    with torch.enable_grad():
+        for i, x in enumerate(xs):
+            leaves = {n: p.detach().requires_grad_(True) for n, p in sel.items()}
+            z = logits(leaves, x)
+            for c in range(classes):
+                grads = torch.autograd.grad(z[c], [leaves[n] for n in names], retain_graph=c < classes - 1,
+                                            allow_unused=True)
+                for n, g in zip(names, grads):
+                    out[n][i, c] = 0 if g is None else g
+    return out
 
 
 def _logits(model: nn.Module, x: Tensor) -> Tensor:
