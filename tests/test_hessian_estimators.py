@@ -63,6 +63,7 @@ def test_gauss_newton_block_traces_and_quadratic_forms_are_exact():
     torch.testing.assert_close(flat(r.traces), per_channel(lambda i: g[i][:, i].trace()))
     torch.testing.assert_close(flat(r.quadratic), per_channel(lambda i: w[i] @ g[i][:, i] @ w[i]))
     assert (flat(r.traces) >= 0).all() and r.probes == 0 and r.method == "gauss-newton"
+    assert 0 < r.achieved_rel_stderr < float("inf")  # the images' sampling error: JSON has no NaN
 
 
 def test_gauss_newton_blocks_equal_the_hessian_blocks_of_a_piecewise_linear_net():
@@ -96,6 +97,7 @@ def test_hutchpp_with_a_sketch_as_large_as_the_weights_is_exact():
     assert split_budget(3 * size + 2, size) == (size, size + 2)
     torch.testing.assert_close(flat(r.traces), per_channel(lambda i: h[i][:, i].trace()), atol=1e-8, rtol=1e-6)
     assert r.probes == 3 * size + 2 and r.method == "hutch++"
+    assert r.achieved_rel_stderr >= 0
 
 
 def test_hutchpp_same_seed_same_estimate_and_agrees_with_the_exact_trace_on_average():

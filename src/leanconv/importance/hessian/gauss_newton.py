@@ -44,7 +44,7 @@ from torch.func import functional_call, jacrev, vmap
 
 from leanconv.errors import LeanconvError
 from leanconv.importance.base import check_batches
-from leanconv.importance.hessian.result import TraceResult, select_weights
+from leanconv.importance.hessian.result import TraceResult, rel_stderr_quantile, select_weights
 from leanconv.util.model_io import to_model
 from leanconv.util.modes import eval_mode
 from leanconv.util.progress import Progress
@@ -133,7 +133,7 @@ def gauss_newton_traces(
         converged=True,
         method="gauss-newton" + (" (image by image)" if looped else ""),
         seconds=time.perf_counter() - start,
-        achieved_rel_stderr=float("nan"),
+        achieved_rel_stderr=rel_stderr_quantile(mean, stderr, 0.5),  # the images' sampling error
         quadratic={n: (q / images).to(dtype) for n, q in quad.items()},
     )
 

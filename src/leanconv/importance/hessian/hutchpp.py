@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from leanconv.importance.hessian.hvp import rademacher_probes
-from leanconv.importance.hessian.result import Moments, TraceResult
+from leanconv.importance.hessian.result import Moments, TraceResult, rel_stderr_quantile
 from leanconv.util.progress import Progress
 
 __all__ = ["hutchpp_traces", "split_budget"]
@@ -74,15 +74,16 @@ def hutchpp_traces(
         progress(2 * k + m, 2 * k + m, {"method": "hutch++", "stage": "residual"})
     dtype = next(iter(sel.values())).dtype
     residual, se = mom.mean(), mom.stderr()
+    traces = {n: exact[n] + residual[n] for n in names}
     return TraceResult(
-        traces={n: (exact[n] + residual[n]).to(dtype) for n in names},
+        traces={n: traces[n].to(dtype) for n in names},
         stderr={n: se[n].to(dtype) for n in names},
         numel_per_channel={n: p[0].numel() for n, p in sel.items()},
         probes=2 * k + m,
         converged=True,
         method="hutch++",
         seconds=time.perf_counter() - start,
-        achieved_rel_stderr=float("nan"),
+        achieved_rel_stderr=rel_stderr_quantile(traces, {n: se[n] for n in names}, 0.5),
     )
 
 
