@@ -241,7 +241,8 @@ def test_prune_target_latency_records_the_budget_and_times_side_by_side(trained_
     assert record["after_prune_before_finetune"]["bn"] == "re-estimated on training images"
     assert summary["runtime"].startswith("onnxruntime ") and record["timing"]["runtime"] == "onnxruntime"
     pruned = checkpoint.load(out / "model.safetensors")
-    assert channel_counts(pruned)["layer3.0.conv2"][1] < 64 or channel_counts(pruned)["layer2.0.conv2"][1] < 32
+    kept, full = channel_counts(pruned), channel_counts(checkpoint.load(trained_ckpt))
+    assert any(kept[name][1] < full[name][1] for name in full)  # which layers lose channels depends on the timings
     assert record["command"] and "--target-latency 0.7" in record["command"]
     assert "--runtime onnxruntime" in record["command"]
 
