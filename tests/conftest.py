@@ -54,6 +54,22 @@ def trained_ckpt(tmp_path_factory):
     return out / "model.safetensors"
 
 
+@pytest.fixture(scope="session")
+def untrained_ckpt(tmp_path_factory):
+    """An untrained ResNet-20 for the synthetic data (3x16x16, 4 classes), saved as a checkpoint:
+    for options that are refused before any work."""
+    from leanconv import checkpoint
+    from leanconv.models import create
+
+    torch.manual_seed(0)
+    model = create("resnet20", num_classes=4, in_channels=3, input_size=16)
+    model.leanconv_meta = {**model.leanconv_meta, "input_shape": [3, 16, 16], "num_classes": 4,
+                           "dataset": {"name": "synthetic", "data_dir": None}}
+    path = tmp_path_factory.mktemp("untrained") / "model.safetensors"
+    checkpoint.save(model, path)
+    return path
+
+
 def edited_resnet() -> nn.Module:
     """ResNet-20 for 3x16x16 and 4 classes with an edit of each leanconv layer kind (pSConv,
     depthwise + SCC, an implant) and a plain one (a Linear without bias)."""

@@ -171,18 +171,6 @@ def test_a_prune_run_distils_in_every_round(tiny_data, monkeypatch):
         p.numel() for p in model.parameters())
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """An untrained ResNet-20 for the synthetic data (the options are refused before any work)."""
-    torch.manual_seed(0)
-    model = create("resnet20", num_classes=4, in_channels=3, input_size=16)
-    model.leanconv_meta = {**model.leanconv_meta, "input_shape": [3, 16, 16], "num_classes": 4,
-                           "dataset": {"name": "synthetic", "data_dir": None}}
-    path = tmp_path_factory.mktemp("distill") / "model.safetensors"
-    checkpoint.save(model, path)
-    return path
-
-
 @pytest.mark.parametrize("extra,match", [
     (["--distill-temperature", "2"], "--distill-temperature sets the distillation of --distill: add --distill"),
     (["--distill-weight", "0.9"], "--distill-weight sets the distillation of --distill"),
@@ -195,19 +183,19 @@ def ckpt(tmp_path_factory):
     (["--distill", "--finetune-epochs", "1", "--distill-temperature", "inf"], "--distill-temperature must be a finite"),
     (["--distill", "--finetune-epochs", "1", "--distill-temperature", "1e9"], "above 0 and <= 1000"),
 ])
-def test_bad_distillation_options_are_one_line(ckpt, tmp_path, capsys, extra, match):
+def test_bad_distillation_options_are_one_line(untrained_ckpt, tmp_path, capsys, extra, match):
     out = tmp_path / "out"
-    code = main(["prune", str(ckpt), "--target-flops", "0.5", "--out", str(out), "--no-progress", *extra])
+    code = main(["prune", str(untrained_ckpt), "--target-flops", "0.5", "--out", str(out), "--no-progress", *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("leanconv: error:") and match in err[0], err
     assert not out.exists()
 
 
-def test_the_options_round_trip_through_the_reproducing_command(ckpt, tmp_path):
+def test_the_options_round_trip_through_the_reproducing_command(untrained_ckpt, tmp_path):
     from leanconv.cli import prune as prune_cli
     from leanconv.cli.main import build_parser
 
     config = PruneConfig(method="l1", finetune_epochs=3, distill=True, distill_temperature=2.5, distill_weight=0.8)
-    words = shlex.split(command_line(config, Source.from_checkpoint(ckpt), tmp_path / "o"))
+    words = shlex.split(command_line(config, Source.from_checkpoint(untrained_ckpt), tmp_path / "o"))
     assert {"--distill", "--distill-temperature", "--distill-weight"} <= set(words)
     assert prune_cli.config_from_args(build_parser().parse_args(words[1:])) == config

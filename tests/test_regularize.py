@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-from leanconv import checkpoint
 from leanconv.cli.main import main
 from leanconv.errors import LeanconvError
 from leanconv.graph import channel_groups
@@ -174,18 +173,6 @@ def test_the_python_api_needs_training_batches_to_regularise():
         leanconv.prune(ResToy(), torch.randn(1, 3, 8, 8), method="l1", target_macs=0.5, regularize_epochs=1)
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """An untrained ResNet-20 for the synthetic data (the options are refused before any work)."""
-    torch.manual_seed(0)
-    model = create("resnet20", num_classes=4, in_channels=3, input_size=16)
-    model.leanconv_meta = {**model.leanconv_meta, "input_shape": [3, 16, 16], "num_classes": 4,
-                           "dataset": {"name": "synthetic", "data_dir": None}}
-    path = tmp_path_factory.mktemp("reg") / "model.safetensors"
-    checkpoint.save(model, path)
-    return path
-
-
 @pytest.mark.parametrize("extra,match", [
     (["--regularize-strength", "0.001"], "--regularize-strength sets the penalty of --regularize-epochs"),
     (["--regularize-epochs", "-1"], "--regularize-epochs must be at least 0"),
@@ -194,22 +181,22 @@ def ckpt(tmp_path_factory):
     (["--regularize-epochs", "1", "--regularize-strength", "nan"], "--regularize-strength must be a finite number"),
     (["--regularize-epochs", "1", "--regularize-strength", "1e9"], "--regularize-strength must be a finite number"),
 ])
-def test_bad_regularisation_options_are_one_line(ckpt, tmp_path, capsys, extra, match):
+def test_bad_regularisation_options_are_one_line(untrained_ckpt, tmp_path, capsys, extra, match):
     out = tmp_path / "out"
-    code = main(["prune", str(ckpt), "--target-flops", "0.5", "--out", str(out), "--no-progress", *extra])
+    code = main(["prune", str(untrained_ckpt), "--target-flops", "0.5", "--out", str(out), "--no-progress", *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("leanconv: error:") and match in err[0], err
     assert "Traceback" not in err[0] and not out.exists()
 
 
-def test_the_options_round_trip_through_the_reproducing_command(ckpt, tmp_path):
+def test_the_options_round_trip_through_the_reproducing_command(untrained_ckpt, tmp_path):
     from leanconv.cli import prune as prune_cli
     from leanconv.cli.main import build_parser
     from leanconv.runs import command_line
     import shlex
 
     config = PruneConfig(method="l1", regularize_epochs=2, regularize_strength=3e-4, seed=1)
-    words = shlex.split(command_line(config, Source.from_checkpoint(ckpt), tmp_path / "o"))
+    words = shlex.split(command_line(config, Source.from_checkpoint(untrained_ckpt), tmp_path / "o"))
     assert "--regularize-epochs" in words and "--regularize-strength" in words
     assert prune_cli.config_from_args(build_parser().parse_args(words[1:])) == config
     assert json.loads(json.dumps(config.to_dict()))["regularize_strength"] == 3e-4
