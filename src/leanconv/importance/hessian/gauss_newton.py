@@ -99,24 +99,25 @@ def gauss_newton_traces(
     s2 = {n: torch.zeros(p.shape[0], dtype=torch.float64) for n, p in sel.items()}
     quad = {n: torch.zeros(p.shape[0], dtype=torch.float64) for n, p in sel.items()}
 
-    def logits(p: dict, x: Tensor) -> Tensor:
-        return functional_call(model, {**fixed, **p}, (x.unsqueeze(0),)).squeeze(0)
+    def logits(p: dict, x: Tensor) -> tuple[Tensor, Tensor]:  # the logits, and again as jacrev's aux output
+        z = functional_call(model, {**fixed, **p}, (x.unsqueeze(0),)).squeeze(0)
+        return z, z.detach()
 
-    vmapped = vmap(jacrev(logits), in_dims=(None, 0))
+    vmapped = vmap(jacrev(logits, has_aux=True), in_dims=(None, 0))
     done, looped = 0, False
     with eval_mode(model), torch.no_grad():
         for x, _ in batches:
             for a in range(0, x.shape[0], per_chunk):
                 xs = x[a:a + per_chunk]
-                prob = torch.softmax(_logits(model, xs).double(), dim=-1)  # [n, C]
                 if not looped:
                     try:
-                        jacobians = vmapped(sel, xs)
+                        jacobians, z = vmapped(sel, xs)
                     except (RuntimeError, NotImplementedError) as exc:  # e.g. an autograd.Function without vmap
                         log.info("per-image Jacobians by vmap failed (%s); taking them image by image", exc)
                         looped = True
                 if looped:
-                    jacobians = _jacobians_one_by_one(logits, sel, xs, classes)
+                    jacobians, z = _jacobians_one_by_one(logits, sel, xs, classes)
+                prob = torch.softmax(z.double(), dim=-1)  # [n, C], from the Jacobians' own forward
                 for name, j in jacobians.items():  # j: [n, C, *shape]
                     _accumulate(j, prob, sel[name], (s1[name], s2[name], quad[name]))
                 done += xs.shape[0]
@@ -138,21 +139,23 @@ def gauss_newton_traces(
     )
 
 
-def _jacobians_one_by_one(logits: Callable, sel: dict, xs: Tensor, classes: int) -> dict[str, Tensor]:
-    """The per-image Jacobians by plain backward passes (one per image and class): slower than
-    the vmapped ones, but they work for any layer that has a backward."""
+def _jacobians_one_by_one(logits: Callable, sel: dict, xs: Tensor, classes: int) -> tuple[dict[str, Tensor], Tensor]:
+    """The per-image Jacobians by plain backward passes (one per image and class), and the
+    logits: slower than the vmapped ones, but they work for any layer that has a backward."""
     names = list(sel)
     out = {n: torch.empty(xs.shape[0], classes, *p.shape, dtype=p.dtype) for n, p in sel.items()}
+    zs = []
     with torch.enable_grad():
         for i, x in enumerate(xs):
             leaves = {n: p.detach().requires_grad_(True) for n, p in sel.items()}
-            z = logits(leaves, x)
+            z, plain = logits(leaves, x)
+            zs.append(plain)
             for c in range(classes):
                 grads = torch.autograd.grad(z[c], [leaves[n] for n in names], retain_graph=c < classes - 1,
                                             allow_unused=True)
                 for n, g in zip(names, grads):
                     out[n][i, c] = 0 if g is None else g
-    return out
+    return out, torch.stack(zs)
 
 
 def _logits(model: nn.Module, x: Tensor) -> Tensor:
