@@ -164,6 +164,7 @@ SPEC_ARGS: dict[str, Callable[[Any, str], None]] = {
     "start_dim": lambda v, f: _whole(v, f, -8, 8), "end_dim": lambda v, f: _whole(v, f, -8, 8),
     "padding_mode": _one_of("zeros", "reflect", "replicate", "circular"),
     "pattern": lambda v, f: _text(v, f),
+    "impl": _one_of("auto", "kernel", "reference", "grouped", "gather"),  # a new layer's chosen form
     "channel_order": _order,
 }
 

@@ -23,10 +23,26 @@ Pattern sets (``PATTERNS``; ``d`` = one dense kernel per period at ``t = 0``):
 
 MACs per call: ``nnz(W) * H_out * W_out * N`` (:meth:`PeriodicSparseConv2d.count_macs`).
 
-Fast path (``impl="kernel"``, stride 1): rows with ``i = a (mod P)`` share one support, so
-the compiled kernels (``_kernels/``) tile 4 such filters x 4 pixel vectors in registers and
-run only the nonzero MACs, forward and backward. ``impl="reference"`` is the dense conv with
-the scattered weight; it also serves stride 2, ONNX export and non-CPU tensors.
+Fast path (``impl="kernel"``, stride 1 or 2, padding <= 2): rows with ``i = a (mod P)`` share
+one support, so the compiled kernels (``_kernels/``) tile 4 such filters x 4 pixel vectors in
+registers and run only the nonzero MACs, forward and backward. Stride 2 runs as a stride-1
+2x2 conv of the input's four phase planes (polyphase split, ``_kernels/plan.py``).
+``impl="reference"`` is the dense conv with the scattered weight; it serves ONNX export,
+non-CPU tensors and stride > 2, and caches the scattered weight while no gradient can reach
+``weight_nz`` and it is unchanged (``DenseWeightCache``; saved 6-9 of 35-43 us per call for
+16 -> 16 on 8x8, batch 1). ``impl="auto"`` runs the kernels at stride 1 and the reference at
+stride 2. Measured stride-2 speed, reference time / polyphase time (64 -> 128, 16x16 and 32x32
+inputs, batch 1 and 64, inference and training, one thread): ``psd4_p8`` 0.55-0.99,
+``ps4_p4`` 0.47-1.01, ``psd2_p8`` 0.59-0.86 on 16x16 and 1.09-1.22 on 32x32, ``psd1_p16``
+0.81-1.22 on 16x16 and 1.44-1.57 on 32x32. The split itself is a gather of the whole input.
+
+``impl="grouped"`` runs the layer as a sum of dense grouped convs, one per position set of the
+pattern (:mod:`leanconv.layers.periodic_grouped`; channel counts must be multiples of the
+period): the form a runtime without sparse kernels can run fast, and what an ONNX export
+writes for such a layer. An export or trace writes the reference form for ``"kernel"`` and
+``"auto"`` (the same function). Which form is fastest depends on the runtime and the layer's
+shape; ``leanconv.convs.placement`` measures it and sets ``impl``, which is saved with the
+layer when it is not ``"auto"``.
 """
 
 from __future__ import annotations
@@ -41,9 +57,11 @@ from torch import nn
 from leanconv.errors import LeanconvError
 from leanconv.layers._kernels import SparseConvPlan, kernels_usable, sparse_conv
 from leanconv.layers._kernels.plan import TapPattern
+from leanconv.layers._kernels.sparse_conv import DenseWeightCache
+from leanconv.layers.periodic_grouped import GroupedForm, grouped_conv, grouped_form, grouped_weights
 from leanconv.layers.spec import register_layer
 
-__all__ = ["support_size", "PeriodicSparseConv2d", "PATTERNS", "pattern_mask"]
+__all__ = ["support_size", "PeriodicSparseConv2d", "PATTERNS", "pattern_mask", "has_grouped_form"]
 
 _TL, _TR, _BL, _BR = (0, 1, 3, 4), (1, 2, 4, 5), (3, 4, 6, 7), (4, 5, 7, 8)
 _DENSE = tuple(range(9))
@@ -55,7 +73,10 @@ PATTERNS: dict[str, tuple[tuple[int, ...], ...]] = {
     "psd1_p16": (_DENSE, *(((t - 1) % 9,) for t in range(1, 16))),
     "ps4_p4": (_BR, _TL, _TR, _BL),
 }
-IMPLS = ("auto", "kernel", "reference")
+IMPLS = ("auto", "kernel", "reference", "grouped")
+# strides the compiled kernels run for each impl; auto leaves stride 2 to the reference,
+# which was faster for the default pattern (module docstring)
+KERNEL_STRIDES = {"auto": (1,), "kernel": (1, 2), "reference": ()}
 
 
 def pattern_mask(out_channels: int, in_channels: int, pattern: str) -> torch.Tensor:
@@ -84,6 +105,16 @@ def support_size(out_channels: int, in_channels: int, pattern: str) -> int:
     return sum(outs[a] * ins[b] * len(table[(a + b + 1) % period]) for a in range(period) for b in range(period))
 
 
+def _writing_graph() -> bool:
+    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
+def has_grouped_form(in_channels: int, out_channels: int, pattern: str) -> bool:
+    """Whether ``impl="grouped"`` can run these channels with ``pattern`` (multiples of its period)."""
+    period = len(PATTERNS[pattern])
+    return in_channels % period == 0 and out_channels % period == 0
+
+
 def _pair_one(name: str, value) -> int:
     if isinstance(value, (tuple, list)):
         if len(value) != 2 or value[0] != value[1]:
@@ -104,7 +135,8 @@ class PeriodicSparseConv2d(nn.Module):
         stride, padding: as in ``nn.Conv2d`` (square).
         pattern: a key of :data:`PATTERNS`.
         bias: add a learnt per-channel bias (default False).
-        impl: ``"auto"`` (default), ``"kernel"`` or ``"reference"``.
+        impl: ``"auto"`` (default), ``"kernel"``, ``"reference"`` or ``"grouped"`` (module
+            docstring). Saved with the layer when not ``"auto"``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=1, padding=1,
@@ -121,6 +153,9 @@ class PeriodicSparseConv2d(nn.Module):
             raise LeanconvError(f"PeriodicSparseConv2d: need stride >= 1 and padding >= 0, got {stride}, {padding}")
         if impl not in IMPLS:
             raise LeanconvError(f"PeriodicSparseConv2d: impl={impl!r} is unknown; use one of {', '.join(IMPLS)}")
+        if impl == "grouped" and not has_grouped_form(in_channels, out_channels, pattern):
+            raise LeanconvError(f"PeriodicSparseConv2d: impl='grouped' needs channel counts that are multiples of "
+                                f"the pattern's period {len(PATTERNS[pattern])}, got {in_channels} -> {out_channels}")
         mask = pattern_mask(out_channels, in_channels, pattern)
         self.in_channels, self.out_channels, self.pattern = in_channels, out_channels, pattern
         self.kernel_size, self.stride, self.padding, self.impl = 3, stride, padding, impl
@@ -134,12 +169,14 @@ class PeriodicSparseConv2d(nn.Module):
         bound = 1 / math.sqrt(nz_index.numel() / out_channels)  # Conv2d's bound, fan-in = nonzeros per filter
         nn.init.uniform_(self.weight_nz, -bound, bound)
         self.bias = nn.Parameter(torch.empty(out_channels).uniform_(-bound, bound)) if bias else None
-        self._plan: SparseConvPlan | None = None
+        self._plan: tuple[tuple[int, int], SparseConvPlan] | None = None  # keyed by (stride, padding)
+        self._dense_cache = DenseWeightCache()
+        self._grouped: GroupedForm | None = None
 
     def spec_kwargs(self) -> dict:
         return {"in_channels": self.in_channels, "out_channels": self.out_channels, "kernel_size": 3,
                 "stride": self.stride, "padding": self.padding, "pattern": self.pattern,
-                "bias": self.bias is not None}
+                "bias": self.bias is not None, **({"impl": self.impl} if self.impl != "auto" else {})}
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size=3, stride={self.stride}, "
@@ -163,30 +200,41 @@ class PeriodicSparseConv2d(nn.Module):
         return int(output.numel() // self.out_channels) * self.weight_nz.numel()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.impl == "grouped" and not (x.is_meta or self.weight_nz.is_meta):  # a dry run takes the reference
+            if self._grouped is None:
+                self._grouped = grouped_form(self.out_channels, self.in_channels, PATTERNS[self.pattern],
+                                             self.nz_index.cpu())
+            weights = self._dense_cache.get(self.weight_nz, lambda: grouped_weights(self.weight_nz, self._grouped))
+            y = grouped_conv(x, weights, self._grouped, self.stride, self.padding)
+            return y if self.bias is None else y + self.bias[:, None, None]
         if self._use_kernel(x):
             y = sparse_conv(x, self.weight_nz, self._kernel_plan())
             return y if self.bias is None else y + self.bias[:, None, None]
-        return F.conv2d(x, self.dense_weight(), self.bias, self.stride, self.padding)
+        weight = self._dense_cache.get(self.weight_nz, self.dense_weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding)
 
     def _use_kernel(self, x: torch.Tensor) -> bool:
-        if self.impl == "reference":
-            return False
-        applicable = self.stride == 1 and self.padding <= 2
-        usable = applicable and kernels_usable(x, self.weight_nz)
+        if self.impl in ("reference", "grouped") or (self.impl == "kernel" and (_writing_graph() or x.is_meta)):
+            return False  # an exported or traced graph holds the reference form: the same function
+        usable = (self.stride in KERNEL_STRIDES[self.impl] and self.padding <= 2
+                  and kernels_usable(x, self.weight_nz)  # first: shapes are tensors while tracing
+                  and not (x.dim() == 4 and min(x.shape[2:]) + 2 * self.padding < 3))  # the reference raises
         if self.impl == "kernel" and not usable:
-            raise LeanconvError("PeriodicSparseConv2d: impl='kernel' needs stride 1, padding <= 2 and CPU "
-                                "float32/64 tensors outside export or tracing; use impl='auto'")
+            raise LeanconvError("PeriodicSparseConv2d: impl='kernel' needs stride 1 or 2, padding <= 2, an input "
+                                "no smaller than the kernel and CPU float32/64 tensors outside export or "
+                                "tracing; use impl='auto'")
         return usable
 
     def _kernel_plan(self) -> SparseConvPlan:
-        if self._plan is None:
+        key = (self.stride, self.padding)
+        if self._plan is None or self._plan[0] != key:
             flat = self.nz_index.cpu().numpy()
             row, rest = np.divmod(flat, self.in_channels * 9)
             col, pos = np.divmod(rest, 9)
             dy, dx = np.divmod(pos, 3)
             taps = TapPattern(row, col, dy, dx, np.arange(flat.size), self.out_channels, self.in_channels, 3)
-            self._plan = SparseConvPlan(taps, self.padding, self._reference_stride1)
-        return self._plan
+            self._plan = (key, SparseConvPlan(taps, self.padding, self._reference, stride=self.stride))
+        return self._plan[1]
 
-    def _reference_stride1(self, x: torch.Tensor, weight_nz: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self._scatter(weight_nz), None, 1, self.padding)
+    def _reference(self, x: torch.Tensor, weight_nz: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self._scatter(weight_nz), None, self.stride, self.padding)

@@ -5,18 +5,19 @@ channel ``row[e]`` to input channel ``col[e]`` at kernel offset ``(dy[e], dx[e])
 weight element ``widx[e]`` of the layer's flat parameter. :class:`ClassPlan` groups rows with
 identical tap lists into classes and fixes the packed weight order the C kernels read.
 :class:`Grid` fixes where every pixel vector lives in the padded input and output buffers
-for one input size; see ``sparse_rows.c`` for the memory layout.
+for one input size; see ``sparse_rows.c`` for the memory layout. :class:`PhaseGrid` does the
+same for a stride-2 call, run as a stride-1 convolution of the input's phase planes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TapPattern", "ClassPlan", "Grid", "row_groups"]
+__all__ = ["TapPattern", "ClassPlan", "Grid", "PhaseGrid", "row_groups"]
 
 
 def row_groups(count: int) -> list[int]:
@@ -44,6 +45,16 @@ class TapPattern:
         k = self.kernel
         return TapPattern(self.col, self.row, k - 1 - self.dy, k - 1 - self.dx, self.widx,
                           self.cols, self.rows, k)
+
+    def polyphase(self) -> "TapPattern":
+        """Taps of the same convolution at stride 2, rewritten as a stride-1 convolution of
+        ``F.pixel_unshuffle(x, 2)``: channel ``c * 4 + a * 2 + b`` of that input holds
+        ``x[c, 2u + a, 2v + b]``, so tap ``(c, dy, dx)`` reads phase channel
+        ``c * 4 + (dy % 2) * 2 + dx % 2`` at offset ``(dy // 2, dx // 2)`` of a
+        ``ceil(kernel / 2)`` kernel. Distinct taps stay distinct; ``widx`` is unchanged."""
+        col = self.col * 4 + (self.dy % 2) * 2 + self.dx % 2
+        return TapPattern(self.row, col, self.dy // 2, self.dx // 2, self.widx,
+                          self.rows, self.cols * 4, (self.kernel + 1) // 2)
 
 
 def _classes(taps: TapPattern):
@@ -188,3 +199,59 @@ class Grid:
         used = buf[:, :, : self.h_out * self.out_pitch].view(n, c, self.h_out, self.out_pitch)
         used[..., : self.w_out] = g
         return buf
+
+
+@dataclass(frozen=True)
+class PhaseGrid(Grid):
+    """Buffer geometry of one stride-2 convolution call, run as a stride-1 convolution of the
+    input's phase planes (polyphase split, :meth:`TapPattern.polyphase`).
+
+    Source channel ``c`` of the ``[N, C, src_h, src_w]`` input becomes channels ``4c + 2a + b``
+    holding the padded input at ``(2u + a, 2v + b)``. The inherited fields describe the
+    stride-1 ``ceil(k / 2)`` kernel with padding 0 on that ``[h_out + 1, w_out + 1]`` phase
+    image (for k = 3): its padded sides ``2 * (out + 1)`` cover ``side + 2 * pad``, with one
+    extra zero row or column when ``side + 2 * pad`` is odd. :meth:`input_buffer` gathers the
+    input straight into the kernel's buffer layout: ``gather`` indexes an input plane with one
+    zero appended (index ``src_h * src_w`` for every padding position). ``back`` is the
+    input-gradient grid on the ``[h_out, w_out]`` output gradient, and ``unphase`` maps every
+    input pixel to its place in that grid's output buffer.
+    """
+
+    src_h: int
+    src_w: int
+    gather: torch.Tensor
+    back: Grid
+    unphase: torch.Tensor
+
+    @staticmethod
+    def build(h: int, w: int, kernel: int, pad: int, lanes: int) -> "PhaseGrid":
+        if kernel % 2 == 0:
+            raise ValueError(f"the stride-2 polyphase grid needs an odd kernel, got {kernel}")
+        kp = (kernel + 1) // 2
+        h_out, w_out = (h + 2 * pad - kernel) // 2 + 1, (w + 2 * pad - kernel) // 2 + 1
+        inner = Grid.build(h_out + kp - 1, w_out + kp - 1, kp, 0, lanes)
+        back = Grid.build(h_out, w_out, kp, kp - 1, lanes)
+        phase, r, c = torch.meshgrid(torch.arange(4), torch.arange(inner.in_rows), torch.arange(inner.pitch),
+                                     indexing="ij")
+        y, x = 2 * r + phase // 2 - pad, 2 * c + phase % 2 - pad
+        outside = (y < 0) | (y >= h) | (x < 0) | (x >= w)
+        gather = torch.where(outside, h * w, y * w + x).reshape(-1)
+        i, j = torch.meshgrid(torch.arange(h) + pad, torch.arange(w) + pad, indexing="ij")
+        unphase = ((i % 2) * 2 + j % 2) * back.out_len + (i // 2) * back.out_pitch + j // 2
+        own = {f.name: getattr(inner, f.name) for f in fields(Grid)}
+        return PhaseGrid(**own, src_h=h, src_w=w, gather=gather, back=back, unphase=unphase.reshape(-1))
+
+    def input_buffer(self, x: torch.Tensor) -> torch.Tensor:
+        """The phase planes of ``x`` in the kernel's ``[N, 4C, in_rows, pitch]`` layout, zeros
+        at the padding and in the unused rows and columns (exact zeros, whatever ``x`` holds)."""
+        n, c = x.shape[:2]
+        flat = x.reshape(n * c, self.src_h * self.src_w)
+        planes = torch.cat([flat, flat.new_zeros(n * c, 1)], 1).index_select(1, self.gather)
+        return planes.view(n, 4 * c, self.in_rows, self.pitch)
+
+    def input_grad(self, buf: torch.Tensor) -> torch.Tensor:
+        """The input gradient ``[N, C, src_h, src_w]`` from the raw output buffer
+        ``[N, 4C, back.out_len]`` of the input-gradient kernel run on ``back``."""
+        n, c4 = buf.shape[:2]
+        flat = buf.reshape(n * (c4 // 4), 4 * self.back.out_len).index_select(1, self.unphase)
+        return flat.view(n, c4 // 4, self.src_h, self.src_w)
