@@ -3,11 +3,14 @@
 Convert a zoo model or a checkpoint: --to scc turns the convs DSXplore picks (ResNet: conv2
 of every block; VGG: every 3x3 but the first; MobileNetV2: the 1x1 expand and project convs)
 into depthwise + sliding-channel convs; --to psconv turns every dense 3x3 conv but the first
-into a periodic sparse conv. New layers are freshly initialised from --seed, other weights
-kept; with --finetune-epochs the whole model is then fine-tuned on its data and BatchNorm
-statistics re-estimated. Writes DIR/model.safetensors and DIR/convert.json and prints the
-counted params and MACs before and after. Without fine-tuning, train the result with
-'leanconv train --from DIR/model.safetensors'.
+into a periodic sparse conv. --where auto converts only the layers whose new form is measured
+faster on --runtime (each timed alone, side by side with the dense conv), or name the layers.
+The new layers start from the trained ones they replace, fitted by least squares on training
+images (--init fit, the default when there is data), or fresh from --seed (--init random);
+other weights are kept. The converted model is judged right away (BatchNorm re-estimated),
+and with --finetune-epochs fine-tuned and timed side by side with the original. Writes
+DIR/model.safetensors and DIR/convert.json and prints the counted params and MACs before and
+after.
 
 The placement rules are those of :mod:`leanconv.convs.convert`, the run that of
 :mod:`leanconv.runs.convert`.
@@ -85,10 +88,11 @@ def _source(args: argparse.Namespace, config: ConvertConfig) -> Source:
     if given:
         raise LeanconvError(f"{', '.join(given)} apply to zoo model names only; a checkpoint keeps the input shape "
                             "and classes it records")
-    if config.finetune_epochs == 0 and args.data is None:  # no data needed: the checkpoint's record may name none
+    if config.finetune_epochs == 0 and args.data is None and config.init != "fit":
         model = checkpoint.load(args.source, constructor=args.constructor)
-        shape = None if model.leanconv_meta.get("input_shape") else (3, 32, 32)
-        return Source(None, checkpoint=Path(args.source), constructor=args.constructor, input_shape=shape)
+        if config.init == "random" or not model.leanconv_meta.get("dataset"):  # no data needed, none recorded
+            shape = None if model.leanconv_meta.get("input_shape") else (3, 32, 32)
+            return Source(None, checkpoint=Path(args.source), constructor=args.constructor, input_shape=shape)
     return source_from_args(args, args.source)
 
 
@@ -118,10 +122,39 @@ def _summary(record: dict, model: torch.nn.Module, out: Path) -> str:
         f"{'after':8}{a['params']:>12,}{a['macs'] / 1e6:>12.2f} M",
         f"{'ratio':8}{a['params'] / b['params']:>12.3f}{a['macs'] / b['macs']:>14.3f}",
     ]
+    fit = record.get("fit")
+    if fit:
+        worst = max(fit, key=lambda p: fit[p]["unexplained"])
+        lines.append(f"started from the trained layers: median unexplained output "
+                     f"{_median([f['unexplained'] for f in fit.values()]):.3f} (worst {worst}: "
+                     f"{fit[worst]['unexplained']:.3f})")
+    timings = record.get("layer_timings")
+    if timings:
+        lines.append(f"--where auto: {len(record['layers'])} of {len(timings)} layers measured faster as "
+                     f"{record['name']} on {record['config']['runtime']}")
+    epochs = record["config"]["finetune_epochs"]
     if "test_accuracy" in a:
-        lines.append(f"test accuracy {b['test_accuracy']:.2f}% before, {a['test_accuracy']:.2f}% after "
-                     f"{record['config']['finetune_epochs']} fine-tuning epochs")
+        right = record.get("converted", {}).get("test_accuracy")
+        lines.append(f"test accuracy {b['test_accuracy']:.2f}% before"
+                     + (f", {right:.2f}% right after conversion (BatchNorm re-estimated)" if right is not None else "")
+                     + (f", {a['test_accuracy']:.2f}% after {epochs} fine-tuning epochs" if epochs else ""))
+        if record.get("timing"):
+            lines.append(_speed_line(record["timing"]))
+    if "test_accuracy" in a and epochs:
         lines.append(f"wrote {saved}")
     else:
         lines.append(f"wrote {saved}; train it with: leanconv train --from {saved} --data {data} --out RUN_DIR")
     return "\n".join(lines)
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def _speed_line(timing: dict) -> str:
+    parts = [f"batch {key[5:]}: {t['speedup']['median']:.2f}x ({t['speedup']['low']:.2f}-{t['speedup']['high']:.2f})"
+             for key, t in timing.items() if key.startswith("batch")]
+    return f"speed vs the original on {timing['runtime']} ({timing['threads']} thread(s)), side by side: " + \
+        ", ".join(parts)

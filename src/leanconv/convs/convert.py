@@ -40,6 +40,7 @@ so a converted checkpoint reloads exactly.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -52,7 +53,8 @@ from leanconv.models.mobilenetv2 import InvertedResidual
 from leanconv.models.preact_resnet import PreActBlock
 from leanconv.models.resnet_cifar import BasicBlock
 
-__all__ = ["ConversionSpec", "CONVERSIONS", "convert", "conversion_targets"]
+__all__ = ["ConversionSpec", "CONVERSIONS", "convert", "conversion_spec", "conversion_targets", "replacement",
+           "replacements"]
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +108,21 @@ def _first_conv(model: nn.Module) -> str | None:
     return convs[0][0] if convs else None
 
 
-def _plain_conv(model: nn.Module, path: str) -> nn.Conv2d:
-    module = model.get_submodule(path)
+def conversion_spec(to: str, groups: int | None = None, overlap: float | None = None,
+                    pattern: str | None = None) -> ConversionSpec:
+    """The spec with the defaults filled in: overlap 0.5 for ``scc``, ``psd4_p8`` for ``psconv``."""
+    if to == "scc" and overlap is None:
+        overlap = 0.5
+    if to == "psconv" and pattern is None:
+        pattern = "psd4_p8"
+    return ConversionSpec(to, groups, overlap, pattern)
+
+
+def _plain(path: str, module: nn.Module) -> nn.Conv2d:
     if not isinstance(module, nn.Conv2d) or module.groups != 1:
         raise LeanconvError(f"layer {path} is a {type(module).__name__} (groups={getattr(module, 'groups', '-')}), "
-                            "not a dense nn.Conv2d; convert a model whose convs are plain (it may be converted already)")
+                            "not a dense nn.Conv2d; convert a model whose convs are plain (it may be converted "
+                            "already)")
     return module
 
 
@@ -185,29 +197,46 @@ def _replace(model: nn.Module, path: str, new: nn.Module, old: nn.Module) -> Non
     setattr(parent, name, new)
 
 
+def replacement(spec: ConversionSpec, path: str, conv: nn.Module) -> nn.Module:
+    """The freshly initialised layer that replaces the conv ``conv`` at ``path`` (not placed)."""
+    conv = _plain(path, conv)
+    with torch.no_grad():
+        if spec.to == "scc":
+            return _dw_scc(path, conv, spec.groups, spec.overlap)
+        return _psconv(path, conv, spec.pattern)
+
+
+def replacements(model: nn.Module, spec: ConversionSpec, layers: Sequence[str] | None = None) -> dict[str, nn.Module]:
+    """Path -> new layer for every conv that :func:`convert` would replace (``model`` is not
+    changed); ``layers`` restricts them to those paths, each of which must be a candidate."""
+    paths = conversion_targets(model, spec.to)
+    if layers is not None:
+        layers = list(dict.fromkeys(layers))
+        unknown = [p for p in layers if p not in paths]
+        if unknown:
+            raise LeanconvError(f"layer {unknown[0]!r} cannot be converted to {spec.to}; the layers that can are: "
+                                f"{', '.join(paths)}")
+        if not layers:
+            raise LeanconvError("no layer named to convert; name at least one")
+        paths = [p for p in paths if p in layers]
+    return {path: replacement(spec, path, model.get_submodule(path)) for path in paths}
+
+
 def convert(model: nn.Module, to: str = "scc", *, groups: int | None = None, overlap: float | None = None,
-            pattern: str | None = None) -> nn.Module:
+            pattern: str | None = None, layers: Sequence[str] | None = None) -> nn.Module:
     """Replace the convs that the rules in the module docstring pick, in place; returns ``model``.
 
     ``to="scc"``: ``groups`` (required) and ``overlap`` (default 0.5) of the sliding-channel
-    convs. ``to="psconv"``: ``pattern`` (default ``psd4_p8``). Every replacement is checked
-    before the model is touched, so an error (e.g. channels not divisible by ``groups``,
-    naming the layer) leaves the model unchanged.
+    convs. ``to="psconv"``: ``pattern`` (default ``psd4_p8``). ``layers``: convert only these
+    paths (each must be one the rules pick; :func:`conversion_targets` lists them). Every
+    replacement is checked before the model is touched, so an error (e.g. channels not
+    divisible by ``groups``, naming the layer) leaves the model unchanged.
     """
-    if to == "scc" and overlap is None:
-        overlap = 0.5
-    if to == "psconv" and pattern is None:
-        pattern = "psd4_p8"
-    spec = ConversionSpec(to, groups, overlap, pattern)
-    paths = conversion_targets(model, to)
-    replacements = []
-    for path in paths:
-        conv = _plain_conv(model, path)
-        with torch.no_grad():
-            new = _dw_scc(path, conv, spec.groups, spec.overlap) if to == "scc" else _psconv(path, conv, spec.pattern)
-        replacements.append((path, new, conv))
-    for path, new, conv in replacements:
-        _replace(model, path, new, conv)
+    spec = conversion_spec(to, groups, overlap, pattern)
+    new_layers = replacements(model, spec, layers)
+    paths = list(new_layers)
+    for path, new in new_layers.items():
+        _replace(model, path, new, model.get_submodule(path))
     meta = dict(getattr(model, "leanconv_meta", None) or {})
     stale = {key: meta.pop(key) for key in ("test", "train") if key in meta}  # results of the unconverted model
     entry = {**spec.to_dict(), "layers": paths, **({"before": stale} if stale else {})}

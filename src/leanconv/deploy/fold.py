@@ -13,15 +13,16 @@ network a deployment runs. BatchNorm counts 0 MACs in leanconv's profiler either
 removes its memory passes, which do not shrink with a MAC reduction as fast as the convs do.
 
 Which pairs fold is found from one forward pass on an example batch, not from module order.
-Forward hooks record each plain ``nn.Conv2d``'s output and each ``nn.BatchNorm2d``'s input,
+Forward hooks record each plain ``nn.Conv2d``'s output (and each ``PeriodicSparseConv2d``'s:
+its nonzeros scale the same way and it takes the bias) and each ``nn.BatchNorm2d``'s input,
 and a ``TorchFunctionMode`` counts every torch operation that reads a conv's output (a
 comparison, an in-place op and ``detach`` count; shape queries do not). A pair folds only
 when the BatchNorm's input *is* the conv's output tensor, unmodified, that BatchNorm is its
 only reader and it is not a model output, each module runs exactly once per forward, is
 registered under one name and carries no user hooks. Anything else (a shared module, a
-leanconv sparse layer, an implant conv, a BatchNorm before its conv) is left as it is. The
-folded model is then run on the example batch and must match the original to ``1e-4``
-relative, or :class:`~leanconv.errors.LeanconvError` is raised and nothing is returned.
+sliding-channel conv, which has no bias, an implant conv, a BatchNorm before its conv) is left
+as it is. The folded model is then run on the example batch and must match the original to
+``1e-4`` relative, or :class:`~leanconv.errors.LeanconvError` is raised and nothing is returned.
 
 A float16 (or bfloat16) model is folded and checked on a float32 copy (its weights convert
 exactly), then stored back in its own dtype: its 11-bit mantissa alone differs by ~1e-3
@@ -41,11 +42,13 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from leanconv.errors import LeanconvError
+from leanconv.layers.periodic_sparse import PeriodicSparseConv2d
 from leanconv.util.model_io import LOW_PRECISION, model_dtype, to_model
 from leanconv.util.modes import eval_mode
 
-__all__ = ["FoldResult", "fold", "fold_batchnorm", "foldable_pairs"]
+__all__ = ["FoldResult", "fold", "fold_batchnorm", "foldable_pairs", "FOLDS_INTO"]
 
+FOLDS_INTO = (nn.Conv2d, PeriodicSparseConv2d)  # exact types whose output a BatchNorm can fold into
 TOLERANCE = 1e-4  # largest accepted |folded - original| over the largest |original| output
 
 # Tensor methods that read only metadata, never values: they do not block a fold.
@@ -117,7 +120,7 @@ def foldable_pairs(model: nn.Module, example_input: Tensor) -> list[tuple[str, s
     named = {m: n for n, m in entries}
     shared = {m for m, k in Counter(m for _, m in entries).items() if k > 1}  # registered under two names
     hooked = {m for m in named if m._forward_hooks or m._forward_pre_hooks}
-    convs = [m for m in named if type(m) is nn.Conv2d and m not in shared | hooked]
+    convs = [m for m in named if type(m) in FOLDS_INTO and m not in shared | hooked]
     norms = [m for m in named if type(m) is nn.BatchNorm2d and m.track_running_stats and m not in shared | hooked]
     conv_out, norm_in, calls, reads, outputs = _trace(model, example_input, convs, norms)
     producer = {id(t): (conv, version) for conv, (t, version) in conv_out.items()}
@@ -132,18 +135,23 @@ def foldable_pairs(model: nn.Module, example_input: Tensor) -> list[tuple[str, s
 
 
 @torch.no_grad()
-def _fold_into(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> None:
+def _fold_into(conv: nn.Module, norm: nn.BatchNorm2d) -> None:
     scale = torch.rsqrt(norm.running_var.to(torch.float64) + norm.eps)
     shift = -norm.running_mean.to(torch.float64) * scale
     if norm.affine:
         scale = scale * norm.weight.to(torch.float64)
         shift = shift * norm.weight.to(torch.float64) + norm.bias.to(torch.float64)
+    if isinstance(conv, PeriodicSparseConv2d):  # the flat nonzeros: each scaled by its output filter's factor
+        weight = conv.weight_nz
+        per_weight = scale[torch.div(conv.nz_index, conv.in_channels * 9, rounding_mode="floor")]
+    else:
+        weight = conv.weight
+        per_weight = scale.view(-1, *([1] * (weight.dim() - 1)))
     bias = conv.bias.to(torch.float64) if conv.bias is not None else torch.zeros_like(scale)
-    weight = conv.weight.to(torch.float64) * scale.view(-1, *([1] * (conv.weight.dim() - 1)))
-    conv.weight.copy_(weight.to(conv.weight.dtype))
-    new_bias = (bias * scale + shift).to(conv.weight.dtype)
+    weight.copy_((weight.to(torch.float64) * per_weight).to(weight.dtype))
+    new_bias = (bias * scale + shift).to(weight.dtype)
     if conv.bias is None:
-        conv.bias = nn.Parameter(new_bias, requires_grad=conv.weight.requires_grad)
+        conv.bias = nn.Parameter(new_bias, requires_grad=weight.requires_grad)
     else:
         conv.bias.copy_(new_bias)
 

@@ -42,7 +42,7 @@ from leanconv.prune3d.realise import load_origin
 from leanconv.prune3d.search import check_budget
 from leanconv.runs.config import (RunConfig, command_line, finetune_epochs, finetune_lr, latency_batch, latency_repeats,
                                   latency_table, probes, runtime, score_images, seed, setting, threads, train_subset)
-from leanconv.runs.convert import LAYER_LR, ConvertConfig
+from leanconv.runs.convert import ConvertConfig
 from leanconv.runs.prune import PruneConfig
 from leanconv.runs.prune3d import Prune3dConfig
 from leanconv.runs.record import Result
@@ -202,10 +202,10 @@ def entry_config(c: CompareConfig, method: str, target: float | None) -> RunConf
         return Prune3dConfig(target=target, samples=c.samples, sample_epochs=1, sample_images=images,
                              finetune_epochs=c.finetune_epochs, finetune_lr=c.finetune_lr, score_images=c.score_images,
                              probes=c.probes, seed=c.seed, latency_repeats=2, batch_size=ENTRY_BATCH)
-    lr = max(c.finetune_lr, LAYER_LR)  # converted layers start from random weights
     shape = {"groups": c.scc_groups, "overlap": c.scc_overlap} if method == "scc" else {"pattern": c.psconv_pattern}
-    return ConvertConfig(to=method, **shape, seed=c.seed, finetune_epochs=c.finetune_epochs, finetune_lr=lr,
-                         train_subset=c.train_subset, batch_size=ENTRY_BATCH)
+    # the new layers start fitted to the trained ones (convert's --init auto): the comparison's fine-tuning rate
+    return ConvertConfig(to=method, **shape, seed=c.seed, finetune_epochs=c.finetune_epochs,
+                         finetune_lr=c.finetune_lr, train_subset=c.train_subset, batch_size=ENTRY_BATCH)
 
 
 def _notes(c: CompareConfig, method: str, config: RunConfig, result: Result) -> tuple[str, str, str]:
@@ -229,8 +229,11 @@ def _notes(c: CompareConfig, method: str, config: RunConfig, result: Result) -> 
             notes += f"; 3-D pruning has no latency budget: solved for MACs x{config.target:g} instead"
         return "3d", method, notes
     label = f"scc g={c.scc_groups} o={c.scc_overlap:g}" if method == "scc" else f"psconv {c.psconv_pattern}"
-    notes = (f"converted layers trained {c.finetune_epochs} epochs at lr {config.finetune_lr:g}; other weights from "
-             "the baseline; BatchNorm statistics then re-estimated")
+    fitted = record.get("converted", {}).get("test_accuracy")
+    start = "fitted to the trained ones" if record.get("init") == "fit" else "drawn at random"
+    notes = (f"new layers {start}" + (f" ({fitted:.2f}% before fine-tuning)" if fitted is not None else "")
+             + f", then trained {c.finetune_epochs} epochs at lr {record.get('finetune_lr', config.finetune_lr):g}; "
+             "other weights from the baseline; BatchNorm statistics then re-estimated")
     return "layer", label, notes
 
 

@@ -31,9 +31,9 @@ from leanconv.runs.config import (RunConfig, batch_size, finetune_epochs, finetu
                                   seed, setting, threads, train_subset)
 from leanconv.runs import recovery
 from leanconv.runs.latency import LatencyBudget, describe, prune_to_measured_latency
-from leanconv.runs.record import Record, Result, add_latency, counted, measure, time_pair
+from leanconv.runs.record import Record, Result, add_latency, counted, measure, one_shot, time_pair
 from leanconv.runs.source import Source
-from leanconv.train import evaluate, finetune
+from leanconv.train import finetune
 from leanconv.train.finetune import recalibrate_on_training_data
 from leanconv.util import checks
 from leanconv.util.progress import Progress, Stage, quiet
@@ -175,17 +175,6 @@ def _merge_layers(results) -> dict[str, list[int]]:
     return {name: [first[name][0], last.get(name, first[name])[1]] for name in first}
 
 
-def _one_shot(model, shape, test, data, resolution, batch_size: int) -> dict[str, Any]:
-    """Judge the cut right after pruning: re-estimate the model's BatchNorm statistics on
-    training images (no fine-tuning; what fine-tuning then starts from) and measure counted
-    cost and test accuracy; ``test_accuracy_stale_bn`` is the accuracy before that, with the
-    statistics the unpruned model left."""
-    stale = evaluate(model, test)["accuracy"]
-    recalibrate_on_training_data(model, data, resolution, batch_size)
-    return {**counted(model, shape), "test_accuracy": evaluate(model, test)["accuracy"],
-            "test_accuracy_stale_bn": stale, "bn": "re-estimated on training images"}
-
-
 def run_prune(config: PruneConfig, source: Source, *, out=None, progress: Progress | None = None,
               stage: Stage | None = None, measured: bool = True) -> Result:
     """Prune a fresh copy of ``source``'s model per ``config`` (module docstring). With
@@ -232,7 +221,7 @@ def run_prune(config: PruneConfig, source: Source, *, out=None, progress: Progre
         results = [prune_to_budget(model, criterion, example, target=config.target, implant=config.implant, **options)]
     if config.steps == 1 or config.kind == "latency":
         if measured:
-            cut = _one_shot(model, shape, test, data, resolution, config.batch_size)
+            cut = one_shot(model, shape, test, data, resolution, config.batch_size)
         elif data is not None:  # the cut's own BatchNorm statistics, whatever comes next
             recalibrate_on_training_data(model, data, resolution, config.batch_size)
         say(f"fine-tuning for {config.finetune_epochs} epochs")

@@ -40,7 +40,8 @@ from leanconv.train import evaluate
 from leanconv.util.files import write_json
 from leanconv.util.fileset import write_together
 
-__all__ = ["Record", "Result", "measure", "counted", "time_pair", "add_latency", "LATENCY_BATCHES", "RECORD_FILES"]
+__all__ = ["Record", "Result", "measure", "counted", "one_shot", "time_pair", "add_latency", "LATENCY_BATCHES",
+           "RECORD_FILES"]
 
 LATENCY_BATCHES = ("batch1", "batch64")
 RECORD_FILES = {"convert": "convert.json", "sensitivity": "sensitivity.json"}  # other kinds: record.json
@@ -56,6 +57,19 @@ def measure(model: nn.Module, shape, test_loader) -> dict[str, Any]:
     """Counted cost, test accuracy and loss (latency comes from :func:`time_pair`, side by side)."""
     metrics = evaluate(model, test_loader)
     return {**counted(model, shape), "test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"]}
+
+
+def one_shot(model: nn.Module, shape, test_loader, data, resolution: int | None, batch_size: int) -> dict[str, Any]:
+    """Judge a changed model right away: re-estimate its BatchNorm statistics on training
+    images (no fine-tuning; what fine-tuning then starts from) and measure counted cost and
+    test accuracy; ``test_accuracy_stale_bn`` is the accuracy before that, with the statistics
+    the unchanged model left."""
+    from leanconv.train.finetune import recalibrate_on_training_data
+
+    stale = evaluate(model, test_loader)["accuracy"]
+    recalibrate_on_training_data(model, data, resolution, batch_size)
+    return {**counted(model, shape), "test_accuracy": evaluate(model, test_loader)["accuracy"],
+            "test_accuracy_stale_bn": stale, "bn": "re-estimated on training images"}
 
 
 def time_pair(before: nn.Module, after: nn.Module, shapes: tuple, *, runtime: str, threads: int, repeats: int,

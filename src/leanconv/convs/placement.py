@@ -1,0 +1,166 @@
+"""Where a new conv pays, and in which form: each candidate layer timed against the conv it replaces.
+
+A sliding-channel block or a periodic sparse conv does fewer multiply-adds than the dense conv
+it replaces, but whether it runs faster depends on the runtime, the layer's shape and the
+batch: at 16 channels fixed costs dominate, and a runtime without sparse kernels runs a pSConv
+as a dense conv with a masked weight. Each new layer has several exact forms (``impl``): the
+compiled sparse kernels (PyTorch only), the masked dense conv (``reference``), and a grouped
+decomposition (``grouped``: pSConv as a sum of dense grouped convs, SCC as one grouped 1x1
+conv on gathered windows), the last two exportable to ONNX.
+
+:func:`measure_layers` builds, for every layer the placement rules of
+:mod:`leanconv.convs.convert` pick, the replacement in each form the runtime can run
+(:func:`forms`) and a copy of the original conv, and times them side by side
+(:func:`leanconv.cost.side_by_side.time_side_by_side`: interleaved rounds, on the runtime,
+threads and batch given) at the input shape the layer sees in the model. Each layer's fastest
+form and its time ratio to the dense conv are kept. :func:`choose` keeps the layers whose
+fastest form is faster than dense by a margin, and :func:`set_forms` gives each converted
+layer its fastest form; ``leanconv convert --where auto`` does both.
+
+A layer timed alone is not the same as a layer inside a graph (a runtime may convert layouts
+around a lone conv, fuse BatchNorm, or pay a per-call cost once per graph rather than once per
+layer), so the converted model is timed again as a whole, side by side with the original, and
+that is the speedup a record states.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from leanconv.cost.side_by_side import time_side_by_side
+from leanconv.errors import LeanconvError
+from leanconv.layers._kernels import kernels_available
+from leanconv.layers.periodic_sparse import PeriodicSparseConv2d, has_grouped_form
+from leanconv.layers.sliding_channel import SlidingChannelConv2d
+from leanconv.util import checks
+from leanconv.util.modes import eval_mode
+from leanconv.util.progress import Progress
+
+__all__ = ["LayerTiming", "layer_input_shapes", "forms", "with_form", "set_form", "measure_layers", "set_forms",
+           "choose", "DEFAULT_MARGIN"]
+
+DEFAULT_MARGIN = 0.05  # convert a layer only when its new form takes at most 95% of the dense conv's time
+
+
+@dataclass(frozen=True)
+class LayerTiming:
+    """One candidate layer, timed alone: the dense conv and its replacement in every form,
+    side by side. ``form`` is the fastest form; ``ratio`` its time over the dense conv's
+    (median over rounds, with the extreme rounds as ``low`` and ``high``; below 1 it is
+    faster); ``forms`` every form's median ratio."""
+
+    path: str
+    input_shape: tuple[int, ...]
+    dense_ms: float
+    new_ms: float
+    ratio: dict[str, float]
+    form: str = "auto"
+    forms: dict[str, float] | None = None
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "input_shape": list(self.input_shape)}
+
+
+def _new_layers(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, (PeriodicSparseConv2d, SlidingChannelConv2d))]
+
+
+def forms(module: nn.Module, runtime: str) -> list[str]:
+    """The exact forms (``impl`` values) of the new layer in ``module`` that ``runtime`` can
+    run: the compiled kernels in PyTorch only (where they are built), the masked dense conv and
+    the grouped decomposition everywhere (pSConv: where the channels are multiples of the
+    period)."""
+    layers = _new_layers(module)
+    if len(layers) != 1:
+        raise LeanconvError(f"expected one new layer in {type(module).__name__}, found {len(layers)}")
+    layer = layers[0]
+    found = ["reference"]
+    if isinstance(layer, PeriodicSparseConv2d):
+        if has_grouped_form(layer.in_channels, layer.out_channels, layer.pattern):
+            found.append("grouped")
+        kernel_ok = layer.stride in (1, 2) and layer.padding <= 2
+    else:
+        found.append("grouped")
+        kernel_ok = True
+    if runtime == "torch" and kernel_ok and kernels_available():
+        found.append("kernel")
+    return found
+
+
+def with_form(module: nn.Module, form: str) -> nn.Module:
+    """A copy of ``module`` whose new layer runs in ``form``."""
+    copied = copy.deepcopy(module)
+    set_form(copied, form)
+    return copied
+
+
+def set_form(module: nn.Module, form: str) -> None:
+    """Make the new layer(s) in ``module`` run in ``form`` (an ``impl`` value), in place."""
+    for layer in _new_layers(module):
+        layer.impl = form
+
+
+def layer_input_shapes(model: nn.Module, paths: Sequence[str],
+                       input_shape: Sequence[int]) -> dict[str, tuple[int, ...]]:
+    """The shape (without batch) of the input each layer at ``paths`` receives, from one
+    forward pass of a single zero image."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    handles = []
+    for path in paths:
+        def hook(_module, inputs, path=path):
+            shapes.setdefault(path, tuple(inputs[0].shape[1:]))
+        handles.append(model.get_submodule(path).register_forward_pre_hook(hook))
+    try:
+        param = next(model.parameters(), None)
+        x = torch.zeros(1, *input_shape, dtype=param.dtype if param is not None else torch.float32)
+        with eval_mode(model), torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [p for p in paths if p not in shapes]
+    if missing:
+        raise LeanconvError(f"layer {missing[0]} is not called by the model's forward pass; it cannot be timed "
+                            "in place")
+    return shapes
+
+
+def measure_layers(model: nn.Module, replacements: dict[str, nn.Module], input_shape: Sequence[int], *,
+                   runtime: str, threads: int = 1, batch: int = 1, rounds: int = 5, repeats: int = 10,
+                   progress: Progress | None = None) -> list[LayerTiming]:
+    """Each layer of ``model`` at a path of ``replacements`` timed side by side with its
+    replacement in every form ``runtime`` can run (:func:`forms`), at the layer's own input
+    shape; ``model`` is not changed."""
+    shapes = layer_input_shapes(model, list(replacements), input_shape)
+    timings = []
+    for i, (path, new) in enumerate(replacements.items()):
+        dense = copy.deepcopy(model.get_submodule(path)).float()
+        candidates = {form: with_form(new, form).float() for form in forms(new, runtime)}
+        side = time_side_by_side({"dense": dense, **candidates}, shapes[path], runtime=runtime, threads=threads,
+                                 batch=batch, rounds=rounds, repeats=repeats, warmup=3)
+        best = min(candidates, key=lambda f: side.ratio[f]["median"])
+        timings.append(LayerTiming(path, shapes[path], side.latency_ms["dense"]["median_ms"],
+                                   side.latency_ms[best]["median_ms"], side.ratio[best], best,
+                                   {f: side.ratio[f]["median"] for f in candidates}))
+        if progress is not None:
+            progress(i + 1, len(replacements), {"layer": path})
+    return timings
+
+
+def set_forms(model: nn.Module, timings: Sequence[LayerTiming]) -> None:
+    """Give each converted layer of ``model`` at a timed path its fastest form."""
+    for t in timings:
+        module = model.get_submodule(t.path)
+        if _new_layers(module):
+            set_form(module, t.form)
+
+
+def choose(timings: Sequence[LayerTiming], margin: float = DEFAULT_MARGIN) -> list[str]:
+    """Paths whose fastest form is measured faster by ``margin``: median ratio <= 1 - margin."""
+    checks.number(margin, "margin", at_least=0, below=1)
+    return [t.path for t in timings if t.ratio["median"] <= 1 - margin]
