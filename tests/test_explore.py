@@ -19,7 +19,7 @@ from leanconv.train import TrainConfig
 def _config(**overrides):
     base = dict(model="resnet20", dataset="synthetic", scc_groups=(2,), scc_overlaps=(0.5,),
                 psconv_patterns=("psd1_p16",), train=TrainConfig(epochs=1, lr=0.05), batch_size=32, subset=64,
-                latency_batches=(1, 4), latency_repeats=1)
+                latency_batches=(1, 4), latency_repeats=1, runtimes=("torch",), timing_rounds=1)
     base.update(overrides)
     return ExploreConfig(**base)
 
@@ -109,10 +109,15 @@ def test_cli_explore_writes_every_file(tmp_path, monkeypatch, capsys):
                         if "explore" not in cli_main.SUBCOMMANDS else cli_main.SUBCOMMANDS)
     argv = ["explore", "--model", "resnet20", "--data", "synthetic", "--scc-groups", "4", "--scc-overlap", "0.25",
             "--include-dense", "--epochs", "1", "--subset", "32", "--batch-size", "32", "--repeats", "1",
-            "--out", str(tmp_path), "--no-progress"]
+            "--runtimes", "torch,onnxruntime", "--rounds", "1", "--out", str(tmp_path), "--no-progress"]
     assert cli_main.main(argv) == 0
     out = capsys.readouterr().out
-    assert "| dense |" in out and "| scc_g4_o0.25 |" in out
+    assert "| dense |" in out and "| scc_g4_o0.25 |" in out and "speedup onnxruntime b64" in out
+    speed = json.loads((tmp_path / "explore.json").read_text())["speed"]
+    for runtime in ("torch", "onnxruntime"):
+        for batch in ("batch1", "batch64"):
+            timed = speed[runtime][batch]["speedup"]
+            assert timed["dense"]["median"] == 1.0 and timed["scc_g4_o0.25"]["median"] > 0
     for name in ("results.jsonl", "explore.json", "table.md", "pareto.png", "variants/dense/model.safetensors",
                  "variants/scc_g4_o0.25/model.safetensors"):
         assert (tmp_path / name).exists(), name

@@ -3,8 +3,10 @@
 Design-space exploration (DSXplore): build each variant of a zoo model (DW + sliding-channel
 convs for every --scc-groups x --scc-overlap pair, periodic sparse convs for every
 --psconv-patterns entry, optionally the dense model), train each from scratch for the same budget,
-and record test accuracy, params, MACs and measured latency. Resumable: finished variants in
-DIR/results.jsonl are never redone.
+and record test accuracy, params, MACs and measured latency; then time every variant side by
+side with the dense model (interleaved rounds) on each --runtimes entry at batch 1 and 64:
+the speedups the table reports. Resumable: finished variants in DIR/results.jsonl are never
+redone.
 
 Writes DIR/results.jsonl (one line per finished variant), DIR/variants/, DIR/explore.json,
 DIR/table.md and DIR/pareto.png (test accuracy vs counted MACs with the Pareto front). See
@@ -20,7 +22,7 @@ from typing import Callable
 from leanconv.cli.common import (add_data_args, add_output_args, add_repeats_arg, add_seed_arg, epochs_arg, list_of,
                                  number_in, positive_float, positive_int, progress_bar, threads_arg, whole_in)
 from leanconv.data import load_dataset
-from leanconv.convs.explore import PAPER_OVERLAPS, ExploreConfig, run_explore, write_summary
+from leanconv.convs.explore import PAPER_OVERLAPS, ExploreConfig, run_explore, time_variants, write_summary
 from leanconv.models import names
 from leanconv.models.registry import resolve_constructor
 from leanconv.report.plots import tradeoff_chart
@@ -52,6 +54,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_seed_arg(p)
     p.add_argument("--threads", type=threads_arg, default=None, help="CPU threads (default: PyTorch's)")
     add_repeats_arg(p)
+    p.add_argument("--runtimes", type=list_of(str), default=("torch", "onnxruntime"), metavar="R,R,...",
+                   help="runtimes every variant is timed on, side by side with the dense model: torch, onnxruntime, "
+                   "openvino (default: torch,onnxruntime)")
+    p.add_argument("--rounds", type=whole_in(1, 100), default=5,
+                   help="interleaved timing rounds per runtime and batch (default: 5)")
     add_output_args(p, out_help="output folder (re-use it to resume)")
 
 
@@ -60,7 +67,8 @@ def config_from_args(args: argparse.Namespace) -> ExploreConfig:
     return ExploreConfig(model=args.model, dataset=args.data, data_dir=args.data_dir, scc_groups=args.scc_groups,
                          scc_overlaps=args.scc_overlap, psconv_patterns=args.psconv_patterns,
                          include_dense=args.include_dense, train=train, batch_size=args.batch_size,
-                         subset=args.subset, latency_repeats=args.repeats)
+                         subset=args.subset, latency_repeats=args.repeats, runtimes=tuple(args.runtimes),
+                         timing_rounds=args.rounds)
 
 
 def _variant_bars(enabled: bool) -> tuple[Callable[[int, int, dict], None], Callable[[], None]]:
@@ -86,10 +94,15 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     update, close = _variant_bars(not args.no_progress)
     try:
-        run_explore(config, out, progress=update)
+        records = run_explore(config, out, progress=update)
     finally:
         close()
-    summary = write_summary(out, config)
+    tick, done = progress_bar("timing side by side with dense", enabled=not args.no_progress)
+    try:
+        speed = time_variants(config, out, records, progress=tick)
+    finally:
+        done()
+    summary = write_summary(out, config, speed)
     records = summary["records"]
     by_name = len(records) <= 10  # one colour per variant while tab10 has enough, else per kind
     points = [{"label": r["variant"] if by_name else r["kind"], "macs": r["macs"] / 1e6,
@@ -97,5 +110,8 @@ def run(args: argparse.Namespace) -> int:
     tradeoff_chart(points, out / "pareto.png", x="macs", xlabel="MACs per image (M, counted)",
                    title=f"{config.model} on {config.dataset}: accuracy vs MACs ({config.train.epochs} epochs)")
     print((out / "table.md").read_text(), end="")
+    print(f"speedup: the dense model's time over the variant's, timed side by side in {config.timing_rounds} "
+          f"interleaved rounds of {config.latency_repeats} on {', '.join(config.runtimes)} "
+          f"({config.train.threads or 1} thread(s); each setting in explore.json)")
     print(f"wrote {out / 'results.jsonl'}, {out / 'explore.json'}, {out / 'table.md'}, {out / 'pareto.png'}")
     return 0

@@ -7,8 +7,9 @@ model (converted by :func:`leanconv.convs.convert.convert`; optionally the dense
 it from scratch with the shared loop (:func:`leanconv.train.fit`) for the same short budget,
 and records the test accuracy, parameters and MACs (counted, one image) and the median
 latency per batch (eager PyTorch, batch 1 and 64 by default, measured right after training,
-so load from other processes shows up in it; compare variants with interleaved rounds as
-``benchmarks/bench_new_conv_models.py`` does).
+so load from other processes shows up in it). :func:`time_variants` then times every
+finished variant side by side with the dense model (interleaved rounds, on each of
+``runtimes`` at each latency batch): the speedups the table and ``explore.json`` report.
 
 Files in the output folder:
 
@@ -17,8 +18,9 @@ Files in the output folder:
   interrupted mid-training resumes from its last finished epoch. Every line carries the
   budget (model, data, training config) and a run with another budget is refused.
 * ``variants/<name>/``: the training folder of each variant (``model.safetensors``, ...).
-* ``explore.json`` (configuration, every record, the Pareto front) and ``table.md``, written
-  by :func:`write_summary` from all lines of ``results.jsonl``.
+* ``explore.json`` (configuration, every record, the Pareto front, the side-by-side
+  ``speed``) and ``table.md``, written by :func:`write_summary` from all lines of
+  ``results.jsonl`` and the timing.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from torch import nn
 from leanconv import checkpoint
 from leanconv.convs.convert import ConversionSpec, convert
 from leanconv.cost import count, measure_latency
+from leanconv.cost.runtimes import check_runtime
+from leanconv.cost.side_by_side import time_side_by_side
 from leanconv.data import load_dataset
 from leanconv.data.splits import DatasetSplits
 from leanconv.errors import LeanconvError
@@ -45,7 +49,7 @@ from leanconv.util.files import JsonlStore, write_json, write_text
 from leanconv.util.model_io import check_classes
 from leanconv.util.progress import Progress
 
-__all__ = ["ExploreConfig", "Variant", "variants", "build_variant", "run_explore", "load_results",
+__all__ = ["ExploreConfig", "Variant", "variants", "build_variant", "run_explore", "time_variants", "load_results",
            "pareto_front", "markdown_table", "write_summary"]
 
 log = logging.getLogger(__name__)
@@ -69,6 +73,8 @@ class ExploreConfig:
     augment: bool = True
     latency_batches: tuple[int, ...] = (1, 64)
     latency_repeats: int = 10
+    runtimes: tuple[str, ...] = ("torch", "onnxruntime")  # where the variants are timed against dense
+    timing_rounds: int = 5
 
     def __post_init__(self) -> None:
         if self.model not in names() and ":" not in self.model:
@@ -87,6 +93,10 @@ class ExploreConfig:
             raise LeanconvError("nothing to explore: give SCC groups, pSConv patterns or include the dense model")
         if self.batch_size < 1 or self.latency_repeats < 1 or any(b < 1 for b in self.latency_batches):
             raise LeanconvError("batch size, latency batches and latency repeats must be positive")
+        if self.timing_rounds < 1:
+            raise LeanconvError("timing rounds must be positive")
+        for name in self.runtimes:
+            check_runtime(name)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
@@ -227,6 +237,33 @@ def run_explore(config: ExploreConfig, out_dir: str | Path, progress: Progress |
     return [earlier[v.name] for v in todo]
 
 
+def time_variants(config: ExploreConfig, out_dir: str | Path, records: Sequence[dict[str, Any]], *,
+                  progress: Progress | None = None) -> dict[str, Any]:
+    """Every variant of ``records`` timed side by side with the dense model, per runtime and
+    latency batch: ``{runtime: {"batch<B>": {"setting", "speedup": {variant: {median, low,
+    high}}}}}`` (speedup = the dense model's time over the variant's, per round). The dense
+    model is the trained ``dense`` variant when there is one, else the unconverted zoo model
+    (speed does not depend on the weights)."""
+    out = Path(out_dir)
+    data = load_dataset(config.dataset, config.data_dir)
+    shape = _input_shape(data)
+    constructor = config.model if ":" in config.model else None
+    models = {r["variant"]: checkpoint.load(out / r["checkpoint"], constructor=constructor) for r in records}
+    if "dense" not in models:
+        models = {"dense": build_variant(config, Variant("dense", "dense"), data), **models}
+    models = {"dense": models.pop("dense"), **models}
+    speed: dict[str, Any] = {}
+    steps = [(runtime, batch) for runtime in config.runtimes for batch in config.latency_batches]
+    for i, (runtime, batch) in enumerate(steps):
+        side = time_side_by_side(models, shape, runtime=runtime, threads=config.train.threads or 1, batch=batch,
+                                 rounds=config.timing_rounds, repeats=config.latency_repeats, warmup=2)
+        speed.setdefault(runtime, {})[f"batch{batch}"] = {"setting": side.setting(), "speedup": side.speedup,
+                                                          "latency_ms": side.latency_ms}
+        if progress is not None:
+            progress(i + 1, len(steps), {"runtime": runtime, "batch": batch})
+    return speed
+
+
 def pareto_front(records: Sequence[dict[str, Any]], x: str = "macs", y: str = "test_accuracy") -> list[str]:
     """Names of the variants no other variant beats on both ``x`` (lower is better) and ``y``
     (higher is better), in increasing ``x``."""
@@ -238,31 +275,43 @@ def pareto_front(records: Sequence[dict[str, Any]], x: str = "macs", y: str = "t
     return front
 
 
-def markdown_table(records: Sequence[dict[str, Any]]) -> str:
-    """One row per variant in increasing MACs; ``*`` marks the Pareto front (accuracy vs MACs)."""
+def markdown_table(records: Sequence[dict[str, Any]], speed: dict[str, Any] | None = None) -> str:
+    """One row per variant in increasing MACs; ``*`` marks the Pareto front (accuracy vs MACs).
+    With ``speed`` (:func:`time_variants`), the speedup over the dense model per runtime and
+    batch (median over rounds, slowest-fastest round), else each variant's own latency."""
     front = set(pareto_front(records))
     dense = next((r for r in records if r["kind"] == "dense"), None)
-    batches = sorted({k for r in records for k in r["latency_ms"]}, key=lambda k: int(k[len("batch"):]))
-    header = ["variant", "test acc (%)", "params", "MACs (M)", "MACs / dense",
-              *[f"latency b{k[len('batch'):]} (ms)" for k in batches], "Pareto"]
+    if speed:
+        columns = [(rt, b) for rt in speed for b in speed[rt]]
+        heads = [f"speedup {rt} b{b[len('batch'):]}" for rt, b in columns]
+    else:
+        batches = sorted({k for r in records for k in r["latency_ms"]}, key=lambda k: int(k[len("batch"):]))
+        heads = [f"latency b{k[len('batch'):]} (ms)" for k in batches]
+    header = ["variant", "test acc (%)", "params", "MACs (M)", "MACs / dense", *heads, "Pareto"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in sorted(records, key=lambda r: (r["macs"], r["variant"])):
         ratio = f"{r['macs'] / dense['macs']:.3f}" if dense else "n/a"
+        if speed:
+            timed = [speed[rt][b]["speedup"].get(r["variant"]) for rt, b in columns]
+            measured = [f"{t['median']:.2f}x ({t['low']:.2f}-{t['high']:.2f})" if t else "n/a" for t in timed]
+        else:
+            measured = [f"{r['latency_ms'][k]:.2f}" if k in r["latency_ms"] else "n/a" for k in batches]
         cells = [r["variant"], f"{r['test_accuracy']:.2f}", f"{r['params']:,}", f"{r['macs'] / 1e6:.2f}", ratio,
-                 *[f"{r['latency_ms'][k]:.2f}" if k in r["latency_ms"] else "n/a" for k in batches],
-                 "*" if r["variant"] in front else ""]
+                 *measured, "*" if r["variant"] in front else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_summary(out_dir: str | Path, config: ExploreConfig) -> dict[str, Any]:
-    """Write ``explore.json`` and ``table.md`` from every record in ``results.jsonl``; returns
-    the summary written (``config``, ``records``, ``pareto``)."""
+def write_summary(out_dir: str | Path, config: ExploreConfig, speed: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``explore.json`` and ``table.md`` from every record in ``results.jsonl`` (and the
+    side-by-side ``speed`` of :func:`time_variants`); returns the summary written (``config``,
+    ``records``, ``pareto``, ``speed``)."""
     out = Path(out_dir)
     records = load_results(out / "results.jsonl")
     if not records:
         raise LeanconvError(f"{out} has no finished variants to summarise")
-    summary = {"config": config.to_dict(), "records": records, "pareto": pareto_front(records)}
+    summary = {"config": config.to_dict(), "records": records, "pareto": pareto_front(records),
+               **({"speed": speed} if speed else {})}
     write_json(out / "explore.json", summary)
-    write_text(out / "table.md", markdown_table(records))
+    write_text(out / "table.md", markdown_table(records, speed))
     return summary
