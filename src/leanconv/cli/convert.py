@@ -3,14 +3,15 @@
 Convert a zoo model or a checkpoint: --to scc turns the convs DSXplore picks (ResNet: conv2
 of every block; VGG: every 3x3 but the first; MobileNetV2: the 1x1 expand and project convs)
 into depthwise + sliding-channel convs; --to psconv turns every dense 3x3 conv but the first
-into a periodic sparse conv. --where auto converts only the layers whose new form is measured
-faster on --runtime (each timed alone, side by side with the dense conv), or name the layers.
-The new layers start from the trained ones they replace, fitted by least squares on training
-images (--init fit, the default when there is data), or fresh from --seed (--init random);
-other weights are kept. The converted model is judged right away (BatchNorm re-estimated),
-and with --finetune-epochs fine-tuned and timed side by side with the original. Writes
-DIR/model.safetensors and DIR/convert.json and prints the counted params and MACs before and
-after.
+into a periodic sparse conv. --where auto times each of those layers alone, in every exact
+form --runtime can run, side by side with the dense conv, and converts only where the fastest
+form is faster (that form is kept); or name the layers. The new layers start from the
+trained ones they replace, fitted by least squares on training images (--init fit, the
+default when there is data), or fresh from --seed (--init random); other weights are kept.
+The converted model is judged right away (after a random start with BatchNorm statistics
+re-estimated), and with --finetune-epochs fine-tuned and timed side by side with the
+original. Writes DIR/model.safetensors and DIR/convert.json and prints the counted params
+and MACs before and after, the fit, accuracy and speed.
 
 The placement rules are those of :mod:`leanconv.convs.convert`, the run that of
 :mod:`leanconv.runs.convert`.

@@ -42,7 +42,7 @@ from leanconv.convs.init_fit import fit_layers
 from leanconv.convs.placement import choose, measure_layers, set_forms
 from leanconv.errors import LeanconvError
 from leanconv.layers.periodic_sparse import PATTERNS
-from leanconv.runs.config import (RunConfig, batch_size, finetune_epochs, latency_batch, latency_repeats,
+from leanconv.runs.config import (RunConfig, batch_size, finetune_epochs, latency_repeats,
                                   reproducing_command, runtime, seed, setting, threads, train_subset)
 from leanconv.runs.record import Record, Result, add_latency, counted, measure, one_shot, time_pair
 from leanconv.runs.source import Source
@@ -81,20 +81,21 @@ class ConvertConfig(RunConfig):
     pattern: str | None = setting(None, "--pattern", choices=tuple(sorted(PATTERNS)),
                                   help="psconv: kernel pattern (default: psd4_p8)")
     where: str = setting("all", "--where", check=_where, metavar="all|auto|PATHS",
-                         help="which convs: all that the placement rules pick (default), auto = only those whose "
-                         "new form is measured faster on --runtime at --batch by --where-margin, or comma-separated "
-                         "layer paths")
+                         help="which convs: all = every one the placement rules pick, auto = only those whose "
+                         "fastest exact form is measured faster than dense on --runtime at --batch by --where-margin "
+                         "(each converted layer keeps that form), or comma-separated layer paths")
     where_margin: float = setting(0.05, "--where-margin", metavar="M",
                                   check=lambda v, n: checks.number(v, n, at_least=0, below=1),
                                   help="auto: convert a layer only when its new form takes at most 1-M of the dense "
-                                  "conv's time (default 0.05)", expects="a number")
-    latency_batch: int = latency_batch()
+                                  "conv's time", expects="a number")
+    latency_batch: int = setting(1, "--batch", check=lambda v, n: checks.whole(v, n, at_least=1), metavar="B",
+                                 help="auto: the batch size the layers are timed at; records time batches 1 and 64")
     init: str = setting("auto", "--init", check=lambda v, n: checks.one_of(v, n, INITS), choices=INITS,
                         help="fit = start each new layer from the trained layer it replaces (least squares on "
-                        "--fit-images training images), random = fresh layers as the papers train them; auto "
-                        "(default) = fit when there is data")
+                        "--fit-images training images), random = fresh layers as the papers train them, auto = "
+                        "fit when there is data")
     fit_images: int = setting(512, "--fit-images", check=lambda v, n: checks.whole(v, n, at_least=1), metavar="N",
-                              help="training images the fit uses (default 512)")
+                              help="training images the fit uses")
     seed: int = seed()
     finetune_epochs: int = finetune_epochs(0, "fine-tune the converted model for N epochs (0: convert only)")
     finetune_lr: float | None = setting(None, "--finetune-lr", metavar="LR",
