@@ -165,3 +165,16 @@ def test_fitted_start_is_recorded_and_judged_right_away(cli, trained_ckpt, tmp_p
     with pytest.raises(LeanconvError, match="--init fit needs training images"):
         run_convert_module.run_convert(run_convert_module.ConvertConfig(to="psconv", init="fit"),
                                        run_convert_module.Source(None, model=create("resnet20", input_size=16)))
+
+
+def test_fine_tuning_a_converted_model_can_distil_from_the_original(cli, trained_ckpt, tmp_path, capsys):
+    out = tmp_path / "kd"
+    assert cli(["convert", str(trained_ckpt), "--to", "psconv", "--where", "layer3.2.conv2", "--fit-images", "64",
+                "--finetune-epochs", "1", "--train-subset", "64", "--distill", "--repeats", "1",
+                "--runtime", "torch", "--out", str(out), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["distillation"]["teacher"] == "the unconverted model" and record["finetune_lr"] == 0.01
+    assert "after" in record and record["timing"]["runtime"] == "torch"
+    assert cli(["convert", str(trained_ckpt), "--to", "psconv", "--distill", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--distill acts while fine-tuning" in err[0] and not (tmp_path / "bad").exists()

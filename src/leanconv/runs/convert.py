@@ -20,7 +20,8 @@ What ``leanconv convert`` (and ``compare``'s ``scc`` and ``psconv`` entries) run
    the fit targets (the accuracy with re-estimated ones is recorded beside).
 4. With ``finetune_epochs`` the whole model is fine-tuned with the shared loop and BatchNorm
    statistics re-estimated (:func:`leanconv.train.finetune`); the default rate is 0.01 after a
-   fitted start and 0.05 after a random one.
+   fitted start and 0.05 after a random one. ``distill`` fine-tunes by distillation from the
+   unconverted model (:mod:`leanconv.runs.recovery`).
 
 The record holds the counted cost before and after, the layers converted with, per layer, the
 share of the replaced layer's output the start leaves unexplained and, with ``auto``, every
@@ -42,6 +43,7 @@ from leanconv.convs.init_fit import fit_layers
 from leanconv.convs.placement import choose, measure_layers, set_forms
 from leanconv.errors import LeanconvError
 from leanconv.layers.periodic_sparse import PATTERNS
+from leanconv.runs import recovery
 from leanconv.runs.config import (RunConfig, batch_size, finetune_epochs, latency_repeats,
                                   reproducing_command, runtime, seed, setting, threads, train_subset)
 from leanconv.runs.record import Record, Result, add_latency, counted, measure, one_shot, time_pair
@@ -98,6 +100,9 @@ class ConvertConfig(RunConfig):
                               help="training images the fit uses")
     seed: int = seed()
     finetune_epochs: int = finetune_epochs(0, "fine-tune the converted model for N epochs (0: convert only)")
+    distill: bool = recovery.distill()
+    distill_temperature: float = recovery.distill_temperature()
+    distill_weight: float = recovery.distill_weight()
     finetune_lr: float | None = setting(None, "--finetune-lr", metavar="LR",
                                         check=lambda v, n: v if v is None else checks.number(v, n, above=0),
                                         help="fine-tuning learning rate, cosine from it (default: 0.01 after a "
@@ -109,6 +114,7 @@ class ConvertConfig(RunConfig):
     threads: int = threads()
 
     def check(self) -> None:
+        recovery.check_settings(self)
         if self.to == "scc":
             if self.groups is None:
                 raise LeanconvError("--to scc needs --groups G (e.g. --groups 2)")
@@ -211,10 +217,11 @@ def run_convert(config: ConvertConfig, source: Source, *, out=None, progress: Pr
     before = measure(source.fresh(), shape, test) if judged else counted(source.fresh(), shape)
     right_after = _right_after(model, shape, test, source, config.batch_size, init) if judged else None
     if config.finetune_epochs > 0:
-        say(f"fine-tuning for {config.finetune_epochs} epochs at lr {lr:g}")
+        teacher = recovery.teacher_loss(config, source, model, torch.zeros(1, *shape))
+        say(f"fine-tuning for {config.finetune_epochs} epochs at lr {lr:g}" + (" by distillation" if teacher else ""))
         finetune(model, source.data, epochs=config.finetune_epochs, lr=lr, seed=config.seed,
                  batch_size=config.batch_size, resolution=source.resolution, images=config.train_subset,
-                 progress=progress)
+                 progress=progress, loss=teacher)
     after = measure(model, shape, test) if judged else counted(model, shape)
     timing = None
     if judged and config.finetune_epochs > 0:
@@ -224,6 +231,7 @@ def run_convert(config: ConvertConfig, source: Source, *, out=None, progress: Pr
         add_latency(before, after, timing)
     details = {"method": spec.name, "conversion": spec.to_dict(), "name": spec.name, "layers": converted,
                "init": init, "finetune_lr": lr, "where": config.where,
+               "distillation": recovery.distillation_record(config, "the unconverted model"),
                **({"converted": right_after} if right_after is not None else {}),
                **({"fit": fits} if fits is not None else {}),
                **({"layer_timings": [{**t.to_dict(), "converted": t.path in converted} for t in timings]}

@@ -81,7 +81,8 @@ def check_settings(config: Any) -> None:
                 raise LeanconvError(f"{flag} sets the distillation of --distill: add --distill or drop {flag}")
     elif config.finetune_epochs == 0:
         raise LeanconvError("--distill acts while fine-tuning: give --finetune-epochs N (N >= 1) or drop --distill")
-    if not config.regularize_epochs and config.regularize_strength != DEFAULT_STRENGTH:
+    if not getattr(config, "regularize_epochs", 0) and \
+            getattr(config, "regularize_strength", DEFAULT_STRENGTH) != DEFAULT_STRENGTH:
         raise LeanconvError("--regularize-strength sets the penalty of --regularize-epochs: give --regularize-epochs "
                             "N (N >= 1) or drop --regularize-strength")
 
@@ -99,11 +100,11 @@ def teacher_loss(config: Any, source: Source, student: nn.Module, example: torch
     return loss
 
 
-def distillation_record(config: Any) -> dict[str, Any] | None:
+def distillation_record(config: Any, teacher: str = "the unpruned model") -> dict[str, Any] | None:
     """The distillation settings a run's record states (None without ``config.distill``)."""
     if not config.distill:
         return None
-    return {"teacher": "the unpruned model", "temperature": config.distill_temperature,
+    return {"teacher": teacher, "temperature": config.distill_temperature,
             "weight": config.distill_weight, "epochs": config.finetune_epochs,
             "loss": "(1 - weight) * CE + weight * temperature^2 * KL(teacher || student)"}
 
