@@ -91,12 +91,13 @@ def test_forms_follow_the_runtime_and_the_channels():
         placement.forms(nn.Conv2d(3, 3, 1), "torch")
 
 
-def test_batchnorm_folds_into_a_periodic_sparse_conv():
+def test_batchnorm_folds_into_periodic_sparse_and_sliding_channel_convs():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                        PeriodicSparseConv2d(16, 24, pattern="psd4_p8"), nn.BatchNorm2d(24), nn.ReLU())
+                        PeriodicSparseConv2d(16, 24, pattern="psd4_p8"), nn.BatchNorm2d(24), nn.ReLU(),
+                        SlidingChannelConv2d(24, 32, groups=4, overlap=0.5), nn.BatchNorm2d(32))
     with torch.no_grad():
-        for bn in (net[1], net[4]):
+        for bn in (net[1], net[4], net[7]):
             bn.running_mean.uniform_(-1, 1)
             bn.running_var.uniform_(0.5, 2)
             bn.weight.uniform_(0.5, 1.5)
@@ -104,8 +105,9 @@ def test_batchnorm_folds_into_a_periodic_sparse_conv():
     x = torch.randn(4, *SHAPE, dtype=torch.float64)
     net = net.double().eval()
     result = fold(net, x)
-    assert result.pairs == [("0", "1"), ("3", "4")]
+    assert result.pairs == [("0", "1"), ("3", "4"), ("6", "7")]
     assert isinstance(result.model[4], nn.Identity) and result.model[3].bias is not None
+    assert isinstance(result.model[7], nn.Identity) and result.model[6].bias is not None
     with torch.no_grad():
         torch.testing.assert_close(result.model(x), net(x), rtol=1e-9, atol=1e-9)
 
@@ -116,6 +118,8 @@ def test_cli_where_auto_converts_only_the_layers_measured_faster(cli, trained_ck
     def fake(model, new, shape, **kwargs):
         return [_timing(p, 0.6, "grouped") if p in fast else _timing(p, 1.1) for p in new]
     monkeypatch.setattr(run_convert_module, "measure_layers", fake)
+    monkeypatch.setattr(run_convert_module, "confirm", lambda model, spec, timings, chosen, shape, **kw: (
+        list(chosen), [{"layers": list(chosen), "ratio": {"median": 0.8, "low": 0.8, "high": 0.8}}]))
     out = tmp_path / "auto"
     assert cli(["convert", str(trained_ckpt), "--to", "scc", "--groups", "2", "--where", "auto", "--runtime", "torch",
                 "--fit-images", "64", "--out", str(out), "--no-progress"]) == 0
@@ -124,6 +128,7 @@ def test_cli_where_auto_converts_only_the_layers_measured_faster(cli, trained_ck
     record = json.loads((out / "convert.json").read_text())
     assert sorted(record["layers"]) == sorted(fast) and len(record["layer_timings"]) == 9
     assert sorted(t["path"] for t in record["layer_timings"] if t["converted"]) == sorted(fast)
+    assert record["whole_model_checks"][0]["ratio"]["median"] == 0.8
     model = checkpoint.load(out / "model.safetensors")
     assert isinstance(model.layer1[0].conv2, nn.Sequential) and type(model.layer1[1].conv2) is nn.Conv2d
     assert model.layer1[0].conv2[1].impl == model.layer3[1].conv2[1].impl == "grouped"  # the fastest form, saved
@@ -178,3 +183,27 @@ def test_fine_tuning_a_converted_model_can_distil_from_the_original(cli, trained
     assert cli(["convert", str(trained_ckpt), "--to", "psconv", "--distill", "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--distill acts while fine-tuning" in err[0] and not (tmp_path / "bad").exists()
+
+
+def test_confirm_drops_the_half_that_gained_least_until_the_whole_model_is_faster(monkeypatch):
+    from types import SimpleNamespace
+
+    model = create("resnet20", input_size=16)
+    timings = [_timing(p, r) for p, r in (("layer1.0.conv2", 0.5), ("layer1.1.conv2", 0.6), ("layer2.0.conv2", 0.7),
+                                          ("layer3.0.conv2", 0.9))]
+    seen = []
+
+    def fake_time(models, shape, **kwargs):
+        layers = models["converted"].leanconv_meta["conversions"][-1]["layers"]
+        seen.append(layers)
+        ratio = 1.1 if len(layers) > 1 else 0.9  # only one converted layer makes the model faster
+        return SimpleNamespace(ratio={"converted": {"median": ratio, "low": ratio, "high": ratio}})
+    monkeypatch.setattr(placement, "time_side_by_side", fake_time)
+    spec = conversion_spec("scc", groups=2)
+    kept, checks = placement.confirm(model, spec, timings, [t.path for t in timings], SHAPE, runtime="torch")
+    assert kept == ["layer1.0.conv2"] and [len(c["layers"]) for c in checks] == [4, 2, 1]
+    assert seen[1] == ["layer1.0.conv2", "layer1.1.conv2"]  # the half that gained most alone stays
+    monkeypatch.setattr(placement, "time_side_by_side", lambda models, shape, **kw: SimpleNamespace(
+        ratio={"converted": {"median": 1.2, "low": 1.2, "high": 1.2}}))
+    assert placement.confirm(model, spec, timings, ["layer1.0.conv2"], SHAPE, runtime="torch")[0] == []
+    assert all(type(m) is nn.Conv2d for p, m in model.named_modules() if p.endswith("conv2"))  # untouched

@@ -75,3 +75,20 @@ def test_the_chosen_form_is_saved_reloaded_and_exported(to, impl, tmp_path):
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(got), net(x), rtol=1e-4, atol=1e-4)
+
+
+def test_sliding_channel_bias_in_every_form_and_saved():
+    from leanconv.layers._kernels import kernels_available
+
+    torch.manual_seed(0)
+    impls = ["reference", "grouped", "gather"] + (["kernel"] if kernels_available() else [])
+    base = SlidingChannelConv2d(16, 24, groups=4, overlap=0.5, bias=True).double()
+    with torch.no_grad():
+        base.bias.uniform_(-1, 1)
+    x = torch.randn(2, 16, 5, 5, dtype=torch.float64)
+    expected = F.conv2d(x, base.dense_weight(), base.bias)
+    for impl in impls:
+        layer = SlidingChannelConv2d(16, 24, groups=4, overlap=0.5, bias=True, impl=impl).double()
+        layer.load_state_dict(base.state_dict())
+        torch.testing.assert_close(layer(x), expected)
+    assert base.spec_kwargs()["bias"] is True and "bias" not in SlidingChannelConv2d(16, 24, 4, 0.5).spec_kwargs()

@@ -15,12 +15,14 @@ conv on gathered windows), the last two exportable to ONNX.
 threads and batch given) at the input shape the layer sees in the model. Each layer's fastest
 form and its time ratio to the dense conv are kept. :func:`choose` keeps the layers whose
 fastest form is faster than dense by a margin, and :func:`set_forms` gives each converted
-layer its fastest form; ``leanconv convert --where auto`` does both.
+layer its fastest form.
 
 A layer timed alone is not the same as a layer inside a graph (a runtime may convert layouts
-around a lone conv, fuse BatchNorm, or pay a per-call cost once per graph rather than once per
-layer), so the converted model is timed again as a whole, side by side with the original, and
-that is the speedup a record states.
+around a lone conv, fuse BatchNorm into one form and not another, or pay a per-call cost once
+per graph rather than once per layer), so :func:`confirm` times the whole model with the
+chosen layers converted side by side with the original, and drops the half that gained least
+alone until the model is faster by the margin. ``leanconv convert --where auto`` does all
+three; the speedup a record states is the final model timed side by side with the original.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from leanconv.util.modes import eval_mode
 from leanconv.util.progress import Progress
 
 __all__ = ["LayerTiming", "layer_input_shapes", "forms", "with_form", "set_form", "measure_layers", "set_forms",
-           "choose", "DEFAULT_MARGIN"]
+           "choose", "confirm", "DEFAULT_MARGIN"]
 
 DEFAULT_MARGIN = 0.05  # convert a layer only when its new form takes at most 95% of the dense conv's time
 
@@ -158,6 +160,37 @@ def set_forms(model: nn.Module, timings: Sequence[LayerTiming]) -> None:
         module = model.get_submodule(t.path)
         if _new_layers(module):
             set_form(module, t.form)
+
+
+def confirm(model: nn.Module, spec, timings: Sequence[LayerTiming], chosen: Sequence[str],
+            input_shape: Sequence[int], *, runtime: str, threads: int = 1, batch: int = 1,
+            margin: float = DEFAULT_MARGIN, rounds: int = 5, repeats: int = 10) -> tuple[list[str], list[dict]]:
+    """The layers of ``chosen`` that make the *whole* model faster, and every check made.
+
+    A layer faster alone can still slow the model (a layout change or an unfused operation
+    it causes next to it), so the model with the chosen layers converted, each in its fastest
+    form, is timed side by side with ``model`` (``spec`` is the conversion). While it is not
+    faster by ``margin``, the half of the layers that gained least alone is dropped and the
+    rest timed again; ``[]`` when no set is faster. Weights do not matter for speed: the
+    copies are converted with fresh layers and ``model`` is not changed."""
+    from leanconv.convs.convert import convert  # the conversion itself lives beside; placement only times
+
+    gain = {t.path: t.ratio["median"] for t in timings}
+    paths = sorted(chosen, key=gain.get)
+    checks = []
+    while paths:
+        with torch.random.fork_rng(devices=[]):
+            candidate = convert(copy.deepcopy(model), spec.to, groups=spec.groups, overlap=spec.overlap,
+                                pattern=spec.pattern, layers=paths)
+        set_forms(candidate, [t for t in timings if t.path in paths])
+        side = time_side_by_side({"dense": model, "converted": candidate}, input_shape, runtime=runtime,
+                                 threads=threads, batch=batch, rounds=rounds, repeats=repeats, warmup=3)
+        ratio = side.ratio["converted"]
+        checks.append({"layers": list(paths), "ratio": ratio})
+        if ratio["median"] <= 1 - margin:
+            return list(paths), checks
+        paths = paths[: len(paths) // 2]
+    return [], checks
 
 
 def choose(timings: Sequence[LayerTiming], margin: float = DEFAULT_MARGIN) -> list[str]:

@@ -13,16 +13,16 @@ network a deployment runs. BatchNorm counts 0 MACs in leanconv's profiler either
 removes its memory passes, which do not shrink with a MAC reduction as fast as the convs do.
 
 Which pairs fold is found from one forward pass on an example batch, not from module order.
-Forward hooks record each plain ``nn.Conv2d``'s output (and each ``PeriodicSparseConv2d``'s:
-its nonzeros scale the same way and it takes the bias) and each ``nn.BatchNorm2d``'s input,
-and a ``TorchFunctionMode`` counts every torch operation that reads a conv's output (a
-comparison, an in-place op and ``detach`` count; shape queries do not). A pair folds only
-when the BatchNorm's input *is* the conv's output tensor, unmodified, that BatchNorm is its
-only reader and it is not a model output, each module runs exactly once per forward, is
-registered under one name and carries no user hooks. Anything else (a shared module, a
-sliding-channel conv, which has no bias, an implant conv, a BatchNorm before its conv) is left
-as it is. The folded model is then run on the example batch and must match the original to
-``1e-4`` relative, or :class:`~leanconv.errors.LeanconvError` is raised and nothing is returned.
+Forward hooks record each plain ``nn.Conv2d``'s output (and each ``PeriodicSparseConv2d``'s
+and ``SlidingChannelConv2d``'s: their nonzeros scale the same way and they take the bias) and
+each ``nn.BatchNorm2d``'s input, and a ``TorchFunctionMode`` counts every torch operation that
+reads a conv's output (a comparison, an in-place op and ``detach`` count; shape queries do
+not). A pair folds only when the BatchNorm's input *is* the conv's output tensor, unmodified,
+that BatchNorm is its only reader and it is not a model output, each module runs exactly once
+per forward, is registered under one name and carries no user hooks. Anything else (a shared
+module, an implant conv, a BatchNorm before its conv) is left as it is. The folded model is
+then run on the example batch and must match the original to ``1e-4`` relative, or
+:class:`~leanconv.errors.LeanconvError` is raised and nothing is returned.
 
 A float16 (or bfloat16) model is folded and checked on a float32 copy (its weights convert
 exactly), then stored back in its own dtype: its 11-bit mantissa alone differs by ~1e-3
@@ -43,12 +43,13 @@ from torch.overrides import TorchFunctionMode
 
 from leanconv.errors import LeanconvError
 from leanconv.layers.periodic_sparse import PeriodicSparseConv2d
+from leanconv.layers.sliding_channel import SlidingChannelConv2d
 from leanconv.util.model_io import LOW_PRECISION, model_dtype, to_model
 from leanconv.util.modes import eval_mode
 
 __all__ = ["FoldResult", "fold", "fold_batchnorm", "foldable_pairs", "FOLDS_INTO"]
 
-FOLDS_INTO = (nn.Conv2d, PeriodicSparseConv2d)  # exact types whose output a BatchNorm can fold into
+FOLDS_INTO = (nn.Conv2d, PeriodicSparseConv2d, SlidingChannelConv2d)  # exact types a BatchNorm folds into
 TOLERANCE = 1e-4  # largest accepted |folded - original| over the largest |original| output
 
 # Tensor methods that read only metadata, never values: they do not block a fold.
@@ -144,6 +145,9 @@ def _fold_into(conv: nn.Module, norm: nn.BatchNorm2d) -> None:
     if isinstance(conv, PeriodicSparseConv2d):  # the flat nonzeros: each scaled by its output filter's factor
         weight = conv.weight_nz
         per_weight = scale[torch.div(conv.nz_index, conv.in_channels * 9, rounding_mode="floor")]
+    elif isinstance(conv, SlidingChannelConv2d):  # [out, window]: one row per output channel
+        weight = conv.weight
+        per_weight = scale[:, None]
     else:
         weight = conv.weight
         per_weight = scale.view(-1, *([1] * (weight.dim() - 1)))

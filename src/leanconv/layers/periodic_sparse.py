@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanconv.errors import LeanconvError
-from leanconv.layers._kernels import SparseConvPlan, kernels_usable, sparse_conv
+from leanconv.layers._kernels import SparseConvPlan, in_layout_of, kernels_usable, sparse_conv
 from leanconv.layers._kernels.plan import TapPattern
 from leanconv.layers._kernels.sparse_conv import DenseWeightCache
 from leanconv.layers.periodic_grouped import GroupedForm, grouped_conv, grouped_form, grouped_weights
@@ -208,7 +208,7 @@ class PeriodicSparseConv2d(nn.Module):
             y = grouped_conv(x, weights, self._grouped, self.stride, self.padding)
             return y if self.bias is None else y + self.bias[:, None, None]
         if self._use_kernel(x):
-            y = sparse_conv(x, self.weight_nz, self._kernel_plan())
+            y = in_layout_of(x, sparse_conv(x, self.weight_nz, self._kernel_plan()))
             return y if self.bias is None else y + self.bias[:, None, None]
         weight = self._dense_cache.get(self.weight_nz, self.dense_weight)
         return F.conv2d(x, weight, self.bias, self.stride, self.padding)

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanconv.errors import LeanconvError
-from leanconv.layers._kernels import SparseConvPlan, kernels_usable, sparse_conv
+from leanconv.layers._kernels import SparseConvPlan, in_layout_of, kernels_usable, sparse_conv
 from leanconv.layers._kernels.plan import TapPattern
 from leanconv.layers._kernels.sparse_conv import DenseWeightCache
 from leanconv.layers.spec import register_layer
@@ -82,7 +82,7 @@ def _check(in_channels: int, out_channels: int, groups: int, overlap: float, str
 
 @register_layer
 class SlidingChannelConv2d(nn.Module):
-    """1x1 sliding-channel convolution (DSXplore SCC), no bias.
+    """1x1 sliding-channel convolution (DSXplore SCC).
 
     Args:
         in_channels, out_channels: channel counts.
@@ -90,13 +90,14 @@ class SlidingChannelConv2d(nn.Module):
         overlap: fraction in [0, 1) by which neighbouring output windows overlap.
         stride: spatial stride of the 1x1 conv.
         impl: ``"auto"`` (default), ``"kernel"``, ``"grouped"``, ``"reference"`` or ``"gather"``.
+        bias: add a learnt per-channel bias (default False; folding a BatchNorm in adds one).
 
     Parameter ``weight`` is ``[out_channels, cw]``; ``weight[c, k]`` multiplies input channel
     ``(start(c) + k) mod in_channels``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, groups: int, overlap: float,
-                 stride: int = 1, impl: str = "auto"):
+                 stride: int = 1, impl: str = "auto", bias: bool = False):
         super().__init__()
         _check(in_channels, out_channels, groups, overlap, stride, impl)
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
@@ -107,6 +108,7 @@ class SlidingChannelConv2d(nn.Module):
         starts = torch.tensor(window_starts(in_channels, out_channels, groups, overlap), dtype=torch.int64)
         index = (starts[:, None] + torch.arange(cw)) % in_channels  # [out, cw] input channel of weight[c, k]
         self.register_buffer("window_index", index, persistent=False)
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
         self._plan: SparseConvPlan | None = None
         self._grouped: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
         self._dense_cache = DenseWeightCache()
@@ -114,7 +116,8 @@ class SlidingChannelConv2d(nn.Module):
     def spec_kwargs(self) -> dict:
         return {"in_channels": self.in_channels, "out_channels": self.out_channels, "groups": self.groups,
                 "overlap": self.overlap, "stride": self.stride,
-                **({"impl": self.impl} if self.impl != "auto" else {})}
+                **({"impl": self.impl} if self.impl != "auto" else {}),
+                **({"bias": True} if self.bias is not None else {})}
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, groups={self.groups}, overlap={self.overlap}, "
@@ -130,13 +133,17 @@ class SlidingChannelConv2d(nn.Module):
         return int(output.numel()) * self.window
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._forward(x)
+        return y if self.bias is None else y + self.bias[:, None, None]
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         impl = self._resolve_impl(x)
         if impl == "reference":
             return F.conv2d(x, self._dense_cache.get(self.weight, self.dense_weight), stride=self.stride)
         if self.stride > 1:
             x = x[:, :, :: self.stride, :: self.stride]
         if impl == "kernel":
-            return sparse_conv(x, self.weight, self._kernel_plan())
+            return in_layout_of(x, sparse_conv(x, self.weight, self._kernel_plan()))
         if impl == "gather":
             gathered = x.index_select(1, self.window_index.reshape(-1))
             return F.conv2d(gathered, self.weight[:, :, None, None], groups=self.out_channels)

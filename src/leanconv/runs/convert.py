@@ -5,10 +5,11 @@ What ``leanconv convert`` (and ``compare``'s ``scc`` and ``psconv`` entries) run
 1. **Where** (``where``): ``all`` converts every conv that the placement rules of
    :mod:`leanconv.convs.convert` pick; a list of paths converts those only; ``auto`` times each
    candidate alone against its replacement, side by side on ``runtime`` at ``latency_batch``
-   (:mod:`leanconv.convs.placement`) in every exact form that runtime can run, converts only
-   where the fastest form is measured faster by ``where_margin``, and gives each converted
-   layer that form (its ``impl``, saved with the model). ``all`` and paths keep the layers'
-   ``auto`` form.
+   (:mod:`leanconv.convs.placement`) in every exact form that runtime can run, keeps the layers
+   whose fastest form is measured faster by ``where_margin``, then times the whole model with
+   them converted side by side with the original and drops the half that gained least alone
+   until it is faster by that margin too; each converted layer keeps its fastest form (its
+   ``impl``, saved with the model). ``all`` and paths keep the layers' ``auto`` form.
 2. **Initialisation** (``init``): ``fit`` starts each new layer from the trained layer it
    replaces, fitted by least squares to that layer's outputs on ``fit_images`` training images,
    layer by layer (:func:`leanconv.convs.init_fit.fit_layers`); ``random`` draws the new layers
@@ -40,7 +41,7 @@ import torch
 
 from leanconv.convs.convert import CONVERSIONS, ConversionSpec, convert, replacements
 from leanconv.convs.init_fit import fit_layers
-from leanconv.convs.placement import choose, measure_layers, set_forms
+from leanconv.convs.placement import choose, confirm, measure_layers, set_forms
 from leanconv.errors import LeanconvError
 from leanconv.layers.periodic_sparse import PATTERNS
 from leanconv.runs import recovery
@@ -140,16 +141,16 @@ class ConvertConfig(RunConfig):
         return run_convert(self, source, **kwargs)
 
 
-def _paths(config: ConvertConfig, source: Source, spec, say) -> tuple[list[str] | None, list | None]:
+def _paths(config: ConvertConfig, source: Source, spec, say) -> tuple[list[str] | None, list | None, list | None]:
     """The layers to convert (None: all the rules pick) and, for ``auto``, every candidate's
-    :class:`~leanconv.convs.placement.LayerTiming`."""
+    :class:`~leanconv.convs.placement.LayerTiming` and the whole-model checks."""
     if config.where == "all":
-        return None, None
+        return None, None, None
     model = source.fresh()
     if config.where != "auto":
         paths = [p.strip() for p in config.where.split(",")]
         replacements(model, spec, paths)  # names every path the rules cannot convert
-        return paths, None
+        return paths, None, None
     say(f"timing each candidate layer against its {spec.name} form on {config.runtime}, batch {config.latency_batch}")
     with torch.random.fork_rng(devices=[]):
         new = replacements(model, spec)
@@ -161,7 +162,15 @@ def _paths(config: ConvertConfig, source: Source, spec, say) -> tuple[list[str] 
         raise LeanconvError(f"--where auto: no layer runs faster as {spec.name} on {config.runtime} at batch "
                             f"{config.latency_batch} (best: {best.path} at {best.ratio['median']:.2f}x the dense "
                             "time); nothing to convert. Try another --runtime or --batch, or --where all")
-    return chosen, timings
+    say(f"{len(chosen)} layers are faster alone; timing the whole model with them converted")
+    confirmed, checks = confirm(model, spec, timings, chosen, source.shape, runtime=config.runtime,
+                                threads=config.threads, batch=config.latency_batch, margin=config.where_margin)
+    if not confirmed:
+        raise LeanconvError(f"--where auto: {len(chosen)} layers run faster alone as {spec.name} on {config.runtime} "
+                            f"at batch {config.latency_batch}, but no set of them makes the whole model faster "
+                            f"(all of them: {checks[0]['ratio']['median']:.2f}x the dense model's time); nothing to "
+                            "convert. Try another --runtime or --batch, or --where all")
+    return confirmed, timings, checks
 
 
 def _training_images(source: Source, count: int, batch_size: int):
@@ -199,7 +208,7 @@ def run_convert(config: ConvertConfig, source: Source, *, out=None, progress: Pr
     init = config.init if config.init != "auto" else ("fit" if source.data is not None else "random")
     lr = config.finetune_lr if config.finetune_lr is not None else (FITTED_LR if init == "fit" else LAYER_LR)
     spec = config.spec()
-    paths, timings = _paths(config, source, spec, say)
+    paths, timings, checks = _paths(config, source, spec, say)
     model, shape = source.fresh(), source.shape
     with torch.random.fork_rng(devices=[]):  # the new layers are drawn from the seed alone
         torch.manual_seed(config.seed)
@@ -234,8 +243,8 @@ def run_convert(config: ConvertConfig, source: Source, *, out=None, progress: Pr
                "distillation": recovery.distillation_record(config, "the unconverted model"),
                **({"converted": right_after} if right_after is not None else {}),
                **({"fit": fits} if fits is not None else {}),
-               **({"layer_timings": [{**t.to_dict(), "converted": t.path in converted} for t in timings]}
-                  if timings is not None else {})}
+               **({"layer_timings": [{**t.to_dict(), "converted": t.path in converted} for t in timings],
+                   "whole_model_checks": checks} if timings is not None else {})}
     command = reproducing_command(config, source, out)
     record = Record("convert", config.to_dict(), command, source.describe(), list(shape), before, after,
                     time.perf_counter() - t0, details, timing)

@@ -25,7 +25,7 @@ from leanconv.errors import LeanconvError
 from leanconv.layers._kernels.loader import kernel_library
 from leanconv.layers._kernels.plan import ClassPlan, Grid, PhaseGrid, TapPattern
 
-__all__ = ["SparseConvPlan", "sparse_conv", "kernels_usable", "DenseWeightCache"]
+__all__ = ["in_layout_of", "SparseConvPlan", "sparse_conv", "kernels_usable", "DenseWeightCache"]
 
 Reference = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 WGRAD_VECTORS = 64  # (sample, vector) pairs per weight-gradient tile: amortises the final sums
@@ -146,6 +146,15 @@ def _reference_grads(plan: SparseConvPlan, x, weight, gy, needs):
         y = plan.reference(x, weight)
         grads = iter(torch.autograd.grad(y, wanted, gy, create_graph=True))
     return tuple(next(grads) if need else None for need in needs[:2])
+
+
+def in_layout_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``y`` (the kernels' contiguous NCHW output) in ``x``'s memory format: channels_last when
+    ``x`` is, so that a model running in channels_last (as leanconv times eager PyTorch) does
+    not convert the layout at the next layer."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return y.contiguous(memory_format=torch.channels_last)
+    return y
 
 
 def sparse_conv(x: torch.Tensor, weight: torch.Tensor, plan: SparseConvPlan) -> torch.Tensor:
