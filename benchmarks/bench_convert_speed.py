@@ -1,13 +1,12 @@
 """Whole converted models against their dense originals, side by side, per runtime and batch.
 
 For each model and conversion: the dense model, the model with every layer the placement
-rules pick converted (``all``), and the model converted as ``leanconv convert --where auto`` does it (``auto``: the layers measured
-faster alone on that runtime and batch, each in its fastest form, confirmed on the whole
-model; :mod:`leanconv.convs.placement`), timed
-in interleaved rounds on one runtime at one batch (:func:`leanconv.cost.side_by_side.
-time_side_by_side`; 1 thread unless ``--threads``). Speed does not depend on the weights, so
-the models are freshly initialised zoo models; the accuracy of converted models is
-``bench_convert_accuracy.py``'s.
+rules pick converted (``all``), and the model converted as ``leanconv convert --where auto``
+does it (``auto``: the layers measured faster alone on that runtime and batch, each in its
+fastest form, confirmed on the whole model; :mod:`leanconv.convs.placement`), timed in
+interleaved rounds on one runtime at one batch (``time_side_by_side``; 1 thread unless
+``--threads``). Speed does not depend on the weights, so the models are freshly initialised
+zoo models; the accuracy of converted models is ``bench_convert_accuracy.py``'s.
 
     .venv/bin/python benchmarks/bench_convert_speed.py --out benchmarks/results/convert_speed.json
     .venv/bin/python benchmarks/bench_convert_speed.py --models resnet20 --runtimes torch --batches 1 \
