@@ -59,6 +59,8 @@ def _timing(path, ratio, form="reference"):
 def test_choose_keeps_the_layers_faster_by_the_margin():
     timings = [_timing("a", 0.5), _timing("b", 0.95), _timing("c", 0.951), _timing("d", 1.3)]
     assert placement.choose(timings, 0.05) == ["a", "b"]
+    untimed = placement.LayerTiming("e", (16, 8, 8), None, None, {"median": 0.1, "low": 0.1, "high": 0.1}, "x", {})
+    assert placement.choose([untimed], 0.05) == []  # no form could beat dense: never chosen
     assert placement.choose(timings, 0.0) == ["a", "b", "c"]
     with pytest.raises(LeanconvError):
         placement.choose(timings, 1.0)
@@ -80,9 +82,9 @@ def test_forms_follow_the_runtime_and_the_channels():
 
     kernel = ["kernel"] if kernels_available() else []
     ps = PeriodicSparseConv2d(16, 32, pattern="psd4_p8")
-    assert sorted(placement.forms(ps, "torch")) == sorted(["reference", "grouped", *kernel])
-    assert sorted(placement.forms(ps, "onnxruntime")) == ["grouped", "reference"]
-    assert placement.forms(PeriodicSparseConv2d(12, 16, pattern="psd4_p8"), "onnxruntime") == ["reference"]
+    assert sorted(placement.forms(ps, "torch")) == sorted(["grouped", *kernel])  # reference = the dense conv
+    assert placement.forms(ps, "onnxruntime") == ["grouped"]
+    assert placement.forms(PeriodicSparseConv2d(12, 16, pattern="psd4_p8"), "onnxruntime") == []
     block = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), SlidingChannelConv2d(16, 32, 2, 0.5))
     assert sorted(placement.forms(block, "onnxruntime")) == ["grouped", "reference"]
     placement.set_form(block, "grouped")

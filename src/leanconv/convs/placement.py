@@ -6,7 +6,9 @@ batch: at 16 channels fixed costs dominate, and a runtime without sparse kernels
 as a dense conv with a masked weight. Each new layer has several exact forms (``impl``): the
 compiled sparse kernels (PyTorch only), the masked dense conv (``reference``), and a grouped
 decomposition (``grouped``: pSConv as a sum of dense grouped convs, SCC as one grouped 1x1
-conv on gathered windows), the last two exportable to ONNX.
+conv on gathered windows), the last two exportable to ONNX. A pSConv's masked dense form is
+the replaced conv itself (it can only tie, and a measured "gain" would be noise), so only its
+other forms are candidates; where it has none (no grouped form, not PyTorch) it stays dense.
 
 :func:`measure_layers` builds, for every layer the placement rules of
 :mod:`leanconv.convs.convert` pick, the replacement in each form the runtime can run
@@ -58,8 +60,8 @@ class LayerTiming:
 
     path: str
     input_shape: tuple[int, ...]
-    dense_ms: float
-    new_ms: float
+    dense_ms: float | None  # None: not timed (no form could beat the dense conv here)
+    new_ms: float | None
     ratio: dict[str, float]
     form: str = "auto"
     forms: dict[str, float] | None = None
@@ -73,21 +75,22 @@ def _new_layers(module: nn.Module) -> list[nn.Module]:
 
 
 def forms(module: nn.Module, runtime: str) -> list[str]:
-    """The exact forms (``impl`` values) of the new layer in ``module`` that ``runtime`` can
-    run: the compiled kernels in PyTorch only (where they are built), the masked dense conv and
-    the grouped decomposition everywhere (pSConv: where the channels are multiples of the
-    period)."""
+    """The exact forms (``impl`` values) of the new layer in ``module`` that could beat the
+    conv it replaces on ``runtime``: the compiled kernels in PyTorch only (where they are
+    built) and the grouped decomposition everywhere (pSConv: where the channels are multiples
+    of the period); for SCC also the masked dense 1x1 conv. A pSConv's masked dense form is the
+    replaced conv itself and is not a candidate. May be empty."""
     layers = _new_layers(module)
     if len(layers) != 1:
         raise LeanconvError(f"expected one new layer in {type(module).__name__}, found {len(layers)}")
     layer = layers[0]
-    found = ["reference"]
     if isinstance(layer, PeriodicSparseConv2d):
-        if has_grouped_form(layer.in_channels, layer.out_channels, layer.pattern):
-            found.append("grouped")
+        # its reference form is the replaced conv itself (a masked weight of the same shape): it can only
+        # tie, so a measured gain would be noise
+        found = ["grouped"] if has_grouped_form(layer.in_channels, layer.out_channels, layer.pattern) else []
         kernel_ok = layer.stride in (1, 2) and layer.padding <= 2
     else:
-        found.append("grouped")
+        found = ["reference", "grouped"]
         kernel_ok = True
     if runtime == "torch" and kernel_ok and kernels_available():
         found.append("kernel")
@@ -143,15 +146,22 @@ def measure_layers(model: nn.Module, replacements: dict[str, nn.Module], input_s
     for i, (path, new) in enumerate(replacements.items()):
         dense = copy.deepcopy(model.get_submodule(path)).float()
         candidates = {form: with_form(new, form).float() for form in forms(new, runtime)}
-        side = time_side_by_side({"dense": dense, **candidates}, shapes[path], runtime=runtime, threads=threads,
-                                 batch=batch, rounds=rounds, repeats=repeats, warmup=3)
-        best = min(candidates, key=lambda f: side.ratio[f]["median"])
-        timings.append(LayerTiming(path, shapes[path], side.latency_ms["dense"]["median_ms"],
-                                   side.latency_ms[best]["median_ms"], side.ratio[best], best,
-                                   {f: side.ratio[f]["median"] for f in candidates}))
+        if not candidates:  # nothing that could be faster here: recorded untimed, as a tie, never chosen
+            timings.append(LayerTiming(path, shapes[path], None, None, {"median": 1.0, "low": 1.0, "high": 1.0},
+                                       "reference", {}))
+        else:
+            timings.append(_timed(path, shapes[path], dense, candidates, runtime, threads, batch, rounds, repeats))
         if progress is not None:
             progress(i + 1, len(replacements), {"layer": path})
     return timings
+
+
+def _timed(path, shape, dense, candidates, runtime, threads, batch, rounds, repeats) -> LayerTiming:
+    side = time_side_by_side({"dense": dense, **candidates}, shape, runtime=runtime, threads=threads, batch=batch,
+                             rounds=rounds, repeats=repeats, warmup=3)
+    best = min(candidates, key=lambda f: side.ratio[f]["median"])
+    return LayerTiming(path, shape, side.latency_ms["dense"]["median_ms"], side.latency_ms[best]["median_ms"],
+                       side.ratio[best], best, {f: side.ratio[f]["median"] for f in candidates})
 
 
 def set_forms(model: nn.Module, timings: Sequence[LayerTiming]) -> None:
@@ -196,4 +206,4 @@ def confirm(model: nn.Module, spec, timings: Sequence[LayerTiming], chosen: Sequ
 def choose(timings: Sequence[LayerTiming], margin: float = DEFAULT_MARGIN) -> list[str]:
     """Paths whose fastest form is measured faster by ``margin``: median ratio <= 1 - margin."""
     checks.number(margin, "margin", at_least=0, below=1)
-    return [t.path for t in timings if t.ratio["median"] <= 1 - margin]
+    return [t.path for t in timings if t.forms and t.ratio["median"] <= 1 - margin]
