@@ -190,9 +190,10 @@ def test_written_commands_carry_every_setting_of_the_row(compared):
     prune = parser.parse_args(shlex.split(entries["l1@0.5"]["command"])[1:])
     assert (prune.train_subset, prune.data, prune.seed, prune.finetune_epochs, prune.finetune_lr) == \
         (128, "synthetic", 0, 1, 0.01)
-    convert = parser.parse_args(shlex.split(entries["scc"]["command"])[1:])  # converts and fine-tunes
+    convert = parser.parse_args(shlex.split(entries["scc"]["command"])[1:])  # converts, fits and fine-tunes
     assert (convert.seed, convert.train_subset, convert.data, convert.finetune_epochs, convert.finetune_lr) == \
-        (0, 128, "synthetic", 1, 0.05)
+        (0, 128, "synthetic", 1, 0.01)
+    assert "fitted to the trained ones" in entries["scc"]["notes"]
     prune3d = parser.parse_args(shlex.split(entries["3d@0.5"]["command"])[1:])
     assert (prune3d.data, prune3d.seed, prune3d.sample_images) == ("synthetic", 0, 128)
     assert "all training images" in entries["3d@0.5"]["notes"]

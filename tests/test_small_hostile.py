@@ -98,7 +98,7 @@ def no_work(monkeypatch):
     make_criterion = run_prune_module.run_criterion
     monkeypatch.setattr(run_prune_module, "run_criterion",
                         lambda *args, **kwargs: _Never(make_criterion(*args, **kwargs), forbidden("the criterion")))
-    for name in ("measure", "counted", "evaluate", "finetune"):
+    for name in ("measure", "counted", "one_shot", "finetune"):
         monkeypatch.setattr(run_prune_module, name, forbidden(name))
     return called
 
