@@ -56,6 +56,7 @@ from torch import nn
 
 from leanconv.errors import LeanconvError
 from leanconv.layers._kernels import SparseConvPlan, in_layout_of, kernels_usable, sparse_conv
+from leanconv.layers._kernels.sparse_conv import writing_graph
 from leanconv.layers._kernels.plan import TapPattern
 from leanconv.layers._kernels.sparse_conv import DenseWeightCache
 from leanconv.layers.periodic_grouped import GroupedForm, grouped_conv, grouped_form, grouped_weights
@@ -103,10 +104,6 @@ def support_size(out_channels: int, in_channels: int, pattern: str) -> int:
 
     outs, ins = residues(out_channels), residues(in_channels)
     return sum(outs[a] * ins[b] * len(table[(a + b + 1) % period]) for a in range(period) for b in range(period))
-
-
-def _writing_graph() -> bool:
-    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_compiling()
 
 
 def has_grouped_form(in_channels: int, out_channels: int, pattern: str) -> bool:
@@ -214,7 +211,7 @@ class PeriodicSparseConv2d(nn.Module):
         return F.conv2d(x, weight, self.bias, self.stride, self.padding)
 
     def _use_kernel(self, x: torch.Tensor) -> bool:
-        if self.impl in ("reference", "grouped") or (self.impl == "kernel" and (_writing_graph() or x.is_meta)):
+        if self.impl in ("reference", "grouped") or (self.impl == "kernel" and (writing_graph() or x.is_meta)):
             return False  # an exported or traced graph holds the reference form: the same function
         usable = (self.stride in KERNEL_STRIDES[self.impl] and self.padding <= 2
                   and kernels_usable(x, self.weight_nz)  # first: shapes are tensors while tracing

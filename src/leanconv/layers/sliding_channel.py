@@ -49,6 +49,7 @@ from torch import nn
 
 from leanconv.errors import LeanconvError
 from leanconv.layers._kernels import SparseConvPlan, in_layout_of, kernels_usable, sparse_conv
+from leanconv.layers._kernels.sparse_conv import writing_graph
 from leanconv.layers._kernels.plan import TapPattern
 from leanconv.layers._kernels.sparse_conv import DenseWeightCache
 from leanconv.layers.spec import register_layer
@@ -150,7 +151,7 @@ class SlidingChannelConv2d(nn.Module):
         return self._forward_grouped(x)
 
     def _resolve_impl(self, x: torch.Tensor) -> str:
-        exporting = torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+        exporting = writing_graph()
         if self.impl == "auto":
             if exporting:
                 return "reference"

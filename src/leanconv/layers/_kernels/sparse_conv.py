@@ -25,7 +25,7 @@ from leanconv.errors import LeanconvError
 from leanconv.layers._kernels.loader import kernel_library
 from leanconv.layers._kernels.plan import ClassPlan, Grid, PhaseGrid, TapPattern
 
-__all__ = ["in_layout_of", "SparseConvPlan", "sparse_conv", "kernels_usable", "DenseWeightCache"]
+__all__ = ["in_layout_of", "writing_graph", "SparseConvPlan", "sparse_conv", "kernels_usable", "DenseWeightCache"]
 
 Reference = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 WGRAD_VECTORS = 64  # (sample, vector) pairs per weight-gradient tile: amortises the final sums
@@ -62,6 +62,12 @@ class SparseConvPlan:
         return self._grids[key]
 
 
+def writing_graph() -> bool:
+    """True under ONNX export, tracing or compilation: a graph is being recorded, so only
+    standard operations may run (never the compiled kernels, never a cached weight)."""
+    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
 def kernels_usable(*tensors: torch.Tensor) -> bool:
     """True when the compiled kernels may run on these tensors right now: plain CPU tensors
     of one float type, not under export, tracing, compilation or torch.func transforms."""
@@ -73,7 +79,7 @@ def kernels_usable(*tensors: torch.Tensor) -> bool:
             return False
         if torch._C._functorch.is_functorch_wrapped_tensor(t):
             return False
-    if torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if writing_graph():
         return False
     return kernel_library(first.dtype) is not None
 
@@ -216,4 +222,4 @@ def _cacheable(param: torch.Tensor) -> bool:
         return False
     if torch._C._functorch.is_functorch_wrapped_tensor(param):
         return False
-    return not (torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_compiling())
+    return not writing_graph()
