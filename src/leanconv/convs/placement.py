@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from leanconv.cost.runtimes import prepare
 from leanconv.cost.side_by_side import time_side_by_side
 from leanconv.errors import LeanconvError
 from leanconv.layers._kernels import kernels_available
@@ -181,19 +182,21 @@ def confirm(model: nn.Module, spec, timings: Sequence[LayerTiming], chosen: Sequ
     it causes next to it), so the model with the chosen layers converted, each in its fastest
     form, is timed side by side with ``model`` (``spec`` is the conversion). While it is not
     faster by ``margin``, the half of the layers that gained least alone is dropped and the
-    rest timed again; ``[]`` when no set is faster. Weights do not matter for speed: the
-    copies are converted with fresh layers and ``model`` is not changed."""
+    rest timed again; ``[]`` when no set is faster. ``model`` is prepared for the runtime once
+    (an ONNX export and a session) and timed beside every candidate. Weights do not matter for
+    speed: the copies are converted with fresh layers and ``model`` is not changed."""
     from leanconv.convs.convert import convert  # the conversion itself lives beside; placement only times
 
     gain = {t.path: t.ratio["median"] for t in timings}
     paths = sorted(chosen, key=gain.get)
     checks = []
+    dense = prepare(model, input_shape, runtime=runtime, threads=threads, batch=batch) if paths else None
     while paths:
         with torch.random.fork_rng(devices=[]):
             candidate = convert(copy.deepcopy(model), spec.to, groups=spec.groups, overlap=spec.overlap,
                                 pattern=spec.pattern, layers=paths)
         set_forms(candidate, [t for t in timings if t.path in paths])
-        side = time_side_by_side({"dense": model, "converted": candidate}, input_shape, runtime=runtime,
+        side = time_side_by_side({"dense": dense, "converted": candidate}, input_shape, runtime=runtime,
                                  threads=threads, batch=batch, rounds=rounds, repeats=repeats, warmup=3)
         ratio = side.ratio["converted"]
         checks.append({"layers": list(paths), "ratio": ratio})

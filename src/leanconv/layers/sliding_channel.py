@@ -180,21 +180,26 @@ class SlidingChannelConv2d(nn.Module):
 
     def _grouped_indices(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """Distinct windows (one per distinct start) and where each output lands after the
-        grouped conv: (input gather index, weight gather index, output index, number of windows)."""
+        grouped conv: (input gather index, weight gather index, output index, number of windows).
+        Built in plain Python, one tensor each: under an ONNX export or a trace every tensor op
+        here would be recorded (thousands on a wide layer, minutes of constant folding)."""
         if self._grouped is None:
-            starts = self.window_index[:, 0].tolist()
+            windows = self.window_index.tolist()
+            starts = [w[0] for w in windows]
             distinct = sorted(set(starts))
             members = {s: [c for c, sc in enumerate(starts) if sc == s] for s in distinct}
             slots = max(len(m) for m in members.values())
             zero_slot = self.out_channels * self.window  # points at an appended zero weight
-            w_index = torch.full((len(distinct), slots, self.window), zero_slot, dtype=torch.int64)
-            out_index = torch.empty(self.out_channels, dtype=torch.int64)
+            w_index = [[[zero_slot] * self.window for _ in range(slots)] for _ in distinct]
+            out_index = [0] * self.out_channels
             for g, s in enumerate(distinct):
                 for r, c in enumerate(members[s]):
-                    w_index[g, r] = torch.arange(c * self.window, (c + 1) * self.window)
+                    w_index[g][r] = list(range(c * self.window, (c + 1) * self.window))
                     out_index[c] = g * slots + r
-            in_index = self.window_index[[members[s][0] for s in distinct]].reshape(-1).cpu()
-            self._grouped = (in_index, w_index.reshape(-1), out_index, len(distinct))
+            in_index = [i for s in distinct for i in windows[members[s][0]]]
+            self._grouped = (torch.tensor(in_index, dtype=torch.int64),
+                             torch.tensor(w_index, dtype=torch.int64).reshape(-1),
+                             torch.tensor(out_index, dtype=torch.int64), len(distinct))
         return self._grouped
 
     def _forward_grouped(self, x: torch.Tensor) -> torch.Tensor:
