@@ -7,7 +7,8 @@ For each conversion of the trained ResNet-20 (Fashion-MNIST, 10 epochs; any chec
 (BatchNorm re-estimated on training images, no fine-tuning) and after 1 and 3 fine-tuning
 epochs, each fine-tuning started again from the same converted model. Fine-tuning rates: 0.05
 after a random start, 0.01 after a fitted one (``leanconv convert``'s defaults), or ``--lr``;
-``--distill`` fine-tunes by distillation from the dense model; ``--tag`` labels the setting. Rows append to
+``--distill`` fine-tunes by distillation from the dense model; ``--reorder`` renumbers the
+trained model's channels for the pSConv pattern before the fit; ``--tag`` labels the setting. Rows append to
 a JSON-lines file as they finish; a rerun skips those already there.
 
     .venv/bin/python benchmarks/bench_convert_accuracy.py --out benchmarks/results/convert_accuracy.jsonl
@@ -26,8 +27,9 @@ from pathlib import Path
 import torch
 
 from leanconv import checkpoint
-from leanconv.convs.convert import convert
+from leanconv.convs.convert import conversion_targets, convert
 from leanconv.convs.init_fit import fit_layers
+from leanconv.convs.pattern_order import order_for_pattern
 from leanconv.data import load_dataset
 from leanconv.runs.record import one_shot
 from leanconv.train import evaluate, finetune
@@ -47,6 +49,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--train-subset", type=int, default=None, help="fine-tune on the first N images (default all)")
     p.add_argument("--lr", type=float, default=None, help="fine-tuning rate (default: 0.05 random, 0.01 fit)")
     p.add_argument("--distill", action="store_true", help="fine-tune by distillation from the dense model")
+    p.add_argument("--reorder", action="store_true",
+                   help="psconv, fitted start: renumber the trained model's channels for the pattern first")
     p.add_argument("--tag", default="", help="a label for this setting in the rows (e.g. lr0.003)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/convert_accuracy.jsonl")
@@ -55,15 +59,20 @@ def parse_args() -> argparse.Namespace:
 
 def start(base: torch.nn.Module, conversion: str, init: str, data, a: argparse.Namespace) -> tuple:
     to, arg = conversion.split(":")
-    model = copy.deepcopy(base)
+    dense = copy.deepcopy(base)
+    order = None
+    if a.reorder and init == "fit" and to == "psconv":
+        example = next(iter(data.loader("train", 16)))[0]
+        order = order_for_pattern(dense, example, conversion_targets(dense, "psconv"), arg)
+    model = copy.deepcopy(dense)
     torch.manual_seed(a.seed)
     convert(model, to, **({"pattern": arg} if to == "psconv" else {"groups": int(arg)}))
     paths = model.leanconv_meta["conversions"][-1]["layers"]
     fits = None
     if init == "fit":
         images = (x for x, _ in data.loader("train", 128, subset=a.fit_images))
-        fits = fit_layers(base, model, paths, images)
-    return model, fits
+        fits = fit_layers(dense, model, paths, images)
+    return model, fits, order
 
 
 def main() -> None:
@@ -71,7 +80,7 @@ def main() -> None:
     out = Path(a.out)
     done = set()
     if out.exists():
-        done = {(r["conversion"], r["init"], r["epochs"], r.get("tag", "")) for r in
+        done = {(r["conversion"], r["init"], r["epochs"], r.get("tag", ""), r.get("seed", 0)) for r in
                 map(json.loads, out.read_text().splitlines())}
     base = checkpoint.load(a.ckpt).eval()
     data = load_dataset(a.data)
@@ -82,12 +91,14 @@ def main() -> None:
     for conversion in a.conversions:
         for init in a.inits:
             t0 = time.perf_counter()
-            model, fits = start(base, conversion, init, data, a)
+            if all((conversion, init, e, a.tag, a.seed) in done for e in a.epochs):
+                continue
+            model, fits, order = start(base, conversion, init, data, a)
             fit_s = time.perf_counter() - t0
             right = one_shot(model, shape, test, data, None, 128)
             print(f"{conversion} {init}: right after {right['test_accuracy']:.2f}% (fit {fit_s:.0f} s)", flush=True)
             for epochs in a.epochs:
-                if (conversion, init, epochs, a.tag) in done:
+                if (conversion, init, epochs, a.tag, a.seed) in done:
                     continue
                 tuned = copy.deepcopy(model)
                 t1 = time.perf_counter()
@@ -98,7 +109,7 @@ def main() -> None:
                 row = {"conversion": conversion, "init": init, "epochs": epochs, "dense": dense,
                        "right_after": right["test_accuracy"], "stale_bn": right["test_accuracy_stale_bn"],
                        "after": acc, "gap": acc - dense, "lr": lr, "distill": a.distill, "tag": a.tag,
-                       "fit_seconds": fit_s,
+                       "fit_seconds": fit_s, "reorder": order,
                        "finetune_seconds": time.perf_counter() - t1, "fit": fits, "macs": right["macs"],
                        "train_subset": a.train_subset, "seed": a.seed}
                 with out.open("a") as f:

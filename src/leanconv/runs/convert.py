@@ -15,6 +15,10 @@ What ``leanconv convert`` (and ``compare``'s ``scc`` and ``psconv`` entries) run
    layer by layer (:func:`leanconv.convs.init_fit.fit_layers`); ``random`` draws the new layers
    from ``seed`` as the papers do (they train converted models from scratch). ``auto`` (the
    default) is ``fit`` when the run has data, else ``random``. Every other weight is kept.
+   Before a fitted pSConv start, ``reorder`` (``auto``: on) renumbers the trained model's
+   channels, an exact change, so that the pattern keeps the most of the kernels it will cut
+   (:func:`leanconv.convs.pattern_order.order_for_pattern`); the record gives each layer's
+   kept share before and after.
 3. **Judged right away**: with data, the converted model's test accuracy is recorded
    (``converted``) before any fine-tuning: after a random start with BatchNorm statistics
    re-estimated on training images; after a fitted start with the trained statistics, which
@@ -41,6 +45,7 @@ import torch
 
 from leanconv.convs.convert import CONVERSIONS, ConversionSpec, convert, replacements
 from leanconv.convs.init_fit import fit_layers
+from leanconv.convs.pattern_order import order_for_pattern
 from leanconv.convs.placement import choose, confirm, measure_layers, set_forms
 from leanconv.errors import LeanconvError
 from leanconv.layers.periodic_sparse import PATTERNS
@@ -58,6 +63,7 @@ __all__ = ["ConvertConfig", "run_convert", "LAYER_LR", "FITTED_LR"]
 LAYER_LR = 0.05  # new layers drawn at random need more than a fine-tuning rate
 FITTED_LR = 0.01  # fitted new layers start near the trained ones: a fine-tuning rate
 INITS = ("auto", "fit", "random")
+REORDERS = ("auto", "pattern", "none")
 
 
 def _where(value: Any, name: str) -> str:
@@ -97,6 +103,10 @@ class ConvertConfig(RunConfig):
                         help="fit = start each new layer from the trained layer it replaces (least squares on "
                         "--fit-images training images), random = fresh layers as the papers train them, auto = "
                         "fit when there is data")
+    reorder: str = setting("auto", "--reorder", check=lambda v, n: checks.one_of(v, n, REORDERS), choices=REORDERS,
+                           help="psconv with a fitted start: pattern = first renumber the trained model's channels "
+                           "(an exact change) so that the pattern keeps the most of its kernels, none = keep the "
+                           "numbering, auto = pattern for psconv with a fitted start")
     fit_images: int = setting(512, "--fit-images", check=lambda v, n: checks.whole(v, n, at_least=1), metavar="N",
                               help="training images the fit uses")
     seed: int = seed()
@@ -130,6 +140,8 @@ class ConvertConfig(RunConfig):
             if self.pattern is None:
                 object.__setattr__(self, "pattern", "psd4_p8")
             checks.one_of(self.pattern, "--pattern", PATTERNS)
+        if self.reorder == "pattern" and (self.to != "psconv" or self.init == "random"):
+            raise LeanconvError("--reorder pattern applies to --to psconv with a fitted start (--init fit or auto)")
 
     def spec(self) -> ConversionSpec:
         """The conversion as :func:`leanconv.convs.convert.convert` takes it."""
@@ -209,7 +221,13 @@ def run_convert(config: ConvertConfig, source: Source, *, out=None, progress: Pr
     lr = config.finetune_lr if config.finetune_lr is not None else (FITTED_LR if init == "fit" else LAYER_LR)
     spec = config.spec()
     paths, timings, checks = _paths(config, source, spec, say)
-    model, shape = source.fresh(), source.shape
+    dense, shape = source.fresh(), source.shape
+    reorder = None
+    if init == "fit" and spec.to == "psconv" and config.reorder != "none":
+        say("renumbering channels so that the pattern keeps the most of the trained kernels")
+        example = next(_training_images(source, 16, config.batch_size))
+        reorder = order_for_pattern(dense, example, list(replacements(dense, spec, layers=paths)), spec.pattern)
+    model = copy.deepcopy(dense)
     with torch.random.fork_rng(devices=[]):  # the new layers are drawn from the seed alone
         torch.manual_seed(config.seed)
         convert(model, spec.to, groups=spec.groups, overlap=spec.overlap, pattern=spec.pattern, layers=paths)
@@ -219,7 +237,7 @@ def run_convert(config: ConvertConfig, source: Source, *, out=None, progress: Pr
     fits = None
     if init == "fit":
         say(f"fitting {len(converted)} new layers to the trained ones on {config.fit_images} training images")
-        fits = fit_layers(source.fresh(), model, converted,
+        fits = fit_layers(dense, model, converted,
                           _training_images(source, config.fit_images, config.batch_size), progress=progress)
     judged = measured and source.data is not None
     test = source.data.loader("test", 256, resolution=source.resolution) if judged else None
@@ -243,6 +261,7 @@ def run_convert(config: ConvertConfig, source: Source, *, out=None, progress: Pr
                "distillation": recovery.distillation_record(config, "the unconverted model"),
                **({"converted": right_after} if right_after is not None else {}),
                **({"fit": fits} if fits is not None else {}),
+               **({"reorder": reorder} if reorder is not None else {}),
                **({"layer_timings": [{**t.to_dict(), "converted": t.path in converted} for t in timings],
                    "whole_model_checks": checks} if timings is not None else {})}
     command = reproducing_command(config, source, out)
