@@ -132,3 +132,23 @@ def test_a_renumbered_fitted_start_explains_the_trained_layers_at_least_as_well(
         fits = fit_layers(dense, converted, paths, x)
         starts[reorder] = np.mean([f["unexplained_start"] for f in fits.values()])
     assert starts[True] < starts[False]
+
+
+def test_a_renumbering_that_changed_the_output_is_undone(monkeypatch, caplog):
+    """Should a renumbering ever change what the model computes, the weights come back as they were."""
+    import leanconv.convs.pattern_order as pattern_order
+
+    def broken(model, group, moved_to):
+        with torch.no_grad():
+            model.get_submodule(group.members[0].module).weight.mul_(2)
+
+    monkeypatch.setattr(pattern_order, "_renumber", broken)
+    model = _random_weights(build("resnet20", in_channels=1, input_size=16, num_classes=10))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    paths = conversion_targets(model, "psconv")
+    report = pattern_order.order_for_pattern(model, torch.randn(2, 1, 16, 16), paths, "psd4_p8")
+    assert report["renumbered"] == 0 and "changed the model's output" in report["left"]["*"]
+    assert report["kept_mean"]["after"] == report["kept_mean"]["before"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert "order is kept" in caplog.text

@@ -208,12 +208,15 @@ def order_for_pattern(model: nn.Module, example_input: Tensor, paths: Sequence[s
     if not torch.allclose(after_logits, reference, rtol=1e-4, atol=1e-5 * scale):
         model.load_state_dict(state)
         log.warning("renumbering channels for the pattern changed the model's output; the order is kept")
-        return {"renumbered": 0, "left": {"*": "renumbering changed the model's output"},
-                "kept": {p: {"before": v, "after": v} for p, v in before.items()},
-                "seconds": time.perf_counter() - t0}
-    after = {p: kept_share(m.weight, pattern) for p, m in targets.items()}
-    return {"renumbered": len(groups), "left": left,
-            "kept": {p: {"before": before[p], "after": after[p]} for p in paths},
-            "kept_mean": {"before": float(np.mean(list(before.values()))) if before else 1.0,
-                          "after": float(np.mean(list(after.values()))) if after else 1.0},
-            "seconds": time.perf_counter() - t0}
+        return _report(0, {"*": "renumbering changed the model's output"}, before, before, t0)
+    return _report(len(groups), left, before, {p: kept_share(m.weight, pattern) for p, m in targets.items()}, t0)
+
+
+def _report(renumbered: int, left: dict[str, str], before: dict[str, float], after: dict[str, float],
+            t0: float) -> dict[str, Any]:
+    def mean(shares: dict[str, float]) -> float:
+        return float(np.mean(list(shares.values()))) if shares else 1.0
+
+    return {"renumbered": renumbered, "left": left,
+            "kept": {p: {"before": before[p], "after": after[p]} for p in before},
+            "kept_mean": {"before": mean(before), "after": mean(after)}, "seconds": time.perf_counter() - t0}
