@@ -120,3 +120,25 @@ def test_weights_broken_by_the_last_update_are_caught_before_writing(tiny_data, 
     with pytest.raises(LeanconvError, match="weights or the validation loss are no longer finite"):
         fit(model, one_batch, config, out_dir=tmp_path)
     assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_a_strided_1x1_conv_with_few_input_channels_trains_in_nchw(tiny_data):
+    """Torch 2.13's oneDNN crashes in the backward of a 1x1 stride-2 conv with 2-7 input channels
+    in channels_last (a pruned ResNet shortcut); fit detects it and trains in NCHW instead."""
+    from torch import nn
+
+    from leanconv.train.loop import channels_last_crashes
+
+    shortcut = nn.Conv2d(4, 32, 1, stride=2, bias=False)
+    assert channels_last_crashes(nn.Sequential(shortcut))
+    for safe in (nn.Conv2d(8, 32, 1, stride=2), nn.Conv2d(1, 32, 1, stride=2), nn.Conv2d(4, 32, 1),
+                 nn.Conv2d(4, 32, 3, stride=2), nn.Conv2d(16, 32, 1, stride=2, groups=2)):
+        assert not channels_last_crashes(nn.Sequential(safe))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 32, 1, stride=2, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, tiny_data.num_classes))
+    before = model[3].weight.detach().clone()
+    result = fit(model, tiny_data.loader("train", 64, shuffle=True), TrainConfig(epochs=1, lr=0.05))
+    assert math.isfinite(result.history[-1]["train_loss"])  # in channels_last this aborted the process
+    assert not torch.equal(model[3].weight, before)

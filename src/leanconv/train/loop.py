@@ -39,7 +39,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Protocol
 
@@ -58,7 +58,8 @@ from leanconv.util.limits import MAX_EPOCHS, MAX_LR, MAX_THREADS, SEED_MAX
 from leanconv.util.model_io import model_device, to_model
 from leanconv.util.progress import Progress
 
-__all__ = ["Loader", "Loss", "TrainConfig", "TrainResult", "fit", "evaluate", "learning_rate", "check_loader"]
+__all__ = ["Loader", "Loss", "TrainConfig", "TrainResult", "fit", "evaluate", "learning_rate", "check_loader",
+           "channels_last_crashes"]
 
 MAX_STEPS_TOTAL = 10**9  # warm-up steps
 
@@ -142,6 +143,16 @@ def _prepare(model: nn.Module, config: TrainConfig, ddp: bool = False) -> nn.Mod
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def channels_last_crashes(model: nn.Module) -> bool:
+    """Whether training ``model`` in channels_last would hit a oneDNN fault of torch 2.13 on CPU:
+    the backward of a 1x1 conv with stride above 1 and 2 to 7 input channels per group aborts,
+    hangs or corrupts memory in channels_last (measured on this CPU, also with
+    ``ATEN_CPU_CAPABILITY=default``; 1 or 8+ channels, stride 1, and a 3x3 kernel are fine; NCHW is
+    fine). Pruned ResNet shortcuts reach such counts; :func:`fit` then trains in NCHW."""
+    return any(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1
+               and 2 <= m.in_channels // m.groups <= 7 for m in model.modules())
 
 
 def _to_input(x: torch.Tensor, config: TrainConfig) -> torch.Tensor:
@@ -380,6 +391,9 @@ def fit(model: nn.Module, train_loader: Loader, config: TrainConfig, *, val_load
     """
     ddp = _use_ddp(distributed)
     check_loader(train_loader)
+    if config.channels_last and channels_last_crashes(model):
+        log.info("training in NCHW: a strided 1x1 conv with 2-7 input channels crashes in channels_last (oneDNN)")
+        config = replace(config, channels_last=False)
     world, writer = (dist.world_size(), dist.is_main()) if ddp else (1, True)
     out = Path(out_dir) if out_dir is not None else None
     home = model_device(model)
