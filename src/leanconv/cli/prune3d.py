@@ -1,12 +1,16 @@
-"""``leanconv prune3d CKPT``: choose depth x width x resolution together under a FLOPs budget.
+"""``leanconv prune3d CKPT``: choose depth x width x resolution together under a FLOPs or latency budget.
 
 Three-dimensional pruning (Wang et al., ICML 2021). Prunes the trained model step by step
 along depth, width and input resolution (plus a few mixed points), fine-tunes briefly after
 each step and records validation accuracy as samples (DIR/samples.jsonl, resumable); fits a
 polynomial accuracy predictor; maximises it under the MACs budget (FLOPs = 2 x MACs, same
 ratio); realises the choice, re-solving until the counted MACs meet the budget; fine-tunes
-and measures. Writes DIR/model.safetensors, DIR/record.json, DIR/surface.png and
-DIR/budget.png.
+and measures. With ``--target-latency R`` the budget is R of the unpruned model's latency
+measured on ``--runtime`` (``--runtime-threads``, ``--batch``): each point costs its latency
+predicted by the runtime's latency table, width is cut on the runtime's channel staircase,
+and the chosen model is timed side by side with the unpruned one and chosen again tighter
+while it misses (:mod:`leanconv.prune3d.latency`). Writes DIR/model.safetensors,
+DIR/record.json, DIR/surface.png and DIR/budget.png.
 """
 
 from __future__ import annotations
@@ -25,11 +29,17 @@ from leanconv.runs.prune3d import Prune3dConfig, run_prune3d
 __all__ = ["HELP", "add_arguments", "run"]
 
 
-HELP = "3-D pruning: depth x width x resolution under a FLOPs budget"
+HELP = "3-D pruning: depth x width x resolution under a FLOPs or latency budget"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_checkpoint_args(p)
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--target-latency", type=float, metavar="R",
+                        help="run in at most this fraction of the unpruned model's latency, measured on --runtime "
+                        "at --runtime-threads and --batch")
+    budget.add_argument("--target-flops", type=float, metavar="R",
+                        help="keep this fraction of the FLOPs/MACs (the default budget: 0.33)")
     add_config_options(p, Prune3dConfig)
     p.add_argument("--executor", choices=EXECUTORS, default="local",
                    help="where sample tasks run: local processes or a Ray cluster (default: local)")
@@ -51,8 +61,16 @@ def _executor(args: argparse.Namespace):
     return create_executor("local", workers=workers, address=args.ray_address, threads=threads)
 
 
+def config_from_args(args: argparse.Namespace) -> Prune3dConfig:
+    if args.target_latency is not None:
+        return build_config(Prune3dConfig, args, kind="latency", target=args.target_latency)
+    if args.target_flops is not None:
+        return build_config(Prune3dConfig, args, kind="macs", target=args.target_flops)
+    return build_config(Prune3dConfig, args)
+
+
 def run(args: argparse.Namespace) -> int:
-    config = build_config(Prune3dConfig, args)
+    config = config_from_args(args)
     executor = _executor(args)
     source = source_from_args(args, args.ckpt)  # the data must fit, before any work
     update, close = progress_bar("prune3d samples", enabled=not args.no_progress)
@@ -75,5 +93,16 @@ def run(args: argparse.Namespace) -> int:
                       "val_accuracy": {"predicted": round(acc["predicted_val"], 2),
                                        "measured": round(acc["measured_val_protocol"], 2)},
                       "test_accuracy": [round(acc["test_before"], 2), round(acc["test_after"], 2)],
-                      "speedup_batch64": round(record["speedup_batch64"], 3), "out": str(args.out)}))
+                      "speedup_batch64": round(record["speedup_batch64"], 3),
+                      **_latency_summary(record), "out": str(args.out)}))
     return 0
+
+
+def _latency_summary(record: dict) -> dict:
+    """A latency budget's target and the last side-by-side measurement (median and spread)."""
+    budget = record.get("latency_budget")
+    if not budget:
+        return {}
+    measured = budget["attempts"][-1]["measured"]
+    return {"runtime": budget["runtime"], "batch": budget["batch"], "target_latency": record["config"]["target"],
+            "latency_ratio": [round(measured[k], 3) for k in ("median", "low", "high")]}

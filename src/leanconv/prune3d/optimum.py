@@ -71,6 +71,7 @@ COST_TERMS: dict[str, tuple[bool, Callable[[Any, Any], Any]]] = {
     "w*r^2": (True, lambda d, w: w),  # the stem conv (fixed input channels)
     "r^2": (True, lambda d, w: 1.0),  # layers whose channels do not scale
     "w": (False, lambda d, w: w),  # the classifier after global pooling
+    "w^2": (False, lambda d, w: w * w),  # latency: the runtime's call cost, inside the width step's share
     "1": (False, lambda d, w: 1.0),  # anything fixed
 }
 

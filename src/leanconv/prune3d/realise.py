@@ -42,7 +42,9 @@ from leanconv.errors import LeanconvError
 from leanconv.importance import ScoringData, run_criterion
 from leanconv.width.budget import prune_to_budget
 from leanconv.prune3d.block_importance import block_importance
+from leanconv.cost.latency_table import LatencyModel
 from leanconv.prune3d.blocks import BlockInfo, find_residual_blocks, prune_blocks
+from leanconv.prune3d.latency import latency_ratio, origin_latency, prune_width_latency, width_of
 from leanconv.prune3d.resolution import MIN_SIDE, resolution_ratio_to_side, set_resolution
 from leanconv.train import evaluate, finetune
 from leanconv.util.model_io import check_trainable
@@ -54,6 +56,7 @@ __all__ = [
     "load_origin",
     "bypass_blocks",
     "prune_width",
+    "cost_ratio",
     "realise",
     "brief_finetune",
     "val_accuracy",
@@ -85,6 +88,9 @@ class StepSettings:
     seed: int = 0
     constructor: str | None = None  # the user constructor the checkpoint was built from (imported by workers)
     input_shape: list[int] | None = None  # for a checkpoint that records none
+    # a latency budget (prune3d/latency.py): runtime, threads, batch and the unpruned model's
+    # measured ms (reference_ms); None: a MACs budget
+    latency: dict | None = None
 
 
 @dataclass
@@ -99,6 +105,7 @@ class Origin:
     params: int
     min_keep: int  # fewest blocks prune_blocks may keep (stage floors)
     settings: StepSettings
+    latency: LatencyModel | None = None  # a latency budget's calibrated table (None: MACs)
     _batches: dict[int, list] = field(default_factory=dict, repr=False)
 
     @property
@@ -130,7 +137,9 @@ def load_origin(ckpt: str, settings: StepSettings) -> Origin:
         stages[b.stage] = stages.get(b.stage, 0) + 1
     cost = count(model, shape)
     min_keep = sum(min(settings.min_per_stage, n) for n in stages.values())
-    return Origin(model, data, shape, blocks, cost.macs, cost.params, min_keep, settings)  # type: ignore[arg-type]
+    latency = None if settings.latency is None else origin_latency(model, shape, settings.latency)
+    return Origin(model, data, shape, blocks, cost.macs, cost.params, min_keep, settings,  # type: ignore[arg-type]
+                  latency)
 
 
 def side_of(model: nn.Module) -> int:
@@ -154,11 +163,23 @@ def bypass_blocks(model: nn.Module, origin: Origin, keep: int) -> list[str]:
     return prune_blocks(model, origin.blocks, importance, keep, min_per_stage=origin.settings.min_per_stage)
 
 
+def cost_ratio(model: nn.Module, origin: Origin) -> float:
+    """What the budget counts, over the unpruned model's: predicted latency at the model's own
+    side with a latency budget, else counted MACs (one image at the original side)."""
+    if origin.latency is not None:
+        return latency_ratio(origin.latency, model)
+    return count(model, origin.shape).macs / origin.macs
+
+
 def prune_width(model: nn.Module, origin: Origin, share: float) -> None:
-    """Width step: remove channels until the model keeps ``share`` of its current MACs."""
+    """Width step: remove channels until the model keeps ``share`` of its current MACs (with a
+    latency budget: of its predicted latency, on the runtime's staircase)."""
     if share > WIDTH_SKIP:
         return
     settings, shape = origin.settings, _shape(model)
+    if origin.latency is not None:
+        prune_width_latency(model, origin.latency, settings, origin.batches(shape[-1]), share)
+        return
     data = ScoringData(origin.batches(shape[-1]), extra={"input_shape": shape})
     model.eval()
     criterion = run_criterion(settings.method, probes=settings.probes, seed=settings.seed)
@@ -177,9 +198,15 @@ class Realised:
     side: int
     macs: int
     params: int
+    latency: float | None = None  # predicted latency over the unpruned model's (a latency budget only)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+    @property
+    def cost(self) -> float:
+        """What the budget counts: the latency ratio with a latency budget, else MACs."""
+        return float(self.macs if self.latency is None else self.latency)
 
 
 def measure_point(model: nn.Module, origin: Origin, w: float) -> Realised:
@@ -188,7 +215,8 @@ def measure_point(model: nn.Module, origin: Origin, w: float) -> Realised:
     cost = count(model, shape)
     alive = [b for b in origin.blocks if not isinstance(model.get_submodule(b.path), nn.Identity)]
     d = len(alive) / len(origin.blocks) if origin.blocks else 1.0
-    return Realised(d, w, shape[-1] / origin.side, len(alive), shape[-1], cost.macs, cost.params)
+    latency = None if origin.latency is None else latency_ratio(origin.latency, model)
+    return Realised(d, w, shape[-1] / origin.side, len(alive), shape[-1], cost.macs, cost.params, latency)
 
 
 def realise(origin: Origin, d: float, w: float, r: float) -> tuple[nn.Module, Realised]:
@@ -199,10 +227,16 @@ def realise(origin: Origin, d: float, w: float, r: float) -> tuple[nn.Module, Re
     model = copy.deepcopy(origin.model)
     n = len(origin.blocks)
     bypass_blocks(model, origin, math.floor(d * n + 0.5) if n else 0)
+    side = resolution_ratio_to_side(r, origin.side)
+    if origin.latency is not None:  # width is cut at the side it will run at (prune3d/latency.py)
+        if side != origin.side:
+            set_resolution(model, side)
+        before = latency_ratio(origin.latency, model)
+        prune_width(model, origin, w * w)
+        return model, measure_point(model, origin, width_of(before, latency_ratio(origin.latency, model)))
     before = count(model, origin.shape).macs
     prune_width(model, origin, w * w)
     after = count(model, origin.shape).macs
-    side = resolution_ratio_to_side(r, origin.side)
     if side != origin.side:
         set_resolution(model, side)
     return model, measure_point(model, origin, math.sqrt(after / before))

@@ -37,10 +37,9 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from leanconv.cost import count
 from leanconv.errors import LeanconvError
-from leanconv.prune3d.realise import (Origin, StepSettings, brief_finetune, bypass_blocks, load_origin, measure_point,
-                                      prune_width, realise, val_accuracy)
+from leanconv.prune3d.realise import (Origin, StepSettings, brief_finetune, bypass_blocks, cost_ratio, load_origin,
+                                      measure_point, prune_width, realise, val_accuracy)
 from leanconv.prune3d.resolution import set_resolution
 from leanconv.util.files import JsonlStore
 from leanconv.util.progress import Progress
@@ -87,7 +86,9 @@ def settings_hash(ckpt: str | os.PathLike, settings: StepSettings) -> str:
     """12 hex digits naming the checkpoint's bytes and the settings that change a sample."""
     h = hashlib.sha256(Path(ckpt).read_bytes())
     fields = {k: v for k, v in asdict(settings).items()
-              if k != "data_dir" and not (k in ("constructor", "input_shape") and v is None)}  # old hashes stay valid
+              if k != "data_dir" and not (k in ("constructor", "input_shape", "latency") and v is None)}  # old hashes
+    if settings.latency is not None:  # the reference is re-measured on every run: the setting is what counts
+        fields["latency"] = {k: v for k, v in settings.latency.items() if k != "reference_ms"}
     h.update(json.dumps(fields, sort_keys=True).encode())
     return h.hexdigest()[:12]
 
@@ -191,9 +192,10 @@ def _mixed_points(m: int, n_blocks: int, min_keep: int, side: int, min_side: int
 def _sample(origin: Origin, model, w: float, kind: str, key: str, t0: float) -> dict:
     accuracy = val_accuracy(model, origin.data)
     point = measure_point(model, origin, w)
-    return {"key": key, "kind": kind, "d": point.d, "w": point.w, "r": point.r, "keep": point.keep,
-            "side": point.side, "accuracy": accuracy, "macs": point.macs, "params": point.params,
-            "seconds": time.perf_counter() - t0}
+    sample = {"key": key, "kind": kind, "d": point.d, "w": point.w, "r": point.r, "keep": point.keep,
+              "side": point.side, "accuracy": accuracy, "macs": point.macs, "params": point.params,
+              "seconds": time.perf_counter() - t0}
+    return sample if point.latency is None else {**sample, "latency": point.latency}
 
 
 def _chain(origin: Origin, task: dict, keys: list[str]) -> list[dict]:
@@ -204,11 +206,11 @@ def _chain(origin: Origin, task: dict, keys: list[str]) -> list[dict]:
         if kind == "depth":
             bypass_blocks(model, origin, int(step))
         elif kind == "width":
-            prune_width(model, origin, float(step) ** 2 * origin.macs / count(model, origin.shape).macs)
+            prune_width(model, origin, float(step) ** 2 / cost_ratio(model, origin))
         else:
             set_resolution(model, int(step))
         brief_finetune(model, origin.data, origin.settings)
-        w = math.sqrt(count(model, origin.shape).macs / origin.macs) if kind == "width" else 1.0
+        w = math.sqrt(cost_ratio(model, origin)) if kind == "width" else 1.0
         out.append(_sample(origin, model, w, kind, key, t0))
     return out
 
@@ -257,5 +259,6 @@ def collect_samples(ckpt: str | os.PathLike, settings: StepSettings, tasks: Sequ
         done += len(new)
         if progress is not None and samples:
             last = samples[-1]
-            progress(done, total, {"kind": last["kind"], "acc": last["accuracy"], "macs": last["macs"]})
+            cost = {"latency": last["latency"]} if "latency" in last else {"macs": last["macs"]}
+            progress(done, total, {"kind": last["kind"], "acc": last["accuracy"], **cost})
     return [s for s in store.read() if s.get("settings_hash") == prefix]

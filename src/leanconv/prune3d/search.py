@@ -23,6 +23,7 @@ from torch import nn
 from leanconv.cost import count
 from leanconv.errors import LeanconvError
 from leanconv.prune3d.blocks import prune_blocks
+from leanconv.prune3d.latency import LATENCY_TERMS
 from leanconv.prune3d.optimum import AnalyticCost, CalibratedCost, discrete_ratios, resolve
 from leanconv.prune3d.predictor import is_monotone
 from leanconv.prune3d.realise import Origin, min_side, realise
@@ -79,12 +80,14 @@ def _select(X: np.ndarray, y: np.ndarray, monotone: bool, seed: int):
 
 
 def fit_samples(samples: list[dict], macs0: float, *, monotone: bool = True, seed: int = 0,
-                holdout_train: int = 10) -> dict:
-    """Fit the accuracy predictor and the MACs model on ``samples``; returns JSON-able parts
-    and the fitted objects (``"selection"``, ``"cost"``)."""
+                holdout_train: int = 10, latency: bool = False) -> dict:
+    """Fit the accuracy predictor and the cost model on ``samples``; returns JSON-able parts
+    and the fitted objects (``"selection"``, ``"cost"``). The cost is counted MACs, or with
+    ``latency`` each sample's predicted latency ratio (``macs0`` is then 1: the unpruned
+    model), fitted on :data:`~leanconv.prune3d.latency.LATENCY_TERMS`."""
     X = np.array([[s["d"], s["w"], s["r"]] for s in samples], dtype=np.float64)
     y = np.array([s["accuracy"] for s in samples], dtype=np.float64)
-    macs = np.array([s["macs"] for s in samples], dtype=np.float64)
+    macs = np.array([s["latency" if latency else "macs"] for s in samples], dtype=np.float64)
     selection, filtered = _select(X, y, monotone, seed)
     holdout = None
     n_train = min(holdout_train, len(y) - 2)
@@ -94,7 +97,8 @@ def fit_samples(samples: list[dict], macs0: float, *, monotone: bool = True, see
                    "lowrank_no_worse": h.lowrank_rmse <= h.full_rmse,
                    "full_model": h.full.model.to_dict(), "lowrank_model": h.lowrank.model.to_dict()}
     analytic = AnalyticCost(macs0)
-    cost = CalibratedCost.fit(X, macs) if len(y) >= 4 else analytic
+    terms = LATENCY_TERMS if latency else ("d*w^2*r^2", "w^2*r^2", "w*r^2", "w")
+    cost = CalibratedCost.fit(X, macs, terms) if len(y) >= len(terms) else analytic
     fitted = selection.model.predict(X)
     return {
         "selection": selection, "cost": cost,
@@ -162,8 +166,9 @@ def choose(origin: Origin, fit: dict, budget: float, *, r_min: float, grid: int 
 
     def realise_fn(d: float, w: float, r: float) -> float:
         built["model"], built["point"] = realise(origin, d, w, r)
-        built["fill"] = fill_budget(origin, predictor, built, budget, d, w, r)
-        return built["point"].macs
+        # a latency budget's width solver already lands just under its goal on the staircase
+        built["fill"] = None if origin.latency is not None else fill_budget(origin, predictor, built, budget, d, w, r)
+        return built["point"].cost
 
     options = {"allowed_d": d_values, "allowed_r": r_values, "grid": grid}
     result = resolve(predictor, cost, budget, realise_fn, **options)

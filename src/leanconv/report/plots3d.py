@@ -96,11 +96,11 @@ def _boundary_panel(ax, curve: Sequence[Mapping], chosen: Mapping | None) -> Non
 
 
 def _samples_panel(ax, samples: Sequence[Mapping], macs0: float, budget_macs: float,
-                   measured: Mapping | None) -> None:
+                   measured: Mapping | None, cost: str = "macs") -> None:
     for kind, marker in _KIND_MARKERS.items():
         mine = [s for s in samples if s.get("kind") == kind]
         if mine:
-            ax.scatter([s["macs"] / macs0 for s in mine], [s["accuracy"] for s in mine], marker=marker, s=36,
+            ax.scatter([s[cost] / macs0 for s in mine], [s["accuracy"] for s in mine], marker=marker, s=36,
                        label=kind, zorder=3)
     ax.axvline(budget_macs / macs0, color="#d62728", ls="--", lw=1, label="budget")
     if measured is not None:
@@ -108,7 +108,8 @@ def _samples_panel(ax, samples: Sequence[Mapping], macs0: float, budget_macs: fl
                    zorder=4, label="chosen (predicted)")
         ax.scatter([measured["macs_ratio"]], [measured["measured"]], marker="P", s=90, color="#2ca02c",
                    zorder=4, label="chosen (measured, same fine-tuning)")
-    ax.set_xlabel("counted MACs / unpruned MACs")
+    ax.set_xlabel("counted MACs / unpruned MACs" if cost == "macs" else
+                  "latency / unpruned latency (samples: predicted; chosen: measured side by side)")
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title("samples")
     ax.grid(alpha=0.3)
@@ -117,16 +118,17 @@ def _samples_panel(ax, samples: Sequence[Mapping], macs0: float, budget_macs: fl
 
 def budget_chart(curve: Sequence[Mapping], path: str | Path, *, chosen: Mapping | None = None,
                  samples: Sequence[Mapping] = (), macs0: float | None = None, budget_macs: float | None = None,
-                 measured: Mapping | None = None, title: str = "") -> Path:
+                 measured: Mapping | None = None, title: str = "", cost: str = "macs") -> Path:
     """Left: predicted accuracy along the budget boundary per depth (rows of ``curve`` with
     ``d, w, r, predicted_accuracy``), the chosen point starred. Right (with ``samples``,
     ``macs0`` and ``budget_macs``): samples' accuracy against their MACs ratio; ``measured``
-    (``macs_ratio``, ``predicted``, ``measured``) marks the chosen model."""
+    (``macs_ratio``, ``predicted``, ``measured``) marks the chosen model. ``cost="latency"``:
+    the samples' ``latency`` ratios instead (``macs0`` 1, ``budget_macs`` the target)."""
     right = bool(samples) and macs0 is not None and budget_macs is not None
     fig, axes = plt.subplots(1, 2 if right else 1, figsize=(11.0 if right else 6.0, 4.0), squeeze=False)
     _boundary_panel(axes[0][0], curve, chosen)
     if right:
-        _samples_panel(axes[0][1], samples, float(macs0), float(budget_macs), measured)
+        _samples_panel(axes[0][1], samples, float(macs0), float(budget_macs), measured, cost)
     fig.suptitle(title or "three-dimensional pruning: accuracy under the MACs budget")
     return save_figure(fig, path)
 
@@ -137,15 +139,20 @@ def prune3d_plot_writers(record: Mapping) -> dict[str, Callable[[Path], Path]]:
     choice, samples, budget = record["choice"], record["samples"], record["budget"]
     box_d = record["predictor"]["model"]["domain"][0]
     depths = sorted({box_d[0], choice["d"], box_d[1]})
-    measured = {"macs_ratio": choice["counted_macs"] / budget["macs0"],
+    latency = budget.get("kind") == "latency"
+    measured = {"macs_ratio": record["latency_budget"]["attempts"][-1]["measured"]["median"] if latency
+                else choice["counted_macs"] / budget["macs0"],
                 "predicted": record["accuracy"]["predicted_val"],
                 "measured": record["accuracy"]["measured_val_protocol"]}
+    scale = {"macs0": 1.0, "budget_macs": budget["target"], "cost": "latency"} if latency else \
+        {"macs0": budget["macs0"], "budget_macs": budget["budget_macs"]}
+    what = "measured latency" if latency else "MACs"
     return {
         "surface.png": lambda path: surface_chart(record["predictor"]["model"], samples, path, d_values=depths,
                                                   chosen=choice),
         "budget.png": lambda path: budget_chart(record["budget_curve"], path, chosen=choice, samples=samples,
-                                                macs0=budget["macs0"], budget_macs=budget["budget_macs"],
-                                                measured=measured, title=f"target {budget['target']:g} of the MACs"),
+                                                measured=measured, title=f"target {budget['target']:g} of the {what}",
+                                                **scale),
     }
 
 

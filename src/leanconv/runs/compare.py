@@ -38,13 +38,11 @@ from leanconv.cost.side_by_side import time_side_by_side
 from leanconv.deploy.onnx import OPSETS, export_onnx
 from leanconv.errors import LeanconvError
 from leanconv.layers.periodic_sparse import PATTERNS
-from leanconv.prune3d.realise import load_origin
-from leanconv.prune3d.search import check_budget
 from leanconv.runs.config import (RunConfig, command_line, finetune_epochs, finetune_lr, latency_batch, latency_repeats,
                                   latency_table, probes, runtime, score_images, seed, setting, threads, train_subset)
 from leanconv.runs.convert import ConvertConfig
 from leanconv.runs.prune import PruneConfig
-from leanconv.runs.prune3d import Prune3dConfig
+from leanconv.runs.prune3d import Prune3dConfig, check_box
 from leanconv.runs.record import Result
 from leanconv.runs.results import append_result, read_results
 from leanconv.runs.sensitivity import SensitivityConfig
@@ -199,13 +197,21 @@ def entry_config(c: CompareConfig, method: str, target: float | None) -> RunConf
                            **kind)
     if method == "3d":  # its final fine-tuning uses the whole training split; a train subset caps the samples'
         images = min(c.train_subset, 2000) if c.train_subset is not None else 2000
+        kind = {"kind": "latency", "runtime": c.runtime, "runtime_threads": c.threads,
+                "latency_batch": c.latency_batch} if _latency_3d(c) else {}
         return Prune3dConfig(target=target, samples=c.samples, sample_epochs=1, sample_images=images,
                              finetune_epochs=c.finetune_epochs, finetune_lr=c.finetune_lr, score_images=c.score_images,
-                             probes=c.probes, seed=c.seed, latency_repeats=2, batch_size=ENTRY_BATCH)
+                             probes=c.probes, seed=c.seed, latency_repeats=2, batch_size=ENTRY_BATCH, **kind)
     shape = {"groups": c.scc_groups, "overlap": c.scc_overlap} if method == "scc" else {"pattern": c.psconv_pattern}
     # the new layers start fitted to the trained ones (convert's --init auto): the comparison's fine-tuning rate
     return ConvertConfig(to=method, **shape, seed=c.seed, finetune_epochs=c.finetune_epochs,
                          finetune_lr=c.finetune_lr, train_subset=c.train_subset, batch_size=ENTRY_BATCH)
+
+
+def _latency_3d(c: CompareConfig) -> bool:
+    """Whether the ``3d`` entries take the latency budget: yes, unless the table comes from a file
+    (3-D pruning measures each sample's layer configurations on this machine's runtime)."""
+    return c.budget == "latency" and c.latency_table is None
 
 
 def _notes(c: CompareConfig, method: str, config: RunConfig, result: Result) -> tuple[str, str, str]:
@@ -225,8 +231,13 @@ def _notes(c: CompareConfig, method: str, config: RunConfig, result: Result) -> 
                  f"side={choice.get('side', '?')}; {c.samples} samples")
         if c.train_subset is not None:
             notes += f"; final fine-tuning on all training images (train subset {c.train_subset}: sampling only)"
-        if c.budget == "latency":
-            notes += f"; 3-D pruning has no latency budget: solved for MACs x{config.target:g} instead"
+        if _latency_3d(c):
+            last = record["latency_budget"]["attempts"][-1]
+            notes += (f"; solved for {c.runtime} latency x{config.target:g} (batch {c.latency_batch}), predicted "
+                      f"x{last['predicted']:.3f}, measured x{last['measured']['median']:.3f}")
+        elif c.budget == "latency":
+            notes += (f"; solved for MACs x{config.target:g}: a latency table from another device cannot time "
+                      "3-D pruning's samples here")
         return "3d", method, notes
     label = f"scc g={c.scc_groups} o={c.scc_overlap:g}" if method == "scc" else f"psconv {c.psconv_pattern}"
     fitted = record.get("converted", {}).get("test_accuracy")
@@ -346,7 +357,8 @@ def _run_entry(ctx: _Context, key: str, method: str, target: float | None) -> di
     model.leanconv_meta = {**getattr(model, "leanconv_meta", {}), "compare": {"key": key, "method": method}}
     result.save(folder, constructor=ctx.source.constructor)
     record = {"kind": "entry", "key": key, "label": label, "target": target, "family": family,
-              "budget": ctx.config.budget if family == "width" else ("macs" if family == "3d" else None),
+              "budget": ctx.config.budget if family == "width" else
+              (("latency" if _latency_3d(ctx.config) else "macs") if family == "3d" else None),
               "finetune_epochs": ctx.config.finetune_epochs, "checkpoint": str(folder / "model.safetensors"),
               "command": result.record.command, "notes": notes, **_measured(model, ctx, folder)}
     record["seconds"] = time.perf_counter() - t0
@@ -401,10 +413,7 @@ def _preflight(ctx: _Context, entries: list[tuple[str, str, float | None]]) -> N
                 config.check_target(model, torch.zeros(1, *shape), shape)  # what run_prune checks first
                 checked[target] = True
             elif method == "3d":
-                origin = load_origin(str(ctx.source.checkpoint), config.step_settings(
-                    ctx.source.data.name, ctx.source.data_dir, ctx.source.constructor, ctx.source.input_shape))
-                check_budget(origin, target, w_min=config.w_min, r_min=config.r_min,
-                             min_per_stage=config.min_blocks_per_stage)
+                check_box(config, ctx.source, ctx.source.checkpoint)
             else:
                 spec = config.spec()
                 with torch.random.fork_rng(devices=[]):

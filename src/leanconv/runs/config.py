@@ -191,7 +191,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "fit_images": (1, MAX_IMAGES),
     "probes": (2, MAX_PROBES), "min_probes": (2, MAX_PROBES), "rel_stderr": (0.0, MAX_REL_STDERR),
     "batch_size": (1, MAX_BATCH), "latency_repeats": (1, MAX_REPEATS), "latency_batch": (1, MAX_BATCH),
-    "threads": (1, MAX_THREADS), "candidates": (1, 1000),
+    "threads": (1, MAX_THREADS), "runtime_threads": (1, MAX_THREADS), "candidates": (1, 1000),
     "steps": (1, MAX_STEPS), "samples": (4, MAX_SAMPLES), "mixed": (0, MAX_SAMPLES), "holdout_train": (3, MAX_SAMPLES),
     "grid": (2, MAX_GRID), "min_blocks_per_stage": (1, MAX_BLOCKS),
     "groups": (1, MAX_GROUPS), "scc_groups": (1, MAX_GROUPS), "round_to": (1, MAX_GROUPS),

@@ -138,6 +138,6 @@ def describe(latency: LatencyModel) -> dict[str, Any]:
     """The latency model as a record states it."""
     key = latency.table.key
     return {"runtime": key["runtime"], "version": key["version"], "threads": key["threads"], "batch": key["batch"],
-            "cpu": key["cpu"], "reference_ms": latency.reference_ms, "scale": latency.scale,
+            "cpu": key["cpu"], "step": latency.step, "reference_ms": latency.reference_ms, "scale": latency.scale,
             "table_entries": len(latency.table.entries), "measured_here": latency.table.here}
 

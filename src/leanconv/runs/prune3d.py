@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,17 +37,19 @@ from leanconv.errors import LeanconvError
 from leanconv.importance import criterion_names
 from leanconv.prune3d.executors import LocalExecutor
 from leanconv.width.budget import check_reachable
-from leanconv.prune3d.realise import Origin, StepSettings, brief_finetune, load_origin, val_accuracy
+from leanconv.prune3d.latency import check_latency_box, origin_latency
+from leanconv.prune3d.realise import Origin, StepSettings, brief_finetune, load_origin, min_side, val_accuracy
 from leanconv.prune3d.samples import SampleStore, collect_samples, plan_tasks
 from leanconv.prune3d.search import check_budget, choose, fit_samples, sampling_floors
-from leanconv.runs.config import (RunConfig, batch_size, finetune_epochs, finetune_lr, latency_repeats, probes,
-                                  reproducing_command, runtime, score_images, seed, setting, target, train_subset)
-from leanconv.runs.record import Record, Result, add_latency, measure, time_pair
+from leanconv.runs.config import (RunConfig, batch_size, finetune_epochs, finetune_lr, latency_batch, latency_repeats,
+                                  probes, reproducing_command, runtime, score_images, seed, setting, train_subset)
+from leanconv.runs.latency import MAX_ATTEMPTS, SLACK, LatencyBudget, describe
+from leanconv.runs.record import Record, Result, add_latency, measure, one_shot, time_pair
 from leanconv.runs.source import Source
 from leanconv.util import checks
 from leanconv.util.progress import Progress, Stage, quiet
 
-__all__ = ["Prune3dConfig", "run_prune3d"]
+__all__ = ["Prune3dConfig", "run_prune3d", "check_box"]
 
 
 def _whole(low: int):
@@ -60,7 +62,11 @@ class Prune3dConfig(RunConfig):
 
     command = "prune3d"
 
-    target: float = target(0.33)
+    target: float = setting(0.33, lambda c: "--target-latency" if c.kind == "latency" else "--target-flops",
+                            check=lambda v, n: checks.fraction(v, n), always=True, cli=False,
+                            help="keep this fraction of the MACs (kind macs) or of the unpruned model's measured "
+                            "latency on --runtime (kind latency)")
+    kind: str = setting("macs", check=lambda v, n: checks.one_of(v, n, ("macs", "latency")), implied=True)
     samples: int = setting(16, "--samples", check=_whole(4), always=True, metavar="N",
                            help="samples to collect, the unpruned point included (at least 4)")
     mixed: int | None = setting(None, "--mixed", check=lambda v, n: v if v is None else checks.whole(v, n, at_least=0),
@@ -96,11 +102,20 @@ class Prune3dConfig(RunConfig):
     seed: int = seed()
     latency_repeats: int = latency_repeats()
     runtime: str = runtime()
+    runtime_threads: int = setting(1, "--runtime-threads", check=_whole(1), metavar="T",
+                                   help="intra-op threads of the runtime when timing (default 1; --threads is the "
+                                   "sample tasks' torch threads)")
+    latency_batch: int = latency_batch()
 
     def check(self) -> None:
         if self.mixed is not None and self.mixed > self.samples - 1:
             raise LeanconvError(f"--mixed must be at most --samples - 1 ({self.samples - 1}): the unpruned point is "
                                 f"one of the samples; got {self.mixed}")
+
+    def budget(self) -> LatencyBudget:
+        """Where a latency target holds (this machine's latency table: every sample needs its own
+        layer configurations measured, so a table from another device cannot serve)."""
+        return LatencyBudget(self.runtime, self.runtime_threads, self.latency_batch, None, self.latency_repeats)
 
     def step_settings(self, data: str, data_dir: str | None = None, constructor: str | None = None,
                       input_shape: tuple[int, ...] | None = None) -> StepSettings:
@@ -109,7 +124,10 @@ class Prune3dConfig(RunConfig):
                             score_images=self.score_images, probes=self.probes,
                             min_per_stage=self.min_blocks_per_stage, epochs=self.sample_epochs,
                             images=self.sample_images, lr=self.finetune_lr, batch_size=self.batch_size, seed=self.seed,
-                            constructor=constructor, input_shape=None if input_shape is None else list(input_shape))
+                            constructor=constructor, input_shape=None if input_shape is None else list(input_shape),
+                            latency=None if self.kind == "macs" else {"runtime": self.runtime,
+                                                                      "threads": self.runtime_threads,
+                                                                      "batch": self.latency_batch})
 
     def run(self, source: Source, **kwargs: Any) -> Result:
         return run_prune3d(self, source, **kwargs)
@@ -158,14 +176,9 @@ def _run(config: Prune3dConfig, source: Source, out: Path, executor: Any, progre
          say: Stage, measured: bool) -> Result:
     t0 = time.perf_counter()
     ckpt = _checkpoint_of(source, out)
-    origin = load_origin(str(ckpt), config.step_settings(source.data.name, source.data_dir, source.constructor,
-                                                         source.input_shape))
-    box = check_budget(origin, config.target, w_min=config.w_min, r_min=config.r_min,
-                       min_per_stage=config.min_blocks_per_stage)  # an impossible budget fails here, before any work
-    example = torch.zeros(1, *origin.shape, dtype=next(origin.model.parameters()).dtype)
-    check_reachable(origin.model, example, target=0.999, input_shape=origin.shape)  # any prunable channel? now
-    budget = config.target * origin.macs
-    w_floor, side_floor = sampling_floors(box, origin.side, config.target, config.clip_box)
+    origin, box = _origin_and_box(config, source, ckpt, say)  # an impossible budget fails here, before any sampling
+    # latency falls more slowly than r^2 (fixed call costs): sample the whole box then
+    w_floor, side_floor = sampling_floors(box, origin.side, config.target, config.clip_box and config.kind == "macs")
     box.update(w_sampled_min=w_floor, side_sampled_min=side_floor)
     tasks = plan_tasks(config.samples, n_blocks=len(origin.blocks), min_keep=origin.min_keep, side=origin.side,
                        min_side=side_floor, w_min=w_floor, target=config.target, mixed=config.mixed)
@@ -173,11 +186,18 @@ def _run(config: Prune3dConfig, source: Source, out: Path, executor: Any, progre
     samples = collect_samples(ckpt, origin.settings, tasks, SampleStore(out / "samples.jsonl"),
                               executor or LocalExecutor(0), progress)
     t_samples = time.perf_counter()
-    say("fitting the accuracy predictor and the MACs model")
-    fit = fit_samples(samples, origin.macs, monotone=config.monotone, seed=config.seed,
-                      holdout_train=config.holdout_train)
-    say(f"maximising predicted accuracy under {config.target:g} of the MACs")
-    result, model, point, curve = choose(origin, fit, budget, r_min=config.r_min, grid=config.grid)
+    say(f"fitting the accuracy predictor and the {'latency' if config.kind == 'latency' else 'MACs'} model")
+    latency = config.kind == "latency"
+    budget = config.target if latency else config.target * origin.macs
+    fit = fit_samples(samples, 1.0 if latency else origin.macs, monotone=config.monotone, seed=config.seed,
+                      holdout_train=config.holdout_train, latency=latency)
+    say(f"maximising predicted accuracy under {config.target:g} of the {'latency' if latency else 'MACs'}")
+    attempts = None
+    if latency:
+        result, model, point, curve, attempts = _choose_measured(origin, fit, config, say)
+    else:
+        result, model, point, curve = choose(origin, fit, budget, r_min=config.r_min, grid=config.grid)
+    cut = _one_shot(origin, model, point.side, config) if measured else None
     accuracy = _finish(origin, model, config, say)
     say("measuring")
     after_shape = tuple(model.leanconv_meta["input_shape"])
@@ -185,12 +205,16 @@ def _run(config: Prune3dConfig, source: Source, out: Path, executor: Any, progre
     after = measure(model, after_shape, _test_loader(origin, point.side))
     timing = None
     if measured:
-        timing = time_pair(origin.model, model, (origin.shape, after_shape), runtime=config.runtime, threads=1,
-                           repeats=config.latency_repeats)
+        timing = time_pair(origin.model, model, (origin.shape, after_shape), runtime=config.runtime,
+                           threads=config.runtime_threads, repeats=config.latency_repeats,
+                           batches=(1, 64, config.latency_batch))
         add_latency(before, after, timing)
     seconds = {"samples": t_samples - t0, "total": time.perf_counter() - t0,
                "sampling_compute": sum(s["seconds"] for s in samples)}
     details = _details(origin, config, box, samples, fit, result, point, curve, accuracy, before, after)
+    details["after_prune_before_finetune"] = cut
+    details["latency_budget"] = None if attempts is None else {**describe(origin.latency), "attempts": attempts,
+                                                               "width_price": "importance"}
     command = reproducing_command(config, source, out)
     record = Record("prune3d", config.to_dict(), command, source.describe(), list(origin.shape), before, after,
                     seconds, details, timing)
@@ -200,17 +224,99 @@ def _run(config: Prune3dConfig, source: Source, out: Path, executor: Any, progre
     return Result(model, record)
 
 
+def _origin_and_box(config: Prune3dConfig, source: Source, ckpt: Path, say: Stage) -> tuple[Origin, dict]:
+    """The trained model with what every step needs, and the search box; raises (one line) when
+    the model has no prunable channel or the box cannot reach the budget."""
+    settings = config.step_settings(source.data.name, source.data_dir, source.constructor, source.input_shape)
+    origin = load_origin(str(ckpt), replace(settings, latency=None))
+    example = torch.zeros(1, *origin.shape, dtype=next(origin.model.parameters()).dtype)
+    check_reachable(origin.model, example, target=0.999, input_shape=origin.shape)  # any prunable channel?
+    if config.kind == "latency":
+        return origin, _calibrate(origin, config, settings, say)
+    return origin, check_budget(origin, config.target, w_min=config.w_min, r_min=config.r_min,
+                                min_per_stage=config.min_blocks_per_stage)
+
+
+def check_box(config: Prune3dConfig, source: Source, ckpt: Path) -> dict:
+    """What a run checks before any sampling (``compare`` checks every entry first): the search
+    box, or a one-line :class:`~leanconv.errors.LeanconvError` when it cannot meet the budget."""
+    return _origin_and_box(config, source, ckpt, quiet)[1]
+
+
+def _calibrate(origin: Origin, config: Prune3dConfig, settings: StepSettings, say: Stage) -> dict:
+    """A latency budget: time the unpruned model on the runtime, calibrate the latency table on
+    it (every sample task predicts on this scale), and refuse a target the box cannot reach."""
+    say(f"timing the unpruned model on {config.runtime} ({config.runtime_threads} thread(s), batch "
+        f"{config.latency_batch})")
+    budget = replace(config.budget(), repeats=max(10, config.latency_repeats))  # every sample is scaled by it
+    reference = budget.measure({"unpruned": origin.model}, origin.shape).latency_ms["unpruned"]["median_ms"]
+    origin.settings = replace(settings, latency={**settings.latency, "reference_ms": reference})
+    origin.latency = origin_latency(origin.model, origin.shape, origin.settings.latency)
+    return check_latency_box(origin, config.target, w_min=config.w_min, side=min_side(origin, config.r_min))
+
+
+def _choose_measured(origin: Origin, fit: dict, config: Prune3dConfig, say: Stage):
+    """``choose`` under the latency target, then the realised model timed side by side with the
+    unpruned one; above ``target + SLACK`` the solver's budget tightens by ``target / measured``
+    and it chooses again (at most ``MAX_ATTEMPTS`` times). Every attempt is recorded."""
+    goal, attempts, budget = config.target, [], config.budget()
+    for _ in range(MAX_ATTEMPTS):
+        try:
+            result, model, point, curve = choose(origin, fit, goal, r_min=config.r_min, grid=config.grid)
+        except LeanconvError as err:
+            if not attempts:
+                raise LeanconvError(f"latency target {config.target:g} is out of reach of the samples on "
+                                    f"{config.runtime} ({err}); raise --target-latency, or lower --w-min/--r-min "
+                                    "so that the samples reach further") from None
+            say(f"warning: no faster point than the last one ({err})")
+            break
+        shapes = {"unpruned": origin.shape, "pruned": tuple(model.leanconv_meta["input_shape"])}
+        sbs = budget.measure({"unpruned": origin.model, "pruned": model}, shapes)
+        ratio = sbs.ratio["pruned"]
+        attempts.append({"goal": goal, "predicted": point.latency, "measured": ratio,
+                         "unpruned_ms": sbs.latency_ms["unpruned"]["median_ms"],
+                         "choice": {"d": point.d, "w": point.w, "r": point.r, "side": point.side}})
+        say(f"goal {goal:.3f}: predicted {point.latency:.3f}, measured {ratio['median']:.3f} "
+            f"({ratio['low']:.3f}-{ratio['high']:.3f}) of the unpruned latency")
+        if ratio["median"] <= config.target + SLACK:
+            break
+        goal *= config.target / ratio["median"]
+    else:
+        say(f"warning: the result measures {attempts[-1]['measured']['median']:.3f} of the unpruned latency, above "
+            f"the target {config.target:g} + {SLACK}; the runtime's timing may be noisy here (see the record)")
+    return result, model, point, curve, attempts
+
+
+def _one_shot(origin: Origin, model: nn.Module, side: int, config: Prune3dConfig) -> dict:
+    """Test accuracy of the chosen model right after the cut, BatchNorm re-estimated (on a copy)."""
+    cut = copy.deepcopy(model)
+    resolution = None if side == origin.data.image_size else side
+    shape = tuple(model.leanconv_meta["input_shape"])
+    return one_shot(cut, shape, _test_loader(origin, side), origin.data, resolution, config.batch_size)
+
+
+def _cost_named(row: dict, kind: str) -> dict:
+    """A solver row with its cost keys named for the budget (``*_macs`` -> ``*_latency``: ratios
+    of the unpruned latency, the realised one predicted by the table)."""
+    if kind == "macs":
+        return row
+    return {k.replace("_macs", "_latency"): v for k, v in row.items()}
+
+
 def _details(origin, config, box, samples, fit, result, point, curve, accuracy, before, after) -> dict:
     choice = result.choice
     return {
         "method": "prune3d", "settings": asdict(origin.settings),
         "output_input_shape": [origin.shape[0], point.side, point.side],
-        "budget": {"target": config.target, "macs0": origin.macs, "budget_macs": config.target * origin.macs},
+        "budget": {"target": config.target, "kind": config.kind, "macs0": origin.macs,
+                   "budget_macs": config.target * origin.macs if config.kind == "macs" else None},
         "search_box": box, "samples": samples,
         "predictor": fit["predictor"], "holdout": fit["holdout"], "cost_model": fit["cost_model"],
-        "choice": {**choice.to_dict(), "realised": point.to_dict(), "counted_macs": result.counted_macs,
-                   "within_budget": result.counted_macs <= config.target * origin.macs},
-        "resolve_trail": list(result.trail), "budget_curve": curve["curve"], "fill": curve["fill"],
+        "choice": {**_cost_named(choice.to_dict(), config.kind), "realised": point.to_dict(),
+                   "counted_macs": point.macs,
+                   "within_budget": point.cost <= config.target * (origin.macs if config.kind == "macs" else 1)},
+        "resolve_trail": [_cost_named(row, config.kind) for row in result.trail],
+        "budget_curve": [_cost_named(row, config.kind) for row in curve["curve"]], "fill": curve["fill"],
         "accuracy": {"predicted_val": choice.predicted_accuracy, "measured_val_protocol": accuracy["val_protocol"],
                      "val_after_finetune": accuracy["val_after_finetune"],
                      "test_before": before["test_accuracy"], "test_after": after["test_accuracy"]},

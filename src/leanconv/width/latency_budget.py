@@ -248,7 +248,7 @@ def _prepare(model, example_input, input_shape, latency, floor, step, ignored, s
 
 
 def _check(target: float, floor: float, step: int | None) -> None:
-    checks.fraction(target, "target", of="the unpruned model's measured latency")
+    checks.fraction(target, "target", of="unpruned model's measured latency")
     if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 < floor < math.inf:
         raise LeanconvError(f"floor must be a channel count >= 1 or a fraction in (0, 1), got {floor!r}")
     if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 1):
@@ -328,7 +328,7 @@ class LatencyPruner:
         latency.table.ensure(self.solver.all_configs())
         self.fastest = self.solver.predict(self.solver.lowest()) / latency.reference_ms
         if target is not None:  # refused before any scoring
-            checks.fraction(target, "target", of="the unpruned model's measured latency")
+            checks.fraction(target, "target", of="unpruned model's measured latency")
             _refuse_unreachable(target, self.fastest, latency)
         report(1, 3, {"stage": "groups", "groups": len(self.traced)})
         scores = _normalized(_scores(importance, model, [t.group for t in self.traced], data), normalize)
@@ -356,7 +356,7 @@ class LatencyPruner:
     def solve(self, target: float) -> LatencyPlan:
         """The plan for ``target`` times the unpruned latency (a fraction; raises if unreachable):
         the greedy plan, or the best of the candidates (class docstring)."""
-        checks.fraction(target, "target", of="the unpruned model's measured latency")
+        checks.fraction(target, "target", of="unpruned model's measured latency")
         _refuse_unreachable(target, self.fastest, self.latency)
         goal = target * self.latency.reference_ms
         plan = self.solver.solve(goal, self._lost)

@@ -1,0 +1,121 @@
+"""Three-dimensional pruning to a measured latency: what changes when the budget is time.
+
+``leanconv prune3d --target-latency R`` keeps the method's search (samples, predictor,
+budgeted optimum) and changes what a point costs and how its width is cut:
+
+* **cost** = the latency table's prediction of the point's model at its own input side,
+  over the unpruned model's measured latency (:func:`latency_ratio`); the table
+  (:class:`~leanconv.cost.latency_table.LatencyModel`) is calibrated once on the unpruned
+  model, and every layer configuration a point needs (a narrower conv, a smaller side) is
+  measured on demand on the runtime and cached;
+* **width** ``w`` keeps ``w^2`` of the *latency* of the model as it is after the depth and
+  resolution steps (the MAC run: ``w^2`` of its MACs), cut by the staircase solver of
+  :mod:`leanconv.width.latency_budget` with the criterion's importance as prices (cheap
+  enough for every sample; it never keeps a channel count that costs as much as a larger
+  one). Resolution is set **before** width, so the solver prices the layers at the side they
+  will run at and the criterion scores at that side.
+
+The latency of ``(d, w, r)`` is then about ``w^2 (a d r^2 + b r^2 + c)`` (blocks, fixed
+layers, the runtime's call cost), the terms :data:`LATENCY_TERMS` fitted to the samples.
+The search box is refused before any work when its smallest point is predicted above the
+target (:func:`check_latency_box`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from leanconv.cost.latency_table import LatencyModel, cached_table
+from leanconv.errors import LeanconvError
+from leanconv.importance import ScoringData, run_criterion
+from leanconv.prune3d.blocks import prune_blocks
+from leanconv.prune3d.resolution import set_resolution
+from leanconv.width.latency_budget import LatencyPruner
+
+__all__ = ["LATENCY_TERMS", "origin_latency", "latency_at", "latency_ratio", "prune_width_latency",
+           "check_latency_box", "width_of"]
+
+WIDTH_FULL = 0.999  # a share this close to 1 is no cut
+LATENCY_TERMS = ("d*w^2*r^2", "w^2*r^2", "w^2")  # removable blocks, fixed layers, the call cost
+
+
+def origin_latency(model: nn.Module, shape: tuple[int, ...], spec: dict[str, Any]) -> LatencyModel:
+    """The latency model of the unpruned ``model``, calibrated to ``spec["reference_ms"]``
+    (measured once by the run, so that every task predicts on the same scale)."""
+    table = cached_table(spec["runtime"], int(spec["threads"]), int(spec["batch"]))
+    return LatencyModel.calibrate(table, model, shape, float(spec["reference_ms"]))
+
+
+def latency_at(latency: LatencyModel, model: nn.Module) -> LatencyModel:
+    """``latency`` at the input shape ``model`` records (its blocked factor and call cost kept)."""
+    return replace(latency, input_shape=tuple(int(s) for s in model.leanconv_meta["input_shape"]))
+
+
+def latency_ratio(latency: LatencyModel, model: nn.Module) -> float:
+    """Predicted latency of ``model`` at its recorded side, over the unpruned model's measured one."""
+    return latency_at(latency, model).predict(model) / latency.reference_ms
+
+
+def _pruner(model: nn.Module, latency: LatencyModel, settings: Any, batches: list) -> LatencyPruner:
+    here = latency_at(latency, model)
+    here = replace(here, reference_ms=here.predict(model))  # shares of the model as it is now
+    shape = here.input_shape
+    criterion = run_criterion(settings.method, probes=settings.probes, seed=settings.seed)
+    data = ScoringData(batches, extra={"input_shape": shape})
+    return LatencyPruner(model, criterion, torch.zeros(1, *shape), latency=here, input_shape=shape, data=data,
+                         normalize=settings.normalize, price="importance")
+
+
+def prune_width_latency(model: nn.Module, latency: LatencyModel, settings: Any, batches: list,
+                        share: float) -> float:
+    """Cut channels of ``model`` in place until it keeps ``share`` of its predicted latency (or
+    as close as the staircase's fastest plan gets); returns the share predicted kept."""
+    if share >= 1:
+        return 1.0
+    model.eval()
+    pruner = _pruner(model, latency, settings, batches)
+    goal = max(share, pruner.fastest)
+    if goal >= WIDTH_FULL:  # no plan on the staircase is faster than the model as it is
+        return 1.0
+    trial, result = pruner.realise(pruner.solve(goal), goal)
+    for name, child in list(trial.named_children()):
+        setattr(model, name, child)  # adopt the pruned layers
+    return float(result.achieved)
+
+
+def check_latency_box(origin: Any, target: float, *, w_min: float, side: int) -> dict:
+    """Raise ``LeanconvError`` (one line) unless the smallest point of the search box is
+    predicted within ``target`` of the unpruned latency: the costliest removable blocks
+    bypassed down to the stage floors, the smallest ``side``, and width at ``w_min^2`` of the
+    latency or the staircase's fastest plan, whichever keeps more. Returns the box."""
+    model = copy.deepcopy(origin.model)
+    if origin.blocks:
+        costly_first = {b.path: -float(b.macs) for b in origin.blocks}
+        prune_blocks(model, origin.blocks, costly_first, origin.min_keep,
+                     min_per_stage=origin.settings.min_per_stage)
+    if side != origin.side:
+        set_resolution(model, side)
+    small = latency_ratio(origin.latency, model)
+    model.eval()
+    fastest = _pruner(model, origin.latency, origin.settings, origin.batches(side)).fastest
+    smallest = small * max(w_min ** 2, fastest)
+    box = {"d_min": origin.min_keep / len(origin.blocks) if origin.blocks else 1.0, "w_min": w_min,
+           "side_min": side, "r_min": side / origin.side, "smallest_latency_ratio": smallest,
+           "width_fastest_share": fastest}
+    if smallest > target:
+        raise LeanconvError(
+            f"latency target {target:g} is unreachable on {origin.latency.table.runtime}: the smallest model in "
+            f"the search box (d={box['d_min']:.3g}, w={w_min:g}, side {side}) is predicted at {smallest:.3f} of the "
+            "unpruned latency; raise --target-latency or lower --w-min/--r-min")
+    return box
+
+
+def width_of(before: float, after: float) -> float:
+    """The realised ``w``: the square root of the latency share the width step kept."""
+    return math.sqrt(max(after, 1e-12) / max(before, 1e-12))

@@ -1,0 +1,194 @@
+"""Three-dimensional pruning to a latency target (``prune3d --target-latency``).
+
+The unit tests use a made-up staircase table (as ``test_latency_budget``), so what they check
+(width cut on the staircase after the resolution step, the predicted cost, refusals before
+work, the cost model's terms) never depends on this machine's timing. The end-to-end tests
+time real models, so they check what a run records, not how fast it came out.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import asdict, replace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from leanconv import checkpoint
+from leanconv.cli.main import main
+from leanconv.cost.latency_table import LatencyModel, LatencyTable, table_key
+from leanconv.errors import LeanconvError
+from leanconv.prune3d.latency import LATENCY_TERMS, check_latency_box, latency_ratio
+from leanconv.prune3d.optimum import CalibratedCost
+from leanconv.prune3d.realise import StepSettings, load_origin, realise
+from leanconv.prune3d.samples import settings_hash
+from leanconv.width.channels import channel_counts
+
+
+class StairTable(LatencyTable):
+    """A conv costs its output positions times its channel blocks (of 8), plus a call cost."""
+
+    def __init__(self):
+        super().__init__({**table_key("onnxruntime", 1, 1), "step": 8})
+
+    def ensure(self, configs, progress=None) -> int:
+        todo = self.missing(configs)
+        for c in todo:
+            blocks = 0 if c.kind == "call" else math.ceil(c.cin / c.groups / 8) * math.ceil(c.cout / 8)
+            self.entries[c.key()] = 0.01 + 1e-5 * c.h * c.w * c.kh * c.kw * blocks * 64
+        return len(todo)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+@pytest.fixture()
+def origin(trained_ckpt):
+    origin = load_origin(str(trained_ckpt), StepSettings(data="synthetic", method="l1", epochs=0, score_images=32))
+    table = StairTable()
+    raw = LatencyModel(table, origin.shape, 1.0, 1.0, table.step)
+    origin.latency = LatencyModel.calibrate(table, origin.model, origin.shape, raw.predict(origin.model))
+    return origin
+
+
+def _on_staircase(count: int, full: int, step: int = 8) -> bool:
+    return count == full or count % step == 0 or (count < step and count % max(1, step // 4) == 0)
+
+
+def test_latency_point_sets_the_side_before_cutting_width_on_the_staircase(origin):
+    before = {k: v.clone() for k, v in origin.model.state_dict().items()}
+    model, point = realise(origin, 5 / 7, 0.8, 0.75)
+    assert point.side == 12 and model.leanconv_meta["input_shape"] == [3, 12, 12] and point.keep == 5
+    assert point.latency == pytest.approx(latency_ratio(origin.latency, model))
+    depth_and_side = copy.deepcopy(origin.model)
+    for b in origin.blocks:  # the same blocks bypassed, full width: the width step's starting point
+        if isinstance(model.get_submodule(b.path), nn.Identity):
+            depth_and_side.set_submodule(b.path, nn.Identity())
+    depth_and_side.leanconv_meta = {**depth_and_side.leanconv_meta, "input_shape": [3, 12, 12]}
+    start = latency_ratio(origin.latency, depth_and_side)
+    assert point.latency <= 0.8 ** 2 * start + 1e-9  # the width step kept at most w^2 of that latency
+    assert point.w == pytest.approx(math.sqrt(point.latency / start))
+    full, kept = channel_counts(origin.model), channel_counts(model)
+    cut = [n for n in kept if kept[n][1] < full[n][1]]
+    assert cut and all(_on_staircase(kept[n][1], full[n][1]) for n in cut)
+    for k, v in origin.model.state_dict().items():  # the trained model is untouched
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+
+
+def test_the_search_box_is_refused_before_work_below_its_smallest_point(origin):
+    side = 8
+    box = check_latency_box(origin, 0.99, w_min=0.4, side=side)
+    smallest = box["smallest_latency_ratio"]
+    assert 0 < smallest < 1 and box["side_min"] == side and box["width_fastest_share"] <= 1
+    with pytest.raises(LeanconvError, match=r"latency target .* is unreachable on onnxruntime.*raise --target-latency"):
+        check_latency_box(origin, 0.9 * smallest, w_min=0.4, side=side)
+
+
+def test_latency_cost_terms_fit_a_model_made_of_them():
+    rng = np.random.default_rng(0)
+    X = np.column_stack([rng.uniform(0.4, 1, 12), rng.uniform(0.4, 1, 12), rng.uniform(0.5, 1, 12)])
+    d, w, r = X.T
+    y = 0.6 * d * w ** 2 * r ** 2 + 0.25 * w ** 2 * r ** 2 + 0.15 * w ** 2
+    cost = CalibratedCost.fit(X, y, LATENCY_TERMS)
+    assert cost.coef == pytest.approx({"d*w^2*r^2": 0.6, "w^2*r^2": 0.25, "w^2": 0.15}, abs=1e-9)
+    assert cost.max_r(0.5, 0.8, float(cost(0.5, 0.8, 0.7))) == pytest.approx(0.7)
+
+
+def test_samples_of_a_latency_budget_are_kept_apart_and_resume_across_measurements(trained_ckpt):
+    plain = StepSettings(data="synthetic")
+    spec = {"runtime": "onnxruntime", "threads": 1, "batch": 1}
+    timed = replace(plain, latency={**spec, "reference_ms": 0.3})
+    fields = {k: v for k, v in asdict(plain).items() if v is not None and k != "data_dir"}
+    import hashlib
+
+    h = hashlib.sha256(trained_ckpt.read_bytes())
+    h.update(json.dumps(fields, sort_keys=True).encode())
+    assert settings_hash(trained_ckpt, plain) == h.hexdigest()[:12]  # a MACs run's samples keep their keys
+    assert settings_hash(trained_ckpt, timed) != settings_hash(trained_ckpt, plain)
+    assert settings_hash(trained_ckpt, timed) == settings_hash(trained_ckpt, replace(timed, latency={**spec,
+                                                                                           "reference_ms": 0.5}))
+    other = replace(plain, latency={**spec, "batch": 8, "reference_ms": 0.3})
+    assert settings_hash(trained_ckpt, other) != settings_hash(trained_ckpt, timed)
+
+
+def _logits(model, shape):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        return model.eval()(torch.randn(4, *shape))
+
+
+def test_prune3d_target_latency_end_to_end(trained_ckpt, tmp_path, capsys):
+    out = tmp_path / "p3"
+    code = main(["prune3d", str(trained_ckpt), "--target-latency", "0.6", "--runtime", "onnxruntime", "--batch", "8",
+                 "--samples", "6", "--workers", "0", "--sample-images", "64", "--finetune-epochs", "0",
+                 "--method", "l1", "--score-images", "32", "--repeats", "2", "--out", str(out), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    record = json.loads((out / "record.json").read_text())
+    budget = record["latency_budget"]
+    assert record["config"]["kind"] == "latency" and record["budget"]["kind"] == "latency"
+    assert budget["runtime"] == "onnxruntime" and budget["batch"] == 8 and budget["threads"] == 1
+    assert budget["measured_here"] and budget["width_price"] == "importance"
+    for attempt in budget["attempts"]:
+        m = attempt["measured"]
+        assert m["low"] <= m["median"] <= m["high"] and attempt["unpruned_ms"] > 0
+        assert attempt["predicted"] <= attempt["goal"] + 1e-9  # the solver's choice, as the table predicts it
+    for later, earlier in zip(budget["attempts"][1:], budget["attempts"]):
+        assert later["goal"] < earlier["goal"]  # a missed target tightens the goal
+    assert summary["latency_ratio"] == [round(budget["attempts"][-1]["measured"][k], 3)
+                                        for k in ("median", "low", "high")]
+    samples = record["samples"]
+    assert len(samples) == 6 and all(s["latency"] > 0 for s in samples)
+    assert [s["latency"] for s in samples if s["kind"] == "base"] == [pytest.approx(1.0)]
+    assert set(record["cost_model"]["calibrated"]["coef"]) <= set(LATENCY_TERMS)
+    assert "budget_latency" in record["choice"] and "predicted_latency" in record["resolve_trail"][-1]
+    assert record["after_prune_before_finetune"]["bn"] == "re-estimated on training images"
+    assert record["timing"]["runtime"] == "onnxruntime" and {"batch1", "batch8", "batch64"} <= set(record["timing"])
+    side = record["choice"]["realised"]["side"]
+    pruned = checkpoint.load(out / "model.safetensors")
+    assert pruned.leanconv_meta["input_shape"] == [3, side, side]
+    full, kept = channel_counts(checkpoint.load(trained_ckpt)), channel_counts(pruned)
+    assert all(_on_staircase(kept[n][1], full[n][1], budget["step"]) for n in kept)  # the runtime's own block
+    reloaded = checkpoint.load(out / "model.safetensors")
+    torch.testing.assert_close(_logits(reloaded, (3, side, side)), _logits(pruned, (3, side, side)), rtol=0, atol=0)
+    assert "--target-latency 0.6" in record["command"] and "--runtime onnxruntime" in record["command"]
+    assert "--batch 8" in record["command"]
+    assert (out / "budget.png").stat().st_size > 5000
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--target-latency", "0.01"], "latency target 0.01 is unreachable"),
+    (["--target-latency", "0.5", "--runtime-threads", "0"], "--runtime-threads must be at least 1, got 0"),
+    (["--target-latency", "0.5", "--batch", "0"], "--batch must be at least 1, got 0"),
+    (["--target-latency", "1.5"], "--target-latency must lie strictly between 0 and 1"),
+    (["--target-latency", "0.5", "--target-flops", "0.5"], "not allowed with argument"),
+    (["--target-latency", "0.5", "--runtime", "nope"], "argument --runtime: invalid choice"),
+])
+def test_prune3d_bad_latency_input_is_one_line_and_writes_nothing(trained_ckpt, tmp_path, capsys, argv, match):
+    out = tmp_path / "p3"
+    try:
+        code = main(["prune3d", str(trained_ckpt), *argv, "--method", "l1", "--score-images", "16", "--workers", "0",
+                     "--out", str(out), "--no-progress"])
+    except SystemExit as exc:  # argparse's own refusals
+        code = exc.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and match in err[0], err
+    assert not out.exists()
+
+
+def test_compare_places_3d_at_the_latency_target(trained_ckpt, tmp_path, capsys):
+    out = tmp_path / "c"
+    code = main(["compare", str(trained_ckpt), "--target-latency", "0.6", "--methods", "3d", "--runtime",
+                 "onnxruntime", "--batch", "8", "--no-onnx", "--samples", "5", "--finetune-epochs", "0", "--score-images", "32",
+                 "--repeats", "2", "--out", str(out), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+    entry = lines[-1]
+    assert entry["key"] == "3d@0.6" and entry["budget"] == "latency"
+    assert "solved for onnxruntime latency x0.6 (batch 8)" in entry["notes"] and "measured x" in entry["notes"]
