@@ -18,6 +18,12 @@ run; the method's parts are in :mod:`leanconv.prune3d`:
    split for the report only) and measure latency (:mod:`leanconv.runs.record`).
 
 MACs are multiply-accumulates for one image (FLOPs = 2 x MACs: the same ratios).
+
+With a latency budget (``kind="latency"``, ``--target-latency R``) step 1 times the unpruned
+model on the runtime and calibrates the latency table on it, a point's cost is its predicted
+latency ratio and its width is cut on the runtime's staircase (:mod:`leanconv.prune3d.latency`),
+and step 4 times the chosen model side by side with the unpruned one, tightening and choosing
+again while it measures above ``R + SLACK`` (:func:`_choose_measured`).
 """
 
 from __future__ import annotations
