@@ -33,6 +33,7 @@ CONFIGS = [
                   sample_images=100, finetune_epochs=1, finetune_lr=0.02, train_subset=300, batch_size=64,
                   score_images=32, probes=4, w_min=0.3, r_min=0.6, min_blocks_per_stage=2, clip_box=False, seed=5,
                   latency_repeats=3),
+    Prune3dConfig(target=0.4, kind="latency", runtime="torch", runtime_threads=2, latency_batch=8, samples=6),
     ConvertConfig(to="scc", groups=4, runtime="torch", threads=2),
     ConvertConfig(to="scc", groups=2, overlap=0.25, seed=7, finetune_epochs=2, finetune_lr=0.1, train_subset=64),
     ConvertConfig(to="psconv", pattern="psd1_p16", batch_size=16),
@@ -60,10 +61,10 @@ def test_a_config_turns_into_the_command_that_rebuilds_it(config, source, tmp_pa
     words = shlex.split(command_line(config, source, tmp_path / "out"))
     assert words[:2] == ["leanconv", config.command]
     args = build_parser().parse_args(words[1:])
-    if isinstance(config, (PruneConfig, CompareConfig)):  # the budget option carries the kind
-        from leanconv.cli import compare as compare_cli, prune as prune_cli
+    if isinstance(config, (PruneConfig, Prune3dConfig, CompareConfig)):  # the budget option carries the kind
+        from leanconv.cli import compare as compare_cli, prune as prune_cli, prune3d as prune3d_cli
 
-        cli = prune_cli if isinstance(config, PruneConfig) else compare_cli
+        cli = {PruneConfig: prune_cli, Prune3dConfig: prune3d_cli, CompareConfig: compare_cli}[type(config)]
         assert cli.config_from_args(args) == config
     else:
         assert build_config(type(config), args) == config
@@ -93,7 +94,7 @@ def test_shared_settings_have_one_name_and_one_check():
         for f in dataclasses.fields(config_type):
             if f.metadata.get("flag") and not callable(f.metadata["flag"]):
                 shared.setdefault(f.metadata["flag"], set()).add(f.name)
-    assert shared.pop("--target-flops") == {"target"}  # prune3d's; prune's and compare's depend on the budget kind
+    assert "--target-flops" not in shared  # every run's budget option depends on the budget kind
     assert all(len(names) == 1 for names in shared.values()), shared
     assert shared["--finetune-lr"] == {"finetune_lr"} and shared["--train-subset"] == {"train_subset"}
     assert shared["--score-images"] == {"score_images"}
