@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -233,7 +233,8 @@ def realise(origin: Origin, d: float, w: float, r: float) -> tuple[nn.Module, Re
             set_resolution(model, side)
         before = latency_ratio(origin.latency, model)
         prune_width(model, origin, w * w)
-        return model, measure_point(model, origin, width_of(before, latency_ratio(origin.latency, model)))
+        point = measure_point(model, origin, 1.0)  # predicts the pruned model's latency once
+        return model, replace(point, w=width_of(before, point.latency))
     before = count(model, origin.shape).macs
     prune_width(model, origin, w * w)
     after = count(model, origin.shape).macs
