@@ -26,6 +26,9 @@ from leanconv.prune3d.latency import LATENCY_TERMS, check_latency_box, latency_r
 from leanconv.prune3d.optimum import CalibratedCost
 from leanconv.prune3d.realise import StepSettings, load_origin, realise
 from leanconv.prune3d.samples import settings_hash
+from leanconv.prune3d.search import alternatives, fit_samples
+from leanconv.runs.latency import MAX_ATTEMPTS, LatencyBudget
+from leanconv.runs.prune3d import SHORTLIST, Prune3dConfig, _choose_measured
 from leanconv.width.channels import channel_counts
 
 
@@ -48,13 +51,32 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
-@pytest.fixture()
-def origin(trained_ckpt):
-    origin = load_origin(str(trained_ckpt), StepSettings(data="synthetic", method="l1", epochs=0, score_images=32))
+def _stair_origin(ckpt):
+    origin = load_origin(str(ckpt), StepSettings(data="synthetic", method="l1", epochs=0, score_images=32))
     table = StairTable()
     raw = LatencyModel(table, origin.shape, 1.0, 1.0, table.step)
     origin.latency = LatencyModel.calibrate(table, origin.model, origin.shape, raw.predict(origin.model))
     return origin
+
+
+@pytest.fixture()
+def origin(trained_ckpt):
+    return _stair_origin(trained_ckpt)
+
+
+@pytest.fixture(scope="module")
+def fitted(trained_ckpt):
+    """An origin on the made-up table and the predictor and cost model fitted on points
+    realised from it, with an accuracy that falls in every dimension (fitted once: the
+    predictor's selection takes seconds)."""
+    origin = _stair_origin(trained_ckpt)
+    samples = []
+    for d, w, r in [(1, 1, 1), (5 / 7, 1, 1), (3 / 7, 1, 1), (1, 0.8, 1), (1, 0.6, 1), (1, 1, 0.75), (1, 1, 0.5),
+                    (5 / 7, 0.8, 0.75), (3 / 7, 0.7, 0.5), (5 / 7, 0.6, 1)]:
+        point = realise(origin, d, w, r)[1]
+        samples.append({"d": point.d, "w": point.w, "r": point.r, "latency": point.latency, "macs": point.macs,
+                        "accuracy": 90 - 6 * (1 - point.d) - 15 * (1 - point.w) - 25 * (1 - point.r)})
+    return origin, fit_samples(samples, 1.0, latency=True)
 
 
 def _on_staircase(count: int, full: int, step: int = 8) -> bool:
@@ -117,6 +139,62 @@ def test_samples_of_a_latency_budget_are_kept_apart_and_resume_across_measuremen
     assert settings_hash(trained_ckpt, other) != settings_hash(trained_ckpt, timed)
 
 
+def test_alternatives_are_the_best_point_of_each_other_block_count_and_side(fitted):
+    origin, fit = fitted
+    rows = [{"d": 1.0, "w": 0.9, "r": 0.75, "predicted_accuracy": 80.0},
+            {"d": 1.0, "w": 0.8, "r": 0.75, "predicted_accuracy": 79.0},  # same (blocks, side) as above, worse
+            {"d": 5 / 7, "w": 1.0, "r": 0.75, "predicted_accuracy": 81.0},
+            {"d": 1.0, "w": 0.7, "r": 1.0, "predicted_accuracy": 85.0},  # taken: the solver's own
+            {"d": 3 / 7, "w": 1.0, "r": 1.0, "predicted_accuracy": 78.0}]
+    found = alternatives(origin, fit, rows, {(7, 16)}, 2)
+    assert [(p.keep, p.side) for _, p in found] == [(5, 12), (7, 12)]  # best first, one per pair, k of them
+    assert all(m.leanconv_meta["input_shape"] == [3, p.side, p.side] for m, p in found)
+    assert alternatives(origin, fit, rows, set(), 0) == []
+
+
+class FakeTiming:
+    """Side-by-side ratios made up from the table's predictions: the solver's choice (``c0``)
+    measures ``choice_factor`` times its prediction, the alternatives ``factor`` times theirs."""
+
+    def __init__(self, origin, choice_factor, factor):
+        self.origin, self.choice_factor, self.factor = origin, choice_factor, factor
+
+    def __call__(self, models, shapes):
+        ratio = {}
+        for name, model in models.items():
+            f = 1.0 if name == "unpruned" else self.choice_factor if name == "c0" else self.factor
+            value = f * latency_ratio(self.origin.latency, model) / latency_ratio(self.origin.latency,
+                                                                                 self.origin.model)
+            ratio[name] = {"median": value, "low": 0.9 * value, "high": 1.1 * value}
+        return type("Timed", (), {"ratio": ratio, "latency_ms": {"unpruned": {"median_ms": 1.0}}})()
+
+
+def test_a_measured_latency_keeps_the_most_accurate_candidate_within_the_target(fitted, monkeypatch):
+    (origin, fit), config = fitted, Prune3dConfig(target=0.5, kind="latency", r_min=0.5)
+    fake = FakeTiming(origin, 2.0, 1.0)  # the choice misses, the rest fit
+    monkeypatch.setattr(LatencyBudget, "measure", lambda self, models, shapes: fake(models, shapes))
+    result, model, point, _, attempts = _choose_measured(origin, fit, config, lambda _: None)
+    (attempt,) = attempts
+    rows = attempt["candidates"]
+    assert len(rows) == SHORTLIST and rows[0]["measured"]["median"] > 0.5 + 0.03
+    best = max(range(1, len(rows)), key=lambda i: rows[i]["predicted_accuracy"])
+    assert attempt["kept"] == best and attempt["measured"] == rows[best]["measured"]
+    assert (point.side, point.keep) == (rows[best]["choice"]["side"], round(rows[best]["choice"]["d"] * 7))
+    assert result.choice.predicted_accuracy == rows[best]["predicted_accuracy"] and result.choice.d == point.d
+    assert model.leanconv_meta["input_shape"] == [3, point.side, point.side]
+
+
+def test_a_measured_latency_tightens_when_no_candidate_is_within_the_target(fitted, monkeypatch):
+    (origin, fit), config = fitted, Prune3dConfig(target=0.5, kind="latency", r_min=0.5)
+    fake = FakeTiming(origin, 1.5, 1.5)
+    monkeypatch.setattr(LatencyBudget, "measure", lambda self, models, shapes: fake(models, shapes))
+    attempts = _choose_measured(origin, fit, config, lambda _: None)[4]
+    assert 2 <= len(attempts) <= MAX_ATTEMPTS
+    for earlier, later in zip(attempts, attempts[1:]):
+        assert earlier["kept"] == 0  # none within: the solver's choice stands for the attempt
+        assert later["goal"] == pytest.approx(earlier["goal"] * 0.5 / earlier["candidates"][0]["measured"]["median"])
+
+
 def _logits(model, shape):
     torch.manual_seed(0)
     with torch.no_grad():
@@ -138,7 +216,9 @@ def test_prune3d_target_latency_end_to_end(trained_ckpt, tmp_path, capsys):
     for attempt in budget["attempts"]:
         m = attempt["measured"]
         assert m["low"] <= m["median"] <= m["high"] and attempt["unpruned_ms"] > 0
-        assert attempt["predicted"] <= attempt["goal"] + 1e-9  # the solver's choice, as the table predicts it
+        first = attempt["candidates"][0]
+        assert first["predicted"] <= attempt["goal"] + 1e-9  # the solver's choice, as the table predicts it
+        assert 1 <= len(attempt["candidates"]) <= SHORTLIST and attempt["candidates"][attempt["kept"]]["measured"] == m
     for later, earlier in zip(budget["attempts"][1:], budget["attempts"]):
         assert later["goal"] < earlier["goal"]  # a missed target tightens the goal
     assert summary["latency_ratio"] == [round(budget["attempts"][-1]["measured"][k], 3)
@@ -185,8 +265,8 @@ def test_prune3d_bad_latency_input_is_one_line_and_writes_nothing(trained_ckpt, 
 def test_compare_places_3d_at_the_latency_target(trained_ckpt, tmp_path, capsys):
     out = tmp_path / "c"
     code = main(["compare", str(trained_ckpt), "--target-latency", "0.6", "--methods", "3d", "--runtime",
-                 "onnxruntime", "--batch", "8", "--no-onnx", "--samples", "5", "--finetune-epochs", "0", "--score-images", "32",
-                 "--repeats", "2", "--out", str(out), "--no-progress"])
+                 "onnxruntime", "--batch", "8", "--no-onnx", "--samples", "5", "--finetune-epochs", "0",
+                 "--score-images", "32", "--repeats", "2", "--out", str(out), "--no-progress"])
     assert code == 0, capsys.readouterr().err
     lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
     entry = lines[-1]

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from leanconv.cost.layer_graph import layer_onnx
 from leanconv.errors import LeanconvError
 from leanconv.util.files import is_os_failure, os_error
 from leanconv.util.limits import MAX_BATCH, MAX_THREADS
@@ -112,9 +113,17 @@ def _torch(model: nn.Module, x: torch.Tensor) -> tuple[Callable[[], Any], str]:
 
 
 def _onnx_file(model: nn.Module, x: torch.Tensor, folder: str) -> Path:
+    """``model`` as an ONNX file in ``folder``: a bare conv or linear layer written directly
+    (:mod:`leanconv.cost.layer_graph`, the latency table's many single layers), anything else
+    through the exporter."""
     from leanconv.deploy.onnx import write_for_runtime
 
-    return write_for_runtime(model, x, Path(folder) / "model.onnx")
+    path = Path(folder) / "model.onnx"
+    graph = layer_onnx(model, x)
+    if graph is None:
+        return write_for_runtime(model, x, path)
+    path.write_bytes(graph)
+    return path
 
 
 def _onnxruntime(model: nn.Module, x: torch.Tensor, threads: int) -> tuple[Callable[[], Any], str]:

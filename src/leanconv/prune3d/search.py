@@ -26,11 +26,12 @@ from leanconv.prune3d.blocks import prune_blocks
 from leanconv.prune3d.latency import LATENCY_TERMS
 from leanconv.prune3d.optimum import AnalyticCost, CalibratedCost, discrete_ratios, resolve
 from leanconv.prune3d.predictor import is_monotone
-from leanconv.prune3d.realise import Origin, min_side, realise
+from leanconv.prune3d.realise import Origin, Realised, min_side, realise
+from leanconv.prune3d.resolution import resolution_ratio_to_side
 from leanconv.prune3d.selection import compare_on_holdout, select_predictor
 
-__all__ = ["check_budget", "sampling_floors", "fit_samples", "budget_curve", "fill_budget", "choose", "CLIP_MARGIN",
-           "FILL_AIMS"]
+__all__ = ["check_budget", "sampling_floors", "fit_samples", "budget_curve", "fill_budget", "choose", "alternatives",
+           "predicted_accuracy", "CLIP_MARGIN", "FILL_AIMS"]
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,8 @@ def fill_budget(origin: Origin, predictor: Any, built: dict, budget: float, d: f
     return None
 
 
-def choose(origin: Origin, fit: dict, budget: float, *, r_min: float, grid: int = 101) -> tuple[Any, nn.Module, Any, dict]:
+def choose(origin: Origin, fit: dict, budget: float, *, r_min: float,
+           grid: int = 101) -> tuple[Any, nn.Module, Any, dict]:
     """Maximise the fitted predictor under ``budget`` MACs, realise the choice, count it and
     re-solve until the counted MACs meet the budget (``resolve``); a choice well under the
     budget is widened to just under it (:func:`fill_budget`). Returns the resolution, the
@@ -178,3 +180,26 @@ def choose(origin: Origin, fit: dict, budget: float, *, r_min: float, grid: int 
                          r_values)
     return result, built["model"], built["point"], {"curve": curve, "solver_budget": solver_budget,
                                                    "fill": built["fill"]}
+
+
+def predicted_accuracy(fit: dict, point: Realised) -> float:
+    """The fitted predictor's validation accuracy at a realised point."""
+    return float(fit["selection"].model.predict(np.array([[point.d, point.w, point.r]]))[0])
+
+
+def alternatives(origin: Origin, fit: dict, rows: list[dict], taken: set[tuple[int, int]],
+                 k: int) -> list[tuple[nn.Module, Realised]]:
+    """Up to ``k`` candidates beside the solver's choice, for a check by measurement: the point
+    the predictor rates most accurate at each other (block count, side) of the budget boundary
+    ``rows`` (:func:`budget_curve`), best first, realised. ``taken`` holds the (block count,
+    side) pairs already in hand. A latency budget times them side by side with the choice: the
+    table's prediction of a whole model is off by up to tens of percent at some sides, and
+    which of several near-equal points measures within the target is a question for the clock."""
+    n = len(origin.blocks)
+    best: dict[tuple[int, int], dict] = {}
+    for row in rows:
+        at = (math.floor(row["d"] * n + 0.5) if n else 0, resolution_ratio_to_side(row["r"], origin.side))
+        if at not in taken and (at not in best or row["predicted_accuracy"] > best[at]["predicted_accuracy"]):
+            best[at] = row
+    ranked = sorted(best.values(), key=lambda row: -row["predicted_accuracy"])[:max(0, k)]
+    return [realise(origin, row["d"], row["w"], row["r"]) for row in ranked]

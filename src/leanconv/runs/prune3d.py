@@ -22,8 +22,9 @@ MACs are multiply-accumulates for one image (FLOPs = 2 x MACs: the same ratios).
 With a latency budget (``kind="latency"``, ``--target-latency R``) step 1 times the unpruned
 model on the runtime and calibrates the latency table on it, a point's cost is its predicted
 latency ratio and its width is cut on the runtime's staircase (:mod:`leanconv.prune3d.latency`),
-and step 4 times the chosen model side by side with the unpruned one, tightening and choosing
-again while it measures above ``R + SLACK`` (:func:`_choose_measured`).
+and step 4 times the chosen model and two alternatives from the budget boundary side by side with
+the unpruned one, keeps the most accurate (predicted) that measures within ``R + SLACK``, and
+otherwise tightens and chooses again (:func:`_choose_measured`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from leanconv.width.budget import check_reachable
 from leanconv.prune3d.latency import check_latency_box, origin_latency
 from leanconv.prune3d.realise import Origin, StepSettings, brief_finetune, load_origin, min_side, val_accuracy
 from leanconv.prune3d.samples import SampleStore, collect_samples, plan_tasks
-from leanconv.prune3d.search import check_budget, choose, fit_samples, sampling_floors
+from leanconv.prune3d.search import alternatives, check_budget, choose, fit_samples, predicted_accuracy, sampling_floors
 from leanconv.runs.config import (RunConfig, batch_size, finetune_epochs, finetune_lr, latency_batch, latency_repeats,
                                   probes, reproducing_command, runtime, score_images, seed, setting, train_subset)
 from leanconv.runs.latency import MAX_ATTEMPTS, SLACK, LatencyBudget, describe
@@ -55,7 +56,9 @@ from leanconv.runs.source import Source
 from leanconv.util import checks
 from leanconv.util.progress import Progress, Stage, quiet
 
-__all__ = ["Prune3dConfig", "run_prune3d", "check_box"]
+__all__ = ["Prune3dConfig", "run_prune3d", "check_box", "SHORTLIST"]
+
+SHORTLIST = 3  # points timed side by side per attempt under a latency budget: the choice and 2 alternatives
 
 
 def _whole(low: int):
@@ -262,9 +265,12 @@ def _calibrate(origin: Origin, config: Prune3dConfig, settings: StepSettings, sa
 
 
 def _choose_measured(origin: Origin, fit: dict, config: Prune3dConfig, say: Stage):
-    """``choose`` under the latency target, then the realised model timed side by side with the
-    unpruned one; above ``target + SLACK`` the solver's budget tightens by ``target / measured``
-    and it chooses again (at most ``MAX_ATTEMPTS`` times). Every attempt is recorded."""
+    """``choose`` under the latency target, then the realised choice and up to ``SHORTLIST - 1``
+    alternatives from the budget boundary (:func:`~leanconv.prune3d.search.alternatives`) timed
+    side by side with the unpruned model; the one the predictor rates most accurate among those
+    measured within ``target + SLACK`` is kept. When none is, the solver's budget tightens by
+    ``target / measured`` (of its own choice) and it chooses again, at most ``MAX_ATTEMPTS``
+    times. Every attempt is recorded with every candidate timed."""
     goal, attempts, budget = config.target, [], config.budget()
     for _ in range(MAX_ATTEMPTS):
         try:
@@ -276,21 +282,43 @@ def _choose_measured(origin: Origin, fit: dict, config: Prune3dConfig, say: Stag
                                     "so that the samples reach further") from None
             say(f"warning: no faster point than the last one ({err})")
             break
-        shapes = {"unpruned": origin.shape, "pruned": tuple(model.leanconv_meta["input_shape"])}
-        sbs = budget.measure({"unpruned": origin.model, "pruned": model}, shapes)
-        ratio = sbs.ratio["pruned"]
-        attempts.append({"goal": goal, "predicted": point.latency, "measured": ratio,
-                         "unpruned_ms": sbs.latency_ms["unpruned"]["median_ms"],
-                         "choice": {"d": point.d, "w": point.w, "r": point.r, "side": point.side}})
-        say(f"goal {goal:.3f}: predicted {point.latency:.3f}, measured {ratio['median']:.3f} "
-            f"({ratio['low']:.3f}-{ratio['high']:.3f}) of the unpruned latency")
-        if ratio["median"] <= config.target + SLACK:
+        found = [(model, point), *alternatives(origin, fit, curve["curve"], {(point.keep, point.side)},
+                                               SHORTLIST - 1)]
+        rows, unpruned_ms = _time_candidates(origin, fit, budget, found)
+        within = [i for i, row in enumerate(rows) if row["measured"]["median"] <= config.target + SLACK]
+        kept = max(within, key=lambda i: rows[i]["predicted_accuracy"]) if within else 0
+        attempts.append({"goal": goal, **rows[kept], "unpruned_ms": unpruned_ms, "kept": kept, "candidates": rows})
+        for i, row in enumerate(rows):
+            say(f"goal {goal:.3f}, {'choice' if i == 0 else 'alternative'} side {row['choice']['side']} "
+                f"d={row['choice']['d']:.2f}: predicted {row['predicted']:.3f}, measured "
+                f"{row['measured']['median']:.3f} ({row['measured']['low']:.3f}-{row['measured']['high']:.3f})"
+                f"{' (kept)' if within and i == kept else ''}")
+        model, point = found[kept]
+        if kept:  # an alternative: the record's choice is what was kept
+            chosen = replace(result.choice, d=point.d, w=point.w, r=point.r,
+                             predicted_accuracy=rows[kept]["predicted_accuracy"],
+                             predicted_macs=float(fit["cost"](point.d, point.w, point.r)))
+            result = replace(result, choice=chosen, counted_macs=point.cost)
+        if within:
             break
-        goal *= config.target / ratio["median"]
+        goal *= config.target / rows[0]["measured"]["median"]
     else:
         say(f"warning: the result measures {attempts[-1]['measured']['median']:.3f} of the unpruned latency, above "
             f"the target {config.target:g} + {SLACK}; the runtime's timing may be noisy here (see the record)")
     return result, model, point, curve, attempts
+
+
+def _time_candidates(origin: Origin, fit: dict, budget: LatencyBudget, found: list) -> tuple[list[dict], float]:
+    """The candidates ``(model, point)`` and the unpruned model timed side by side, in one run."""
+    models = {"unpruned": origin.model, **{f"c{i}": model for i, (model, _) in enumerate(found)}}
+    shapes = {name: tuple(m.leanconv_meta["input_shape"]) if name != "unpruned" else origin.shape
+              for name, m in models.items()}
+    sbs = budget.measure(models, shapes)
+    rows = [{"predicted": point.latency, "measured": sbs.ratio[f"c{i}"],
+             "predicted_accuracy": predicted_accuracy(fit, point),
+             "choice": {"d": point.d, "w": point.w, "r": point.r, "side": point.side}}
+            for i, (_, point) in enumerate(found)]
+    return rows, sbs.latency_ms["unpruned"]["median_ms"]
 
 
 def _one_shot(origin: Origin, model: nn.Module, side: int, config: Prune3dConfig) -> dict:
