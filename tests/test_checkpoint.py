@@ -251,3 +251,22 @@ def test_malformed_edits_are_corrupt(tmp_path, edits):
     path = _saved_with_edited_header(tmp_path, lambda header: header.update(edits=edits))
     with pytest.raises(LeanconvError, match="corrupt"):
         checkpoint.load(path)
+
+
+def test_a_header_that_passed_is_not_built_again_and_a_changed_one_still_is(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "_PASSED", {})
+    builds = []
+    real = checkpoint.meta_build
+    monkeypatch.setattr(checkpoint, "meta_build", lambda *a, **k: builds.append(1) or real(*a, **k))
+    good = tmp_path / "good.safetensors"
+    checkpoint.save(create("resnet20"), good)
+    first, second = checkpoint.load(good), checkpoint.load(good)
+    assert len(builds) == 1  # the second load of the same header skips the meta build
+    torch.testing.assert_close(_logits(first), _logits(second), rtol=0, atol=0)
+    (tmp_path / "bad").mkdir()
+    bad = _saved_with_edited_header(tmp_path / "bad", lambda header: None)  # 5 outputs, 10 classes in its meta
+    with pytest.raises(LeanconvError, match="corrupt"):
+        checkpoint.load(bad)
+    with pytest.raises(LeanconvError, match="corrupt"):
+        checkpoint.load(bad)  # a header that failed is built, and refused, again
+    assert len(builds) == 3

@@ -75,15 +75,33 @@ def test_compare_refuses_unknown_method(trained_ckpt, tmp_path, capsys):
     assert not (tmp_path / "x" / "results.jsonl").exists()
 
 
-def test_demo_quick_on_synthetic_reuses_its_baseline(tmp_path, capsys):
+def test_demo_quick_on_synthetic_reuses_its_baseline(tmp_path, capsys, monkeypatch):
+    """The demo chooses its latency target itself: one that the comparison then finds out of
+    reach (the unpruned model timed again, slower) moves on to the next milder target, and
+    past the mildest to half the MACs; a re-run resumes with the budget the folder holds."""
+    from leanconv.cli import demo
+    from leanconv.errors import UnreachableLatency
+
+    tried, real = [], demo.compare_and_report
+
+    def first_out_of_reach(source, config, out, **kwargs):
+        tried.append((config.budget, config.targets[0]))
+        if len(tried) == 1:
+            raise UnreachableLatency("latency target is unreachable")
+        return real(source, config, out, **kwargs)
+
+    monkeypatch.setattr(demo, "compare_and_report", first_out_of_reach)
+    monkeypatch.setattr(demo, "_latency_target", lambda *a: demo.LATENCY_TARGETS[-1])  # the mildest: MACs next
     out = tmp_path / "demo"
     argv = ["demo", "--quick", "--data", "synthetic", "--out", str(out), "--no-progress"]
     assert main(argv) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["report"].endswith("report.html") and (out / "report.html").exists()
+    assert tried == [("latency", demo.LATENCY_TARGETS[-1]), ("macs", 0.5)] and printed["budget"] == "macs 0.5"
     stamp = (out / "baseline" / "model.safetensors").stat().st_mtime_ns
     (out / "report.html").unlink()
     assert main(argv) == 0
+    assert tried[2:] == [("macs", 0.5)]  # resumed at the folder's budget
     assert (out / "baseline" / "model.safetensors").stat().st_mtime_ns == stamp
     assert (out / "report.html").exists()
 

@@ -230,13 +230,33 @@ def _replay(base: nn.Module, header: dict[str, Any], constructor: Any) -> nn.Mod
         raise LeanconvError(f"{_not_saved_by(header, constructor)}: {exc}; pass that one, unchanged") from None
 
 
+_PASSED: dict[str, None] = {}  # zoo headers (with their tensor index) that passed the dry run in this process
+_PASSED_MAX = 256
+
+
 def _dry_run(header: dict[str, Any], index: dict, path: Path, constructor: Any, cause: str) -> None:
     """Build the model the header describes on the meta device (no memory) and compare it with
     the file's tensors, so that a header can never make leanconv allocate more than its weights
     fill: at most ``MAX_MODEL_ELEMENTS`` or 16 times the file's elements for the base model and
     the layers its edits build (pruning starts from a larger base). A user constructor that
-    cannot build on the meta device is built as it is (the user named it)."""
+    cannot build on the meta device is built as it is (the user named it).
+
+    The check depends on the header and the index alone for a zoo model, so a header and index
+    that passed once in this process pass again without the build (a run loads its checkpoint
+    several times; each build took most of a second)."""
     user = "constructor" in header["base"]
+    shapes = {k: [d, list(s)] for k, (d, s) in index.items()}
+    key = None if user or constructor is not None else json.dumps([header, shapes], sort_keys=True)
+    if key in _PASSED:
+        return
+    _check_build(header, index, path, constructor, cause, user)
+    if key is not None:
+        if len(_PASSED) >= _PASSED_MAX:
+            _PASSED.pop(next(iter(_PASSED)))
+        _PASSED[key] = None
+
+
+def _check_build(header: dict[str, Any], index: dict, path: Path, constructor: Any, cause: str, user: bool) -> None:
     stored = sum(math.prod(shape) for _, shape in index.values())
     try:
         model, _ = meta_build(lambda: apply_edits(build_base(header["base"], constructor), header["edits"]),

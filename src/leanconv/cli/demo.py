@@ -26,7 +26,7 @@ from leanconv import checkpoint
 from leanconv.cli.common import batch_size_arg, check_out_folder, progress_bar
 from leanconv.cli.compare import compare_and_report
 from leanconv.data import load_dataset
-from leanconv.errors import LeanconvError
+from leanconv.errors import LeanconvError, UnreachableLatency
 from leanconv.models import create
 from leanconv.cost.runtimes import DEFAULT_RUNTIME, RUNTIMES
 from leanconv.runs.compare import DEFAULT_METHODS, CompareConfig
@@ -62,6 +62,7 @@ PLANS = {
 
 
 LATENCY_METHODS = tuple(m for m in DEFAULT_METHODS if m != "hap+implant")  # implants are pruned to MACs
+LATENCY_TARGETS = (0.5, 0.6, 0.7, 0.8, 0.9)  # the demo's latency budget: the first in reach here
 
 HELP = "the main job: train ResNet-20 on Fashion-MNIST, compare every method, report"
 
@@ -120,6 +121,14 @@ def _baseline(out: Path, plan: DemoPlan, data, show: bool) -> Path:
     return path
 
 
+def _resumed_kind(out: Path) -> str | None:
+    """The budget of the comparison a demo folder holds (``latency`` or ``macs``; None: none yet),
+    so that a demo that fell back to MACs resumes as such."""
+    results = out / RESULTS_FILE
+    run = read_results(results, require_baseline=False)["run"] if results.exists() else None
+    return None if run is None else run["identity"].get("budget", "macs")
+
+
 def _latency_target(out: Path, source: Source, runtime: str, batch: int, show: bool) -> float:
     """Half the baseline's latency, or where that is out of reach on this machine (the fastest
     model the channel staircase allows is predicted slower), the first of 0.6, 0.7, ... that
@@ -135,13 +144,29 @@ def _latency_target(out: Path, source: Source, runtime: str, batch: int, show: b
     fastest = check_latency_reachable(model, torch.zeros(1, *shape), target=1.0 - 1e-9,
                                       latency=budget.check(model, torch.zeros(1, *shape), shape, 1.0 - 1e-9),
                                       input_shape=shape)
-    for target in (0.5, 0.6, 0.7, 0.8, 0.9):
+    for target in LATENCY_TARGETS:
         if fastest <= target - 0.05:
             break
     if target != 0.5 and show:
         print(f"leanconv demo: half the latency is out of reach on {runtime} here (the fastest model the channel "
               f"staircase allows is predicted at {fastest:.2f}); the demo budgets {target:g} of it", file=sys.stderr)
     return target
+
+
+def _compare_config(args: argparse.Namespace, plan: DemoPlan, out: Path, kind: str,
+                    target: float) -> tuple[CompareConfig, str]:
+    """The comparison the demo runs at ``target`` of the ``kind`` (``latency`` or ``macs``), and
+    the demo command that repeats it."""
+    budget = {} if kind == "macs" else {"budget": "latency", "methods": LATENCY_METHODS}
+    config = CompareConfig(targets=(target,), **budget, runtime=args.runtime, latency_batch=args.batch,
+                           finetune_epochs=plan.finetune_epochs, train_subset=plan.train_subset,
+                           probes=plan.probes, score_images=plan.score_images, samples=plan.samples,
+                           latency_repeats=plan.latency_repeats, quick=args.quick,
+                           onnx_opset=17 if args.quick else None)  # quick: the TorchScript exporter, ~20x faster
+    command = shlex.join(["leanconv", "demo", "--out", str(out), "--data", args.data, "--runtime", args.runtime,
+                          "--batch", str(args.batch), *(["--target-flops"] if kind == "macs" else []),
+                          *(["--quick"] if args.quick else [])])
+    return config, command
 
 
 def run(args: argparse.Namespace) -> int:
@@ -156,17 +181,22 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     ckpt = _baseline(out, plan, data, show)
     source = Source.from_checkpoint(ckpt, data=args.data, data_dir=args.data_dir)
-    budget = {} if args.target_flops else {"budget": "latency", "methods": LATENCY_METHODS}
-    target = 0.5 if args.target_flops else _latency_target(out, source, args.runtime, args.batch, show)
-    config = CompareConfig(targets=(target,), **budget, runtime=args.runtime, latency_batch=args.batch,
-                           finetune_epochs=plan.finetune_epochs, train_subset=plan.train_subset,
-                           probes=plan.probes, score_images=plan.score_images, samples=plan.samples,
-                           latency_repeats=plan.latency_repeats, quick=args.quick,
-                           onnx_opset=17 if args.quick else None)  # quick: the TorchScript exporter, ~20x faster
-    command = shlex.join(["leanconv", "demo", "--out", str(out), "--data", args.data, "--runtime", args.runtime,
-                          "--batch", str(args.batch), *(["--target-flops"] if args.target_flops else []),
-                          *(["--quick"] if args.quick else [])])
-    paths = compare_and_report(source, config, out, show_progress=show, command=command)
+    options = [("macs", 0.5)]  # a latency target out of reach here falls back to the next milder, then to MACs
+    if not args.target_flops and _resumed_kind(out) != "macs":
+        first = _latency_target(out, source, args.runtime, args.batch, show)
+        options = [("latency", t) for t in LATENCY_TARGETS if t >= first] + options
+    for i, (kind, target) in enumerate(options):
+        config, command = _compare_config(args, plan, out, kind, target)
+        fresh = not (out / RESULTS_FILE).exists()
+        try:
+            paths = compare_and_report(source, config, out, show_progress=show, command=command)
+            break
+        except UnreachableLatency as exc:  # the unpruned model timed again, slower or faster: nothing written yet
+            if i + 1 == len(options) or not fresh or (out / RESULTS_FILE).exists():
+                raise
+            if show:
+                print(f"leanconv demo: {exc}; the demo budgets {options[i + 1][1]:g} of the "
+                      f"{'latency' if options[i + 1][0] == 'latency' else 'MACs'} instead", file=sys.stderr)
     print(json.dumps({"report": str(paths["html"]), "markdown": str(paths["markdown"]), "baseline": str(ckpt),
                       "budget": f"{config.budget} {target:g}" + (f" on {args.runtime}, batch {args.batch}"
                                                            if config.budget == "latency" else "")}))

@@ -30,6 +30,7 @@ of a ranking live in :mod:`leanconv.prune3d.block_importance`.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import operator
@@ -56,6 +57,7 @@ __all__ = [
     # removing
     "bypassed",
     "prune_blocks",
+    "shallowest",
     "depth_ratio",
 ]
 
@@ -313,3 +315,13 @@ def prune_blocks(
             removed.append(b.path)
     log.info("bypassed %d residual blocks: %s", len(removed), ", ".join(removed))
     return removed
+
+
+def shallowest(model: nn.Module, blocks: Sequence[BlockInfo], keep: int, *, min_per_stage: int = 1) -> nn.Module:
+    """A copy of ``model`` at the smallest depth a search box allows: the costliest of ``blocks``
+    (by their MACs) bypassed until ``keep`` remain, each stage keeping ``min_per_stage``."""
+    model = copy.deepcopy(model)
+    if blocks:
+        costly_first = {b.path: -float(b.macs) for b in blocks}
+        prune_blocks(model, blocks, costly_first, keep, min_per_stage=min_per_stage)
+    return model

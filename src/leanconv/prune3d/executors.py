@@ -25,7 +25,7 @@ import torch
 
 from leanconv.errors import LeanconvError
 
-__all__ = ["Executor", "LocalExecutor", "RayExecutor", "create_executor", "EXECUTORS"]
+__all__ = ["Executor", "LocalExecutor", "RayExecutor", "create_executor", "one_at_a_time", "EXECUTORS"]
 
 log = logging.getLogger(__name__)
 EXECUTORS = ("local", "ray")
@@ -160,3 +160,9 @@ def create_executor(kind: str = "local", *, workers: int | None = None, address:
     if kind == "ray":
         return RayExecutor(address, workers, threads)
     raise LeanconvError(f"unknown executor {kind!r}; choose one of: {', '.join(EXECUTORS)}")
+
+
+def one_at_a_time(executor: Any) -> bool:
+    """Whether ``executor`` (None: tasks in this process) runs one task at a time on this
+    machine, so that a task may time a model without another task running beside it."""
+    return executor is None or (isinstance(executor, LocalExecutor) and executor.workers <= 1)

@@ -3,11 +3,14 @@
 ``leanconv prune3d --target-latency R`` keeps the method's search (samples, predictor,
 budgeted optimum) and changes what a point costs and how its width is cut:
 
-* **cost** = the latency table's prediction of the point's model at its own input side,
-  over the unpruned model's measured latency (:func:`latency_ratio`); the table
+* **cost** = the point's model timed side by side with the unpruned one on the runtime
+  (:func:`timed_ratio`) when the run's tasks run one at a time (``spec["timed"]``): a whole
+  model at a reduced side pays fixed costs that layers timed alone do not show. Otherwise
+  (parallel workers, Ray) the latency table's prediction of the point's model at its own
+  input side, over the unpruned model's measured latency (:func:`latency_ratio`); the table
   (:class:`~leanconv.cost.latency_table.LatencyModel`) is calibrated once on the unpruned
   model, and every layer configuration a point needs (a narrower conv, a smaller side) is
-  measured on demand on the runtime and cached;
+  measured on demand on the runtime and cached. The width step always uses the table;
 * **width** ``w`` keeps ``w^2`` of the *latency* of the model as it is after the depth and
   resolution steps (the MAC run: ``w^2`` of its MACs), cut by the staircase solver of
   :mod:`leanconv.width.latency_budget` with the criterion's importance as prices (cheap
@@ -15,15 +18,15 @@ budgeted optimum) and changes what a point costs and how its width is cut:
   one). Resolution is set **before** width, so the solver prices the layers at the side they
   will run at and the criterion scores at that side.
 
-The latency of ``(d, w, r)`` is then about ``w^2 (a d r^2 + b r^2 + c)`` (blocks, fixed
-layers, the runtime's call cost), the terms :data:`LATENCY_TERMS` fitted to the samples.
+The latency of ``(d, w, r)`` is then about ``w^2 (a d r^2 + b r^2 + c) + e d + f`` (blocks,
+fixed layers, the runtime's call cost, each block's op overheads, the fixed cost), the terms
+:data:`LATENCY_TERMS` fitted to the samples.
 The search box is refused before any work when its smallest point is predicted above the
 target (:func:`check_latency_box`).
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import replace
 from typing import Any
@@ -32,17 +35,22 @@ import torch
 from torch import nn
 
 from leanconv.cost.latency_table import LatencyModel, cached_table
-from leanconv.errors import LeanconvError
+from leanconv.cost.runtimes import Prepared, prepare
+from leanconv.cost.side_by_side import time_side_by_side
+from leanconv.errors import UnreachableLatency
 from leanconv.importance import ScoringData, run_criterion
-from leanconv.prune3d.blocks import prune_blocks
+from leanconv.prune3d.blocks import shallowest
 from leanconv.prune3d.resolution import set_resolution
-from leanconv.width.latency_budget import LatencyPruner
+from leanconv.width.latency_budget import LatencyPruner, adopt
 
-__all__ = ["LATENCY_TERMS", "origin_latency", "latency_at", "latency_ratio", "prune_width_latency",
-           "check_latency_box", "width_of"]
+__all__ = ["LATENCY_TERMS", "origin_latency", "latency_at", "latency_ratio", "timed_ratio", "reference_call",
+           "prune_width_latency", "check_latency_box", "width_of"]
 
 WIDTH_FULL = 0.999  # a share this close to 1 is no cut
-LATENCY_TERMS = ("d*w^2*r^2", "w^2*r^2", "w^2")  # removable blocks, fixed layers, the call cost
+TIMED_ROUNDS, TIMED_REPEATS = 5, 10  # a point timed beside the unpruned model
+# removable blocks, fixed layers, the call cost; measured latencies add what shrinks with neither
+# width nor side: each block's op overheads and the model's fixed cost
+LATENCY_TERMS = ("d*w^2*r^2", "w^2*r^2", "w^2", "d", "1")
 
 
 def origin_latency(model: nn.Module, shape: tuple[int, ...], spec: dict[str, Any]) -> LatencyModel:
@@ -60,6 +68,24 @@ def latency_at(latency: LatencyModel, model: nn.Module) -> LatencyModel:
 def latency_ratio(latency: LatencyModel, model: nn.Module) -> float:
     """Predicted latency of ``model`` at its recorded side, over the unpruned model's measured one."""
     return latency_at(latency, model).predict(model) / latency.reference_ms
+
+
+def timed_ratio(reference: Prepared, shape: tuple[int, ...], model: nn.Module, spec: dict[str, Any]) -> float:
+    """``model``'s latency over the unpruned model's (``reference``, prepared on the runtime at
+    input ``shape``), the two timed side by side in interleaved rounds on ``spec``'s runtime,
+    threads and batch: the median over rounds. What a point costs when its run times points
+    (``spec["timed"]``): a whole model at a reduced side pays fixed costs that layers timed
+    alone do not show."""
+    own = tuple(int(s) for s in model.leanconv_meta["input_shape"])
+    sbs = time_side_by_side({"unpruned": reference, "point": model}, {"unpruned": shape, "point": own},
+                            runtime=spec["runtime"], threads=int(spec["threads"]), batch=int(spec["batch"]),
+                            rounds=TIMED_ROUNDS, repeats=TIMED_REPEATS, warmup=3, warmup_s=0.2)
+    return float(sbs.ratio["point"]["median"])
+
+
+def reference_call(model: nn.Module, shape: tuple[int, ...], spec: dict[str, Any]) -> Prepared:
+    """The unpruned ``model`` prepared once on ``spec``'s runtime, to time points beside it."""
+    return prepare(model, shape, runtime=spec["runtime"], threads=int(spec["threads"]), batch=int(spec["batch"]))
 
 
 def _pruner(model: nn.Module, latency: LatencyModel, settings: Any, batches: list) -> LatencyPruner:
@@ -84,21 +110,16 @@ def prune_width_latency(model: nn.Module, latency: LatencyModel, settings: Any, 
     if goal >= WIDTH_FULL:  # no plan on the staircase is faster than the model as it is
         return 1.0
     trial, result = pruner.realise(pruner.solve(goal), goal)
-    for name, child in list(trial.named_children()):
-        setattr(model, name, child)  # adopt the pruned layers
+    adopt(model, trial)
     return float(result.achieved)
 
 
 def check_latency_box(origin: Any, target: float, *, w_min: float, side: int) -> dict:
-    """Raise ``LeanconvError`` (one line) unless the smallest point of the search box is
+    """Raise ``UnreachableLatency`` (one line) unless the smallest point of the search box is
     predicted within ``target`` of the unpruned latency: the costliest removable blocks
     bypassed down to the stage floors, the smallest ``side``, and width at ``w_min^2`` of the
     latency or the staircase's fastest plan, whichever keeps more. Returns the box."""
-    model = copy.deepcopy(origin.model)
-    if origin.blocks:
-        costly_first = {b.path: -float(b.macs) for b in origin.blocks}
-        prune_blocks(model, origin.blocks, costly_first, origin.min_keep,
-                     min_per_stage=origin.settings.min_per_stage)
+    model = shallowest(origin.model, origin.blocks, origin.min_keep, min_per_stage=origin.settings.min_per_stage)
     if side != origin.side:
         set_resolution(model, side)
     small = latency_ratio(origin.latency, model)
@@ -109,7 +130,7 @@ def check_latency_box(origin: Any, target: float, *, w_min: float, side: int) ->
            "side_min": side, "r_min": side / origin.side, "smallest_latency_ratio": smallest,
            "width_fastest_share": fastest}
     if smallest > target:
-        raise LeanconvError(
+        raise UnreachableLatency(
             f"latency target {target:g} is unreachable on {origin.latency.table.runtime}: the smallest model in "
             f"the search box (d={box['d_min']:.3g}, w={w_min:g}, side {side}) is predicted at {smallest:.3f} of the "
             "unpruned latency; raise --target-latency or lower --w-min/--r-min")

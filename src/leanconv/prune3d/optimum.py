@@ -72,6 +72,7 @@ COST_TERMS: dict[str, tuple[bool, Callable[[Any, Any], Any]]] = {
     "r^2": (True, lambda d, w: 1.0),  # layers whose channels do not scale
     "w": (False, lambda d, w: w),  # the classifier after global pooling
     "w^2": (False, lambda d, w: w * w),  # latency: the runtime's call cost, inside the width step's share
+    "d": (False, lambda d, w: d),  # latency: the fixed cost of each removable block's ops (no r, no w)
     "1": (False, lambda d, w: 1.0),  # anything fixed
 }
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,7 +45,8 @@ from leanconv.width.budget import prune_to_budget
 from leanconv.prune3d.block_importance import block_importance
 from leanconv.cost.latency_table import LatencyModel
 from leanconv.prune3d.blocks import BlockInfo, find_residual_blocks, prune_blocks
-from leanconv.prune3d.latency import latency_ratio, origin_latency, prune_width_latency, width_of
+from leanconv.prune3d.latency import (latency_ratio, origin_latency, prune_width_latency, reference_call, timed_ratio,
+                                     width_of)
 from leanconv.prune3d.resolution import MIN_SIDE, resolution_ratio_to_side, set_resolution
 from leanconv.train import evaluate, finetune
 from leanconv.util.model_io import check_trainable
@@ -107,6 +109,18 @@ class Origin:
     settings: StepSettings
     latency: LatencyModel | None = None  # a latency budget's calibrated table (None: MACs)
     _batches: dict[int, list] = field(default_factory=dict, repr=False)
+    _reference: Any = field(default=None, repr=False)  # the unpruned model prepared on the runtime (timed points)
+
+    @property
+    def timed(self) -> bool:
+        """Whether a point's latency is measured (timed beside the unpruned model), not predicted."""
+        return self.latency is not None and bool((self.settings.latency or {}).get("timed"))
+
+    def timed_ratio(self, model: nn.Module) -> float:
+        """``model`` timed side by side with the unpruned model (prepared once)."""
+        if self._reference is None:
+            self._reference = reference_call(self.model, self.shape, self.settings.latency)
+        return timed_ratio(self._reference, self.shape, model, self.settings.latency)
 
     @property
     def side(self) -> int:
@@ -198,7 +212,8 @@ class Realised:
     side: int
     macs: int
     params: int
-    latency: float | None = None  # predicted latency over the unpruned model's (a latency budget only)
+    latency: float | None = None  # latency over the unpruned model's, timed or predicted (a latency budget only)
+    table_latency: float | None = None  # the latency table's prediction of that ratio
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -215,8 +230,9 @@ def measure_point(model: nn.Module, origin: Origin, w: float) -> Realised:
     cost = count(model, shape)
     alive = [b for b in origin.blocks if not isinstance(model.get_submodule(b.path), nn.Identity)]
     d = len(alive) / len(origin.blocks) if origin.blocks else 1.0
-    latency = None if origin.latency is None else latency_ratio(origin.latency, model)
-    return Realised(d, w, shape[-1] / origin.side, len(alive), shape[-1], cost.macs, cost.params, latency)
+    table = None if origin.latency is None else latency_ratio(origin.latency, model)
+    latency = (1.0 if model is origin.model else origin.timed_ratio(model)) if origin.timed else table
+    return Realised(d, w, shape[-1] / origin.side, len(alive), shape[-1], cost.macs, cost.params, latency, table)
 
 
 def realise(origin: Origin, d: float, w: float, r: float) -> tuple[nn.Module, Realised]:
@@ -234,7 +250,7 @@ def realise(origin: Origin, d: float, w: float, r: float) -> tuple[nn.Module, Re
         before = latency_ratio(origin.latency, model)
         prune_width(model, origin, w * w)
         point = measure_point(model, origin, 1.0)  # predicts the pruned model's latency once
-        return model, replace(point, w=width_of(before, point.latency))
+        return model, replace(point, w=width_of(before, point.table_latency))
     before = count(model, origin.shape).macs
     prune_width(model, origin, w * w)
     after = count(model, origin.shape).macs

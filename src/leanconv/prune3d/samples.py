@@ -195,7 +195,10 @@ def _sample(origin: Origin, model, w: float, kind: str, key: str, t0: float) -> 
     sample = {"key": key, "kind": kind, "d": point.d, "w": point.w, "r": point.r, "keep": point.keep,
               "side": point.side, "accuracy": accuracy, "macs": point.macs, "params": point.params,
               "seconds": time.perf_counter() - t0}
-    return sample if point.latency is None else {**sample, "latency": point.latency}
+    if point.latency is None:
+        return sample
+    timed = {"latency_table": point.table_latency} if origin.timed else {}  # the latency was measured
+    return {**sample, "latency": point.latency, **timed}
 
 
 def _chain(origin: Origin, task: dict, keys: list[str]) -> list[dict]:

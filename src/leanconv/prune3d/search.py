@@ -12,7 +12,6 @@ budget while the counted MACs miss it. MACs are multiply-accumulates for one ima
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from typing import Any
@@ -22,7 +21,7 @@ from torch import nn
 
 from leanconv.cost import count
 from leanconv.errors import LeanconvError
-from leanconv.prune3d.blocks import prune_blocks
+from leanconv.prune3d.blocks import shallowest
 from leanconv.prune3d.latency import LATENCY_TERMS
 from leanconv.prune3d.optimum import AnalyticCost, CalibratedCost, discrete_ratios, resolve
 from leanconv.prune3d.predictor import is_monotone
@@ -40,10 +39,7 @@ def check_budget(origin: Origin, target: float, *, w_min: float, r_min: float, m
     """Raise ``LeanconvError`` (one line) unless the smallest model of the search box meets the
     budget; returns the box. The smallest model bypasses the costliest removable blocks down
     to the stage floors, runs at the smallest side, and keeps ``w_min^2`` of its MACs."""
-    model = copy.deepcopy(origin.model)
-    if origin.blocks:
-        costly_first = {b.path: -float(b.macs) for b in origin.blocks}
-        prune_blocks(model, origin.blocks, costly_first, origin.min_keep, min_per_stage=min_per_stage)
+    model = shallowest(origin.model, origin.blocks, origin.min_keep, min_per_stage=min_per_stage)
     side = min_side(origin, r_min)
     smallest = w_min ** 2 * count(model, (origin.shape[0], side, side)).macs / origin.macs
     box = {"d_min": origin.min_keep / len(origin.blocks) if origin.blocks else 1.0, "w_min": w_min,

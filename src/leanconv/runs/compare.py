@@ -420,7 +420,7 @@ def _preflight(ctx: _Context, entries: list[tuple[str, str, float | None]]) -> N
                     convert(copy.deepcopy(model), spec.to, groups=spec.groups, overlap=spec.overlap,
                             pattern=spec.pattern)
         except LeanconvError as exc:
-            raise LeanconvError(f"entry {key}: {exc}") from None
+            raise type(exc)(f"entry {key}: {exc}") from None  # the kind kept: the demo retries an unreachable one
 
 
 def run_compare(config: CompareConfig, source: Source, *, out: str | Path, command: str | None = None,

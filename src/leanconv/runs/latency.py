@@ -31,7 +31,7 @@ from leanconv.cost.side_by_side import time_side_by_side
 from leanconv.util.inputs import input_file
 from leanconv.util.progress import Progress, Stage, quiet
 from leanconv.width.budget import PruneResult
-from leanconv.width.latency_budget import LatencyPruner, check_latency_reachable
+from leanconv.width.latency_budget import LatencyPruner, adopt, check_latency_reachable
 
 __all__ = ["MAX_ATTEMPTS", "SLACK", "LatencyBudget", "describe", "prune_to_measured_latency"]
 
@@ -129,8 +129,7 @@ def prune_to_measured_latency(model: nn.Module, criterion, example: torch.Tensor
     if verify and not met:
         say(f"warning: the result measures {attempts[-1]['measured']['median']:.3f} of the unpruned latency, above "
             f"the target {target:g} + {SLACK}; the runtime's timing may be noisy here (see the record's attempts)")
-    for name, child in list(trial.named_children()):
-        setattr(model, name, child)  # adopt the pruned layers; the model object stays the same
+    adopt(model, trial)
     return [result], attempts
 
 

@@ -42,7 +42,7 @@ from torch import nn
 from leanconv import checkpoint
 from leanconv.errors import LeanconvError
 from leanconv.importance import criterion_names
-from leanconv.prune3d.executors import LocalExecutor
+from leanconv.prune3d.executors import LocalExecutor, one_at_a_time
 from leanconv.width.budget import check_reachable
 from leanconv.prune3d.latency import check_latency_box, origin_latency
 from leanconv.prune3d.realise import Origin, StepSettings, brief_finetune, load_origin, min_side, val_accuracy
@@ -186,6 +186,9 @@ def _run(config: Prune3dConfig, source: Source, out: Path, executor: Any, progre
     t0 = time.perf_counter()
     ckpt = _checkpoint_of(source, out)
     origin, box = _origin_and_box(config, source, ckpt, say)  # an impossible budget fails here, before any sampling
+    if origin.latency is not None:  # points are timed when no other task runs beside them, else predicted
+        origin.settings = replace(origin.settings, latency={**origin.settings.latency,
+                                                            "timed": one_at_a_time(executor)})
     # latency falls more slowly than r^2 (fixed call costs): sample the whole box then
     w_floor, side_floor = sampling_floors(box, origin.side, config.target, config.clip_box and config.kind == "macs")
     box.update(w_sampled_min=w_floor, side_sampled_min=side_floor)
@@ -222,8 +225,9 @@ def _run(config: Prune3dConfig, source: Source, out: Path, executor: Any, progre
                "sampling_compute": sum(s["seconds"] for s in samples)}
     details = _details(origin, config, box, samples, fit, result, point, curve, accuracy, before, after)
     details["after_prune_before_finetune"] = cut
-    details["latency_budget"] = None if attempts is None else {**describe(origin.latency), "attempts": attempts,
-                                                               "width_price": "importance"}
+    details["latency_budget"] = None if attempts is None else {
+        **describe(origin.latency), "attempts": attempts, "width_price": "importance",
+        "point_latency": "timed side by side" if origin.timed else "predicted by the table"}
     command = reproducing_command(config, source, out)
     record = Record("prune3d", config.to_dict(), command, source.describe(), list(origin.shape), before, after,
                     seconds, details, timing)
@@ -314,7 +318,7 @@ def _time_candidates(origin: Origin, fit: dict, budget: LatencyBudget, found: li
     shapes = {name: tuple(m.leanconv_meta["input_shape"]) if name != "unpruned" else origin.shape
               for name, m in models.items()}
     sbs = budget.measure(models, shapes)
-    rows = [{"predicted": point.latency, "measured": sbs.ratio[f"c{i}"],
+    rows = [{"predicted": point.table_latency, "solver_cost": point.latency, "measured": sbs.ratio[f"c{i}"],
              "predicted_accuracy": predicted_accuracy(fit, point),
              "choice": {"d": point.d, "w": point.w, "r": point.r, "side": point.side}}
             for i, (_, point) in enumerate(found)]

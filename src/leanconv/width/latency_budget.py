@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from leanconv.cost import count, simd_channels
 from leanconv.cost.latency_table import CALL, LatencyModel, LayerConfig, layer_configs
-from leanconv.errors import LeanconvError
+from leanconv.errors import LeanconvError, UnreachableLatency
 from leanconv.graph.groups import TracedGroup, trace_groups
 from leanconv.layers.implant import ImplantConv2d
 from leanconv.util import checks
@@ -52,7 +52,7 @@ from leanconv.width.budget import (Importance, PruneResult, _apply, _layer_chang
 from leanconv.width.candidates import adaptive_bn_loss, check_candidates, choose, group_factors
 
 __all__ = ["prune_to_latency", "LatencyPruner", "LatencyPlan", "check_latency_reachable", "measured_damage",
-           "solver_configs", "PRICES"]
+           "solver_configs", "adopt", "PRICES"]
 
 PRICES = ("damage", "importance")
 MAX_COMBINATIONS = 1024  # channel-count combinations of one layer measured up front
@@ -283,9 +283,9 @@ def check_latency_reachable(model: nn.Module, example_input: Tensor, *, target: 
 
 def _refuse_unreachable(target: float, fastest: float, latency: LatencyModel) -> None:
     if fastest > target:
-        raise LeanconvError(f"latency target {target:g} is unreachable on {latency.table.runtime}: with every layer "
-                            f"at its fewest channels on the runtime's staircase the model is predicted at "
-                            f"{fastest:.3f} of the unpruned latency; raise the target")
+        raise UnreachableLatency(f"latency target {target:g} is unreachable on {latency.table.runtime}: with every "
+                                 "layer at its fewest channels on the runtime's staircase the model is predicted at "
+                                 f"{fastest:.3f} of the unpruned latency; raise the target")
 
 
 class LatencyPruner:
@@ -397,6 +397,12 @@ def prune_to_latency(model: nn.Module, importance: Importance | Sequence[Tensor]
     _check(target, options.get("floor", 1), options.get("step"))
     pruner = LatencyPruner(model, importance, example_input, latency=latency, target=target, **options)
     trial, result = pruner.realise(pruner.solve(target), target)
-    for name, child in list(trial.named_children()):
-        setattr(model, name, child)  # adopt the pruned layers; the model object stays the same
+    adopt(model, trial)
     return result
+
+
+def adopt(model: nn.Module, trial: nn.Module) -> None:
+    """Make ``model`` the pruned copy ``trial`` (:meth:`LatencyPruner.realise`), in place: it takes
+    over the copy's top-level layers, so the model object the caller holds stays the same."""
+    for name, child in list(trial.named_children()):
+        setattr(model, name, child)
