@@ -490,3 +490,26 @@ def test_eager_pytorch_predicts_each_layer_as_timed_plus_a_fixed_offset(measured
     assert fitted.predict(smaller) == pytest.approx(expected, rel=1e-12)
     fitted.refit(model, layers + 0.5)  # a steadier measurement of the unpruned model moves the offset only
     assert fitted.offset == pytest.approx(0.5) and fitted.reference_ms == layers + 0.5
+
+
+def test_entries_of_an_earlier_run_follow_the_machine_speed_measured_now(measured, monkeypatch):
+    """A cache measured when the machine was twice as slow: calibration measures the unpruned
+    model's layers again, and every older entry is read on today's scale (and saved so)."""
+    model = _chain()
+    small = _chain((4, 4, 4))
+    slower = {c.key(): 2 * fake_ms(c) for c in [CALL, *layer_configs(model, SHAPE).values(),
+                                                 *layer_configs(small, SHAPE).values()]}
+    table = cached_table("onnxruntime", 1, 1)
+    LatencyTable(table.key, slower).save(table.path)
+    old = cached_table("onnxruntime", 1, 1)
+    blocked, other = _sums(model, 4)
+    fitted = LatencyModel.calibrate(old, model, SHAPE, fake_ms(CALL) + 1.5 * blocked + other, step=4)
+    assert old.drift == pytest.approx(0.5)  # the unpruned model's layers, measured again, took half the time
+    assert {c for c, *_ in measured} == {CALL, *layer_configs(model, SHAPE).values()}  # only those
+    fresh = LatencyModel.calibrate(cached_table("onnxruntime", 1, 2), model, SHAPE,
+                                   fake_ms(CALL) + 1.5 * blocked + other, step=4)
+    fresh.table.ensure(layer_configs(small, SHAPE).values())
+    assert fitted.predict(small) == pytest.approx(fresh.predict(small), rel=1e-12)  # as if measured today
+    old.save(table.path)
+    saved = LatencyTable.load(table.path, table.key, strict=False)
+    assert all(saved.entries[k] == pytest.approx(v / 2) for k, v in slower.items())

@@ -203,6 +203,8 @@ class LatencyTable:
         self.key = dict(key)
         self.entries: dict[str, float] = dict(entries or {})
         self.path = path  # where ensure() keeps new entries (the cache), or None
+        self.stale = set(self.entries)  # measured in an earlier run: read times `drift` (refresh)
+        self.drift = 1.0
 
     @property
     def runtime(self) -> str:
@@ -219,7 +221,26 @@ class LatencyTable:
         return self.key.get("cpu") == cpu_name()
 
     def time_of(self, config: LayerConfig) -> float:
-        return self.entries[config.key()]
+        key = config.key()
+        return self.entries[key] * (self.drift if key in self.stale else 1.0)
+
+    def refresh(self, configs: Iterable[LayerConfig]) -> float:
+        """Measure again those of ``configs`` that an earlier run measured, and read every other
+        entry of earlier runs times the median ratio of new to old (:attr:`drift`): a machine
+        whose speed changed since (a busier neighbour, another clock) then predicts on one
+        scale, where mixing old and new entries made a cut model's prediction drift by a third
+        within an hour. Returns the drift (1 on another CPU, where nothing can be measured)."""
+        again = sorted({c for c in configs if c.key() in self.stale})
+        if not again or not self.here:
+            return self.drift
+        ratios = []
+        for config in again:
+            new = measure_layer(config, self.runtime, self.key["threads"], self.key["batch"])
+            ratios.append(new / max(self.entries[config.key()], 1e-9))
+            self.entries[config.key()] = new
+            self.stale.discard(config.key())
+        self.drift = float(np.median(ratios))
+        return self.drift
 
     def missing(self, configs: Iterable[LayerConfig]) -> list[LayerConfig]:
         return sorted({c for c in configs if c.key() not in self.entries})
@@ -251,7 +272,9 @@ class LatencyTable:
         return float(sum(self.time_of(c) for c in configs.values()))
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.key, "entries": dict(sorted(self.entries.items()))}
+        """The table as its file holds it: every entry on the latest scale (older ones times the drift)."""
+        entries = {k: v * self.drift if k in self.stale else v for k, v in self.entries.items()}
+        return {**self.key, "entries": dict(sorted(entries.items()))}
 
     def save(self, path: str | Path) -> None:
         write_json(Path(path), self.to_dict())
@@ -364,6 +387,7 @@ class LatencyModel:
         configs = layer_configs(model, input_shape)
         if not configs:
             raise LeanconvError("the model has no conv or linear layer whose latency a table can hold")
+        table.refresh([CALL, *configs.values()])  # on today's scale: the measurement below is today's
         table.ensure([CALL, *configs.values()], progress)
         fitted = cls(table, tuple(input_shape), float(measured_ms), 1.0, step or table.step)
         if fitted.eager:
