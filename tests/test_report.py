@@ -240,3 +240,15 @@ def test_cli_report(tmp_path, capsys, monkeypatch):
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("leanconv: error:") and "line 1:" in err and "\n" not in err
+
+
+def test_a_latency_budget_title_names_a_mac_budget_only_for_a_3d_entry_that_took_one():
+    from leanconv.report.tables import _budget_title
+
+    timing = {"budget": "latency", "runtime": "onnxruntime", "batch": 1}
+    timed = [{"family": "width", "budget": "latency"}, {"family": "3d", "budget": "latency"}]
+    assert _budget_title(0.5, timing, timed) == ("Latency budget 50% of the baseline on onnxruntime, batch 1 "
+                                                 "(target 0.5)")
+    on_macs = [{"family": "width", "budget": "latency"}, {"family": "3d", "budget": "macs"}]  # another device's table
+    assert _budget_title(0.5, timing, on_macs).endswith("(target 0.5; 3-D pruning: MACs 0.5)")
+    assert _budget_title(0.5, None, on_macs) == "MACs budget 50% of the baseline (target 0.5)"
