@@ -37,6 +37,22 @@ def _seed_and_threads():
     torch.set_num_threads(before)
 
 
+@pytest.fixture()
+def run_cli(capsys):
+    """``run_cli(argv)`` -> (exit status, stdout lines, stderr lines) of ``leanconv argv`` run in
+    this process; argparse's own refusals (a ``SystemExit``) give their status too."""
+    from leanconv.cli.main import main
+
+    def run(argv):
+        try:
+            code = main(list(argv))
+        except SystemExit as exc:  # argparse's own refusals
+            code = exc.code
+        out, err = capsys.readouterr()
+        return code, out.strip().splitlines(), err.strip().splitlines()
+    return run
+
+
 @pytest.fixture(scope="session")
 def tiny_data():
     """A small synthetic dataset (3x16x16, few hundred images)."""

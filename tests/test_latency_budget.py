@@ -258,16 +258,12 @@ def test_prune_target_latency_records_the_budget_and_times_side_by_side(trained_
     (["--target-latency", "0.5", "--latency-table", "missing.json"], "latency table 'missing.json'"),
     (["--target-latency", "1.5"], "--target-latency must lie strictly between 0 and 1"),
 ])
-def test_prune_bad_latency_input_is_one_line_and_writes_nothing(trained_ckpt, tmp_path, capsys, monkeypatch, argv,
+def test_prune_bad_latency_input_is_one_line_and_writes_nothing(trained_ckpt, tmp_path, run_cli, monkeypatch, argv,
                                                                  match):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "p"
-    try:
-        code = main(["prune", str(trained_ckpt), "--method", "l1", *argv, "--score-images", "16", "--out", str(out),
-                     "--no-progress"])
-    except SystemExit as exc:  # argparse's own refusals
-        code = exc.code
-    err = capsys.readouterr().err.strip().splitlines()
+    code, _, err = run_cli(["prune", str(trained_ckpt), "--method", "l1", *argv, "--score-images", "16", "--out",
+                            str(out), "--no-progress"])
     assert code == 2 and len(err) == 1 and match in err[0], err
     assert not out.exists()
 

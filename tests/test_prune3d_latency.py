@@ -253,14 +253,10 @@ def test_prune3d_target_latency_end_to_end(trained_ckpt, tmp_path, capsys):
     (["--target-latency", "0.5", "--target-flops", "0.5"], "not allowed with argument"),
     (["--target-latency", "0.5", "--runtime", "nope"], "argument --runtime: invalid choice"),
 ])
-def test_prune3d_bad_latency_input_is_one_line_and_writes_nothing(trained_ckpt, tmp_path, capsys, argv, match):
+def test_prune3d_bad_latency_input_is_one_line_and_writes_nothing(trained_ckpt, tmp_path, run_cli, argv, match):
     out = tmp_path / "p3"
-    try:
-        code = main(["prune3d", str(trained_ckpt), *argv, "--method", "l1", "--score-images", "16", "--workers", "0",
-                     "--out", str(out), "--no-progress"])
-    except SystemExit as exc:  # argparse's own refusals
-        code = exc.code
-    err = capsys.readouterr().err.strip().splitlines()
+    code, _, err = run_cli(["prune3d", str(trained_ckpt), *argv, "--method", "l1", "--score-images", "16",
+                            "--workers", "0", "--out", str(out), "--no-progress"])
     assert code == 2 and len(err) == 1 and match in err[0], err
     assert not out.exists()
 

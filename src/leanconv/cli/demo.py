@@ -187,12 +187,11 @@ def run(args: argparse.Namespace) -> int:
         options = [("latency", t) for t in LATENCY_TARGETS if t >= first] + options
     for i, (kind, target) in enumerate(options):
         config, command = _compare_config(args, plan, out, kind, target)
-        fresh = not (out / RESULTS_FILE).exists()
         try:
             paths = compare_and_report(source, config, out, show_progress=show, command=command)
             break
         except UnreachableLatency as exc:  # the unpruned model timed again, slower or faster: nothing written yet
-            if i + 1 == len(options) or not fresh or (out / RESULTS_FILE).exists():
+            if i + 1 == len(options) or (out / RESULTS_FILE).exists():  # the last option, or a folder in use
                 raise
             if show:
                 print(f"leanconv demo: {exc}; the demo budgets {options[i + 1][1]:g} of the "

@@ -7,9 +7,11 @@ polynomial accuracy predictor; maximises it under the MACs budget (FLOPs = 2 x M
 ratio); realises the choice, re-solving until the counted MACs meet the budget; fine-tunes
 and measures. With ``--target-latency R`` the budget is R of the unpruned model's latency
 measured on ``--runtime`` (``--runtime-threads``, ``--batch``): each point costs its latency
-predicted by the runtime's latency table, width is cut on the runtime's channel staircase,
-and the chosen model is timed side by side with the unpruned one and chosen again tighter
-while it misses (:mod:`leanconv.prune3d.latency`). Writes DIR/model.safetensors,
+timed side by side with the unpruned model (predicted by the runtime's latency table when
+sample tasks run in parallel), width is cut on the runtime's channel staircase, and the
+choice and two alternatives are timed side by side with the unpruned model: the most
+accurate within the target is kept, else the solver chooses again tighter
+(:mod:`leanconv.prune3d.latency`). Writes DIR/model.safetensors,
 DIR/record.json, DIR/surface.png and DIR/budget.png.
 """
 
