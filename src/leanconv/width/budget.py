@@ -53,19 +53,19 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from leanconv.cost import count
 from leanconv.errors import LeanconvError
 from leanconv.graph.types import ChannelGroup
 from leanconv.util import checks
-from leanconv.importance.base import ScoringData, check_batches, check_scores
+from leanconv.importance.base import ScoringData, check_batches
 from leanconv.layers.implant import ImplantConv2d
-from leanconv.width.channels import can_implant, channel_counts, implant_channels, remove_channels
 from leanconv.width.candidates import check_candidates, choose, shifted_scores
 from leanconv.width.implant_fit import IMPLANT_INITS, fit_implants
 from leanconv.width.cost_model import Cost, CostModel
-from leanconv.graph.groups import TracedGroup, trace_groups
+from leanconv.graph.groups import trace_groups
 from leanconv.width.latency_weights import latency_weights
 from leanconv.width.permute import fold_channel_orders
+from leanconv.width.planner import (Plan, Planner, checked_scores, counted_cost, cut_copy, fits, layer_changes,
+                                    normalized, plan_parts, search)
 from leanconv.util.model_io import to_model
 from leanconv.util.progress import Progress
 
@@ -108,89 +108,6 @@ class PruneResult:
         return d
 
 
-@dataclass
-class _Plan:
-    """Per group: removed and implanted group channels, and implants per conv path."""
-
-    removed: list[list[int]]
-    implanted: list[list[int]]
-    implant_convs: dict[int, dict[str, int]]
-    restart_norms: bool = True  # zero implants: restart their BatchNorm entries
-
-
-class _Planner:
-    """Turns "remove the first n units of the global order" into a plan (steps 3 and 5)."""
-
-    def __init__(self, model: nn.Module, traced: Sequence[TracedGroup], *, floor: float, round_to: int | None,
-                 implant: float, implant_init: str = "zero") -> None:
-        self.traced, self.round_to, self.implant = list(traced), round_to, implant
-        self.implant_init = implant_init
-        self.unit_size = [t.group.size // len(t.units) for t in traced]
-        self.min_kept = [max(1, math.ceil(_floor_channels(floor, t.group.size) / u)) for t, u in
-                         zip(traced, self.unit_size)]
-        self.implant_paths = [self._kxk_convs(model, t.group) if implant > 0 else [] for t in traced]
-        self.order: list[list[int]] = [list(range(len(t.units))) for t in traced]
-        self.sequence: list[int] = [g for g, t in enumerate(traced) for _ in t.units]
-
-    @staticmethod
-    def _kxk_convs(model: nn.Module, group: ChannelGroup) -> list[str]:
-        if not can_implant(model, group):
-            return []
-        return [m.module for m in group.out_members()
-                if isinstance(model.get_submodule(m.module), nn.Conv2d)
-                and max(model.get_submodule(m.module).kernel_size) > 1]
-
-    def rank(self, scores: Sequence[Tensor]) -> None:
-        """Sort units within each group and across groups by ascending score."""
-        entries = []
-        for g, (t, s) in enumerate(zip(self.traced, scores)):
-            unit_scores = [float(s[list(u)].mean()) for u in t.units]
-            self.order[g] = sorted(range(len(t.units)), key=lambda i: (unit_scores[i], i))
-            entries += [(unit_scores[i], g, r) for r, i in enumerate(self.order[g])]
-        self.sequence = [g for _, g, _ in sorted(entries)]
-
-    @property
-    def total(self) -> int:
-        return len(self.sequence)
-
-    def removable(self, g: int, candidates: int) -> tuple[int, int]:
-        """(removed, implanted) units of group ``g`` when ``candidates`` units fall below the threshold."""
-        units, u = len(self.traced[g].units), self.unit_size[g]
-        r = max(0, min(candidates, units - self.min_kept[g]))
-        if self.round_to and r:
-            step = self.round_to // math.gcd(self.round_to, u)
-            kept = math.ceil((units - r) / step) * step
-            r = 0 if kept >= units else units - kept
-        if not self.implant_paths[g] or not r:
-            return r, 0
-        m = int(self.implant * r + 0.5)
-        while self.round_to and m and (m * u) % self.round_to:
-            m -= 1
-        return r, m
-
-    def candidates(self, n: int) -> list[int]:
-        """Units per group among the ``n`` lowest-scored units of the network."""
-        counts = [0] * len(self.traced)
-        for g in self.sequence[:n]:
-            counts[g] += 1
-        return counts
-
-    def plan(self, candidates: Sequence[int]) -> _Plan:
-        plan = _Plan([], [], {}, restart_norms=self.implant_init == "zero")
-        for g, t in enumerate(self.traced):
-            r, m = self.removable(g, candidates[g])
-            chosen = [t.units[i] for i in self.order[g][:r]]
-            plan.removed.append(sorted(c for unit in chosen[: r - m] for c in unit))
-            plan.implanted.append(sorted(c for unit in chosen[r - m:] for c in unit))
-            if m:
-                plan.implant_convs[g] = {p: m * self.unit_size[g] for p in self.implant_paths[g]}
-        return plan
-
-
-def _floor_channels(floor: float, size: int) -> int:
-    return int(floor) if floor >= 1 else math.ceil(floor * size)
-
-
 def _check_options(target: float, kind: str, round_to: int | None, floor: float, implant: float, tol: float,
                    normalize: str) -> None:
     if kind not in ("macs", "params"):
@@ -213,94 +130,6 @@ def _check_options(target: float, kind: str, round_to: int | None, floor: float,
         raise LeanconvError(f"normalize must be 'mean' or 'none', got {normalize!r}")
 
 
-def _normalized(scores: Sequence[Tensor], normalize: str) -> list[Tensor]:
-    out = []
-    for s in scores:
-        s = s.detach().to("cpu", torch.float64)
-        scale = s.abs().mean()
-        out.append(s / scale if normalize == "mean" and scale > 0 else s)
-    return out
-
-
-def _search(cost_of: Callable[[list[int]], int], planner: _Planner, goal: float, tol: float) -> list[int]:
-    """Units to drop per group (candidates) whose plan costs closest to ``goal``.
-
-    Binary search over the global threshold (cost falls as more units drop). If the nearest
-    threshold misses ``goal`` by more than ``tol`` (``round_to`` makes steps coarse), continue
-    down the global order from the threshold and skip, for good, any group whose next step
-    would overshoot the budget."""
-    lo, hi = 0, planner.total  # cost(lo) > goal >= cost(hi), when reachable
-    if cost_of(planner.candidates(hi)) > goal:
-        return planner.candidates(hi)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if cost_of(planner.candidates(mid)) <= goal else (mid, hi)
-    best = min((planner.candidates(lo), planner.candidates(hi)), key=lambda c: abs(cost_of(c) - goal))
-    if _fits(cost_of(best), goal, tol):
-        return best
-    return _refine(cost_of, planner, lo, goal, tol) or best
-
-
-def _refine(cost_of, planner: _Planner, start: int, goal: float, tol: float) -> list[int] | None:
-    counts, frozen = planner.candidates(start), set()
-    cost = cost_of(counts)
-    for g in planner.sequence[start:]:
-        if g in frozen:
-            continue
-        before = planner.removable(g, counts[g])
-        counts[g] += 1
-        if planner.removable(g, counts[g]) == before:
-            continue
-        new = cost_of(counts)
-        if new < goal * (1 - tol):
-            counts[g] -= 1
-            frozen.add(g)
-            continue
-        cost = new
-        if _fits(cost, goal, tol):
-            return counts
-    return None
-
-
-def _apply(model: nn.Module, traced: Sequence[TracedGroup], plan: _Plan, x: Tensor) -> None:
-    groups = [t.group for t in traced]
-    remove_channels(model, groups, {g: r for g, r in enumerate(plan.removed) if r}, x)
-    for g, channels in enumerate(plan.implanted):
-        if channels:
-            implant_channels(model, groups[g], channels, removed=plan.removed[g], restart_norms=plan.restart_norms)
-
-
-def _counted(model: nn.Module, input_shape) -> Cost:
-    c = count(model, input_shape)
-    return Cost(c.params, c.macs)
-
-
-def _trial(model: nn.Module, traced, plan: _Plan, x: Tensor, input_shape) -> tuple[nn.Module, Cost]:
-    """A pruned copy of ``model`` and its counted cost; ``model`` itself is not touched."""
-    trial = copy.deepcopy(model)
-    _apply(trial, traced, plan, x)
-    return trial, _counted(trial, input_shape)
-
-
-def _scores(importance, model, groups, data) -> list[Tensor]:
-    """Scores from a criterion (a wrong shape is a criterion bug) or given by the caller."""
-    if callable(importance):
-        scores = list(importance(model, groups, data))
-        name = getattr(importance, "name", None) or getattr(importance, "__name__", type(importance).__name__)
-        check_scores(groups, scores, name)
-        return scores
-    scores = [torch.as_tensor(s) for s in importance]
-    sizes = [g.size for g in groups]
-    if [tuple(s.shape) for s in scores] != [(n,) for n in sizes] or not all(torch.isfinite(s).all() for s in scores):
-        raise LeanconvError(f"given scores do not fit the model's {len(groups)} channel groups (sizes {sizes}); "
-                            "compute them on channel_groups(model, example_input)")
-    return scores
-
-
-def _fits(cost: int, goal: float, tol: float) -> bool:
-    return abs(cost - goal) <= tol * goal
-
-
 def _reachable_plan(model, example_input, shape, *, target, kind, round_to, floor, implant, implant_init, tol,
                     ignored, strict):
     """The traced groups, cost model and planner of a prune; raises when the target is
@@ -312,8 +141,8 @@ def _reachable_plan(model, example_input, shape, *, target, kind, round_to, floo
                                 "channels, which are not pruned again; prune the model before implanting")
         raise LeanconvError("the model has no prunable channels (every layer is an output or excluded)")
     costs = CostModel(model, traced, shape)
-    planner = _Planner(model, traced, floor=floor, round_to=round_to, implant=implant, implant_init=implant_init)
-    lowest = costs.estimate(*_parts(planner.plan(planner.candidates(planner.total)))).of(kind)
+    planner = Planner(model, traced, floor=floor, round_to=round_to, implant=implant, implant_init=implant_init)
+    lowest = costs.estimate(*plan_parts(planner.plan(planner.candidates(planner.total)))).of(kind)
     if lowest > target * costs.base.of(kind) * (1 + tol):
         rule = (f"at least {floor} channel(s) per layer" if floor >= 1
                 else f"at least {floor:g} of each layer's channels")
@@ -386,7 +215,7 @@ def prune_to_budget(
     goal = target * costs.base.of(kind)
     if data is not None and data.batches:
         check_batches(model, data.batches, data.loss_fn)
-    scores = _normalized(_scores(importance, model, [t.group for t in traced], data), normalize)
+    scores = normalized(checked_scores(importance, model, [t.group for t in traced], data), normalize)
     if latency_aware:
         weights = latency_weights(model, traced, example_input, shape)
         scores = [s / w for s, w in zip(scores, weights)]
@@ -400,7 +229,7 @@ def prune_to_budget(
     trial, plan, cost = fit(cut).trial, cut.plan, cut.cost
     fold_channel_orders(trial, example_input)  # implants output [kept..., implanted...]: no re-ordering
     report(3, 4, {"stage": "search", "ratio": cost.of(kind) / costs.base.of(kind)})
-    layers = _layer_changes(model, trial)
+    layers = layer_changes(model, trial)
     for name, child in list(trial.named_children()):
         setattr(model, name, child)  # adopt the pruned layers; the model object stays the same
     report(4, 4, {"stage": "prune"})
@@ -414,19 +243,19 @@ def prune_to_budget(
     )
 
 
-def _realise(model, traced, planner: _Planner, costs: CostModel, goal: float, kind: str, tol: float, x, shape):
+def _realise(model, traced, planner: Planner, costs: CostModel, goal: float, kind: str, tol: float, x, shape):
     """Search a plan on the cost model, prune a copy, count it; if the count disagrees with the
     model (a layer the cost model cannot see), search again on counted copies."""
-    estimate = lambda c: costs.estimate(*_parts(planner.plan(c))).of(kind)  # noqa: E731
-    chosen = _search(estimate, planner, goal, tol)
-    trial, cost = _trial(model, traced, planner.plan(chosen), x, shape)
+    estimate = lambda c: costs.estimate(*plan_parts(planner.plan(c))).of(kind)  # noqa: E731
+    chosen = search(estimate, planner, goal, tol)
+    trial, cost = cut_copy(model, traced, planner.plan(chosen), x, shape)
     if cost.of(kind) != estimate(chosen):
         log.warning("cost model missed the counted %s (%d vs %d); searching on counted models", kind,
                     estimate(chosen), cost.of(kind))
-        counted = lambda c: _trial(model, traced, planner.plan(c), x, shape)[1].of(kind)  # noqa: E731
-        chosen = _search(counted, planner, goal, tol)
-        trial, cost = _trial(model, traced, planner.plan(chosen), x, shape)
-    if not _fits(cost.of(kind), goal, tol):
+        counted = lambda c: cut_copy(model, traced, planner.plan(c), x, shape)[1].of(kind)  # noqa: E731
+        chosen = search(counted, planner, goal, tol)
+        trial, cost = cut_copy(model, traced, planner.plan(chosen), x, shape)
+    if not fits(cost.of(kind), goal, tol):
         coarse = (f"round_to={planner.round_to} (--round-to) makes the channel steps too coarse; lower it"
                   if planner.round_to else "this model's channel groups are too coarse for that target")
         raise LeanconvError(f"cannot land within {tol:.0%} of the target: the nearest plan keeps "
@@ -441,12 +270,12 @@ class _Cut:
     (None until :func:`_fit` ran)."""
 
     trial: nn.Module
-    plan: _Plan
+    plan: Plan
     cost: Cost
     fitted: dict[str, float] | None = None
 
 
-def _fit(model: nn.Module, traced, planner: _Planner, data: ScoringData | None, cut: _Cut) -> _Cut:
+def _fit(model: nn.Module, traced, planner: Planner, data: ScoringData | None, cut: _Cut) -> _Cut:
     """Fit ``cut``'s implants on ``data``'s batches (None: zero implants, nothing to fit), once."""
     if cut.fitted is None:
         cut.fitted = {}
@@ -455,7 +284,7 @@ def _fit(model: nn.Module, traced, planner: _Planner, data: ScoringData | None, 
     return cut
 
 
-def _best_cut(plain: _Cut, realise: Callable[[], tuple], fit: Callable[[_Cut], _Cut], planner: _Planner,
+def _best_cut(plain: _Cut, realise: Callable[[], tuple], fit: Callable[[_Cut], _Cut], planner: Planner,
               scores: Sequence[Tensor], data: ScoringData, candidates: int, seed: int,
               progress: Progress | None) -> tuple[_Cut, dict[str, Any]]:
     """Step 6 of the module docstring: the cut with the lowest validation loss after the cut
@@ -477,22 +306,11 @@ def _best_cut(plain: _Cut, realise: Callable[[], tuple], fit: Callable[[_Cut], _
     return choose(plain, draw, key=key, realise=judged, candidates=candidates, seed=seed, data=data, progress=progress)
 
 
-def _implant_targets(traced, planner: _Planner, plan: _Plan) -> dict[str, list[int]]:
+def _implant_targets(traced, planner: Planner, plan: Plan) -> dict[str, list[int]]:
     """Per implanted conv path: the original output channels its implant stands in for."""
     return {member.module: sorted(member.idxs[k] for k in plan.implanted[g])
             for g, t in enumerate(traced) if plan.implanted[g]
             for member in t.group.out_members() if member.module in planner.implant_paths[g]}
-
-
-def _parts(plan: _Plan) -> tuple[list[list[int]], dict[int, dict[str, int]]]:
-    return plan.removed, plan.implant_convs
-
-
-def _layer_changes(model: nn.Module, pruned: nn.Module) -> dict[str, tuple[int, int]]:
-    """Output channels (before, after) of every conv/linear/implant path of ``model``."""
-    after = channel_counts(pruned)
-    return {n: (c[1], after[n][1]) for n, c in channel_counts(model).items()
-            if n in after and isinstance(model.get_submodule(n), (nn.Conv2d, nn.Linear, ImplantConv2d))}
 
 
 def iterative_prune(
@@ -523,16 +341,16 @@ def iterative_prune(
     data = options.get("data")
     check_candidates(options.get("candidates", 1), options.get("seed", 0), data is not None and bool(data.batches))
     shape = options.get("input_shape") or tuple(example_input.shape[1:])
-    original = _counted(model, shape).of(kind)
+    original = counted_cost(model, shape).of(kind)
     results = []
     for s in range(1, steps + 1):
-        step_target = target ** (s / steps) * original / _counted(model, shape).of(kind)
+        step_target = target ** (s / steps) * original / counted_cost(model, shape).of(kind)
         if step_target >= 1:
             raise LeanconvError(f"round {s}: the model already meets the round's budget; use fewer steps")
         results.append(prune_to_budget(model, importance, example_input, target=step_target, kind=kind,
                                        implant=implant if s == steps else 0.0, **options))
         if progress is not None:
-            progress(s, steps, {"stage": "round", "ratio": _counted(model, shape).of(kind) / original})
+            progress(s, steps, {"stage": "round", "ratio": counted_cost(model, shape).of(kind) / original})
         if finetune_fn is not None:
             finetune_fn(model, s)
     return results

@@ -47,8 +47,8 @@ from leanconv.layers.implant import ImplantConv2d
 from leanconv.util import checks
 from leanconv.util.model_io import to_model
 from leanconv.util.progress import Progress
-from leanconv.width.budget import (Importance, PruneResult, _apply, _layer_changes, _normalized, _Planner, _scores,
-                                   _trial)
+from leanconv.width.budget import Importance, PruneResult
+from leanconv.width.planner import Planner, apply_plan, checked_scores, cut_copy, layer_changes, normalized
 from leanconv.width.candidates import adaptive_bn_loss, check_candidates, choose, group_factors
 
 __all__ = ["prune_to_latency", "LatencyPruner", "LatencyPlan", "check_latency_reachable", "measured_damage",
@@ -205,7 +205,7 @@ class _Solver:
         return found
 
 
-def measured_damage(model: nn.Module, traced: Sequence[TracedGroup], planner: _Planner, options: list[list[int]],
+def measured_damage(model: nn.Module, traced: Sequence[TracedGroup], planner: Planner, options: list[list[int]],
                     example_input: Tensor, data, progress: Callable[[int, int], None] | None = None
                     ) -> dict[tuple[int, int], float]:
     """Per group ``g`` and allowed count ``k``: the validation loss after cutting only ``g`` to
@@ -220,7 +220,7 @@ def measured_damage(model: nn.Module, traced: Sequence[TracedGroup], planner: _P
         drop = [0] * len(traced)
         drop[g] = (traced[g].group.size - k) // unit
         trial = copy.deepcopy(model)
-        _apply(trial, traced, planner.plan(drop), example_input)
+        apply_plan(trial, traced, planner.plan(drop), example_input)
         damage[(g, k)] = adaptive_bn_loss(trial, batches, loss_fn) - base
         if progress is not None:
             progress(i, len(pairs))
@@ -331,8 +331,8 @@ class LatencyPruner:
             checks.fraction(target, "target", of="unpruned model's measured latency")
             _refuse_unreachable(target, self.fastest, latency)
         report(1, 3, {"stage": "groups", "groups": len(self.traced)})
-        scores = _normalized(_scores(importance, model, [t.group for t in self.traced], data), normalize)
-        self.planner = _Planner(model, self.traced, floor=1, round_to=None, implant=0.0)
+        scores = normalized(checked_scores(importance, model, [t.group for t in self.traced], data), normalize)
+        self.planner = Planner(model, self.traced, floor=1, round_to=None, implant=0.0)
         self.planner.rank(scores)
         traced = self.traced
         if self.price == "damage":
@@ -377,12 +377,12 @@ class LatencyPruner:
         traced = self.traced
         drop = [(t.group.size - k) // (t.group.size // len(t.units)) for t, k in zip(traced, plan.kept)]
         chosen = self.planner.plan(drop)
-        trial, cost = _trial(self.model, traced, chosen, self.example, self.shape)
+        trial, cost = cut_copy(self.model, traced, chosen, self.example, self.shape)
         base = count(self.model, self.shape)
         predicted = self.latency.predict(trial)
         result = PruneResult(kind="latency", target=target, achieved=predicted / self.latency.reference_ms,
                              params_before=base.params, params_after=cost.params, macs_before=base.macs,
-                             macs_after=cost.macs, layers=_layer_changes(self.model, trial),
+                             macs_after=cost.macs, layers=layer_changes(self.model, trial),
                              removed={t.group.root: r for t, r in zip(traced, chosen.removed) if r})
         return trial, result
 
