@@ -11,7 +11,7 @@ import torch
 
 from leanconv import checkpoint
 from leanconv.cli.main import build_parser, main
-from leanconv.runs.compare import CompareConfig, entry_keys
+from leanconv.runs.compare import CompareConfig, entry_config, entry_keys
 from leanconv.errors import LeanconvError
 from leanconv.runs.results import read_results
 
@@ -226,6 +226,46 @@ def test_written_command_reproduces_its_row(compared, key, tmp_path, capsys):
     made, again = checkpoint.load(entry["checkpoint"]), checkpoint.load(tmp_path / "again" / "model.safetensors")
     a, b = made.state_dict(), again.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # BatchNorm statistics included
+
+
+def test_recovery_settings_reach_the_entries_they_apply_to():
+    config = CompareConfig(methods=("hap", "3d", "scc"), hessian="hutchinson", distill=True, distill_weight=0.7)
+    width, deep, layer = (entry_config(config, m, 0.5) for m in ("hap", "3d", "scc"))
+    assert (width.hessian, width.distill, width.distill_weight) == ("hutchinson", True, 0.7)
+    assert (layer.distill, layer.distill_weight) == (True, 0.7)
+    assert deep.hessian == "hutchinson" and deep.step_settings("synthetic").hessian == "hutchinson"
+    plain = entry_config(CompareConfig(methods=("l1",)), "l1", 0.5)
+    assert (plain.distill, plain.hessian) == (False, "gauss-newton")
+    with pytest.raises(LeanconvError, match="give --finetune-epochs"):
+        CompareConfig(distill=True, finetune_epochs=0)
+    with pytest.raises(LeanconvError, match="add --distill"):
+        CompareConfig(distill_temperature=2.0)
+
+
+def test_compare_identity_names_recovery_settings_only_when_set(compared, capsys):
+    out, argv = compared
+    assert not {"hessian", "distill"} & set(read_results(out)["run"]["identity"])  # older folders still resume
+    before = _snapshot(out)
+    assert main(argv + ["--distill"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "distill null there, true now" in err[0]
+    assert main(_with(argv, hessian="hutchinson")) == 2
+    assert 'hessian null there, "hutchinson" now' in capsys.readouterr().err
+    assert _snapshot(out) == before
+
+
+def test_compare_distils_width_and_layer_entries(trained_ckpt, tmp_path, capsys):
+    out = tmp_path / "kd"
+    assert main(["compare", str(trained_ckpt), "--methods", "l1,scc", "--target-flops", "0.5", "--distill",
+                 "--distill-temperature", "2", "--score-images", "64", "--train-subset", "128", "--quick",
+                 "--out", str(out), "--no-progress"]) == 0
+    entries = {e["key"]: e for e in read_results(out)["entries"]}
+    for key in ("l1@0.5", "scc"):
+        assert "distillation from the baseline (T=2, A=0.5)" in entries[key]["notes"]
+        record = json.loads((out / "entries" / key / ("convert.json" if key == "scc" else "record.json")).read_text())
+        assert record["distillation"]["temperature"] == 2
+        assert "--distill" in entries[key]["command"]
+    assert read_results(out)["run"]["identity"]["distill"] is True
 
 
 def test_repeated_methods_and_budgets_run_once():

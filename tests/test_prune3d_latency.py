@@ -22,8 +22,9 @@ from leanconv import checkpoint
 from leanconv.cli.main import main
 from leanconv.cost.latency_table import LatencyModel, LatencyTable, table_key
 from leanconv.errors import LeanconvError
-from leanconv.prune3d.latency import LATENCY_TERMS, check_latency_box, latency_ratio
-from leanconv.prune3d.optimum import CalibratedCost
+from leanconv.prune3d.latency import (LATENCY_TERMS, SideCorrected, check_latency_box, latency_ratio,
+                                      side_profile)
+from leanconv.prune3d.optimum import CalibratedCost, discrete_ratios, maximise
 from leanconv.prune3d.realise import StepSettings, load_origin, realise
 from leanconv.prune3d.samples import settings_hash
 from leanconv.prune3d.search import alternatives, fit_samples
@@ -124,11 +125,56 @@ def test_latency_cost_terms_fit_a_model_made_of_them():
     assert cost.max_r(0.5, 0.8, float(cost(0.5, 0.8, 0.7))) == pytest.approx(0.7)
 
 
+class _Sum:
+    """A predictor that rises in every dimension (so the solver takes the largest side in budget)."""
+
+    domain = ((0.5, 1.0), (0.5, 1.0), (0.5, 1.0))
+
+    def predict(self, X):
+        return np.asarray(X).sum(axis=1)
+
+
+def test_side_correction_follows_the_measured_profile_and_steers_the_solver_off_slow_sides():
+    smooth = CalibratedCost({"w^2*r^2": 1.0})  # latency r^2 w^2: smooth in the side
+    profile = {s: (s / 28) ** 2 for s in range(14, 29)}
+    profile.update({s: 0.9 for s in range(19, 23)})  # sides where the runtime is slow
+    corrected = SideCorrected(smooth, 28, profile)
+    for side, measured in profile.items():  # exact for the unpruned model at every profiled side
+        assert corrected(1.0, 1.0, side / 28) == pytest.approx(measured, rel=1e-12)
+    assert corrected(1.0, 0.5, 21 / 28) == pytest.approx(0.25 * 0.9)  # the side's surprise scales the point
+    assert corrected(1.0, 1.0, 10 / 28) == pytest.approx((10 / 28) ** 2)  # no profile there: as fitted
+    grid = corrected(np.array([[1.0]]), np.array([[1.0]]), np.array([14 / 28, 21 / 28]))
+    assert grid.shape == (1, 2) and grid[0, 1] == pytest.approx(0.9)
+    options = {"allowed_d": (1.0,), "allowed_w": (1.0,), "allowed_r": discrete_ratios(28, 14)}
+    assert round(maximise(_Sum(), smooth, 0.6, **options).r * 28) == 21  # the smooth fit takes a slow side
+    chosen = maximise(_Sum(), corrected, 0.6, **options)
+    assert round(chosen.r * 28) == 18 and chosen.predicted_macs == pytest.approx((18 / 28) ** 2)
+    assert set(corrected.to_dict()["side_profile"]) == {str(s) for s in range(14, 29)}
+
+
+def test_side_profile_times_the_unpruned_model_once_at_every_side(origin):
+    seen = {}
+
+    def measure(models, shapes):
+        seen.update(models=models, shapes=shapes)
+        ratio = {name: {"median": 1.0 if name == "unpruned" else int(name[4:]) / 100} for name in models}
+        return type("Timed", (), {"ratio": ratio})()
+
+    before = copy.deepcopy(origin.model.leanconv_meta)
+    profile = side_profile(origin.model, origin.shape, range(8, 17), measure)
+    assert profile == {**{s: s / 100 for s in range(8, 16)}, 16: 1.0}
+    assert seen["models"]["unpruned"] is origin.model and origin.model.leanconv_meta == before
+    for side in range(8, 16):
+        assert seen["shapes"][f"side{side}"] == (3, side, side)
+        assert seen["models"][f"side{side}"].leanconv_meta["input_shape"] == [3, side, side]
+
+
 def test_samples_of_a_latency_budget_are_kept_apart_and_resume_across_measurements(trained_ckpt):
     plain = StepSettings(data="synthetic")
     spec = {"runtime": "onnxruntime", "threads": 1, "batch": 1}
     timed = replace(plain, latency={**spec, "reference_ms": 0.3})
-    fields = {k: v for k, v in asdict(plain).items() if v is not None and k != "data_dir"}
+    # samples made before the hessian setting existed keep their keys: the default is left out
+    fields = {k: v for k, v in asdict(plain).items() if v is not None and k not in ("data_dir", "hessian")}
     import hashlib
 
     h = hashlib.sha256(trained_ckpt.read_bytes())
@@ -139,6 +185,7 @@ def test_samples_of_a_latency_budget_are_kept_apart_and_resume_across_measuremen
                                                                                            "reference_ms": 0.5}))
     other = replace(plain, latency={**spec, "batch": 8, "reference_ms": 0.3})
     assert settings_hash(trained_ckpt, other) != settings_hash(trained_ckpt, timed)
+    assert settings_hash(trained_ckpt, replace(plain, hessian="hutchinson")) != settings_hash(trained_ckpt, plain)
 
 
 def test_alternatives_are_the_best_point_of_each_other_block_count_and_side(fitted):
@@ -230,6 +277,8 @@ def test_prune3d_target_latency_end_to_end(trained_ckpt, tmp_path, capsys):
     assert len(samples) == 6 and all(s["latency"] > 0 and s["latency_table"] > 0 for s in samples)
     assert [s["latency"] for s in samples if s["kind"] == "base"] == [pytest.approx(1.0)]
     assert set(record["cost_model"]["calibrated"]["coef"]) <= set(LATENCY_TERMS)
+    profile = record["cost_model"]["side_correction"]["side_profile"]  # the unpruned model timed at every side
+    assert set(profile) == {str(s) for s in range(record["search_box"]["side_min"], 17)} and profile["16"] == 1.0
     assert "budget_latency" in record["choice"] and "predicted_latency" in record["resolve_trail"][-1]
     assert record["after_prune_before_finetune"]["bn"] == "re-estimated on training images"
     assert record["timing"]["runtime"] == "onnxruntime" and {"batch1", "batch8", "batch64"} <= set(record["timing"])

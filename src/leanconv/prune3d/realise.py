@@ -41,6 +41,7 @@ from leanconv.data import load_dataset
 from leanconv.data.splits import DatasetSplits
 from leanconv.errors import LeanconvError
 from leanconv.importance import ScoringData, run_criterion
+from leanconv.importance.hessian.hap import HAP_ESTIMATOR
 from leanconv.width.budget import prune_to_budget
 from leanconv.prune3d.block_importance import block_importance
 from leanconv.cost.latency_table import LatencyModel
@@ -82,6 +83,7 @@ class StepSettings:
     normalize: str = "mean"  # its score scaling (prune_to_budget); part of the samples' settings hash
     score_images: int = 512  # validation images for block and channel scores
     probes: int = 32  # cap on Hutchinson probes (hap)
+    hessian: str = HAP_ESTIMATOR  # hap's curvature estimator (in the settings hash only when another)
     min_per_stage: int = 1  # residual blocks each stage keeps at least
     epochs: int = 1  # brief fine-tuning after each step (0: none)
     images: int | None = 2000  # training images per brief fine-tuning epoch (None: all)
@@ -196,7 +198,7 @@ def prune_width(model: nn.Module, origin: Origin, share: float) -> None:
         return
     data = ScoringData(origin.batches(shape[-1]), extra={"input_shape": shape})
     model.eval()
-    criterion = run_criterion(settings.method, probes=settings.probes, seed=settings.seed)
+    criterion = run_criterion(settings.method, probes=settings.probes, seed=settings.seed, estimator=settings.hessian)
     prune_to_budget(model, criterion, torch.zeros(1, *shape), target=share, kind="macs", input_shape=shape, data=data,
                     normalize=settings.normalize)
 

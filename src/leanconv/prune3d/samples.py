@@ -38,6 +38,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from leanconv.errors import LeanconvError
+from leanconv.importance.hessian.hap import HAP_ESTIMATOR
 from leanconv.prune3d.realise import (Origin, StepSettings, brief_finetune, bypass_blocks, cost_ratio, load_origin,
                                       measure_point, prune_width, realise, val_accuracy)
 from leanconv.prune3d.resolution import set_resolution
@@ -86,7 +87,8 @@ def settings_hash(ckpt: str | os.PathLike, settings: StepSettings) -> str:
     """12 hex digits naming the checkpoint's bytes and the settings that change a sample."""
     h = hashlib.sha256(Path(ckpt).read_bytes())
     fields = {k: v for k, v in asdict(settings).items()
-              if k != "data_dir" and not (k in ("constructor", "input_shape", "latency") and v is None)}  # old hashes
+              if k != "data_dir" and not (k in ("constructor", "input_shape", "latency") and v is None)
+              and not (k == "hessian" and v == HAP_ESTIMATOR)}  # hashes made before these settings existed
     if settings.latency is not None:  # the reference is re-measured on every run: the setting is what counts
         fields["latency"] = {k: v for k, v in settings.latency.items() if k != "reference_ms"}
     h.update(json.dumps(fields, sort_keys=True).encode())

@@ -37,9 +37,12 @@ from leanconv.cost.runtimes import Prepared, prepare
 from leanconv.cost.side_by_side import time_side_by_side
 from leanconv.deploy.onnx import OPSETS, export_onnx
 from leanconv.errors import LeanconvError
+from leanconv.importance.hessian.hap import HAP_ESTIMATOR
 from leanconv.layers.periodic_sparse import PATTERNS
-from leanconv.runs.config import (RunConfig, command_line, finetune_epochs, finetune_lr, latency_batch, latency_repeats,
-                                  latency_table, probes, runtime, score_images, seed, setting, threads, train_subset)
+from leanconv.runs import recovery
+from leanconv.runs.config import (RunConfig, command_line, finetune_epochs, finetune_lr, hessian, latency_batch,
+                                  latency_repeats, latency_table, probes, runtime, score_images, seed, setting, threads,
+                                  train_subset)
 from leanconv.runs.convert import ConvertConfig
 from leanconv.runs.prune import PruneConfig
 from leanconv.runs.prune3d import Prune3dConfig, check_box
@@ -48,6 +51,7 @@ from leanconv.runs.results import append_result, read_results
 from leanconv.runs.sensitivity import SensitivityConfig
 from leanconv.runs.source import Source
 from leanconv.train import evaluate
+from leanconv.train.distill import DEFAULT_TEMPERATURE, DEFAULT_WEIGHT
 from leanconv.util import checks
 from leanconv.util.files import file_sha256
 from leanconv.util.progress import Progress
@@ -69,6 +73,10 @@ DEFAULT_METHODS = ("hap", "hap+implant", "l1", "taylor", "random", "3d", "scc", 
 IDENTITY = ("finetune_epochs", "finetune_lr", "train_subset", "score_images", "probes", "seed", "samples",
             "scc_groups", "scc_overlap", "psconv_pattern")
 LATENCY_IDENTITY = ("budget", "runtime", "threads", "latency_batch", "latency_table")  # with --target-latency only
+# Identity fields that comparisons made before they existed did not record: each joins the
+# identity only when it differs from this default, so such a folder still resumes.
+LATER_IDENTITY = {"hessian": HAP_ESTIMATOR, "distill": False, "distill_temperature": DEFAULT_TEMPERATURE,
+                  "distill_weight": DEFAULT_WEIGHT}
 RUNTIME_KEYS = {"torch": "torch", "onnxruntime": "onnx", "openvino": "openvino"}  # runtime -> its key in latency_ms
 TIMED_BATCHES = (1, 64)
 ENTRY_BATCH = 128  # every entry's batch size
@@ -109,6 +117,12 @@ class CompareConfig(RunConfig):
     finetune_epochs: int = finetune_epochs(1, "fine-tuning epochs of every entry")
     finetune_lr: float = finetune_lr()
     probes: int = probes(32)
+    hessian: str = hessian(HAP_ESTIMATOR)
+    # recovery (runs/recovery.py): the width and layer entries distil from the baseline while fine-tuning
+    distill: bool = recovery.distill(" (width and layer entries; 3d entries fine-tune at their reduced resolution "
+                                     "without a teacher)")
+    distill_temperature: float = recovery.distill_temperature()
+    distill_weight: float = recovery.distill_weight()
     score_images: int = score_images()
     train_subset: int | None = train_subset(help="fine-tune every entry on the first N training images only (the 3d "
                                                  "entry: its samples; its chosen model uses all)")
@@ -137,6 +151,7 @@ class CompareConfig(RunConfig):
         if isinstance(self.targets, (int, float)) and not isinstance(self.targets, bool):
             object.__setattr__(self, "targets", (self.targets,))  # one budget
         _targets(self.targets, "--target-flops")
+        recovery.check_settings(self)
         if isinstance(self.methods, str):
             object.__setattr__(self, "methods", _words(self.methods))  # "l1,scc" as on the command line
         if not self.methods:
@@ -194,18 +209,27 @@ def entry_config(c: CompareConfig, method: str, target: float | None) -> RunConf
         return PruneConfig(method=criterion, target=target, implant=implant, finetune_epochs=c.finetune_epochs,
                            finetune_lr=c.finetune_lr, score_images=c.score_images, probes=c.probes, seed=c.seed,
                            train_subset=c.train_subset, batch_size=ENTRY_BATCH, latency_repeats=c.latency_repeats,
-                           **kind)
+                           hessian=c.hessian, **_distillation(c), **kind)
     if method == "3d":  # its final fine-tuning uses the whole training split; a train subset caps the samples'
         images = min(c.train_subset, 2000) if c.train_subset is not None else 2000
         kind = {"kind": "latency", "runtime": c.runtime, "runtime_threads": c.threads,
                 "latency_batch": c.latency_batch} if _latency_3d(c) else {}
         return Prune3dConfig(target=target, samples=c.samples, sample_epochs=1, sample_images=images,
                              finetune_epochs=c.finetune_epochs, finetune_lr=c.finetune_lr, score_images=c.score_images,
-                             probes=c.probes, seed=c.seed, latency_repeats=2, batch_size=ENTRY_BATCH, **kind)
+                             probes=c.probes, hessian=c.hessian, seed=c.seed, latency_repeats=2,
+                             batch_size=ENTRY_BATCH, **kind)
     shape = {"groups": c.scc_groups, "overlap": c.scc_overlap} if method == "scc" else {"pattern": c.psconv_pattern}
     # the new layers start fitted to the trained ones (convert's --init auto): the comparison's fine-tuning rate
     return ConvertConfig(to=method, **shape, seed=c.seed, finetune_epochs=c.finetune_epochs,
-                         finetune_lr=c.finetune_lr, train_subset=c.train_subset, batch_size=ENTRY_BATCH)
+                         finetune_lr=c.finetune_lr, train_subset=c.train_subset, batch_size=ENTRY_BATCH,
+                         **_distillation(c))
+
+
+def _distillation(c: CompareConfig) -> dict[str, Any]:
+    """The distillation settings a width or layer entry takes (none without ``--distill``)."""
+    if not c.distill:
+        return {}
+    return {"distill": True, "distill_temperature": c.distill_temperature, "distill_weight": c.distill_weight}
 
 
 def _latency_3d(c: CompareConfig) -> bool:
@@ -224,7 +248,7 @@ def _notes(c: CompareConfig, method: str, config: RunConfig, result: Result) -> 
             measured = last["measured"]["median"] if last["measured"] else None
             notes += (f"; solved for {c.runtime} latency x{config.target:g} (batch {c.latency_batch}), predicted "
                       f"x{last['predicted']:.3f}" + (f", measured x{measured:.3f}" if measured is not None else ""))
-        return "width", method, notes
+        return "width", method, notes + _distilled(c)
     if method == "3d":
         choice = record["choice"]["realised"]
         notes = (f"d={choice.get('d', float('nan')):.2f} w={choice.get('w', float('nan')):.2f} "
@@ -245,7 +269,14 @@ def _notes(c: CompareConfig, method: str, config: RunConfig, result: Result) -> 
     notes = (f"new layers {start}" + (f" ({fitted:.2f}% before fine-tuning)" if fitted is not None else "")
              + f", then trained {c.finetune_epochs} epochs at lr {record.get('finetune_lr', config.finetune_lr):g}; "
              "other weights from the baseline; BatchNorm statistics then re-estimated")
-    return "layer", label, notes
+    return "layer", label, notes + _distilled(c)
+
+
+def _distilled(c: CompareConfig) -> str:
+    """What an entry's notes add when it was fine-tuned with distillation."""
+    if not c.distill:
+        return ""
+    return f"; fine-tuned with distillation from the baseline (T={c.distill_temperature:g}, A={c.distill_weight:g})"
 
 
 @dataclass
@@ -371,7 +402,9 @@ def _identity(ctx: _Context) -> dict[str, Any]:
     identity = {"checkpoint_sha256": file_sha256(source.checkpoint), "dataset": source.data.name,
                 "data_dir": None if source.data_dir is None else str(Path(source.data_dir).resolve()),
                 "input_shape": list(source.shape), "resolution": source.resolution,
-                **{name: getattr(ctx.config, name) for name in IDENTITY}}
+                **{name: getattr(ctx.config, name) for name in IDENTITY},
+                **{name: getattr(ctx.config, name) for name, default in LATER_IDENTITY.items()
+                   if getattr(ctx.config, name) != default}}
     if ctx.config.budget == "latency":
         identity.update({name: getattr(ctx.config, name) for name in LATENCY_IDENTITY})
     return json.loads(json.dumps(identity))

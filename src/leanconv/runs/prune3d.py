@@ -20,11 +20,13 @@ run; the method's parts are in :mod:`leanconv.prune3d`:
 MACs are multiply-accumulates for one image (FLOPs = 2 x MACs: the same ratios).
 
 With a latency budget (``kind="latency"``, ``--target-latency R``) step 1 times the unpruned
-model on the runtime and calibrates the latency table on it, a point's cost is its predicted
-latency ratio and its width is cut on the runtime's staircase (:mod:`leanconv.prune3d.latency`),
-and step 4 times the chosen model and two alternatives from the budget boundary side by side with
-the unpruned one, keeps the most accurate (predicted) that measures within ``R + SLACK``, and
-otherwise tightens and chooses again (:func:`_choose_measured`).
+model on the runtime and calibrates the latency table on it, a point's cost is its latency
+ratio (timed, or predicted by the table when tasks run in parallel) and its width is cut on the
+runtime's staircase (:mod:`leanconv.prune3d.latency`); step 4 first times the unpruned model at
+every side of the box and scales the fitted latency model by that profile, then times the
+chosen model and two alternatives from the budget boundary side by side with the unpruned one,
+keeps the most accurate (predicted) that measures within ``R + SLACK``, and otherwise tightens
+and chooses again (:func:`_choose_measured`).
 """
 
 from __future__ import annotations
@@ -42,14 +44,16 @@ from torch import nn
 from leanconv import checkpoint
 from leanconv.errors import LeanconvError
 from leanconv.importance import criterion_names
+from leanconv.importance.hessian.hap import HAP_ESTIMATOR
 from leanconv.prune3d.executors import LocalExecutor, one_at_a_time
 from leanconv.width.budget import check_reachable
-from leanconv.prune3d.latency import check_latency_box, origin_latency
+from leanconv.prune3d.latency import SideCorrected, check_latency_box, origin_latency, side_profile
 from leanconv.prune3d.realise import Origin, StepSettings, brief_finetune, load_origin, min_side, val_accuracy
 from leanconv.prune3d.samples import SampleStore, collect_samples, plan_tasks
 from leanconv.prune3d.search import alternatives, check_budget, choose, fit_samples, predicted_accuracy, sampling_floors
-from leanconv.runs.config import (RunConfig, batch_size, finetune_epochs, finetune_lr, latency_batch, latency_repeats,
-                                  probes, reproducing_command, runtime, score_images, seed, setting, train_subset)
+from leanconv.runs.config import (RunConfig, batch_size, finetune_epochs, finetune_lr, hessian, latency_batch,
+                                  latency_repeats, probes, reproducing_command, runtime, score_images, seed, setting,
+                                  train_subset)
 from leanconv.runs.latency import MAX_ATTEMPTS, SLACK, LatencyBudget, describe
 from leanconv.runs.record import Record, Result, add_latency, measure, one_shot, time_pair
 from leanconv.runs.source import Source
@@ -97,6 +101,7 @@ class Prune3dConfig(RunConfig):
     batch_size: int = batch_size()
     score_images: int = score_images()
     probes: int = probes(32)
+    hessian: str = hessian(HAP_ESTIMATOR)
     w_min: float = setting(0.4, "--w-min", check=lambda v, n: checks.fraction(v, n),
                            help="smallest width in the search box")
     r_min: float = setting(0.5, "--r-min", check=lambda v, n: checks.number(v, n, above=0, at_most=1),
@@ -130,7 +135,7 @@ class Prune3dConfig(RunConfig):
                       input_shape: tuple[int, ...] | None = None) -> StepSettings:
         """How each sampling step prunes and briefly fine-tunes (plain values, sent to workers)."""
         return StepSettings(data=data, data_dir=data_dir, method=self.method, normalize=self.normalize,
-                            score_images=self.score_images, probes=self.probes,
+                            score_images=self.score_images, probes=self.probes, hessian=self.hessian,
                             min_per_stage=self.min_blocks_per_stage, epochs=self.sample_epochs,
                             images=self.sample_images, lr=self.finetune_lr, batch_size=self.batch_size, seed=self.seed,
                             constructor=constructor, input_shape=None if input_shape is None else list(input_shape),
@@ -276,6 +281,12 @@ def _choose_measured(origin: Origin, fit: dict, config: Prune3dConfig, say: Stag
     ``target / measured`` (of its own choice) and it chooses again, at most ``MAX_ATTEMPTS``
     times. Every attempt is recorded with every candidate timed."""
     goal, attempts, budget = config.target, [], config.budget()
+    sides = range(min_side(origin, config.r_min), origin.side + 1)
+    say(f"timing the unpruned model at {len(sides)} input sides ({sides[0]}-{sides[-1]})")
+    corrected = SideCorrected(fit["cost"], origin.side, side_profile(origin.model, origin.shape, sides,
+                                                                     budget.measure))
+    fit["cost"] = corrected  # the caller's record shows the correction with the fit it scales
+    fit["cost_model"]["side_correction"] = corrected.to_dict()
     for _ in range(MAX_ATTEMPTS):
         try:
             result, model, point, curve = choose(origin, fit, goal, r_min=config.r_min, grid=config.grid)

@@ -40,10 +40,11 @@ __all__ = ["distill", "distill_temperature", "distill_weight", "regularize_epoch
 # ---------------------------------------------------------------- the settings
 
 
-def distill() -> Any:
+def distill(where: str = "") -> Any:
+    """``--distill``; ``where`` ends its help (which models it applies to)."""
     return setting(False, "--distill", help="fine-tune with knowledge distillation from the unpruned model "
                    "(Hinton et al. 2015): loss (1-A)*CE + A*T^2*KL(teacher || student) on softened outputs; needs "
-                   "--finetune-epochs")
+                   f"--finetune-epochs{where}")
 
 
 def distill_temperature() -> Any:
