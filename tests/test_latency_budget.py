@@ -168,6 +168,44 @@ def test_solver_configs_cover_every_plan_the_solver_can_make():
     assert table.measured == 0  # nothing beyond what solver_configs named
 
 
+class _Clock:
+    """A stand-in for the side-by-side timing: the pruned model measures ``factor`` times the
+    table's prediction (a runtime faster or slower than the table says)."""
+
+    def __init__(self, latency: LatencyModel, factor: float):
+        self.latency, self.factor, self.calls = latency, factor, 0
+
+    def measure(self, models, shape):
+        self.calls += 1
+        value = self.factor * self.latency.predict(models["pruned"]) / self.latency.reference_ms
+        ratio = {"median": value, "low": value, "high": value}
+        return type("Timed", (), {"ratio": {"pruned": ratio},
+                                  "latency_ms": {"unpruned": {"median_ms": self.latency.reference_ms}}})()
+
+
+@pytest.mark.parametrize("factor", [0.7, 1.4])
+def test_a_measured_latency_far_from_the_target_moves_the_goal_toward_it(factor):
+    from leanconv.importance import create_criterion
+    from leanconv.runs.latency import MAX_ATTEMPTS, SLACK, final_attempt, prune_to_measured_latency
+
+    model = _model()
+    latency = _latency(model)
+    latency.refit = lambda model, ms: None  # the stand-in clock keeps the table's scale
+    clock = _Clock(latency, factor)
+    results, attempts = prune_to_measured_latency(model, create_criterion("l1"), torch.zeros(1, *SHAPE), latency,
+                                                  clock, target=0.5, shape=SHAPE, data=_data())
+    first = attempts[0]
+    assert first["goal"] == 0.5 and 2 <= len(attempts) <= MAX_ATTEMPTS and clock.calls == len(attempts)
+    assert (attempts[1]["goal"] > 0.5) == (factor < 1)  # faster than asked: loosened; slower: tightened
+    final = final_attempt(attempts)
+    assert final["measured"]["median"] <= 0.5 + SLACK  # what is kept meets the target
+    within = [a for a in attempts if a["measured"]["median"] <= 0.5 + SLACK]
+    assert final["goal"] == max(a["goal"] for a in within)  # the loosest goal that met it
+    assert sum(bool(a.get("final")) for a in attempts) == 1
+    assert final["measured"]["median"] == pytest.approx(factor * latency.predict(model) / latency.reference_ms)
+    assert results[0].achieved == pytest.approx(latency.predict(model) / latency.reference_ms)  # adopted: the final
+
+
 def test_measured_damage_prices_every_allowed_cut():
     model = _model()
     latency = _latency(model)
@@ -235,8 +273,9 @@ def test_prune_target_latency_records_the_budget_and_times_side_by_side(trained_
     attempt = budget["attempts"][0]
     assert attempt["goal"] == 0.7 and attempt["price"] == "damage" and attempt["candidates"]["candidates"] >= 1
     assert attempt["measured"]["low"] <= attempt["measured"]["median"] <= attempt["measured"]["high"]
-    for later, earlier in zip(budget["attempts"][1:], budget["attempts"]):
-        assert later["goal"] < earlier["goal"]  # a missed target tightens the goal
+    for later, earlier in zip(budget["attempts"][1:], budget["attempts"]):  # over tightens, well under loosens
+        assert (later["goal"] < earlier["goal"]) == (earlier["measured"]["median"] > 0.7 + 0.03)
+    assert sum(bool(a.get("final")) for a in budget["attempts"]) == 1
     assert record["rounds"][0]["macs_after"] < record["rounds"][0]["macs_before"]
     assert record["after_prune_before_finetune"]["bn"] == "re-estimated on training images"
     assert summary["runtime"].startswith("onnxruntime ") and record["timing"]["runtime"] == "onnxruntime"

@@ -44,6 +44,7 @@ from leanconv.runs.config import (RunConfig, command_line, finetune_epochs, fine
                                   latency_repeats, latency_table, probes, runtime, score_images, seed, setting, threads,
                                   train_subset)
 from leanconv.runs.convert import ConvertConfig
+from leanconv.runs.latency import final_attempt
 from leanconv.runs.prune import PruneConfig
 from leanconv.runs.prune3d import Prune3dConfig, check_box
 from leanconv.runs.record import Result
@@ -244,7 +245,7 @@ def _notes(c: CompareConfig, method: str, config: RunConfig, result: Result) -> 
     if method in WIDTH:
         notes = f"{config.method} scores, MACs x{record['achieved']['macs']:.3f}"
         if c.budget == "latency":
-            last = record["latency_budget"]["attempts"][-1]
+            last = final_attempt(record["latency_budget"]["attempts"])
             measured = last["measured"]["median"] if last["measured"] else None
             notes += (f"; solved for {c.runtime} latency x{config.target:g} (batch {c.latency_batch}), predicted "
                       f"x{last['predicted']:.3f}" + (f", measured x{measured:.3f}" if measured is not None else ""))

@@ -13,9 +13,13 @@ model's latency *measured* on the run's runtime (``--runtime``, ``--threads``, `
    measured damage, the best of ``--candidates`` allocations by validation loss right after
    the cut); the result is timed side by side
    with the unpruned model (:mod:`leanconv.cost.side_by_side`). A measured ratio above
-   ``R + 0.03`` tightens the goal by ``R / measured`` and solves again (at most
-   :data:`MAX_ATTEMPTS` times); every attempt is recorded. With a table made on another CPU
-   nothing can be measured here: the result is the prediction, and the record says so.
+   ``R + 0.03`` tightens the goal by ``R / measured`` and solves again; one below ``R - 0.03``
+   (the model is faster than it needs to be, so it gave up accuracy for nothing) loosens it
+   the same way. Once one goal measured within and another over, the next goal lies halfway
+   between them. At most :data:`MAX_ATTEMPTS` solves; the kept model is the one of the
+   loosest goal that measured within ``R + 0.03`` (``final`` in the record's attempts), every
+   attempt is recorded. With a table made on another CPU nothing can be measured here: the
+   result is the prediction, and the record says so.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from leanconv.util.progress import Progress, Stage, quiet
 from leanconv.width.budget import PruneResult
 from leanconv.width.latency_budget import LatencyPruner, adopt, check_latency_reachable
 
-__all__ = ["MAX_ATTEMPTS", "SLACK", "LatencyBudget", "describe", "prune_to_measured_latency"]
+__all__ = ["MAX_ATTEMPTS", "SLACK", "LatencyBudget", "describe", "prune_to_measured_latency", "final_attempt"]
 
 MAX_ATTEMPTS = 4
 SLACK = 0.03  # a measured ratio up to target + SLACK meets the target
@@ -100,15 +104,18 @@ def prune_to_measured_latency(model: nn.Module, criterion, example: torch.Tensor
                            normalize=normalize, candidates=candidates if has_data else 1, seed=seed, strict=strict,
                            progress=progress)
     verify = latency.table.here  # a table from another CPU: nothing here says how fast it runs there
-    goal, attempts, best = target, [], None
+    goal, attempts, last, chosen = target, [], None, None
+    within_goal = over_goal = None  # the loosest goal measured within, the tightest measured over
     for _ in range(MAX_ATTEMPTS):
         plan = pruner.solve(goal)
+        if any(a["kept"] == plan.kept for a in attempts):
+            break  # the staircase gives the same model again: nothing new to measure
         trial, result = pruner.realise(plan, target)
         entry: dict[str, Any] = {"goal": goal, "predicted": result.achieved, "measured": None,
                                  "kept": plan.kept, "price": pruner.price, "candidates": pruner.chosen}
         attempts.append(entry)
+        last = (trial, result, entry)
         if not verify:
-            best = (trial, result)
             break
         sbs = budget.measure({"unpruned": model, "pruned": trial}, shape)
         ratio = sbs.ratio["pruned"]
@@ -117,20 +124,48 @@ def prune_to_measured_latency(model: nn.Module, criterion, example: torch.Tensor
         latency.refit(model, entry["unpruned_ms"])  # the next solve predicts from this steadier figure
         say(f"goal {goal:.3f}: predicted {result.achieved:.3f}, measured {ratio['median']:.3f} "
             f"({ratio['low']:.3f}-{ratio['high']:.3f}) of the unpruned latency")
-        best = (trial, result)
+        goal = _next_goal(goal, ratio["median"], target, within_goal, over_goal, pruner.fastest)
         if ratio["median"] <= target + SLACK:
+            if within_goal is None or entry["goal"] > within_goal:
+                within_goal, chosen = entry["goal"], last
+        else:
+            over_goal = entry["goal"] if over_goal is None else min(over_goal, entry["goal"])
+        if goal is None:
             break
-        tighter = goal * target / ratio["median"]
-        if tighter < pruner.fastest:
-            break
-        goal = tighter
-    trial, result = best
-    met = attempts[-1]["measured"] is not None and attempts[-1]["measured"]["median"] <= target + SLACK
-    if verify and not met:
-        say(f"warning: the result measures {attempts[-1]['measured']['median']:.3f} of the unpruned latency, above "
+    trial, result, entry = chosen or last
+    entry["final"] = True
+    if verify and chosen is None:
+        say(f"warning: the result measures {entry['measured']['median']:.3f} of the unpruned latency, above "
             f"the target {target:g} + {SLACK}; the runtime's timing may be noisy here (see the record's attempts)")
     adopt(model, trial)
     return [result], attempts
+
+
+def _next_goal(goal: float, measured: float, target: float, within_goal: float | None, over_goal: float | None,
+               fastest: float) -> float | None:
+    """The goal of the next solve after ``goal`` measured ``measured`` (None: stop). Within
+    ``target +- SLACK``: stop. Over: tighter by ``target / measured``, but not past halfway to
+    the loosest goal that measured within; under: looser the same way, but not past halfway to
+    the tightest goal that measured over. ``within_goal`` and ``over_goal`` are those before
+    this measurement."""
+    if abs(measured - target) <= SLACK:
+        return None
+    step = goal * target / measured
+    if measured > target:
+        if within_goal is not None:
+            step = max(step, (goal + within_goal) / 2)
+        return step if step >= fastest else None
+    if over_goal is not None:
+        step = min(step, (goal + over_goal) / 2)  # no further than halfway to a goal that measured over
+    elif step >= 1.0:
+        step = (goal + 1.0) / 2  # a goal of 1 would keep every channel
+    return step if step > goal * 1.001 else None
+
+
+def final_attempt(attempts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The attempt whose model a latency budget kept (``final``; a record from before loosening
+    kept its last)."""
+    return next((a for a in attempts if a.get("final")), attempts[-1])
 
 
 def describe(latency: LatencyModel) -> dict[str, Any]:
