@@ -118,7 +118,8 @@ class CompareConfig(RunConfig):
     finetune_epochs: int = finetune_epochs(1, "fine-tuning epochs of every entry")
     finetune_lr: float = finetune_lr()
     probes: int = probes(32)
-    hessian: str = hessian(HAP_ESTIMATOR)
+    hessian: str = hessian(HAP_ESTIMATOR, "; for the hap, hap+implant and 3d entries (3-D pruning cuts width "
+                           "with hap)")
     # recovery (runs/recovery.py): the width and layer entries distil from the baseline while fine-tuning
     distill: bool = recovery.distill(" (width and layer entries; 3d entries fine-tune at their reduced resolution "
                                      "without a teacher)")

@@ -119,13 +119,14 @@ def probes(default: int) -> Any:
                    metavar="N", help="cap on Hutchinson probes for hap")
 
 
-def hessian(default: str) -> Any:
-    """How HAP's curvature is estimated (:data:`leanconv.importance.hessian.ESTIMATORS`)."""
+def hessian(default: str, where: str = "") -> Any:
+    """How HAP's curvature is estimated (:data:`leanconv.importance.hessian.ESTIMATORS`);
+    ``where`` ends the help (what it applies to)."""
     return setting(default, "--hessian", check=lambda v, n: checks.one_of(v, n, ESTIMATORS), choices=ESTIMATORS,
                    help="how the curvature is estimated: hutchinson = random probes (the paper's), hutch++ = "
                    "probes with a sketched low-rank part taken exactly, gauss-newton = the exact Gauss-Newton "
                    "blocks from per-image Jacobians (equal to the Hessian's for ReLU networks; no probe noise, "
-                   "cross-entropy only)")
+                   f"cross-entropy only){where}")
 
 
 def seed() -> Any:

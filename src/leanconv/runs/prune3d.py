@@ -101,7 +101,7 @@ class Prune3dConfig(RunConfig):
     batch_size: int = batch_size()
     score_images: int = score_images()
     probes: int = probes(32)
-    hessian: str = hessian(HAP_ESTIMATOR)
+    hessian: str = hessian(HAP_ESTIMATOR, "; with --method hap")
     w_min: float = setting(0.4, "--w-min", check=lambda v, n: checks.fraction(v, n),
                            help="smallest width in the search box")
     r_min: float = setting(0.5, "--r-min", check=lambda v, n: checks.number(v, n, above=0, at_most=1),
