@@ -206,6 +206,38 @@ def test_a_measured_latency_far_from_the_target_moves_the_goal_toward_it(factor)
     assert results[0].achieved == pytest.approx(latency.predict(model) / latency.reference_ms)  # adopted: the final
 
 
+def test_the_next_goal_moves_toward_the_target_and_stays_inside_the_bracket():
+    from leanconv.runs.latency import _next_goal
+
+    assert _next_goal(0.5, 0.51, 0.5, None, None, 0.1) is None  # within +- SLACK: done
+    assert _next_goal(0.5, 0.625, 0.5, None, None, 0.1) == pytest.approx(0.4)  # over: tighter by R / measured
+    assert _next_goal(0.5, 0.4, 0.5, None, None, 0.1) == pytest.approx(0.625)  # well under: looser the same way
+    assert _next_goal(0.5, 1.0, 0.5, None, None, 0.3) is None  # tighter than the fastest plan: stop
+    assert _next_goal(0.6, 0.2, 0.5, None, None, 0.1) == pytest.approx(0.8)  # never a goal of 1 or more
+    assert _next_goal(0.6, 0.7, 0.5, 0.5, None, 0.1) == pytest.approx(0.55)  # over, 0.5 was within: halfway
+    assert _next_goal(0.4, 0.3, 0.5, None, 0.5, 0.1) == pytest.approx(0.45)  # under, 0.5 was over: halfway
+    assert _next_goal(0.5, 0.46, 0.5, None, 0.5004, 0.1) is None  # no room left between the two
+
+
+def test_a_model_already_timed_over_the_target_is_not_timed_again(monkeypatch):
+    from leanconv.importance import create_criterion
+    from leanconv.runs.latency import final_attempt, prune_to_measured_latency
+
+    solve = LatencyPruner.solve  # a coarse staircase: every goal above 0.42 gives the plan of 0.5
+    monkeypatch.setattr(LatencyPruner, "solve", lambda self, goal: solve(self, 0.5 if goal > 0.42 else goal))
+    model = _model()
+    latency = _latency(model)
+    latency.refit = lambda model, ms: None
+    clock = _Clock(latency, 1.1)  # 10% over the table: the plan of 0.5 measures over the target
+    _, attempts = prune_to_measured_latency(model, create_criterion("l1"), torch.zeros(1, *SHAPE), latency, clock,
+                                            target=0.5, shape=SHAPE, data=_data())
+    plans = [tuple(a["kept"]) for a in attempts]
+    assert len(plans) == len(set(plans)) == clock.calls == 2  # the repeated plan was not timed again
+    assert attempts[0]["measured"]["median"] > 0.53 and attempts[1]["goal"] < 0.42  # it aimed below that plan
+    final = final_attempt(attempts)
+    assert final is attempts[1] and final["measured"]["median"] <= 0.53
+
+
 def test_measured_damage_prices_every_allowed_cut():
     model = _model()
     latency = _latency(model)

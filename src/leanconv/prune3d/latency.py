@@ -23,9 +23,9 @@ fixed layers, the runtime's call cost, each block's op overheads, the fixed cost
 :data:`LATENCY_TERMS` fitted to the samples. A smooth fit cannot follow what a runtime does at
 particular sides (its kernels and tiles change with the feature maps' sizes: on ONNX Runtime
 the trained ResNet-20 measured 0.67 of its latency at side 21 but 0.45 at side 17 and 0.28 at
-side 14), so before choosing, the unpruned model is timed once at every side of the box, side
-by side (:func:`side_profile`), and the fit is scaled at each side by the measured over the
-fitted latency there (:class:`SideCorrected`).
+side 14), so before choosing (when points are timed), the unpruned model is timed once at
+every side of the box, side by side (:func:`side_profile`), and the fit is scaled at each side
+by the measured over the fitted latency there (:class:`SideCorrected`).
 The search box is refused before any work when its smallest point is predicted above the
 target (:func:`check_latency_box`).
 """

@@ -16,7 +16,9 @@ model's latency *measured* on the run's runtime (``--runtime``, ``--threads``, `
    ``R + 0.03`` tightens the goal by ``R / measured`` and solves again; one below ``R - 0.03``
    (the model is faster than it needs to be, so it gave up accuracy for nothing) loosens it
    the same way. Once one goal measured within and another over, the next goal lies halfway
-   between them. At most :data:`MAX_ATTEMPTS` solves; the kept model is the one of the
+   between them; a solve that returns a model already timed is not timed again (still over
+   the target with nothing within: the goal drops below that model's prediction). At most
+   :data:`MAX_ATTEMPTS` solves; the kept model is the one of the
    loosest goal that measured within ``R + 0.03`` (``final`` in the record's attempts), every
    attempt is recorded. With a table made on another CPU nothing can be measured here: the
    result is the prediction, and the record says so.
@@ -108,8 +110,15 @@ def prune_to_measured_latency(model: nn.Module, criterion, example: torch.Tensor
     within_goal = over_goal = None  # the loosest goal measured within, the tightest measured over
     for _ in range(MAX_ATTEMPTS):
         plan = pruner.solve(goal)
-        if any(a["kept"] == plan.kept for a in attempts):
-            break  # the staircase gives the same model again: nothing new to measure
+        seen = next((a for a in attempts if a["kept"] == plan.kept), None)
+        if seen is not None:  # the staircase gives a model already measured: nothing new to time
+            if chosen is not None or seen["measured"] is None or seen["measured"]["median"] <= target + SLACK:
+                break
+            # still over and nothing within yet: aim below that model's own prediction and solve again
+            goal = min(goal, seen["predicted"]) * target / seen["measured"]["median"]
+            if goal < pruner.fastest:
+                break
+            continue
         trial, result = pruner.realise(plan, target)
         entry: dict[str, Any] = {"goal": goal, "predicted": result.achieved, "measured": None,
                                  "kept": plan.kept, "price": pruner.price, "candidates": pruner.chosen}

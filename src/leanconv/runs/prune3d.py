@@ -22,8 +22,9 @@ MACs are multiply-accumulates for one image (FLOPs = 2 x MACs: the same ratios).
 With a latency budget (``kind="latency"``, ``--target-latency R``) step 1 times the unpruned
 model on the runtime and calibrates the latency table on it, a point's cost is its latency
 ratio (timed, or predicted by the table when tasks run in parallel) and its width is cut on the
-runtime's staircase (:mod:`leanconv.prune3d.latency`); step 4 first times the unpruned model at
-every side of the box and scales the fitted latency model by that profile, then times the
+runtime's staircase (:mod:`leanconv.prune3d.latency`); step 4 first (when points are timed)
+times the unpruned model at every side of the box and scales the fitted latency model by that
+profile, then times the
 chosen model and two alternatives from the budget boundary side by side with the unpruned one,
 keeps the most accurate (predicted) that measures within ``R + SLACK``, and otherwise tightens
 and chooses again (:func:`_choose_measured`).
@@ -281,12 +282,15 @@ def _choose_measured(origin: Origin, fit: dict, config: Prune3dConfig, say: Stag
     ``target / measured`` (of its own choice) and it chooses again, at most ``MAX_ATTEMPTS``
     times. Every attempt is recorded with every candidate timed."""
     goal, attempts, budget = config.target, [], config.budget()
-    sides = range(min_side(origin, config.r_min), origin.side + 1)
-    say(f"timing the unpruned model at {len(sides)} input sides ({sides[0]}-{sides[-1]})")
-    corrected = SideCorrected(fit["cost"], origin.side, side_profile(origin.model, origin.shape, sides,
-                                                                     budget.measure))
-    fit["cost"] = corrected  # the caller's record shows the correction with the fit it scales
-    fit["cost_model"]["side_correction"] = corrected.to_dict()
+    if origin.timed and not isinstance(fit["cost"], SideCorrected):
+        # points were timed, so the fit is on the clock's scale, and so is the profile; points the
+        # table predicted keep the table's scale, which each choice is checked against
+        sides = range(min_side(origin, config.r_min), origin.side + 1)
+        say(f"timing the unpruned model at {len(sides)} input sides ({sides[0]}-{sides[-1]})")
+        corrected = SideCorrected(fit["cost"], origin.side, side_profile(origin.model, origin.shape, sides,
+                                                                         budget.measure))
+        fit["cost"] = corrected  # the caller's record shows the correction with the fit it scales
+        fit["cost_model"]["side_correction"] = corrected.to_dict()
     for _ in range(MAX_ATTEMPTS):
         try:
             result, model, point, curve = choose(origin, fit, goal, r_min=config.r_min, grid=config.grid)
