@@ -31,7 +31,6 @@ unpruned one side by side and, if it misses the target, tightens and solves agai
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -48,8 +47,10 @@ from leanconv.util import checks
 from leanconv.util.model_io import to_model
 from leanconv.util.progress import Progress
 from leanconv.width.budget import Importance, PruneResult
-from leanconv.width.planner import Planner, apply_plan, checked_scores, cut_copy, layer_changes, normalized
-from leanconv.width.candidates import adaptive_bn_loss, check_candidates, choose, group_factors
+from leanconv.width.planner import Planner, checked_scores, cut_copy, layer_changes, normalized
+from leanconv.width.candidates import check_candidates, choose, group_factors
+from leanconv.width.damage import COUNTS as DAMAGE_COUNTS
+from leanconv.width.damage import measured_damage
 
 __all__ = ["prune_to_latency", "LatencyPruner", "LatencyPlan", "check_latency_reachable", "measured_damage",
            "solver_configs", "adopt", "PRICES"]
@@ -205,28 +206,6 @@ class _Solver:
         return found
 
 
-def measured_damage(model: nn.Module, traced: Sequence[TracedGroup], planner: Planner, options: list[list[int]],
-                    example_input: Tensor, data, progress: Callable[[int, int], None] | None = None
-                    ) -> dict[tuple[int, int], float]:
-    """Per group ``g`` and allowed count ``k``: the validation loss after cutting only ``g`` to
-    ``k`` channels (its lowest-ranked units) with BatchNorm re-estimated, minus the unpruned
-    model's loss measured the same way (EagleEye's adaptive-BN evaluation, one group at a time)."""
-    batches, loss_fn = list(data.batches), data.loss_fn
-    base = adaptive_bn_loss(copy.deepcopy(model), batches, loss_fn)
-    pairs = [(g, k) for g, opts in enumerate(options) for k in opts[1:]]
-    damage = {}
-    for i, (g, k) in enumerate(pairs, 1):
-        unit = traced[g].group.size // len(traced[g].units)
-        drop = [0] * len(traced)
-        drop[g] = (traced[g].group.size - k) // unit
-        trial = copy.deepcopy(model)
-        apply_plan(trial, traced, planner.plan(drop), example_input)
-        damage[(g, k)] = adaptive_bn_loss(trial, batches, loss_fn) - base
-        if progress is not None:
-            progress(i, len(pairs))
-    return damage
-
-
 def _product(lists: list[list[int]]):
     if not lists:
         yield ()
@@ -295,8 +274,9 @@ class LatencyPruner:
     ``importance`` is a criterion or precomputed scores (as in
     :func:`~leanconv.width.budget.prune_to_budget`); it decides which channels a group drops.
     ``price`` decides how many each group drops: ``damage`` (default when ``data`` holds
-    validation batches) prices a cut by its measured loss increase (:func:`measured_damage`),
-    ``importance`` by the criterion's scores of the dropped units.
+    validation batches) prices a cut by its measured loss increase (:func:`measured_damage`:
+    at most ``counts`` cuts per group measured, the others interpolated; None measures every
+    one), ``importance`` by the criterion's scores of the dropped units.
 
     ``candidates`` (with validation data): the allocation is then chosen by measured quality,
     as EagleEye (Li et al., ECCV 2020) does: besides the greedy plan, ``candidates - 1`` plans
@@ -308,7 +288,8 @@ class LatencyPruner:
                  latency: LatencyModel, input_shape: Sequence[int] | None = None, data=None, floor: float = 1,
                  step: int | None = None, normalize: str = "mean", price: str | None = None,
                  candidates: int = 1, seed: int = 0, ignored: Sequence[str] = (), strict: bool = True,
-                 progress: Progress | None = None, target: float | None = None) -> None:
+                 progress: Progress | None = None, target: float | None = None,
+                 counts: int | None = DAMAGE_COUNTS) -> None:
         _check(0.5, floor, step)
         if normalize not in ("mean", "none"):
             raise LeanconvError(f"normalize must be 'mean' or 'none', got {normalize!r}")
@@ -319,6 +300,8 @@ class LatencyPruner:
         if self.price == "damage" and not has_data:
             raise LeanconvError("price 'damage' measures each cut on validation batches: pass data=ScoringData(...)")
         check_candidates(candidates, seed, has_data)
+        if counts is not None and (isinstance(counts, bool) or not isinstance(counts, int) or counts < 1):
+            raise LeanconvError(f"counts must be a whole number >= 1 or None (every count), got {counts!r}")
         self.candidates, self.seed, self.data = candidates, seed, data
         self.report = report = progress or (lambda done, total, info: None)
         self.model, self.latency = model, latency
@@ -337,7 +320,8 @@ class LatencyPruner:
         traced = self.traced
         if self.price == "damage":
             damage = measured_damage(model, traced, self.planner, self.solver.options, self.example, data,
-                                     progress=lambda i, n: report(2, 3, {"stage": "damage", "done": i, "of": n}))
+                                     progress=lambda i, n: report(2, 3, {"stage": "damage", "done": i, "of": n}),
+                                     counts=counts)
             full = [t.group.size for t in traced]
 
             def lost(g: int, kept: int, lower: int) -> float:

@@ -1,0 +1,175 @@
+"""Measured damage of each cut (leanconv.width.damage): the frontier shortcut gives the numbers
+the whole model gives, the counts measured are capped and the rest interpolated, and models
+torch.fx cannot follow are evaluated whole."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from leanconv.importance import ScoringData, create_criterion
+from leanconv.width import damage as damage_module
+from leanconv.width.candidates import adaptive_bn_loss
+from leanconv.width.damage import interpolated, measured_damage, priced_counts
+from leanconv.width.latency_budget import _prepare
+from leanconv.width.planner import Planner, checked_scores, normalized
+
+SHAPE = (3, 12, 12)
+
+
+class Net(nn.Module):
+    """Stem, a residual block and a plain conv: a residual group and two inner groups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16))
+        self.c = nn.Sequential(nn.Conv2d(16, 24, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(24), nn.ReLU())
+        self.head = nn.Linear(24, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.b(self.a(x)))
+        return self.head(self.c(x).mean((2, 3)))
+
+
+class Branchy(Net):
+    """Control flow on the input's values: torch.fx cannot trace it."""
+
+    def forward(self, x):
+        if float(x.detach().sum()) > 1e9:
+            x = x * 0
+        return super().forward(x)
+
+
+class TrainingBranch(Net):
+    """A branch on ``self.training`` that tracing fixes at its mode then (eval): the traced
+    graph's loss differs from the model's, so it must not be used."""
+
+    def forward(self, x):
+        x = self.stem(x)
+        if self.training:
+            x = x * 1.5
+        x = torch.relu(x + self.b(self.a(x)))
+        return self.head(self.c(x).mean((2, 3)))
+
+
+def _setup(model: nn.Module):
+    torch.manual_seed(0)
+    model.eval()
+    gen = torch.Generator().manual_seed(3)
+    data = ScoringData([(torch.randn(6, *SHAPE, generator=gen), torch.randint(0, 4, (6,), generator=gen))
+                        for _ in range(3)])
+    traced, _, solver = _prepare(model, torch.zeros(1, *SHAPE), SHAPE, None, 1, 4, (), True)
+    planner = Planner(model, traced, floor=1, round_to=None, implant=0.0)
+    planner.rank(normalized(checked_scores(create_criterion("l1"), model, [t.group for t in traced], data), "mean"))
+    return traced, planner, solver.options, data
+
+
+def _damage(model, counts=None, whole=False, monkeypatch=None):
+    traced, planner, options, data = _setup(model)
+    if whole:
+        monkeypatch.setattr(damage_module._Graph, "trace", classmethod(lambda cls, *args: None))
+    calls = []
+    out = measured_damage(model, traced, planner, options, torch.zeros(1, *SHAPE), data,
+                          progress=lambda done, total: calls.append((done, total)), counts=counts)
+    if whole:
+        monkeypatch.undo()
+    return out, options, calls
+
+
+def _graph(model: nn.Module, data):
+    batches = list(data.batches)
+    base = adaptive_bn_loss(copy.deepcopy(model), batches, data.loss_fn)
+    return damage_module._Graph.trace(model, batches, data.loss_fn, base)
+
+
+def _close(a: dict, b: dict) -> None:
+    assert set(a) == set(b)
+    keys = sorted(a)
+    torch.testing.assert_close(torch.tensor([a[k] for k in keys]), torch.tensor([b[k] for k in keys]),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_the_frontier_gives_the_whole_models_damage(monkeypatch):
+    torch.manual_seed(1)
+    fast, options, _ = _damage(Net())
+    torch.manual_seed(1)
+    slow, _, _ = _damage(Net(), whole=True, monkeypatch=monkeypatch)
+    assert len(options) == 3 and set(fast) == {(g, k) for g, opts in enumerate(options) for k in opts[1:]}
+    _close(fast, slow)
+    assert any(abs(v) > 1e-3 for v in fast.values())  # the cuts do change the loss
+
+
+def test_starting_after_the_first_cut_layer(monkeypatch):
+    """The group of ``c`` starts deep in the graph: its frontier is the block's output."""
+    torch.manual_seed(1)
+    model = Net()
+    traced, _, _, data = _setup(model)
+    batches = list(data.batches)
+    graph = _graph(model, data) or pytest.fail("no graph")
+    deep = next(t for t in traced if t.group.root == "c.0")
+    frontier = graph.frontier(damage_module._members(deep))
+    assert [n.name for n in frontier.read] == ["relu"]  # the residual block's output only
+    assert len(frontier.values[True]) == len(frontier.values[False]) == len(batches)
+
+
+@pytest.mark.parametrize("cls", [Branchy, TrainingBranch])
+def test_a_model_fx_cannot_follow_is_evaluated_whole(cls, monkeypatch):
+    torch.manual_seed(1)
+    model = cls()
+    assert _graph(model, _setup(model)[3]) is None
+    torch.manual_seed(1)
+    fast, _, _ = _damage(cls())
+    torch.manual_seed(1)
+    slow, _, _ = _damage(cls(), whole=True, monkeypatch=monkeypatch)
+    _close(fast, slow)
+
+
+def test_a_frontier_over_the_memory_cap_is_evaluated_whole(monkeypatch):
+    torch.manual_seed(1)
+    slow, _, _ = _damage(Net(), whole=True, monkeypatch=monkeypatch)
+    monkeypatch.setattr(damage_module, "FRONTIER_BYTES", 0)
+    torch.manual_seed(1)
+    model = Net()
+    traced, _, _, data = _setup(model)
+    graph = _graph(model, data) or pytest.fail("no graph")
+    assert all(graph.frontier(damage_module._members(t)) is None for t in traced)
+    torch.manual_seed(1)
+    capped, _, _ = _damage(Net())
+    _close(capped, slow)
+
+
+def test_counts_caps_the_cuts_measured_and_interpolates_the_rest():
+    torch.manual_seed(1)
+    full, options, calls_full = _damage(Net())
+    torch.manual_seed(1)
+    few, _, calls = _damage(Net(), counts=2)
+    assert calls_full[-1][1] == sum(len(o) - 1 for o in options)
+    assert calls[-1][1] == sum(min(2, len(o) - 1) for o in options) < calls_full[-1][1]
+    for g, opts in enumerate(options):
+        measured = priced_counts(opts, 2)
+        expected = interpolated(opts, {k: full[(g, k)] for k in measured})  # measured ones as they are
+        for k in opts[1:]:
+            assert few[(g, k)] == pytest.approx(expected[k], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("options, counts, expected", [
+    ([64, 56, 48, 40, 32, 24, 16, 8, 6, 4, 2], 6, [56, 40, 24, 16, 6, 2]),
+    ([64, 56, 48, 40, 32, 24, 16, 8, 6, 4, 2], 2, [56, 2]),
+    ([64, 56, 48, 40, 32, 24, 16, 8, 6, 4, 2], 1, [2]),
+    ([16, 8, 4], 6, [8, 4]),
+    ([16, 8, 4], None, [8, 4]),
+    ([16], 3, []),
+])
+def test_priced_counts_spread_over_the_staircase_with_both_ends(options, counts, expected):
+    assert priced_counts(options, counts) == expected
+
+
+def test_interpolated_is_linear_between_measured_counts_and_zero_at_full_width():
+    out = interpolated([64, 48, 32, 16, 8], {32: 1.0, 8: 3.0})
+    assert out == pytest.approx({48: 0.5, 32: 1.0, 16: 1.0 + 2.0 * 16 / 24, 8: 3.0})
