@@ -39,6 +39,7 @@ error on every model it prunes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -47,7 +48,7 @@ import os
 import stat
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +94,7 @@ class LayerConfig:
     w: int = 1
 
     def key(self) -> str:
-        return ",".join(f"{k}={v}" for k, v in asdict(self).items())
+        return _key(self)
 
     @classmethod
     def from_key(cls, text: str) -> LayerConfig:
@@ -128,6 +129,13 @@ class LayerConfig:
 
 
 CALL = LayerConfig("call", 1, 1)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _key(config: LayerConfig) -> str:
+    """A configuration's table key (cached: the latency solver looks up the same few thousand
+    configurations many times)."""
+    return ",".join(f"{f.name}={getattr(config, f.name)}" for f in fields(config))
 
 
 def _single(value: Any) -> int:
