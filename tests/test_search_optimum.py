@@ -127,3 +127,19 @@ def test_resolve_fails_loudly_when_the_budget_is_never_met():
     cost = AnalyticCost(MACS0)
     with pytest.raises(LeanconvError):
         resolve(Concave(), cost, 0.3 * MACS0, lambda d, w, r: 10 * MACS0, bounds=BOUNDS, max_rounds=3)
+
+
+def test_a_budget_only_a_larger_cheaper_side_meets_is_not_refused():
+    """A measured cost need not grow with the side (a runtime can run side 21 slower than 24):
+    the feasibility check looks at every allowed side, not only the smallest."""
+    sides = np.array([0.5, 0.75, 1.0])
+
+    def cost(d, w, r):
+        slow_small = np.where(np.isclose(r, 0.5), 3.0, 1.0)  # the smallest side is the slowest
+        return np.asarray(d * w * w * r * r * slow_small * MACS0)
+
+    budget = 0.5 * 0.5**2 * 0.75**2 * MACS0 * 1.01  # only side 0.75 at the smallest d, w fits
+    choice = maximise(Concave(), cost, budget, bounds=((0.5, 1), (0.5, 1), (0.5, 1)), allowed_r=sides)
+    assert choice.r == pytest.approx(0.75) and choice.predicted_macs <= budget
+    with pytest.raises(LeanconvError, match=r"impossible budget.*r=0\.75"):  # names the cheapest side
+        maximise(Concave(), cost, budget / 2, bounds=((0.5, 1), (0.5, 1), (0.5, 1)), allowed_r=sides)

@@ -238,8 +238,13 @@ def _bisect_r(cost_fn: CostFn, D, W, budget: float, lo: float, hi: float, steps:
     return np.where(cost_fn(D, W, hi) <= budget, hi, low)
 
 
-def _check_feasible(cost_fn: CostFn, budget: float, d: float, w: float, r: float) -> None:
-    least, full = float(cost_fn(d, w, r)), float(cost_fn(1.0, 1.0, 1.0))
+def _check_feasible(cost_fn: CostFn, budget: float, d: float, w: float, rs: Sequence[float]) -> None:
+    """Refuse a budget that the smallest ``d`` and ``w`` miss at every resolution of ``rs`` (a
+    measured cost need not grow with ``r``: a runtime may run one input side slower than a larger one)."""
+    rs = np.atleast_1d(np.asarray(rs, dtype=np.float64))
+    costs = np.broadcast_to(np.asarray(cost_fn(d, w, rs), dtype=np.float64), rs.shape)
+    cheapest = int(np.argmin(costs))
+    least, r, full = float(costs[cheapest]), float(rs[cheapest]), float(cost_fn(1.0, 1.0, 1.0))
     if least > budget:
         raise LeanconvError(
             f"impossible budget: {budget:.4g} MACs is {budget / full:.4f} of the full model, but the "
@@ -268,7 +273,7 @@ def maximise(predictor: Predictor, cost_fn: CostFn, budget_macs: float, *,
         raise LeanconvError(f"the MACs budget must be positive, got {budget_macs}")
     ds, ws = _axis("d", *b[0], grid, allowed_d), _axis("w", *b[1], grid, allowed_w)
     r_values = _r_values(*b[2], allowed_r, r_step)
-    _check_feasible(cost_fn, budget_macs, ds[0], ws[0], b[2][0] if r_values is None else r_values[0])
+    _check_feasible(cost_fn, budget_macs, ds[0], ws[0], [b[2][0]] if r_values is None else r_values)
     D, W = np.meshgrid(ds, ws, indexing="ij")
     R = _largest_r(cost_fn, D, W, budget_macs, *b[2], r_values)
     cells = np.isfinite(R)
