@@ -46,6 +46,15 @@ class Branchy(Net):
         return super().forward(x)
 
 
+class InPlace(Net):
+    """Adds in place to a value the cuts of ``a`` start from: the frontier must not change."""
+
+    def forward(self, x):
+        x = self.stem(x)
+        x.add_(self.b(self.a(x)))
+        return self.head(self.c(torch.relu(x)).mean((2, 3)))
+
+
 class TrainingBranch(Net):
     """A branch on ``self.training`` that tracing fixes at its mode then (eval): the traced
     graph's loss differs from the model's, so it must not be used."""
@@ -103,6 +112,14 @@ def test_the_frontier_gives_the_whole_models_damage(monkeypatch):
     assert len(options) == 3 and set(fast) == {(g, k) for g, opts in enumerate(options) for k in opts[1:]}
     _close(fast, slow)
     assert any(abs(v) > 1e-3 for v in fast.values())  # the cuts do change the loss
+
+
+def test_an_in_place_op_on_the_frontier_does_not_change_later_cuts(monkeypatch):
+    torch.manual_seed(1)
+    fast, _, _ = _damage(InPlace())
+    torch.manual_seed(1)
+    slow, _, _ = _damage(InPlace(), whole=True, monkeypatch=monkeypatch)
+    _close(fast, slow)
 
 
 def test_starting_after_the_first_cut_layer(monkeypatch):

@@ -15,7 +15,8 @@ MobileNetV2, whose 960-channel layers allow a count every 8 channels. Two things
    cut of group ``g`` changes only the layers of ``g``, so every node before the first of them in
    the graph gives the unpruned model's values. Those values (the *frontier*: the ones that later
    nodes read) are computed once per group, in training mode for the BatchNorm re-estimation and
-   in evaluation mode for the loss, and each cut of ``g`` runs only the rest of the graph. The
+   in evaluation mode for the loss, and each cut of ``g`` runs only the rest of the graph, on
+   copies of them (an in-place op after the cut must not change what the next cut reads). The
    frontier of a group is kept in memory only while its cuts are priced, and only when it fits
    in :data:`FRONTIER_BYTES`; a model ``torch.fx`` cannot trace, or whose traced graph does not
    reproduce its own loss, is evaluated whole, as before. Either way the numbers are the same
@@ -179,12 +180,12 @@ class _Frontier:
             m.reset_running_stats()
             m.momentum = None
         suffix.train()
-        with torch.no_grad():
+        with torch.no_grad():  # copies: an in-place op of the graph (x.add_(...)) must not change the frontier
             for row in self.values[True]:
-                suffix(*row)
+                suffix(*_copied(row))
         suffix.eval()
         with torch.no_grad():
-            total = sum(float(self.loss_fn(suffix(*row), y)) * len(y)
+            total = sum(float(self.loss_fn(suffix(*_copied(row)), y)) * len(y)
                         for row, (_, y) in zip(self.values[False], self.batches))
         return total / sum(len(y) for _, y in self.batches)
 
@@ -208,6 +209,10 @@ def _subgraph(root: nn.Module, inputs: list[fx.Node], nodes: list[fx.Node], outp
 
 def _bytes(row: tuple) -> int:
     return sum(t.numel() * t.element_size() for t in row if torch.is_tensor(t))
+
+
+def _copied(row: tuple) -> tuple:
+    return tuple(t.clone() if torch.is_tensor(t) else t for t in row)
 
 
 def _as_tuple(value) -> tuple:
