@@ -60,6 +60,7 @@ from leanconv.importance import ScoringData, run_criterion
 from leanconv.runs.latency import SLACK, LatencyBudget, prune_to_measured_latency
 from leanconv.runs.source import Source
 from leanconv.train import evaluate, finetune, recalibrate_on_training_data
+from leanconv.width import latency_budget
 from leanconv.width.budget import prune_to_budget
 
 METHODS = ("latency-l1", "latency-hap", "macs-l1", "macs-l1-auto", "tp-l1-r16")
@@ -152,15 +153,30 @@ def prune_latency(model: nn.Module, s: Setting, seed: int, method: str) -> dict:
     def progress(done, total, info):
         marks.setdefault(info.get("stage"), time.perf_counter())
 
+    judged = []  # seconds of each choice among candidates (realising and judging them)
+    choose = latency_budget.choose
+
+    def timed_choose(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return choose(*args, **kwargs)
+        finally:
+            judged.append(time.perf_counter() - t)
+
     t0 = time.perf_counter()
-    _, attempts = prune_to_measured_latency(model, criterion, s.example(), s.latency, budget, target=s.target,
-                                            shape=s.shape, data=scoring(s, seed), candidates=CANDIDATES, seed=seed,
-                                            progress=progress)
+    latency_budget.choose = timed_choose
+    try:
+        _, attempts = prune_to_measured_latency(model, criterion, s.example(), s.latency, budget, target=s.target,
+                                                shape=s.shape, data=scoring(s, seed), candidates=CANDIDATES,
+                                                seed=seed, progress=progress)
+    finally:
+        latency_budget.choose = choose
     end, measuring = time.perf_counter(), sum(budget.spent)
     scored = marks.get("scores", end)
     return {"attempts": attempts, "seconds": {
         "criterion": criterion.seconds, "damage": scored - marks.get("groups", t0) - criterion.seconds,
-        "solve": end - scored - measuring, "measure_attempts": measuring, "prune_total": end - t0}}
+        "solve": end - scored - measuring - sum(judged), "candidates": sum(judged),
+        "measure_attempts": measuring, "prune_total": end - t0}}
 
 
 def prune_macs(model: nn.Module, s: Setting, seed: int, round_to: int | None) -> dict:
@@ -396,12 +412,27 @@ def difference_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def seconds_table(rows: list[dict]) -> list[str]:
+    """Where a latency budget's time goes (rows from before the split have no candidates column)."""
+    lines = ["| model | runtime | batch | R | method | criterion s | damage s | solve s | candidates s | timing s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t = r["info"].get("seconds", {})
+        if not r["method"].startswith("latency"):
+            continue
+        cells = [t.get(k) for k in ("criterion", "damage", "solve", "candidates", "measure_attempts")]
+        lines.append(f"| {r['model']} | {r['runtime']} | {r['batch']} | {r['target']:g} | {r['method']} | "
+                     + " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + " |")
+    return lines
+
+
 def summary(out: Path) -> str:
     """The Markdown tables of OUT's records: per method, per (model, runtime, batch), and the paired differences."""
     rows, tables = read_jsonl(out / "results.jsonl"), read_jsonl(out / "tables.jsonl")
     if not rows:
         return f"no results in {out / 'results.jsonl'}\n"
-    lines = [*header(rows), *method_table(rows), "", *prediction_table(rows, tables), "", *difference_table(rows)]
+    lines = [*header(rows), *method_table(rows), "", *prediction_table(rows, tables), "", *difference_table(rows),
+             "", *seconds_table(rows)]
     return "\n".join(lines) + "\n"
 
 
