@@ -35,6 +35,15 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
+def _stair_ms(config, block: int = 8) -> float:
+    """The made-up staircase: a conv costs its output positions times the channel blocks of its
+    input and output, plus a fixed call cost."""
+    if config.kind == "call":
+        return 0.01
+    blocks = math.ceil(config.cin / config.groups / block) * math.ceil(config.cout / block)
+    return 0.01 + 1e-5 * config.h * config.w * config.kh * config.kw * blocks * block ** 2
+
+
 class StairTable(LatencyTable):
     """A table that 'measures' a staircase: a conv costs its output positions times the
     channel blocks of its input and output (blocks of ``block``), plus a fixed call cost."""
@@ -46,12 +55,7 @@ class StairTable(LatencyTable):
     def ensure(self, configs, progress=None) -> int:
         todo = self.missing(configs)
         for c in todo:
-            if c.kind == "call":
-                t = 0.01
-            else:
-                blocks = math.ceil(c.cin / c.groups / self.block) * math.ceil(c.cout / self.block)
-                t = 0.01 + 1e-5 * c.h * c.w * c.kh * c.kw * blocks * (self.block ** 2)
-            self.entries[c.key()] = t
+            self.entries[c.key()] = _stair_ms(c, self.block)
         self.measured += len(todo)
         return len(todo)
 
@@ -350,7 +354,25 @@ def test_prune_refuses_a_table_made_for_another_batch(trained_ckpt, tmp_path, ca
     assert not out.exists()
 
 
-def test_compare_target_latency_places_width_entries_at_the_latency(trained_ckpt, tmp_path, capsys):
+def _stair_clock(monkeypatch) -> None:
+    """Every latency of a budget from the made-up staircase instead of this machine's clock (a
+    busy machine made the tiny test model's timings too noisy to reach a target)."""
+    from types import SimpleNamespace
+
+    from leanconv.cost import latency_table
+    from leanconv.runs.latency import LatencyBudget
+
+    def measure(self, models, shape):
+        ms = {n: 0.01 + sum(map(_stair_ms, layer_configs(m, shape).values())) for n, m in models.items()}
+        ratio = {n: dict.fromkeys(("median", "low", "high"), v / ms["unpruned"]) for n, v in ms.items()}
+        return SimpleNamespace(latency_ms={n: {"median_ms": v} for n, v in ms.items()}, ratio=ratio)
+
+    monkeypatch.setattr(latency_table, "measure_layer", lambda config, *args: _stair_ms(config))
+    monkeypatch.setattr(LatencyBudget, "measure", measure)
+
+
+def test_compare_target_latency_places_width_entries_at_the_latency(trained_ckpt, tmp_path, capsys, monkeypatch):
+    _stair_clock(monkeypatch)
     out = tmp_path / "c"
     code = main(["compare", str(trained_ckpt), "--target-latency", "0.7", "--methods", "l1", "--runtime", "onnxruntime",
                  "--no-onnx", "--finetune-epochs", "0", "--score-images", "32", "--repeats", "2",
