@@ -10,12 +10,13 @@ import pytest
 import torch
 from torch import nn
 
+from leanconv.errors import LeanconvError
 from leanconv.importance import ScoringData, create_criterion
 from leanconv.width import damage as damage_module
 from leanconv.width.candidates import adaptive_bn_loss
 from leanconv.width.damage import interpolated, measured_damage, priced_counts
 from leanconv.width.latency_budget import _prepare
-from leanconv.width.planner import Planner, checked_scores, normalized
+from leanconv.width.planner import Planner, apply_plan, checked_scores, normalized
 
 SHAPE = (3, 12, 12)
 
@@ -53,6 +54,48 @@ class InPlace(Net):
         x = self.stem(x)
         x.add_(self.b(self.a(x)))
         return self.head(self.c(torch.relu(x)).mean((2, 3)))
+
+
+class StdConv(nn.Conv2d):
+    """A conv subclass with its own forward (weight standardisation): torch.fx traces through it,
+    so the graph never calls it as a layer."""
+
+    def forward(self, x):
+        w = self.weight - self.weight.mean((1, 2, 3), keepdim=True)
+        return nn.functional.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class Standardised(Net):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a[0] = StdConv(16, 16, 3, padding=1, bias=False)
+
+
+class Constant(Net):
+    """A tensor made in forward: tracing stores it on the traced copy, not on the cut model."""
+
+    def forward(self, x):
+        return super().forward(x) * torch.tensor([1.0, 2.0, 3.0, 4.0])
+
+
+class Defaulted(Net):
+    """An input with a default value."""
+
+    def forward(self, x, scale: float = 2.0):
+        return super().forward(x * scale)
+
+
+class SharedNorm(Net):
+    """One BatchNorm called before the cut of ``a`` and after it: its statistics see both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(16)
+
+    def forward(self, x):
+        x = self.norm(self.stem(x))
+        x = torch.relu(self.norm(x + self.b(self.a(x))))
+        return self.head(self.c(x).mean((2, 3)))
 
 
 class TrainingBranch(Net):
@@ -114,11 +157,15 @@ def test_the_frontier_gives_the_whole_models_damage(monkeypatch):
     assert any(abs(v) > 1e-3 for v in fast.values())  # the cuts do change the loss
 
 
-def test_an_in_place_op_on_the_frontier_does_not_change_later_cuts(monkeypatch):
+@pytest.mark.parametrize("cls", [InPlace, Standardised, Constant, Defaulted, SharedNorm])
+def test_models_torch_fx_follows_partly_give_the_whole_models_damage(cls, monkeypatch):
+    """An in-place op after the cut (each cut gets its own copy of the frontier), a layer fx
+    traces through and a BatchNorm shared across the cut (those groups run whole), a constant
+    made in forward and an input's default value (the graph runs them)."""
     torch.manual_seed(1)
-    fast, _, _ = _damage(InPlace())
+    fast, _, _ = _damage(cls())
     torch.manual_seed(1)
-    slow, _, _ = _damage(InPlace(), whole=True, monkeypatch=monkeypatch)
+    slow, _, _ = _damage(cls(), whole=True, monkeypatch=monkeypatch)
     _close(fast, slow)
 
 
@@ -182,11 +229,37 @@ def test_counts_caps_the_cuts_measured_and_interpolates_the_rest():
     ([16, 8, 4], 6, [8, 4]),
     ([16, 8, 4], None, [8, 4]),
     ([16], 3, []),
+    ([16, 8], 1, [8]),
 ])
 def test_priced_counts_spread_over_the_staircase_with_both_ends(options, counts, expected):
     assert priced_counts(options, counts) == expected
 
 
+@pytest.mark.parametrize("counts", [0, -1, 2.5, True])
+def test_a_bad_count_of_cuts_is_refused(counts):
+    with pytest.raises(LeanconvError, match="counts must be a whole number >= 1"):
+        priced_counts([16, 8, 4], counts)
+
+
 def test_interpolated_is_linear_between_measured_counts_and_zero_at_full_width():
     out = interpolated([64, 48, 32, 16, 8], {32: 1.0, 8: 3.0})
     assert out == pytest.approx({48: 0.5, 32: 1.0, 16: 1.0 + 2.0 * 16 / 24, 8: 3.0})
+
+
+@pytest.mark.parametrize("cls, shortcut", [(Net, True), (Constant, True), (Defaulted, True), (InPlace, True),
+                                           (Standardised, False), (SharedNorm, False)])
+def test_which_groups_take_the_frontier(cls, shortcut):
+    torch.manual_seed(1)
+    model = cls()
+    traced, planner, _, data = _setup(model)
+    graph = _graph(model, data) or pytest.fail("no graph")
+    inner = next(t for t in traced if t.group.root == "a.0")
+    frontier = graph.frontier(damage_module._members(inner))
+    assert (frontier is not None) == shortcut
+    if frontier is not None:  # and the cut model runs from it
+        trial = copy.deepcopy(model)
+        drop = [0] * len(traced)
+        drop[traced.index(inner)] = 1
+        apply_plan(trial, traced, planner.plan(drop), torch.zeros(1, *SHAPE))
+        assert frontier.loss(trial) == pytest.approx(adaptive_bn_loss(trial, list(data.batches), data.loss_fn),
+                                                     rel=1e-5, abs=1e-6)

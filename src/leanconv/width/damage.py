@@ -33,13 +33,15 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils._pytree import tree_leaves, tree_map
 
+from leanconv.errors import LeanconvError
 from leanconv.graph.groups import TracedGroup
 from leanconv.util.model_io import to_model
 from leanconv.width.candidates import adaptive_bn_loss
 from leanconv.width.planner import Planner, apply_plan
 
-__all__ = ["COUNTS", "FRONTIER_BYTES", "measured_damage", "priced_counts", "interpolated"]
+__all__ = ["COUNTS", "FRONTIER_BYTES", "check_counts", "measured_damage", "priced_counts", "interpolated"]
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +49,17 @@ COUNTS = 6  # cuts measured per group by default (module docstring, point 1)
 FRONTIER_BYTES = 2 << 30  # the most one group's cached frontier may take (both modes, all batches)
 
 
+def check_counts(counts) -> None:
+    """Refuse a count of cuts per group that is not None or a whole number >= 1."""
+    if counts is not None and (isinstance(counts, bool) or not isinstance(counts, int) or counts < 1):
+        raise LeanconvError(f"counts must be a whole number >= 1 or None (every count), got {counts!r}")
+
+
 def priced_counts(options: Sequence[int], counts: int | None) -> list[int]:
     """The counts of one group whose cut is measured: ``options`` are its allowed counts,
     largest (the full width) first; at most ``counts`` of the lower ones (None: all), evenly
-    spread over them, the highest and the lowest always among them."""
+    spread over them: the lowest always among them, and the highest too when ``counts`` > 1."""
+    check_counts(counts)
     lower = list(options[1:])
     if counts is None or len(lower) <= counts:
         return lower
@@ -92,16 +101,19 @@ def measured_damage(model: nn.Module, traced: Sequence[TracedGroup], planner: Pl
     chosen = [priced_counts(opts, counts) for opts in options]
     total, done, damage = sum(map(len, chosen)), 0, {}
     for g, ks in enumerate(chosen):
+        frontier = None  # the last group's values go before this one's are computed
         frontier = graph.frontier(_members(traced[g])) if graph is not None and ks else None
-        measured = {}
+        unit, measured = traced[g].group.size // len(traced[g].units), {}
         for k in ks:
-            unit = traced[g].group.size // len(traced[g].units)
             drop = [0] * len(traced)
             drop[g] = (traced[g].group.size - k) // unit
             trial = copy.deepcopy(model)
             apply_plan(trial, traced, planner.plan(drop), example_input)
-            loss = frontier.loss(trial) if frontier is not None else adaptive_bn_loss(trial, batches, loss_fn)
-            measured[k] = loss - base
+            loss = frontier.loss(trial) if frontier is not None else None
+            if loss is None:
+                measured[k] = adaptive_bn_loss(trial, batches, loss_fn) - base
+            else:  # against the graph's own unpruned loss: the same computation on both sides
+                measured[k] = loss - graph.base
             done += 1
             if progress is not None:
                 progress(done, total)
@@ -113,68 +125,92 @@ def _members(t: TracedGroup) -> set[str]:
     return {m.module for m in t.group.members} | {s.module for s in t.shares}
 
 
-class _Graph:
-    """The model traced with ``torch.fx``, and the unpruned model with its BatchNorm statistics
-    re-estimated on ``batches`` (whose evaluation-mode values the frontiers hold)."""
+def _within(target: str, modules: set[str]) -> bool:
+    """Whether a graph node's target is one of ``modules``, inside one, or holds one."""
+    return any(target == m or target.startswith(m + ".") or m.startswith(target + ".") for m in modules)
 
-    def __init__(self, traced: fx.GraphModule, batches, loss_fn) -> None:
+
+class _Graph:
+    """The model traced with ``torch.fx``, with its BatchNorm statistics re-estimated on
+    ``batches`` (the unpruned model whose evaluation-mode values the frontiers hold), and the
+    loss it gives there (``base``)."""
+
+    def __init__(self, traced: fx.GraphModule, batches, loss_fn, base: float) -> None:
         self.model, self.nodes, self.batches, self.loss_fn = traced, list(traced.graph.nodes), batches, loss_fn
-        self.index = {n: i for i, n in enumerate(self.nodes)}
+        self.index, self.base = {n: i for i, n in enumerate(self.nodes)}, base
 
     @classmethod
     def trace(cls, model: nn.Module, batches, loss_fn, base_loss: float) -> _Graph | None:
         """The traced model, or None (evaluate whole) when it cannot be traced or its graph does
-        not reproduce ``base_loss`` (e.g. a branch on ``self.training`` fixed at tracing)."""
+        not reproduce ``base_loss`` (e.g. a branch on ``self.training`` fixed at tracing, or
+        dropout, whose random draws differ between the two runs)."""
         try:
             traced = fx.symbolic_trace(copy.deepcopy(model))
             again = adaptive_bn_loss(traced, batches, loss_fn)
         except Exception as exc:  # any failure to trace or run the graph: evaluate whole models
             log.info("cuts are evaluated on the whole model (torch.fx: %s)", exc)
             return None
-        if not math.isclose(again, base_loss, rel_tol=1e-4, abs_tol=1e-6):
+        if not math.isclose(again, base_loss, rel_tol=1e-5, abs_tol=1e-7):
             log.info("cuts are evaluated on the whole model (its traced graph gives loss %g, not %g)",
                      again, base_loss)
             return None
-        return cls(traced, batches, loss_fn)
+        return cls(traced, batches, loss_fn, again)
 
     def frontier(self, modules: set[str]) -> _Frontier | None:
-        """The values a cut of the layers ``modules`` starts from (None: keep it whole: too large)."""
-        first = next((i for i, n in enumerate(self.nodes) if n.op == "call_module" and n.target in modules), None)
-        if first is None:
+        """The values a cut of the layers ``modules`` starts from; None (evaluate whole) when one
+        of them is not called as a layer in the graph (a subclass torch.fx traces through), when a
+        layer with buffers runs both before and after the cut (its statistics would see both), or
+        when the values would take more than :data:`FRONTIER_BYTES`."""
+        called = {n.target for n in self.nodes if n.op == "call_module"}
+        if not modules <= called:
             return None
-        before = self.nodes[:first]
-        read = [n for n in before if any(self.index[u] >= first for u in n.users)]
-        prefix = _subgraph(self.model, [n for n in before if n.op == "placeholder"], before, read)
+        first = next(i for i, n in enumerate(self.nodes)
+                     if n.op in ("call_module", "get_attr") and _within(n.target, modules))
+        stateful = {n.target for n in self.nodes if n.op == "call_module"
+                    and any(True for _ in self.model.get_submodule(n.target).buffers())}
+        before = {n.target for n in self.nodes[:first] if n.op == "call_module"}
+        after = {n.target for n in self.nodes[first:] if n.op == "call_module"}
+        if before & after & stateful:
+            return None
+        head = self.nodes[:first]
+        read = [n for n in head if any(self.index[u] >= first for u in n.users)]
+        prefix = _subgraph(self.model, [], head, read)
         values: dict[bool, list[tuple]] = {True: [], False: []}
-        saved = {k: v.clone() for k, v in self.model.state_dict().items()}
+        saved = {name: b.clone() for name, b in self.model.named_buffers()}  # non-persistent ones too
         try:
             for mode in (False, True):  # training mode (BatchNorm normalises by each batch's statistics)
                 # changes the running statistics that evaluation mode reads: it comes last
                 self.model.train(mode)
                 for x, _ in self.batches:
                     with torch.no_grad():
-                        values[mode].append(_as_tuple(prefix(to_model(x, self.model))))
-                    size = sum(_bytes(row) for row in values[mode]) / len(values[mode]) * len(self.batches) * 2
+                        values[mode].append(prefix(to_model(x, self.model)))
+                    size = sum(map(_bytes, values[mode])) / len(values[mode]) * len(self.batches) * 2
                     if size > FRONTIER_BYTES:
                         log.info("a frontier of about %d bytes is over %d: these cuts are evaluated on the whole "
                                  "model", size, FRONTIER_BYTES)
                         return None
         finally:
-            self.model.load_state_dict(saved)  # training mode updated the running statistics
+            for name, b in self.model.named_buffers():
+                b.copy_(saved[name])
             self.model.eval()
-        return _Frontier(self.nodes[first:], read, values, self.batches, self.loss_fn)
+        return _Frontier(self, self.nodes[first:], read, values)
 
 
 class _Frontier:
     """One group's frontier values, and the rest of the graph that a cut model runs from them."""
 
-    def __init__(self, rest: list[fx.Node], read: list[fx.Node], values, batches, loss_fn) -> None:
-        self.rest, self.read, self.values, self.batches, self.loss_fn = rest, read, values, batches, loss_fn
+    def __init__(self, graph: _Graph, rest: list[fx.Node], read: list[fx.Node], values) -> None:
+        self.graph, self.rest, self.read, self.values = graph, rest, read, values
 
-    def loss(self, trial: nn.Module) -> float:
+    def loss(self, trial: nn.Module) -> float | None:
         """:func:`~leanconv.width.candidates.adaptive_bn_loss` of ``trial`` (the model with only
-        this group cut), computed from the frontier."""
-        suffix = _subgraph(trial, self.read, self.rest, None)
+        this group cut), computed from the frontier (None: it could not run; evaluate whole)."""
+        batches, loss_fn = self.graph.batches, self.graph.loss_fn
+        try:
+            suffix = _subgraph(_Layers(trial, self.graph.model), self.read, self.rest, None)
+        except Exception as exc:  # e.g. an attribute of the traced graph that the cut model lacks
+            log.info("a cut is evaluated on the whole model (%s)", exc)
+            return None
         norms = [m for m in suffix.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
         for m in norms:  # as reestimate_batchnorm does: the cumulative average over the batches
             m.reset_running_stats()
@@ -185,35 +221,56 @@ class _Frontier:
                 suffix(*_copied(row))
         suffix.eval()
         with torch.no_grad():
-            total = sum(float(self.loss_fn(suffix(*_copied(row)), y)) * len(y)
-                        for row, (_, y) in zip(self.values[False], self.batches))
-        return total / sum(len(y) for _, y in self.batches)
+            total = sum(float(loss_fn(suffix(*_copied(row)), y)) * len(y)
+                        for row, (_, y) in zip(self.values[False], batches))
+        return total / sum(len(y) for _, y in batches)
 
 
-def _subgraph(root: nn.Module, inputs: list[fx.Node], nodes: list[fx.Node], outputs: list[fx.Node] | None
+class _Layers(dict):
+    """What a suffix graph's nodes name, from the cut model, else (constants that tracing stored
+    on the traced copy, ``_tensor_constant0``) from the traced unpruned model."""
+
+    def __init__(self, trial: nn.Module, traced: fx.GraphModule) -> None:
+        super().__init__()
+        self.trial, self.traced = trial, traced
+
+    def resolve(self, target: str):
+        for root in (self.trial, self.traced):
+            try:
+                return root.get_submodule(target)
+            except AttributeError:
+                pass
+            owner, _, name = target.rpartition(".")
+            try:
+                return getattr(root.get_submodule(owner) if owner else root, name)
+            except AttributeError:
+                pass
+        raise AttributeError(f"the traced graph names {target!r}, which neither model has")
+
+
+def _subgraph(root, inputs: list[fx.Node], nodes: list[fx.Node], outputs: list[fx.Node] | None
               ) -> fx.GraphModule:
-    """A module running ``nodes`` of a traced graph on ``root``'s layers, taking ``inputs`` as
-    arguments and returning ``outputs`` as a tuple (None: the graph's own output node is among
-    ``nodes``)."""
+    """A module running ``nodes`` of a traced graph on ``root``'s layers (a module, or
+    :class:`_Layers`), taking ``inputs`` as arguments (the graph's own placeholders, with their
+    defaults, where they are among ``nodes``) and returning ``outputs`` as a tuple (None: the
+    graph's own output node is among ``nodes``)."""
     graph, env = fx.Graph(), {}
     for node in inputs:
         env[node] = graph.placeholder(node.name)
     for node in nodes:
-        if node.op == "placeholder" and node in env:
-            continue
-        env[node] = graph.node_copy(node, lambda n: env[n])
+        if node not in env:
+            env[node] = graph.node_copy(node, lambda n: env[n])
     if outputs is not None:
         graph.output(tuple(env[n] for n in outputs))
+    if isinstance(root, _Layers):
+        root.update({n.target: root.resolve(n.target) for n in graph.nodes if n.op in ("call_module", "get_attr")})
+        root = dict(root)
     return fx.GraphModule(root, graph)
 
 
-def _bytes(row: tuple) -> int:
-    return sum(t.numel() * t.element_size() for t in row if torch.is_tensor(t))
+def _bytes(row) -> int:
+    return sum(t.numel() * t.element_size() for t in tree_leaves(row) if torch.is_tensor(t))
 
 
-def _copied(row: tuple) -> tuple:
-    return tuple(t.clone() if torch.is_tensor(t) else t for t in row)
-
-
-def _as_tuple(value) -> tuple:
-    return value if isinstance(value, tuple) else (value,)
+def _copied(row) -> tuple:
+    return tree_map(lambda t: t.clone() if torch.is_tensor(t) else t, row)

@@ -50,7 +50,7 @@ from leanconv.width.budget import Importance, PruneResult
 from leanconv.width.planner import Planner, checked_scores, cut_copy, layer_changes, normalized
 from leanconv.width.candidates import check_candidates, choose, group_factors
 from leanconv.width.damage import COUNTS as DAMAGE_COUNTS
-from leanconv.width.damage import measured_damage
+from leanconv.width.damage import check_counts, measured_damage
 
 __all__ = ["prune_to_latency", "LatencyPruner", "LatencyPlan", "check_latency_reachable", "measured_damage",
            "solver_configs", "adopt", "PRICES"]
@@ -300,8 +300,7 @@ class LatencyPruner:
         if self.price == "damage" and not has_data:
             raise LeanconvError("price 'damage' measures each cut on validation batches: pass data=ScoringData(...)")
         check_candidates(candidates, seed, has_data)
-        if counts is not None and (isinstance(counts, bool) or not isinstance(counts, int) or counts < 1):
-            raise LeanconvError(f"counts must be a whole number >= 1 or None (every count), got {counts!r}")
+        check_counts(counts)
         self.candidates, self.seed, self.data = candidates, seed, data
         self.report = report = progress or (lambda done, total, info: None)
         self.model, self.latency = model, latency
