@@ -32,11 +32,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import fx, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_leaves, tree_map
 
 from leanconv.errors import LeanconvError
 from leanconv.graph.groups import TracedGroup
+from leanconv.util.batchnorm import reestimating
 from leanconv.util.model_io import to_model
 from leanconv.width.candidates import adaptive_bn_loss
 from leanconv.width.planner import Planner, apply_plan
@@ -138,6 +138,8 @@ class _Graph:
     def __init__(self, traced: fx.GraphModule, batches, loss_fn, base: float) -> None:
         self.model, self.nodes, self.batches, self.loss_fn = traced, list(traced.graph.nodes), batches, loss_fn
         self.index, self.base = {n: i for i, n in enumerate(self.nodes)}, base
+        self.called = {n.target for n in self.nodes if n.op == "call_module"}  # layers the graph calls
+        self.stateful = {t for t in self.called if any(True for _ in traced.get_submodule(t).buffers())}
 
     @classmethod
     def trace(cls, model: nn.Module, batches, loss_fn, base_loss: float) -> _Graph | None:
@@ -161,20 +163,17 @@ class _Graph:
         of them is not called as a layer in the graph (a subclass torch.fx traces through), when a
         layer with buffers runs both before and after the cut (its statistics would see both), or
         when the values would take more than :data:`FRONTIER_BYTES`."""
-        called = {n.target for n in self.nodes if n.op == "call_module"}
-        if not modules <= called:
+        if not modules <= self.called:
             return None
         first = next(i for i, n in enumerate(self.nodes)
                      if n.op in ("call_module", "get_attr") and _within(n.target, modules))
-        stateful = {n.target for n in self.nodes if n.op == "call_module"
-                    and any(True for _ in self.model.get_submodule(n.target).buffers())}
         before = {n.target for n in self.nodes[:first] if n.op == "call_module"}
         after = {n.target for n in self.nodes[first:] if n.op == "call_module"}
-        if before & after & stateful:
+        if before & after & self.stateful:
             return None
         head = self.nodes[:first]
         read = [n for n in head if any(self.index[u] >= first for u in n.users)]
-        prefix = _subgraph(self.model, [], head, read)
+        prefix = fx.GraphModule(self.model, _subgraph([], head, read))
         values: dict[bool, list[tuple]] = {True: [], False: []}
         saved = {name: b.clone() for name, b in self.model.named_buffers()}  # non-persistent ones too
         try:
@@ -200,24 +199,23 @@ class _Frontier:
     """One group's frontier values, and the rest of the graph that a cut model runs from them."""
 
     def __init__(self, graph: _Graph, rest: list[fx.Node], read: list[fx.Node], values) -> None:
-        self.graph, self.rest, self.read, self.values = graph, rest, read, values
+        self.graph, self.read, self.values = graph, read, values
+        self.suffix = _subgraph(read, rest, None)  # the same for every cut of the group
+        self.targets = [n.target for n in self.suffix.nodes if n.op in ("call_module", "get_attr")]
 
     def loss(self, trial: nn.Module) -> float | None:
         """:func:`~leanconv.width.candidates.adaptive_bn_loss` of ``trial`` (the model with only
         this group cut), computed from the frontier (None: it could not run; evaluate whole)."""
         batches, loss_fn = self.graph.batches, self.graph.loss_fn
         try:
-            suffix = _subgraph(_Layers(trial, self.graph.model), self.read, self.rest, None)
-        except Exception as exc:  # e.g. an attribute of the traced graph that the cut model lacks
+            named = {t: _named(t, trial, self.graph.model) for t in self.targets}
+        except AttributeError as exc:
             log.info("a cut is evaluated on the whole model (%s)", exc)
             return None
-        norms = [m for m in suffix.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-        for m in norms:  # as reestimate_batchnorm does: the cumulative average over the batches
-            m.reset_running_stats()
-            m.momentum = None
-        suffix.train()
-        with torch.no_grad():  # copies: an in-place op of the graph (x.add_(...)) must not change the frontier
-            for row in self.values[True]:
+        suffix = fx.GraphModule(named, self.suffix)
+        # copies: an in-place op of the graph (x.add_(...)) must not change the frontier
+        with reestimating(suffix) as norms, torch.no_grad():
+            for row in self.values[True] if norms else ():
                 suffix(*_copied(row))
         suffix.eval()
         with torch.no_grad():
@@ -226,34 +224,22 @@ class _Frontier:
         return total / sum(len(y) for _, y in batches)
 
 
-class _Layers(dict):
-    """What a suffix graph's nodes name, from the cut model, else (constants that tracing stored
-    on the traced copy, ``_tensor_constant0``) from the traced unpruned model."""
-
-    def __init__(self, trial: nn.Module, traced: fx.GraphModule) -> None:
-        super().__init__()
-        self.trial, self.traced = trial, traced
-
-    def resolve(self, target: str):
-        for root in (self.trial, self.traced):
-            try:
-                return root.get_submodule(target)
-            except AttributeError:
-                pass
-            owner, _, name = target.rpartition(".")
-            try:
-                return getattr(root.get_submodule(owner) if owner else root, name)
-            except AttributeError:
-                pass
-        raise AttributeError(f"the traced graph names {target!r}, which neither model has")
+def _named(target: str, trial: nn.Module, traced: fx.GraphModule):
+    """What a graph node names: the cut model's layer or attribute, else the traced unpruned
+    model's (constants that tracing stored on the traced copy, ``_tensor_constant0``)."""
+    for root in (trial, traced):
+        owner, _, name = target.rpartition(".")
+        try:
+            return getattr(root.get_submodule(owner) if owner else root, name)
+        except AttributeError:
+            pass
+    raise AttributeError(f"the traced graph names {target!r}, which neither model has")
 
 
-def _subgraph(root, inputs: list[fx.Node], nodes: list[fx.Node], outputs: list[fx.Node] | None
-              ) -> fx.GraphModule:
-    """A module running ``nodes`` of a traced graph on ``root``'s layers (a module, or
-    :class:`_Layers`), taking ``inputs`` as arguments (the graph's own placeholders, with their
-    defaults, where they are among ``nodes``) and returning ``outputs`` as a tuple (None: the
-    graph's own output node is among ``nodes``)."""
+def _subgraph(inputs: list[fx.Node], nodes: list[fx.Node], outputs: list[fx.Node] | None) -> fx.Graph:
+    """A graph running ``nodes`` of a traced graph, taking ``inputs`` as arguments (the graph's
+    own placeholders, with their defaults, where they are among ``nodes``) and returning
+    ``outputs`` as a tuple (None: the graph's own output node is among ``nodes``)."""
     graph, env = fx.Graph(), {}
     for node in inputs:
         env[node] = graph.placeholder(node.name)
@@ -262,10 +248,7 @@ def _subgraph(root, inputs: list[fx.Node], nodes: list[fx.Node], outputs: list[f
             env[node] = graph.node_copy(node, lambda n: env[n])
     if outputs is not None:
         graph.output(tuple(env[n] for n in outputs))
-    if isinstance(root, _Layers):
-        root.update({n.target: root.resolve(n.target) for n in graph.nodes if n.op in ("call_module", "get_attr")})
-        root = dict(root)
-    return fx.GraphModule(root, graph)
+    return graph
 
 
 def _bytes(row) -> int:
