@@ -4,6 +4,7 @@ torch.fx cannot follow are evaluated whole."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -124,14 +125,22 @@ def _setup(model: nn.Module):
 
 def _damage(model, counts=None, whole=False, monkeypatch=None):
     traced, planner, options, data = _setup(model)
-    if whole:
-        monkeypatch.setattr(damage_module._Graph, "trace", classmethod(lambda cls, *args: None))
     calls = []
-    out = measured_damage(model, traced, planner, options, torch.zeros(1, *SHAPE), data,
-                          progress=lambda done, total: calls.append((done, total)), counts=counts)
-    if whole:
-        monkeypatch.undo()
+    with monkeypatch.context() if whole else contextlib.nullcontext() as patch:
+        if whole:  # every cut on the whole model, as before the frontier
+            patch.setattr(damage_module._Graph, "trace", classmethod(lambda cls, *args: None))
+        out = measured_damage(model, traced, planner, options, torch.zeros(1, *SHAPE), data,
+                              progress=lambda done, total: calls.append((done, total)), counts=counts)
     return out, options, calls
+
+
+def _fast_and_whole(cls, monkeypatch):
+    """The damage of a fresh ``cls()`` priced with the frontier and on the whole model."""
+    torch.manual_seed(1)
+    fast, options, _ = _damage(cls())
+    torch.manual_seed(1)
+    slow, _, _ = _damage(cls(), whole=True, monkeypatch=monkeypatch)
+    return fast, slow, options
 
 
 def _graph(model: nn.Module, data):
@@ -148,10 +157,7 @@ def _close(a: dict, b: dict) -> None:
 
 
 def test_the_frontier_gives_the_whole_models_damage(monkeypatch):
-    torch.manual_seed(1)
-    fast, options, _ = _damage(Net())
-    torch.manual_seed(1)
-    slow, _, _ = _damage(Net(), whole=True, monkeypatch=monkeypatch)
+    fast, slow, options = _fast_and_whole(Net, monkeypatch)
     assert len(options) == 3 and set(fast) == {(g, k) for g, opts in enumerate(options) for k in opts[1:]}
     _close(fast, slow)
     assert any(abs(v) > 1e-3 for v in fast.values())  # the cuts do change the loss
@@ -162,10 +168,7 @@ def test_models_torch_fx_follows_partly_give_the_whole_models_damage(cls, monkey
     """An in-place op after the cut (each cut gets its own copy of the frontier), a layer fx
     traces through and a BatchNorm shared across the cut (those groups run whole), a constant
     made in forward and an input's default value (the graph runs them)."""
-    torch.manual_seed(1)
-    fast, _, _ = _damage(cls())
-    torch.manual_seed(1)
-    slow, _, _ = _damage(cls(), whole=True, monkeypatch=monkeypatch)
+    fast, slow, _ = _fast_and_whole(cls, monkeypatch)
     _close(fast, slow)
 
 
@@ -187,10 +190,7 @@ def test_a_model_fx_cannot_follow_is_evaluated_whole(cls, monkeypatch):
     torch.manual_seed(1)
     model = cls()
     assert _graph(model, _setup(model)[3]) is None
-    torch.manual_seed(1)
-    fast, _, _ = _damage(cls())
-    torch.manual_seed(1)
-    slow, _, _ = _damage(cls(), whole=True, monkeypatch=monkeypatch)
+    fast, slow, _ = _fast_and_whole(cls, monkeypatch)
     _close(fast, slow)
 
 
