@@ -24,6 +24,10 @@ target, method, seed) goes to ``OUT/results.jsonl`` (a finished key is never red
 interrupted run resumes); ``OUT/tables.jsonl`` holds the seconds of the first
 ``LatencyBudget.check`` per (model, runtime, batch), on a benchmark-private latency cache
 (``OUT/cache``, empty at the first run). Timings are only meaningful on a quiet machine.
+A target the runtime's staircase cannot reach by width alone (the library refuses it before any
+pruning) is recorded as refused, with the floor it names. A MAC-budgeted model is the same on
+every runtime and batch: one already fine-tuned in OUT (same one-shot accuracy, settings and
+seed) lends its fine-tuned accuracy to the others instead of being fine-tuned again.
 
     .venv/bin/python benchmarks/bench_latency_budget.py --ckpt benchmarks/results/r20_fm10/model.safetensors \
         --label resnet20 --out benchmarks/results/bench_latency_budget
@@ -247,8 +251,22 @@ def prune(model: nn.Module, s: Setting, seed: int, method: str) -> dict:
     raise LeanconvError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
-def run_one(s: Setting, seed: int, method: str) -> dict:
-    """Prune a fresh copy with ``method``, then time, predict, count, judge and fine-tune it."""
+def reusable(earlier: list[dict], s: Setting, seed: int, method: str, one_shot: float) -> dict | None:
+    """An earlier row whose fine-tuned accuracy holds for this one: a MAC-budgeted model does not
+    depend on the runtime or batch, so the same (model, method, MAC budget, seed, settings) prunes
+    the same model; its one-shot accuracy must also be the same, else it is fine-tuned again."""
+    if not method.startswith("macs-"):
+        return None
+    return next((r for r in earlier if "refused" not in r and r["model"] == s.label and r["method"] == method
+                 and r["seed"] == seed
+                 and r["info"].get("macs_target") == (s.target if s.args.macs_target is None else s.args.macs_target)
+                 and r["settings"] == settings(s.args) and r.get("one_shot_accuracy") == one_shot
+                 and "finetuned_accuracy" in r), None)
+
+
+def run_one(s: Setting, seed: int, method: str, earlier: list[dict] = ()) -> dict:
+    """Prune a fresh copy with ``method``, then time, predict, count, judge and fine-tune it
+    (a MAC-budgeted model already fine-tuned in ``earlier`` rows is not fine-tuned again)."""
     args, data, resolution = s.args, s.source.data, s.source.resolution
     load = os.getloadavg()[0]
     torch.manual_seed(seed)
@@ -261,16 +279,22 @@ def run_one(s: Setting, seed: int, method: str) -> dict:
     test = data.loader("test", 256, resolution=resolution, subset=args.test_images)
     recalibrate_on_training_data(model, data, resolution)
     one_shot = evaluate(model, test)["accuracy"]
-    t0 = time.perf_counter()
-    finetune(model, data, epochs=args.finetune_epochs, lr=0.01, seed=seed, resolution=resolution,
-             images=args.finetune_images)
-    info["seconds"]["finetune"] = time.perf_counter() - t0
+    same = reusable(list(earlier), s, seed, method, one_shot)
+    if same is None:
+        t0 = time.perf_counter()
+        finetune(model, data, epochs=args.finetune_epochs, lr=0.01, seed=seed, resolution=resolution,
+                 images=args.finetune_images)
+        info["seconds"]["finetune"] = time.perf_counter() - t0
+        finetuned = evaluate(model, test)["accuracy"]
+    else:
+        finetuned = same["finetuned_accuracy"]
+        info["finetuned_as"] = {k: same[k] for k in KEY}
     return {"model": s.label, "runtime": s.budget.runtime, "batch": s.budget.batch, "target": s.target,
             "method": method, "seed": seed, "measured": ratio, "latency_ms": timed["latency_ms"],
             "predicted": predicted, "prediction_error": predicted / ratio["median"] - 1,
             "macs_ratio": after.macs / before.macs, "params_ratio": after.params / before.params,
             "macs": after.macs, "params": after.params, "target_met": ratio["median"] <= s.target + SLACK,
-            "one_shot_accuracy": one_shot, "finetuned_accuracy": evaluate(model, test)["accuracy"],
+            "one_shot_accuracy": one_shot, "finetuned_accuracy": finetuned,
             "unpruned_accuracy": s.base_accuracy, "info": info, "load_average_at_start": load,
             "runtime_version": timed["version"], "cpu": timed["cpu"], "ckpt": str(s.source.checkpoint),
             "settings": settings(args)}
@@ -324,13 +348,17 @@ def run_checkpoint(ckpt: str, label: str, args, out: Path) -> None:
                     base_accuracy = evaluate(base, test)["accuracy"]
                 try:
                     latency = check(label, budget, base, source.shape, target, out)
-                except LeanconvError as exc:
-                    print(f"{label} {runtime} b{batch} target {target:g}: skipped: {exc}", flush=True)
+                except LeanconvError as exc:  # e.g. a target below the width-only floor: recorded, not run
+                    print(f"{label} {runtime} b{batch} target {target:g}: refused: {exc}", flush=True)
+                    for seed, method in todo:
+                        append(results, {"model": label, "runtime": runtime, "batch": batch, "target": target,
+                                         "method": method, "seed": seed, "refused": str(exc),
+                                         "settings": settings(args)})
                     continue
                 s = Setting(label, source, base, base_accuracy, budget, latency, target, args)
                 for seed, method in todo:
                     t0 = time.perf_counter()
-                    row = run_one(s, seed, method)
+                    row = run_one(s, seed, method, read_jsonl(results))
                     append(results, row)
                     print(f"{label} {runtime} b{batch} R={target:g} {method:13s} seed {seed}: measured "
                           f"{row['measured']['median']:.3f}, predicted {row['predicted']:.3f}, MACs "
@@ -429,10 +457,16 @@ def seconds_table(rows: list[dict]) -> list[str]:
 def summary(out: Path) -> str:
     """The Markdown tables of OUT's records: per method, per (model, runtime, batch), and the paired differences."""
     rows, tables = read_jsonl(out / "results.jsonl"), read_jsonl(out / "tables.jsonl")
-    if not rows:
+    refused = sorted({tuple(r[k] for k in KEY[:4]) + (r["refused"],) for r in rows if "refused" in r},
+                     key=lambda k: (k[:3], -k[3]))
+    rows = [r for r in rows if "refused" not in r]
+    if not rows and not refused:
         return f"no results in {out / 'results.jsonl'}\n"
     lines = [*header(rows), *method_table(rows), "", *prediction_table(rows, tables), "", *difference_table(rows),
-             "", *seconds_table(rows)]
+             "", *seconds_table(rows)] if rows else []
+    if refused:
+        lines += ["", "| model | runtime | batch | R | refused before any pruning |", "|---|---|---|---|---|",
+                  *(f"| {m} | {rt} | {b} | {t:g} | {why} |" for m, rt, b, t, why in refused)]
     return "\n".join(lines) + "\n"
 
 
