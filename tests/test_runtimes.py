@@ -12,8 +12,8 @@ from torch import nn
 
 from leanconv.cost import side_by_side
 from leanconv.cost.hardware import cpu_name
-from leanconv.cost.runtimes import (RUNTIMES, _batch, check_runtime, check_threads_batch, prepare, runtime_version,
-                                    torch_threads)
+from leanconv.cost.runtimes import (RUNTIMES, STEADY_ALLOCATOR, STEADY_ALLOCATOR_ENV, _batch, check_runtime,
+                                    check_threads_batch, prepare, runtime_version, steady_allocator, torch_threads)
 from leanconv.cost.side_by_side import SideBySide, time_prepared, time_side_by_side
 from leanconv.errors import LeanconvError
 from leanconv.util import timing
@@ -152,8 +152,40 @@ def test_missing_runtime_package_gives_install_hint(monkeypatch, missing):
 
 
 def test_runtime_version_is_the_installed_package():
-    assert runtime_version("torch") == importlib.metadata.version("torch")
+    assert runtime_version("torch").split(" (")[0] == importlib.metadata.version("torch")
     assert runtime_version("onnxruntime") == importlib.metadata.version("onnxruntime")
+
+
+def test_torch_timings_keep_freed_memory_and_say_so():
+    """On glibc (every CI machine) the torch runtime times with freed memory kept, and its
+    version (in every table key and record) says so; a table made without it is foreign."""
+    if steady_allocator() is None:
+        pytest.skip("the C library is not glibc")
+    assert steady_allocator() == STEADY_ALLOCATOR  # idempotent
+    assert runtime_version("torch") == f"{importlib.metadata.version('torch')} ({STEADY_ALLOCATOR})"
+    assert STEADY_ALLOCATOR not in runtime_version("onnxruntime")
+    import ctypes
+    mallopt = ctypes.CDLL(None).mallopt
+    assert mallopt(-3, 32 * 2**20) == 1  # the values steady_allocator sets are ones glibc accepts
+    assert "MALLOC_MMAP_THRESHOLD_=33554432" in STEADY_ALLOCATOR_ENV
+
+
+def test_no_glibc_leaves_the_allocator_alone(monkeypatch):
+    import ctypes
+
+    class NoMallopt:
+        def __init__(self, name):
+            raise OSError("no C library")
+
+    steady_allocator.cache_clear()
+    monkeypatch.setattr(ctypes, "CDLL", NoMallopt)
+    try:
+        assert steady_allocator() is None
+        assert runtime_version("torch") == importlib.metadata.version("torch")
+    finally:
+        steady_allocator.cache_clear()
+        monkeypatch.undo()
+        steady_allocator()
 
 
 @pytest.mark.parametrize("threads,batch,label", [
