@@ -184,3 +184,22 @@ def test_an_unknown_option_points_to_the_subcommands_help(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and len(err) == 1
     assert "unrecognized arguments: --target-params 0.5" in err[0] and "'leanconv prune3d --help'" in err[0]
+
+
+def test_progress_bar_names_each_stage(capsys):
+    """A long run's bar says which stage it is in (compare once labelled every stage "fine-tune")."""
+    from leanconv.cli.common import progress_bar
+
+    update, close = progress_bar("compare")
+    update(3, 64, {"stage": "damage"})
+    update(1, 3, {"stage": "candidates"})
+    update(2, 5, {"epoch": 1, "loss": 0.5})
+    close()
+    err = capsys.readouterr().err
+    assert "compare: damage" in err and "3/64" in err
+    assert "compare: candidates" in err and "stage=" not in err
+    assert "compare:  40%" in err or "compare: 40%" in err  # no stage: the plain label
+    update, close = progress_bar("quiet", enabled=False)
+    update(1, 2, {"stage": "damage"})
+    close()
+    assert capsys.readouterr().err == ""

@@ -392,22 +392,27 @@ def build_config(config_type: type, args: argparse.Namespace, **given: Any) -> A
 
 
 def progress_bar(desc: str, enabled: bool = True) -> tuple[Callable[[int, int, dict], None], Callable[[], None]]:
-    """A ``progress(done, total, info)`` callback drawing a tqdm bar on stderr, and a closer."""
+    """A ``progress(done, total, info)`` callback drawing a tqdm bar on stderr, and a closer.
+    The bar is labelled ``desc``, followed by the info's ``stage`` where it names one (a new
+    bar starts when the stage or the total changes)."""
     from tqdm import tqdm
 
-    state: dict[str, Any] = {"bar": None}
+    state: dict[str, Any] = {"bar": None, "label": None}
 
     def update(done: int, total: int, info: dict) -> None:
         if not enabled:
             return
-        bar = state["bar"]
-        if bar is None or bar.total != total:
+        bar, stage = state["bar"], info.get("stage")
+        label = f"{desc}: {stage}" if stage else desc
+        if bar is None or bar.total != total or state["label"] != label:
             if bar is not None:
                 bar.close()
-            bar = state["bar"] = tqdm(total=total, desc=desc, unit="step", file=sys.stderr,
+            bar = state["bar"] = tqdm(total=total, desc=label, unit="step", file=sys.stderr,
                                       dynamic_ncols=True, leave=True)
+            state["label"] = label
         bar.n = done
-        bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in info.items()}, refresh=False)
+        bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in info.items() if k != "stage"},
+                        refresh=False)
         bar.refresh()
 
     def close() -> None:

@@ -49,7 +49,7 @@ def compare_and_report(source: Source, config: CompareConfig, out: Path, *, show
                        command: str | None = None) -> dict:
     """Run the comparison of ``source`` into ``out`` and build the report; returns the paths.
     ``command`` is what the report shows as the command behind it (default: the compare command)."""
-    update, close = progress_bar("fine-tune", enabled=show_progress)
+    update, close = progress_bar("compare", enabled=show_progress)
 
     def stage(done: int, total: int, key: str) -> None:
         if show_progress and key != "done":

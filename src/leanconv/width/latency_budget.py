@@ -319,7 +319,7 @@ class LatencyPruner:
         traced = self.traced
         if self.price == "damage":
             damage = measured_damage(model, traced, self.planner, self.solver.options, self.example, data,
-                                     progress=lambda i, n: report(2, 3, {"stage": "damage", "done": i, "of": n}),
+                                     progress=lambda i, n: report(i, n, {"stage": "damage"}),
                                      counts=counts)
             full = [t.group.size for t in traced]
 
