@@ -264,7 +264,8 @@ def _refuse_unreachable(target: float, fastest: float, latency: LatencyModel) ->
     if fastest > target:
         raise UnreachableLatency(f"latency target {target:g} is unreachable on {latency.table.runtime}: with every "
                                  "layer at its fewest channels on the runtime's staircase the model is predicted at "
-                                 f"{fastest:.3f} of the unpruned latency; raise the target")
+                                 f"{fastest:.3f} of the unpruned latency; raise the target, or cut blocks and input "
+                                 "resolution as well (leanconv prune3d --target-latency)")
 
 
 class LatencyPruner:
