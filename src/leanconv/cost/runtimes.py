@@ -93,7 +93,7 @@ def steady_allocator() -> str | None:
     try:
         mallopt = ctypes.CDLL(None).mallopt
         gnu = ctypes.CDLL(None).gnu_get_libc_version
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS, Windows)
         return None
     gnu.restype = ctypes.c_char_p
     if not (mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)):
