@@ -203,3 +203,16 @@ def test_progress_bar_names_each_stage(capsys):
     update(1, 2, {"stage": "damage"})
     close()
     assert capsys.readouterr().err == ""
+
+
+def test_commands_run_with_freed_memory_kept(monkeypatch, tmp_path, capsys):
+    """A command sets the allocator that timing on torch uses, once its arguments are checked."""
+    from leanconv.cost import runtimes
+
+    calls = []
+    monkeypatch.setattr(runtimes, "steady_allocator", lambda: calls.append(1))
+    assert main(["eval", ""]) == 2  # refused while checking the arguments: nothing set
+    assert calls == []
+    assert main(["eval", str(tmp_path / "missing.safetensors")]) == 2  # refused by the command itself
+    assert calls == [1]
+    assert "missing.safetensors" in capsys.readouterr().err
