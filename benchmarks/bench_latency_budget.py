@@ -183,9 +183,14 @@ def prune_latency(model: nn.Module, s: Setting, seed: int, method: str) -> dict:
         "measure_attempts": measuring, "prune_total": end - t0}}
 
 
+def macs_goal(s: Setting) -> float:
+    """The MAC budget of the ``macs-*`` methods: ``--macs-target``, else the latency target R."""
+    return s.target if s.args.macs_target is None else s.args.macs_target
+
+
 def prune_macs(model: nn.Module, s: Setting, seed: int, round_to: int | None) -> dict:
     """``macs-l1`` / ``macs-l1-auto``: a MAC budget, global L1 ranking."""
-    goal = s.target if s.args.macs_target is None else s.args.macs_target
+    goal = macs_goal(s)
     criterion = Timed(run_criterion("l1", probes=HAP_PROBES, seed=seed))
     t0 = time.perf_counter()
     result = prune_to_budget(model, criterion, s.example(), target=goal, kind="macs", input_shape=s.shape,
@@ -258,8 +263,7 @@ def reusable(earlier: list[dict], s: Setting, seed: int, method: str, one_shot: 
     if not method.startswith("macs-"):
         return None
     return next((r for r in earlier if "refused" not in r and r["model"] == s.label and r["method"] == method
-                 and r["seed"] == seed
-                 and r["info"].get("macs_target") == (s.target if s.args.macs_target is None else s.args.macs_target)
+                 and r["seed"] == seed and r["info"].get("macs_target") == macs_goal(s)
                  and r["settings"] == settings(s.args) and r.get("one_shot_accuracy") == one_shot
                  and "finetuned_accuracy" in r), None)
 
@@ -279,7 +283,7 @@ def run_one(s: Setting, seed: int, method: str, earlier: list[dict] = ()) -> dic
     test = data.loader("test", 256, resolution=resolution, subset=args.test_images)
     recalibrate_on_training_data(model, data, resolution)
     one_shot = evaluate(model, test)["accuracy"]
-    same = reusable(list(earlier), s, seed, method, one_shot)
+    same = reusable(earlier, s, seed, method, one_shot)
     if same is None:
         t0 = time.perf_counter()
         finetune(model, data, epochs=args.finetune_epochs, lr=0.01, seed=seed, resolution=resolution,

@@ -91,8 +91,8 @@ def steady_allocator() -> str | None:
     look 11% faster than the unpruned one and run 7% slower once memory is kept. Timing on
     ``torch`` therefore keeps freed memory (the process's peak memory stays reserved)."""
     try:
-        mallopt = ctypes.CDLL(None).mallopt
-        gnu = ctypes.CDLL(None).gnu_get_libc_version
+        libc = ctypes.CDLL(None)
+        mallopt, gnu = libc.mallopt, libc.gnu_get_libc_version
     except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS, Windows)
         return None
     gnu.restype = ctypes.c_char_p
