@@ -125,6 +125,7 @@ class CompareConfig(RunConfig):
                                      "without a teacher)")
     distill_temperature: float = recovery.distill_temperature()
     distill_weight: float = recovery.distill_weight()
+    reconstruct_images: int = recovery.reconstruct_images()
     score_images: int = score_images()
     train_subset: int | None = train_subset(help="fine-tune every entry on the first N training images only (the 3d "
                                                  "entry: its samples; its chosen model uses all)")
@@ -211,7 +212,7 @@ def entry_config(c: CompareConfig, method: str, target: float | None) -> RunConf
         return PruneConfig(method=criterion, target=target, implant=implant, finetune_epochs=c.finetune_epochs,
                            finetune_lr=c.finetune_lr, score_images=c.score_images, probes=c.probes, seed=c.seed,
                            train_subset=c.train_subset, batch_size=ENTRY_BATCH, latency_repeats=c.latency_repeats,
-                           hessian=c.hessian, **_distillation(c), **kind)
+                           hessian=c.hessian, reconstruct_images=c.reconstruct_images, **_distillation(c), **kind)
     if method == "3d":  # its final fine-tuning uses the whole training split; a train subset caps the samples'
         images = min(c.train_subset, 2000) if c.train_subset is not None else 2000
         kind = {"kind": "latency", "runtime": c.runtime, "runtime_threads": c.threads,

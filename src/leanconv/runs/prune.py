@@ -5,17 +5,21 @@ with any registered criterion on validation batches (never the test split) and r
 physically until the model meets the budget: a latency measured on a runtime
 (:mod:`leanconv.runs.latency`), or counted MACs or params within 2% of the target (optionally
 in ``steps`` rounds with fine-tuning between them, optionally implanting the most sensitive
-pruned channels: HAP's Neural Implant). Right after the cut BatchNorm statistics are
+pruned channels: HAP's Neural Implant). Right after the cut the layers that lost input
+channels are refitted by least squares to reproduce the unpruned model's outputs
+(``reconstruct_images``, :mod:`leanconv.width.reconstruct`), BatchNorm statistics are
 re-estimated on training images and the cut is judged (``after_prune_before_finetune``:
 one-shot test accuracy); the model is then fine-tuned with the shared loop (which ends by
 re-estimating them again), and accuracy and counted cost are recorded before and after, with
 both models timed side by side on the run's runtime (:mod:`leanconv.runs.record`).
-Two recovery options (:mod:`leanconv.runs.recovery`): group-lasso training before scoring
-(``regularize_epochs``) and distillation from the unpruned model while fine-tuning (``distill``).
+Three recovery options (:mod:`leanconv.runs.recovery`): group-lasso training before scoring
+(``regularize_epochs``), the reconstruction (``reconstruct_images``) and distillation from the
+unpruned model while fine-tuning (``distill``).
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -111,6 +115,7 @@ class PruneConfig(RunConfig):
     distill_weight: float = recovery.distill_weight()
     regularize_epochs: int = recovery.regularize_epochs()
     regularize_strength: float = recovery.regularize_strength()
+    reconstruct_images: int = recovery.reconstruct_images()
     train_subset: int | None = train_subset()
     score_images: int = score_images()
     probes: int = probes(64)
@@ -209,6 +214,13 @@ def run_prune(config: PruneConfig, source: Source, *, out=None, progress: Progre
                "normalize": config.normalize, "latency_aware": config.latency_aware,
                "implant_init": config.implant_init, "strict": config.strict,
                **({"candidates": config.allocations(), "seed": config.seed} if scoring is not None else {})}
+    rebuilt: list[dict[str, Any] | None] = []  # one reconstruction record per cut (round)
+
+    def refit(original, m, result) -> None:
+        rebuilt.append(recovery.reconstruct_after_cut(config, original, m, result.removed, data, example, resolution,
+                                                      progress=progress, stage=say))
+
+    original = copy.deepcopy(model) if config.reconstruct_images and data is not None else None
     say(f"scoring with {config.method} and pruning to {config.target:g} of the {config.kind}")
     cut, attempts = None, None  # with several rounds, fine-tuning is interleaved with them
     if config.kind == "latency":
@@ -220,6 +232,7 @@ def run_prune(config: PruneConfig, source: Source, *, out=None, progress: Progre
     elif config.steps == 1:
         results = [prune_to_budget(model, criterion, example, target=config.target, implant=config.implant, **options)]
     if config.steps == 1 or config.kind == "latency":
+        refit(original, model, results[-1])
         if measured:
             cut = one_shot(model, shape, test, data, resolution, config.batch_size)
         elif data is not None:  # the cut's own BatchNorm statistics, whatever comes next
@@ -229,7 +242,8 @@ def run_prune(config: PruneConfig, source: Source, *, out=None, progress: Progre
     else:
         epochs = _split(config.finetune_epochs, config.steps)
         results = iterative_prune(model, criterion, example, lambda m, s: tune(m, epochs[s - 1]),
-                                  target=config.target, steps=config.steps, implant=config.implant, **options)
+                                  target=config.target, steps=config.steps, implant=config.implant,
+                                  after_cut=refit if original is not None else None, **options)
     say("measuring the pruned model")
     after = gauge(model)
     timing = None
@@ -242,6 +256,7 @@ def run_prune(config: PruneConfig, source: Source, *, out=None, progress: Progre
     details = {"method": config.method, "after_prune_before_finetune": cut, "rounds": [r.to_dict() for r in results],
                "latency_budget": None if attempts is None else {**describe(latency), "attempts": attempts},
                "layers": _merge_layers(results), "regularization": regularized,
+               "reconstruction": rebuilt[0] if len(rebuilt) == 1 else (rebuilt or None),
                "distillation": recovery.distillation_record(config),
                "hessian": None if traces is None else {"probes": traces.probes, "converged": traces.converged,
                                                        "seconds": traces.seconds, "method": traces.method}}

@@ -324,15 +324,18 @@ def iterative_prune(
     kind: str = "macs",
     implant: float = 0.0,
     progress: Progress | None = None,
+    after_cut: Callable[[nn.Module, nn.Module, PruneResult], None] | None = None,
     **options: Any,
 ) -> list[PruneResult]:
     """Prune in ``steps`` rounds along a geometric schedule: after round ``s`` (1-based) the
     model keeps ``target ** (s / steps)`` of its original ``kind``; scores are recomputed on
     the current model each round and ``finetune_fn(model, s)`` (the caller's training, may be
-    None) runs after each round. Neural Implant (``implant``) is applied in the last round only,
-    because implanted outputs are not pruned again. ``options`` go to :func:`prune_to_budget`
-    (``data``, ``round_to``, ``floor``, ``normalize``, ``latency_aware``, ``candidates`` and
-    ``seed``: the same draws each round, ``tol``, ``input_shape``, ``ignored``).
+    None) runs after each round, after ``after_cut(model_before_round, model, result)`` (e.g. a
+    reconstruction, :mod:`leanconv.width.reconstruct`) when given. Neural Implant (``implant``)
+    is applied in the last round only, because implanted outputs are not pruned again.
+    ``options`` go to :func:`prune_to_budget` (``data``, ``round_to``, ``floor``, ``normalize``,
+    ``latency_aware``, ``candidates`` and ``seed``: the same draws each round, ``tol``,
+    ``input_shape``, ``ignored``).
     Returns one :class:`PruneResult` per round (ratios relative to that round's input)."""
     if int(steps) != steps or steps < 1:
         raise LeanconvError(f"steps must be a positive integer, got {steps}")
@@ -347,8 +350,11 @@ def iterative_prune(
         step_target = target ** (s / steps) * original / counted_cost(model, shape).of(kind)
         if step_target >= 1:
             raise LeanconvError(f"round {s}: the model already meets the round's budget; use fewer steps")
+        before = copy.deepcopy(model) if after_cut is not None else None
         results.append(prune_to_budget(model, importance, example_input, target=step_target, kind=kind,
                                        implant=implant if s == steps else 0.0, **options))
+        if after_cut is not None:
+            after_cut(before, model, results[-1])
         if progress is not None:
             progress(s, steps, {"stage": "round", "ratio": counted_cost(model, shape).of(kind) / original})
         if finetune_fn is not None:
