@@ -13,8 +13,11 @@ Variants: ``l1, l2, taylor, bn, synflow, random`` and HAP with each curvature es
 exact Gauss-Newton blocks with the trace form, ``hap-gnb`` = Gauss-Newton with the block form).
 Recovery suffixes (from issue #15's item 4): ``+reg`` trains ``--reg-epochs`` epochs with the
 group lasso (``--reg-strength``) before scoring (``leanconv prune --regularize-epochs``),
+``+rec`` refits the layers that lost input channels right after the cut, on ``--rec-images``
+training images (``leanconv prune --reconstruct-images``, the default there; without it the
+variant keeps the weights as cut),
 ``+kd`` fine-tunes with distillation from the unpruned model (``leanconv prune --distill``,
-default temperature and weight): ``l1+kd``, ``l1+reg+kd``, ``hap-gnb+kd``.
+default temperature and weight): ``l1+kd``, ``l1+reg+kd``, ``l1+rec+kd``, ``hap-gnb+kd``.
 Seeds: variants that draw random numbers (``random``, ``hap``, ``hap-hpp``) run every seed;
 the deterministic ones run the first seed only (their one-shot accuracy cannot change with
 it; their fine-tuning noise is not measured). Differences are to ``--reference`` with the
@@ -48,6 +51,7 @@ from leanconv.train.distill import Distillation
 from leanconv.train.finetune import recalibrate_on_training_data
 from leanconv.train.regularize import DEFAULT_STRENGTH, regularize
 from leanconv.width.budget import prune_to_budget
+from leanconv.width.reconstruct import reconstruct
 
 # label -> (criterion, estimator, form, normalisation)
 VARIANTS = {
@@ -95,11 +99,17 @@ def run_variant(source: Source, label: str, seed: int, targets: list[float], arg
     teacher = Distillation(source.fresh()) if "kd" in recovery else None
     for target in targets:
         cut = copy.deepcopy(start)
-        prune_to_budget(cut, [s.clone() for s in scores], example, target=target, kind="macs", input_shape=shape,
-                        normalize=normalize)
+        done = prune_to_budget(cut, [s.clone() for s in scores], example, target=target, kind="macs",
+                               input_shape=shape, normalize=normalize)
+        rec_s = 0.0
+        if "rec" in recovery:
+            t0 = time.perf_counter()
+            reconstruct(start, cut, channel_groups(start, example), done.removed,
+                        data.loader("train", 128, resolution=res, subset=args.rec_images), seed=seed)
+            rec_s = time.perf_counter() - t0
         recalibrate_on_training_data(cut, data, res, 128)
         row = {"label": label, "seed": seed, "target": target, "score_seconds": round(score_s, 1),
-               "regularize_seconds": round(reg_s, 1),
+               "regularize_seconds": round(reg_s, 1), "reconstruct_seconds": round(rec_s, 1),
                "one_shot": evaluate(cut, test)["accuracy"]}
         for epochs in args.epochs:
             tuned = copy.deepcopy(cut)
@@ -154,6 +164,8 @@ def main() -> None:
     parser.add_argument("--score-images", type=int, default=512)
     parser.add_argument("--probes", type=int, default=32, help="probe cap (HVPs for hutch++) of the probing variants")
     parser.add_argument("--reference", default="hap")
+    parser.add_argument("--rec-images", type=int, default=512,
+                        help="training images the +rec variants refit on (leanconv prune --reconstruct-images)")
     parser.add_argument("--reg-epochs", type=int, default=1, help="group-lasso epochs of the +reg variants")
     parser.add_argument("--reg-strength", type=float, default=DEFAULT_STRENGTH)
     parser.add_argument("--threads", type=int, default=1)
@@ -174,8 +186,9 @@ def main() -> None:
             f.write(json.dumps(row) + "\n")
 
     for label in [v for v in args.variants.split(",") if v]:
-        if base_label(label) not in VARIANTS or not set(label.split("+")[1:]) <= {"reg", "kd"}:
-            raise SystemExit(f"unknown variant {label!r}; choose from {', '.join(VARIANTS)}, with +reg and/or +kd")
+        if base_label(label) not in VARIANTS or not set(label.split("+")[1:]) <= {"reg", "rec", "kd"}:
+            raise SystemExit(f"unknown variant {label!r}; choose from {', '.join(VARIANTS)}, with +reg, +rec "
+                             "and/or +kd")
         for seed in seeds if base_label(label) in RANDOM else seeds[:1]:
             todo = [t for t in targets if (label, seed, t) not in done_keys(results)]
             if todo:

@@ -16,7 +16,10 @@ every method prunes a fresh copy of the trained model:
   left whole) and bisected by side-by-side timing (at most 6 timings) for the one closest to R
   at or below R + 0.03 (else the fastest timed).
 
-Each model is then timed side by side with the unpruned one on the runtime (1 thread), predicted
+Right after the cut, leanconv's models (not Torch-Pruning's) have the layers that lost input
+channels refitted on ``--reconstruct-images`` training images, as ``leanconv prune`` does by
+default (``leanconv.width.reconstruct``; 0 = as cut). Each model is then timed side by side
+with the unpruned one on the runtime (1 thread), predicted
 by the calibrated latency table (``LatencyBudget.check``), counted, judged one-shot (BatchNorm
 re-estimated on training images, no fine-tuning) and fine-tuned (``--finetune-epochs`` on the
 first ``--finetune-images`` training images, lr 0.01). One JSON line per (model, runtime, batch,
@@ -60,12 +63,14 @@ from leanconv.cost import count, simd_channels
 from leanconv.cost.latency_table import LatencyModel
 from leanconv.cost.side_by_side import time_side_by_side
 from leanconv.errors import LeanconvError
+from leanconv.graph.groups import channel_groups
 from leanconv.importance import ScoringData, run_criterion
 from leanconv.runs.latency import SLACK, LatencyBudget, prune_to_measured_latency
 from leanconv.runs.source import Source
 from leanconv.train import evaluate, finetune, recalibrate_on_training_data
 from leanconv.width import latency_budget
 from leanconv.width.budget import prune_to_budget
+from leanconv.width.reconstruct import reconstruct
 
 METHODS = ("latency-l1", "latency-hap", "macs-l1", "macs-l1-auto", "tp-l1-r16")
 DEFAULT_METHODS = "latency-l1,macs-l1,macs-l1-auto,tp-l1-r16"  # latency-hap: HAP scoring is slow
@@ -170,14 +175,14 @@ def prune_latency(model: nn.Module, s: Setting, seed: int, method: str) -> dict:
     t0 = time.perf_counter()
     latency_budget.choose = timed_choose
     try:
-        _, attempts = prune_to_measured_latency(model, criterion, s.example(), s.latency, budget, target=s.target,
+        results, attempts = prune_to_measured_latency(model, criterion, s.example(), s.latency, budget, target=s.target,
                                                 shape=s.shape, data=scoring(s, seed), candidates=CANDIDATES,
                                                 seed=seed, progress=progress)
     finally:
         latency_budget.choose = choose
     end, measuring = time.perf_counter(), sum(budget.spent)
     scored = marks.get("scores", end)
-    return {"attempts": attempts, "seconds": {
+    return {"attempts": attempts, "removed": results[-1].removed, "seconds": {
         "criterion": criterion.seconds, "damage": scored - marks.get("groups", t0) - criterion.seconds,
         "solve": end - scored - measuring - sum(judged), "candidates": sum(judged),
         "measure_attempts": measuring, "prune_total": end - t0}}
@@ -196,7 +201,7 @@ def prune_macs(model: nn.Module, s: Setting, seed: int, round_to: int | None) ->
     result = prune_to_budget(model, criterion, s.example(), target=goal, kind="macs", input_shape=s.shape,
                              round_to=round_to, data=scoring(s, seed))
     total = time.perf_counter() - t0
-    return {"macs_target": goal, "round_to": round_to, "achieved_macs": result.achieved,
+    return {"macs_target": goal, "round_to": round_to, "achieved_macs": result.achieved, "removed": result.removed,
             "seconds": {"criterion": criterion.seconds, "solve": total - criterion.seconds, "prune_total": total}}
 
 
@@ -276,6 +281,12 @@ def run_one(s: Setting, seed: int, method: str, earlier: list[dict] = ()) -> dic
     torch.manual_seed(seed)
     model = s.source.fresh()
     info = prune(model, s, seed, method)
+    removed = info.pop("removed", None)
+    if args.reconstruct_images and removed is not None:  # the library's default after a cut; TP has no record of it
+        t0 = time.perf_counter()
+        reconstruct(s.source.fresh(), model, channel_groups(s.source.fresh(), s.example()), removed,
+                    data.loader("train", 128, resolution=resolution, subset=args.reconstruct_images), seed=seed)
+        info["seconds"]["reconstruct"] = time.perf_counter() - t0
     timed = s.measure(model, args.rounds)
     ratio = timed["ratio"]
     predicted = s.latency.predict(model) / s.latency.reference_ms
@@ -305,7 +316,8 @@ def run_one(s: Setting, seed: int, method: str, earlier: list[dict] = ()) -> dic
 
 
 def settings(args) -> dict:
-    names = ("finetune_epochs", "finetune_images", "score_images", "rounds", "macs_target", "test_images", "quick")
+    names = ("finetune_epochs", "finetune_images", "score_images", "rounds", "macs_target", "test_images", "quick",
+             "reconstruct_images")
     return {k: getattr(args, k) for k in names} | {"candidates": CANDIDATES, "threads": 1}
 
 
@@ -487,6 +499,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--finetune-epochs", type=int, default=3)
     p.add_argument("--finetune-images", type=int, default=10000)
     p.add_argument("--score-images", type=int, default=512)
+    p.add_argument("--reconstruct-images", type=int, default=512,
+                   help="refit the layers that lost input channels on N training images right after the cut, as "
+                   "leanconv prune does by default (0 = keep the weights as cut; Torch-Pruning's models never are)")
     p.add_argument("--rounds", type=int, default=7, help="side-by-side rounds of 10 calls for each result")
     p.add_argument("--out", default="benchmarks/results/bench_latency_budget")
     p.add_argument("--summary", action="store_true", help="only print the tables from OUT's records")
