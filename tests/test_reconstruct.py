@@ -36,6 +36,7 @@ class Chain(nn.Module):
 
 def _cut(model, x, remove):
     """A pruned copy of ``model``: ``remove`` maps group roots to channels to drop."""
+    x = x.to(next(model.parameters()).dtype)
     groups = channel_groups(model, x)
     pruned = copy.deepcopy(model)
     index = {g.root: i for i, g in enumerate(groups)}
@@ -44,7 +45,7 @@ def _cut(model, x, remove):
 
 
 def _output(model, name, x):
-    seen = {}
+    x, seen = x.to(next(model.parameters()).dtype), {}
     hook = model.get_submodule(name).register_forward_hook(lambda m, i, o: seen.setdefault("y", o.detach()))
     with torch.no_grad():
         model(x)
@@ -62,11 +63,13 @@ def test_patches_are_the_rows_of_unfold():
     assert_close(_patches(conv, x, picks), rows[picks], rtol=0, atol=0)
 
 
-def test_a_removed_channel_that_copies_a_kept_one_is_absorbed_exactly():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_removed_channel_that_copies_a_kept_one_is_absorbed_exactly(dtype):
     """Channel 3 of ``a`` equals channel 0, so after removing 3 the refitted ``b`` (weights and
-    bias) reproduces the unpruned outputs, where the cut alone does not."""
+    bias) reproduces the unpruned outputs, where the cut alone does not; a float64 model is fed
+    float64 images (the batches are float32)."""
     torch.manual_seed(0)
-    model = Chain().eval()
+    model = Chain().eval().to(dtype)
     with torch.no_grad():
         model.a.weight[3] = model.a.weight[0]
     x = torch.randn(16, 3, 12, 12)
@@ -76,7 +79,7 @@ def test_a_removed_channel_that_copies_a_kept_one_is_absorbed_exactly():
     done = reconstruct(model, pruned, groups, {"a": [3]}, [(x[:8],), (x[8:],)], ridge=1e-9)
     assert set(done.layers) == {"b"} and done.layers["b"][1] < 1e-8 < done.layers["b"][0]
     assert_close(_output(pruned, "b", x), _output(model, "b", x), rtol=1e-4, atol=1e-4)
-    assert_close(pruned(x), model(x), rtol=1e-4, atol=1e-4)
+    assert_close(pruned(x.to(dtype)), model(x.to(dtype)), rtol=1e-4, atol=1e-4)
 
 
 def test_kept_channels_follow_concatenation_offsets():

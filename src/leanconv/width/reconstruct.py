@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from leanconv.graph.types import ChannelGroup
+from leanconv.util.model_io import to_model
 from leanconv.util.progress import Progress
 
 __all__ = ["Reconstruction", "reconstruct", "kept_channels"]
@@ -142,7 +143,7 @@ def reconstruct(original: nn.Module, pruned: nn.Module, groups: Sequence[Channel
     (training images, un-augmented). Both models are run in eval mode and left in it."""
     t0 = time.perf_counter()
     report = progress or (lambda done, total, info: None)
-    batches = [b[0] if isinstance(b, (tuple, list)) else b for b in batches]
+    batches = [to_model(b[0] if isinstance(b, (tuple, list)) else b, pruned) for b in batches]
     gone = kept_channels(groups, removed)
     have, now = dict(original.named_modules()), dict(pruned.named_modules())
     work: dict[str, tuple[list[int], list[int]]] = {}
@@ -190,9 +191,10 @@ def reconstruct(original: nn.Module, pruned: nn.Module, groups: Sequence[Channel
             finally:
                 for h in hooks:
                     h.remove()
-            y = seen["y"][:, keep_out]
+            y = seen["y"][..., keep_out] if isinstance(layer, nn.Linear) else seen["y"][:, keep_out]
             picks = _positions(y, layer, positions, gen)
-            p, t = _patches(layer, seen["x"], picks).double(), _targets(y, layer, picks).double()
+            p, t = _patches(layer, seen["x"], picks).double(), _targets(y, layer, picks).double().cpu()
+            p = p.cpu()
             if bias:
                 p = torch.cat([p, torch.ones(len(p), 1, dtype=p.dtype)], dim=1)
             a = p.T @ p if a is None else a + p.T @ p
@@ -200,11 +202,15 @@ def reconstruct(original: nn.Module, pruned: nn.Module, groups: Sequence[Channel
             yy = (t * t).sum() if yy is None else yy + (t * t).sum()
         w0 = layer.weight.detach().double().reshape(layer.weight.shape[0], -1)
         w0 = torch.cat([w0, layer.bias.detach().double()[:, None]], dim=1) if bias else w0
-        w = torch.linalg.solve(a + ridge * a.diagonal().mean() * torch.eye(len(a), dtype=a.dtype), b)
+        w0 = w0.cpu()
+        try:
+            w = torch.linalg.solve(a + ridge * a.diagonal().mean() * torch.eye(len(a), dtype=a.dtype), b)
+        except RuntimeError:  # singular even with the ridge: inputs that are all zero on the sample
+            w = w0.T
         before, after = _unexplained(a, b, yy, w0.T), _unexplained(a, b, yy, w)
         if after < before:
             with torch.no_grad():
-                w = w.T.to(layer.weight.dtype)
+                w = w.T.to(dtype=layer.weight.dtype, device=layer.weight.device)
                 layer.weight.copy_(w[:, : w.shape[1] - bias].reshape(layer.weight.shape))
                 if bias:
                     layer.bias.copy_(w[:, -1])
