@@ -45,6 +45,8 @@ CASES = {
     "threads-train": ("train", ["--threads=100000000"], "argument --threads: must be a whole number in [1, 1024]"),
     "workers": ("prune3d", ["--workers=100000000"], "argument --workers: must be a whole number in [0, 1024]"),
     "images-score": ("prune", [f"--score-images={HUGE}"], "--score-images must be a whole number in [1, 1000000000]"),
+    "images-reconstruct": ("prune", [f"--reconstruct-images={HUGE}"],
+        "--reconstruct-images must be a whole number in [0, 1000000000]"),
     "images-subset": ("train", [f"--train-subset={HUGE}"],
         "argument --train-subset/--subset: must be a whole number in [1, 1000000000]"),
     "probes": ("sensitivity", [f"--probes={HUGE}"], "--probes must be a whole number in [2, 100000]"),

@@ -189,7 +189,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "finetune_epochs": (0, MAX_EPOCHS), "sample_epochs": (0, MAX_EPOCHS),
     "finetune_lr": (0.0, MAX_LR),
     "train_subset": (1, MAX_IMAGES), "score_images": (1, MAX_IMAGES), "sample_images": (1, MAX_IMAGES),
-    "fit_images": (1, MAX_IMAGES),
+    "fit_images": (1, MAX_IMAGES), "reconstruct_images": (0, MAX_IMAGES),
     "probes": (2, MAX_PROBES), "min_probes": (2, MAX_PROBES), "rel_stderr": (0.0, MAX_REL_STDERR),
     "batch_size": (1, MAX_BATCH), "latency_repeats": (1, MAX_REPEATS), "latency_batch": (1, MAX_BATCH),
     "threads": (1, MAX_THREADS), "runtime_threads": (1, MAX_THREADS), "candidates": (1, 1000),
