@@ -16,6 +16,7 @@ from leanconv.graph.groups import channel_groups
 from leanconv.models import create
 from leanconv.runs import PruneConfig, Source, run_prune
 from leanconv.width.channels import remove_channels
+from leanconv.width import reconstruct as reconstruct_module
 from leanconv.width.reconstruct import _patches, kept_channels, reconstruct
 
 from prune_toys import CatToy, DepthwiseToy, ResToy
@@ -90,11 +91,16 @@ def test_kept_channels_follow_concatenation_offsets():
     assert gone["c"] == ({5, 8}, set()) and gone["b"] == (set(), {1, 4}) and gone["bn"] == (set(), {5, 8})
 
 
+@pytest.mark.parametrize("window", ["all layers", "one layer"])
 @pytest.mark.parametrize("toy,remove,refitted", [
     (ResToy, {"stem.0": [0, 5], "conv_a": [1, 2, 3]}, {"conv_a", "conv_b", "conv_c"}),
     (CatToy, {"b": [1, 4]}, {"c"}),
 ])
-def test_refitted_layers_reproduce_the_unpruned_outputs_better_than_the_cut(toy, remove, refitted):
+def test_refitted_layers_reproduce_the_unpruned_outputs_better_than_the_cut(toy, remove, refitted, window,
+                                                                             monkeypatch):
+    """Also when the unpruned targets are kept for one layer at a time (a large model)."""
+    if window == "one layer":
+        monkeypatch.setattr(reconstruct_module, "TARGET_BYTES", 1)
     torch.manual_seed(1)
     model = toy().eval()
     x = torch.randn(64, 3, 10, 10)

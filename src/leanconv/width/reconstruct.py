@@ -10,7 +10,10 @@ pruning, He et al., ICCV 2017, and ThiNet, ICCV 2017). :func:`reconstruct` fits 
 them, each on inputs from the pruned model as already refitted, so later layers also absorb
 what earlier ones could not reproduce. Per layer it accumulates ``A = P^T P`` and ``B = P^T Y``
 over patches ``P`` at randomly drawn output positions (``positions`` per image) and solves
-``(A + ridge * mean(diag A) * I) W = B`` in float64; a layer with a bias refits it too.
+``(A + ridge * mean(diag A) * I) W = B`` in float64; a layer with a bias refits it too. The
+unpruned model's outputs at the drawn positions are taken for several layers in one forward
+pass (as many as fit in :data:`TARGET_BYTES`), and the pruned model runs only up to the layer
+being fitted: on ResNet-20 this took 16 s against 26 s when both models ran per layer.
 
 A layer is left as the cut left it when the fit does not lower its error on the sample, when
 its weights are not the unpruned layer's sliced by the channel groups (e.g. already
@@ -21,6 +24,7 @@ ResNet-20 / Fashion-MNIST (93.34%), l1 at 50% of the MACs: 79.67% right after th
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
@@ -165,57 +169,109 @@ def reconstruct(original: nn.Module, pruned: nn.Module, groups: Sequence[Channel
     if not work or not batches:
         return Reconstruction(sum(len(b) for b in batches), time.perf_counter() - t0, {}, skipped)
     order = _run_order(pruned, set(work), batches[0][:1])
+    shapes = {n: y.shape for n, y in _run_until(original, {n: have[n] for n in order}, batches[0][:1], "out").items()}
     gen = torch.Generator().manual_seed(seed)
     fitted: dict[str, tuple[float, float]] = {}
-    for step, name in enumerate(order, 1):
-        layer, (keep_in, keep_out) = now[name], work[name]
-        bias = layer.bias is not None
-        a = b = yy = None
-        for x in batches:
-            seen: dict[str, Tensor] = {}
-
-            def grab(key, which):
-                def hook(mod, inputs, output):
-                    seen[key] = (inputs[0] if which == "in" else output).detach()
-                    raise _Stop
-                return hook
-
-            hooks = [layer.register_forward_hook(grab("x", "in")), have[name].register_forward_hook(grab("y", "out"))]
-            try:
-                with torch.no_grad():
-                    for net in (pruned, original):
-                        try:
-                            net(x)
-                        except _Stop:
-                            pass
-            finally:
-                for h in hooks:
-                    h.remove()
-            y = seen["y"][..., keep_out] if isinstance(layer, nn.Linear) else seen["y"][:, keep_out]
-            picks = _positions(y, layer, positions, gen)
-            p, t = _patches(layer, seen["x"], picks).double(), _targets(y, layer, picks).double().cpu()
-            p = p.cpu()
-            if bias:
-                p = torch.cat([p, torch.ones(len(p), 1, dtype=p.dtype)], dim=1)
-            a = p.T @ p if a is None else a + p.T @ p
-            b = p.T @ t if b is None else b + p.T @ t
-            yy = (t * t).sum() if yy is None else yy + (t * t).sum()
-        w0 = layer.weight.detach().double().reshape(layer.weight.shape[0], -1)
-        w0 = torch.cat([w0, layer.bias.detach().double()[:, None]], dim=1) if bias else w0
-        w0 = w0.cpu()
-        try:
-            w = torch.linalg.solve(a + ridge * a.diagonal().mean() * torch.eye(len(a), dtype=a.dtype), b)
-        except RuntimeError:  # singular even with the ridge: inputs that are all zero on the sample
-            w = w0.T
-        before, after = _unexplained(a, b, yy, w0.T), _unexplained(a, b, yy, w)
-        if after < before:
-            with torch.no_grad():
-                w = w.T.to(dtype=layer.weight.dtype, device=layer.weight.device)
-                layer.weight.copy_(w[:, : w.shape[1] - bias].reshape(layer.weight.shape))
+    done = 0
+    for window in _windows(order, shapes, work, sum(len(x) for x in batches), positions):
+        targets = _targets_of(original, {n: have[n] for n in window}, work, batches, positions, gen)
+        for name in window:
+            layer, bias = now[name], now[name].bias is not None
+            a = b = yy = None
+            for x, (picks, t) in zip(batches, targets.pop(name)):
+                p = _patches(layer, _run_until(pruned, {name: layer}, x, "in")[name], picks).double().cpu()
+                t = t.double()
                 if bias:
-                    layer.bias.copy_(w[:, -1])
-            fitted[name] = (before, after)
-        else:
-            skipped[name] = "the fit did not lower its error"
-        report(step, len(order), {"stage": "reconstruct"})
+                    p = torch.cat([p, torch.ones(len(p), 1, dtype=p.dtype)], dim=1)
+                a = p.T @ p if a is None else a + p.T @ p
+                b = p.T @ t if b is None else b + p.T @ t
+                yy = (t * t).sum() if yy is None else yy + (t * t).sum()
+            change = None if a is None else _refit(layer, a, b, yy, ridge)
+            if change is None:
+                skipped[name] = "the fit did not lower its error"
+            else:
+                fitted[name] = change
+            done += 1
+            report(done, len(order), {"stage": "reconstruct"})
     return Reconstruction(sum(len(x) for x in batches), time.perf_counter() - t0, fitted, skipped)
+
+
+def _run_until(net: nn.Module, layers: Mapping[str, nn.Module], x: Tensor, which: str) -> dict[str, Tensor]:
+    """The input (``which="in"``) or output of each of ``layers`` when ``net`` runs on ``x``; the
+    forward pass stops once all have been seen (a layer called twice gives its first call)."""
+    seen: dict[str, Tensor] = {}
+
+    def grab(name):
+        def hook(mod, inputs, output):
+            seen.setdefault(name, (inputs[0] if which == "in" else output).detach())
+            if len(seen) == len(layers):
+                raise _Stop
+        return hook
+
+    hooks = [m.register_forward_hook(grab(n)) for n, m in layers.items()]
+    try:
+        with torch.no_grad():
+            net(x)
+    except _Stop:
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+# the unpruned outputs kept for the layers being fitted (a window of them at a time)
+TARGET_BYTES = 256 * 2**20
+
+
+def _windows(order: list[str], shapes: Mapping[str, torch.Size], work, images: int, positions: int):
+    """``order`` in consecutive runs whose targets (float32 rows at the drawn positions) fit in
+    :data:`TARGET_BYTES` together (at least one layer each)."""
+    window, used = [], 0
+    for name in order:
+        shape, kept = shapes[name], len(work[name][1])
+        rows = images * (1 if len(shape) == 2 else min(positions, shape[2] * shape[3]) if len(shape) == 4 else
+                         math.prod(shape[1:-1]))
+        size = rows * kept * 4
+        if window and used + size > TARGET_BYTES:
+            yield window
+            window, used = [], 0
+        window.append(name)
+        used += size
+    if window:
+        yield window
+
+
+def _targets_of(original: nn.Module, layers: Mapping[str, nn.Module], work, batches: list[Tensor], positions: int,
+                gen: torch.Generator) -> dict[str, list[tuple[Tensor, Tensor]]]:
+    """Per layer, per batch: the drawn output positions and the unpruned layer's kept outputs
+    there (one forward pass of ``original`` per batch for the whole window)."""
+    out: dict[str, list[tuple[Tensor, Tensor]]] = {n: [] for n in layers}
+    for x in batches:
+        for name, y in _run_until(original, layers, x, "out").items():
+            keep_out = work[name][1]
+            y = y[..., keep_out] if isinstance(layers[name], nn.Linear) else y[:, keep_out]
+            picks = _positions(y, layers[name], positions, gen)
+            out[name].append((picks, _targets(y, layers[name], picks).float().cpu()))
+    return out
+
+
+def _refit(layer: nn.Module, a: Tensor, b: Tensor, yy: Tensor, ridge: float) -> tuple[float, float] | None:
+    """Solve the ridge least squares and set ``layer``'s weights (and bias) to it when that lowers
+    the unexplained share: (before, after), else None (the layer is left as it was)."""
+    bias = layer.bias is not None
+    w0 = layer.weight.detach().double().reshape(layer.weight.shape[0], -1).cpu()
+    w0 = torch.cat([w0, layer.bias.detach().double().cpu()[:, None]], dim=1) if bias else w0
+    try:
+        w = torch.linalg.solve(a + ridge * a.diagonal().mean() * torch.eye(len(a), dtype=a.dtype), b)
+    except RuntimeError:  # singular even with the ridge: inputs that are all zero on the sample
+        return None
+    before, after = _unexplained(a, b, yy, w0.T), _unexplained(a, b, yy, w)
+    if not after < before:
+        return None
+    with torch.no_grad():
+        w = w.T.to(dtype=layer.weight.dtype, device=layer.weight.device)
+        layer.weight.copy_(w[:, : w.shape[1] - bias].reshape(layer.weight.shape))
+        if bias:
+            layer.bias.copy_(w[:, -1])
+    return before, after
