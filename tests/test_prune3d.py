@@ -13,7 +13,7 @@ from leanconv.cost import count
 from leanconv.errors import LeanconvError
 from leanconv.prune3d.optimum import CalibratedCost, discrete_ratios, resolve
 from leanconv.prune3d.predictor import FullPolynomial
-from leanconv.prune3d.realise import StepSettings, load_origin, realise
+from leanconv.prune3d.realise import Origin, StepSettings, load_origin, realise
 from leanconv.prune3d.search import fill_budget, sampling_floors
 from leanconv.runs.prune3d import Prune3dConfig
 
@@ -46,6 +46,24 @@ def test_realise_applies_depth_then_width_then_resolution(origin):
     assert abs(point.w - 0.6) <= 0.6 * 0.02  # w^2 of the post-depth MACs, within prune_to_budget's 2%
     assert point.macs == count(model, (3, 12, 12)).macs < 0.25 * origin.macs
     assert count(origin.model, origin.shape).macs == origin.macs  # the trained model is untouched
+
+
+def test_a_width_step_refits_the_layers_after_the_cut(origin):
+    """With reconstruct_images the width step's cut is the same, the stem (no input lost) is
+    untouched and the layers that lost input channels are refitted, at the point's side too."""
+    from dataclasses import replace
+
+    refitting = Origin(**{**origin.__dict__, "settings": replace(origin.settings, reconstruct_images=64),
+                          "_batches": {}})
+    for d, w, r in ((1.0, 0.6, 1.0), (4 / 7, 0.7, 0.75)):
+        plain, _ = realise(origin, d, w, r)
+        fitted, point = realise(refitting, d, w, r)
+        shapes = {n: p.shape for n, p in plain.named_parameters()}
+        assert {n: p.shape for n, p in fitted.named_parameters()} == shapes and point.side == round(16 * r)
+        changed = {n for n, p in fitted.named_parameters() if not torch.equal(p, plain.get_parameter(n))}
+        assert changed and all(n.endswith(("weight", "bias")) for n in changed)
+        stem = next(n for n, m in plain.named_modules() if isinstance(m, nn.Conv2d))
+        assert f"{stem}.weight" not in changed
 
 
 class _Linear:

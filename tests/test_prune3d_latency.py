@@ -173,8 +173,10 @@ def test_samples_of_a_latency_budget_are_kept_apart_and_resume_across_measuremen
     plain = StepSettings(data="synthetic")
     spec = {"runtime": "onnxruntime", "threads": 1, "batch": 1}
     timed = replace(plain, latency={**spec, "reference_ms": 0.3})
-    # samples made before the hessian setting existed keep their keys: the default is left out
-    fields = {k: v for k, v in asdict(plain).items() if v is not None and k not in ("data_dir", "hessian")}
+    # samples made before the hessian and reconstruction settings existed keep their keys: their
+    # defaults (HAP's estimator, no reconstruction) are left out
+    fields = {k: v for k, v in asdict(plain).items()
+              if v is not None and k not in ("data_dir", "hessian", "reconstruct_images")}
     import hashlib
 
     h = hashlib.sha256(trained_ckpt.read_bytes())
@@ -186,6 +188,7 @@ def test_samples_of_a_latency_budget_are_kept_apart_and_resume_across_measuremen
     other = replace(plain, latency={**spec, "batch": 8, "reference_ms": 0.3})
     assert settings_hash(trained_ckpt, other) != settings_hash(trained_ckpt, timed)
     assert settings_hash(trained_ckpt, replace(plain, hessian="hutchinson")) != settings_hash(trained_ckpt, plain)
+    assert settings_hash(trained_ckpt, replace(plain, reconstruct_images=64)) != settings_hash(trained_ckpt, plain)
 
 
 def test_alternatives_are_the_best_point_of_each_other_block_count_and_side(fitted):

@@ -145,19 +145,20 @@ def _pruner(model: nn.Module, latency: LatencyModel, settings: Any, batches: lis
 
 
 def prune_width_latency(model: nn.Module, latency: LatencyModel, settings: Any, batches: list,
-                        share: float) -> float:
+                        share: float) -> dict[str, list[int]]:
     """Cut channels of ``model`` in place until it keeps ``share`` of its predicted latency (or
-    as close as the staircase's fastest plan gets); returns the share predicted kept."""
+    as close as the staircase's fastest plan gets); returns the channels removed (group root ->
+    group channels; empty when nothing was cut)."""
     if share >= 1:
-        return 1.0
+        return {}
     model.eval()
     pruner = _pruner(model, latency, settings, batches)
     goal = max(share, pruner.fastest)
     if goal >= WIDTH_FULL:  # no plan on the staircase is faster than the model as it is
-        return 1.0
+        return {}
     trial, result = pruner.realise(pruner.solve(goal), goal)
     adopt(model, trial)
-    return float(result.achieved)
+    return result.removed
 
 
 def check_latency_box(origin: Any, target: float, *, w_min: float, side: int) -> dict:

@@ -42,7 +42,9 @@ from leanconv.data.splits import DatasetSplits
 from leanconv.errors import LeanconvError
 from leanconv.importance import ScoringData, run_criterion
 from leanconv.importance.hessian.hap import HAP_ESTIMATOR
+from leanconv.graph.groups import channel_groups
 from leanconv.width.budget import prune_to_budget
+from leanconv.width.reconstruct import reconstruct
 from leanconv.prune3d.block_importance import block_importance
 from leanconv.cost.latency_table import LatencyModel
 from leanconv.prune3d.blocks import BlockInfo, find_residual_blocks, prune_blocks
@@ -50,7 +52,7 @@ from leanconv.prune3d.latency import (latency_ratio, origin_latency, prune_width
                                      width_of)
 from leanconv.prune3d.resolution import MIN_SIDE, resolution_ratio_to_side, set_resolution
 from leanconv.train import evaluate, finetune
-from leanconv.util.model_io import check_trainable
+from leanconv.util.model_io import check_trainable, to_model
 
 __all__ = [
     "StepSettings",
@@ -84,6 +86,7 @@ class StepSettings:
     score_images: int = 512  # validation images for block and channel scores
     probes: int = 32  # cap on Hutchinson probes (hap)
     hessian: str = HAP_ESTIMATOR  # hap's curvature estimator (in the settings hash only when another)
+    reconstruct_images: int = 0  # refit after each width cut on N training images (in the hash only when > 0)
     min_per_stage: int = 1  # residual blocks each stage keeps at least
     epochs: int = 1  # brief fine-tuning after each step (0: none)
     images: int | None = 2000  # training images per brief fine-tuning epoch (None: all)
@@ -189,18 +192,28 @@ def cost_ratio(model: nn.Module, origin: Origin) -> float:
 
 def prune_width(model: nn.Module, origin: Origin, share: float) -> None:
     """Width step: remove channels until the model keeps ``share`` of its current MACs (with a
-    latency budget: of its predicted latency, on the runtime's staircase)."""
+    latency budget: of its predicted latency, on the runtime's staircase), then refit the layers
+    that lost input channels on ``settings.reconstruct_images`` training images at the model's
+    side (:mod:`leanconv.width.reconstruct`; 0 = as cut)."""
     if share > WIDTH_SKIP:
         return
     settings, shape = origin.settings, _shape(model)
+    before = copy.deepcopy(model) if settings.reconstruct_images else None
     if origin.latency is not None:
-        prune_width_latency(model, origin.latency, settings, origin.batches(shape[-1]), share)
-        return
-    data = ScoringData(origin.batches(shape[-1]), extra={"input_shape": shape})
-    model.eval()
-    criterion = run_criterion(settings.method, probes=settings.probes, seed=settings.seed, estimator=settings.hessian)
-    prune_to_budget(model, criterion, torch.zeros(1, *shape), target=share, kind="macs", input_shape=shape, data=data,
-                    normalize=settings.normalize)
+        removed = prune_width_latency(model, origin.latency, settings, origin.batches(shape[-1]), share)
+    else:
+        data = ScoringData(origin.batches(shape[-1]), extra={"input_shape": shape})
+        model.eval()
+        criterion = run_criterion(settings.method, probes=settings.probes, seed=settings.seed,
+                                  estimator=settings.hessian)
+        removed = prune_to_budget(model, criterion, torch.zeros(1, *shape), target=share, kind="macs",
+                                  input_shape=shape, data=data, normalize=settings.normalize).removed
+    if before is not None and removed:
+        images = min(settings.reconstruct_images, len(origin.data.train))
+        train = origin.data.loader("train", min(settings.batch_size, images),
+                                   resolution=_resolution(origin.data, shape[-1]), subset=images)
+        example = to_model(torch.zeros(1, *shape), before)
+        reconstruct(before, model, channel_groups(before, example), removed, train, seed=settings.seed)
 
 
 @dataclass(frozen=True)

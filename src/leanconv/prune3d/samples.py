@@ -88,7 +88,8 @@ def settings_hash(ckpt: str | os.PathLike, settings: StepSettings) -> str:
     h = hashlib.sha256(Path(ckpt).read_bytes())
     fields = {k: v for k, v in asdict(settings).items()
               if k != "data_dir" and not (k in ("constructor", "input_shape", "latency") and v is None)
-              and not (k == "hessian" and v == HAP_ESTIMATOR)}  # hashes made before these settings existed
+              and not (k == "hessian" and v == HAP_ESTIMATOR)  # hashes made before these settings existed
+              and not (k == "reconstruct_images" and not v)}
     if settings.latency is not None:  # the reference is re-measured on every run: the setting is what counts
         fields["latency"] = {k: v for k, v in settings.latency.items() if k != "reference_ms"}
     h.update(json.dumps(fields, sort_keys=True).encode())

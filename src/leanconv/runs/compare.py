@@ -220,6 +220,7 @@ def entry_config(c: CompareConfig, method: str, target: float | None) -> RunConf
         return Prune3dConfig(target=target, samples=c.samples, sample_epochs=1, sample_images=images,
                              finetune_epochs=c.finetune_epochs, finetune_lr=c.finetune_lr, score_images=c.score_images,
                              probes=c.probes, hessian=c.hessian, seed=c.seed, latency_repeats=2,
+                             reconstruct_images=c.reconstruct_images,
                              batch_size=ENTRY_BATCH, **kind)
     shape = {"groups": c.scc_groups, "overlap": c.scc_overlap} if method == "scc" else {"pattern": c.psconv_pattern}
     # the new layers start fitted to the trained ones (convert's --init auto): the comparison's fine-tuning rate

@@ -55,6 +55,7 @@ from leanconv.prune3d.search import alternatives, check_budget, choose, fit_samp
 from leanconv.runs.config import (RunConfig, batch_size, finetune_epochs, finetune_lr, hessian, latency_batch,
                                   latency_repeats, probes, reproducing_command, runtime, score_images, seed, setting,
                                   train_subset)
+from leanconv.runs import recovery
 from leanconv.runs.latency import MAX_ATTEMPTS, SLACK, LatencyBudget, describe
 from leanconv.runs.record import Record, Result, add_latency, measure, one_shot, time_pair
 from leanconv.runs.source import Source
@@ -103,6 +104,7 @@ class Prune3dConfig(RunConfig):
     score_images: int = score_images()
     probes: int = probes(32)
     hessian: str = hessian(HAP_ESTIMATOR, "; with --method hap")
+    reconstruct_images: int = recovery.reconstruct_images()  # after every width cut, the samples' included
     w_min: float = setting(0.4, "--w-min", check=lambda v, n: checks.fraction(v, n),
                            help="smallest width in the search box")
     r_min: float = setting(0.5, "--r-min", check=lambda v, n: checks.number(v, n, above=0, at_most=1),
@@ -137,6 +139,7 @@ class Prune3dConfig(RunConfig):
         """How each sampling step prunes and briefly fine-tunes (plain values, sent to workers)."""
         return StepSettings(data=data, data_dir=data_dir, method=self.method, normalize=self.normalize,
                             score_images=self.score_images, probes=self.probes, hessian=self.hessian,
+                            reconstruct_images=self.reconstruct_images,
                             min_per_stage=self.min_blocks_per_stage, epochs=self.sample_epochs,
                             images=self.sample_images, lr=self.finetune_lr, batch_size=self.batch_size, seed=self.seed,
                             constructor=constructor, input_shape=None if input_shape is None else list(input_shape),
