@@ -220,7 +220,9 @@ def run_prune(config: PruneConfig, source: Source, *, out=None, progress: Progre
         rebuilt.append(recovery.reconstruct_after_cut(config, original, m, result.removed, data, example, resolution,
                                                       progress=progress, stage=say))
 
-    original = copy.deepcopy(model) if config.reconstruct_images and data is not None else None
+    refitting = bool(config.reconstruct_images) and data is not None
+    one_cut = config.steps == 1 or config.kind == "latency"  # else iterative_prune copies the model per round
+    original = copy.deepcopy(model) if refitting and one_cut else None
     say(f"scoring with {config.method} and pruning to {config.target:g} of the {config.kind}")
     cut, attempts = None, None  # with several rounds, fine-tuning is interleaved with them
     if config.kind == "latency":
@@ -231,7 +233,7 @@ def run_prune(config: PruneConfig, source: Source, *, out=None, progress: Progre
                                                       progress=progress, stage=say)
     elif config.steps == 1:
         results = [prune_to_budget(model, criterion, example, target=config.target, implant=config.implant, **options)]
-    if config.steps == 1 or config.kind == "latency":
+    if one_cut:
         refit(original, model, results[-1])
         if measured:
             cut = one_shot(model, shape, test, data, resolution, config.batch_size)
@@ -243,7 +245,7 @@ def run_prune(config: PruneConfig, source: Source, *, out=None, progress: Progre
         epochs = _split(config.finetune_epochs, config.steps)
         results = iterative_prune(model, criterion, example, lambda m, s: tune(m, epochs[s - 1]),
                                   target=config.target, steps=config.steps, implant=config.implant,
-                                  after_cut=refit if original is not None else None, **options)
+                                  after_cut=refit if refitting else None, **options)
     say("measuring the pruned model")
     after = gauge(model)
     timing = None

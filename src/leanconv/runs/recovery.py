@@ -1,8 +1,8 @@
 """Recovering accuracy in a width-pruning run: reconstruction, distillation and sparsity-regularised training.
 
-The three options of ``leanconv prune`` (:class:`~leanconv.runs.prune.PruneConfig`) that change
-what the shared loop trains on, and the steps they add to
-:func:`~leanconv.runs.prune.run_prune`:
+The three options of ``leanconv prune`` (:class:`~leanconv.runs.prune.PruneConfig`) that help
+a cut model recover, and the steps they add to :func:`~leanconv.runs.prune.run_prune` (the
+reconstruction also to every width cut of ``prune3d``):
 
 * ``--regularize-epochs N`` (``--regularize-strength L``): before any scoring, N epochs of
   group-lasso training on the channel groups the engine is about to cut
