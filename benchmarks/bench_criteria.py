@@ -51,7 +51,7 @@ from leanconv.train.distill import Distillation
 from leanconv.train.finetune import recalibrate_on_training_data
 from leanconv.train.regularize import DEFAULT_STRENGTH, regularize
 from leanconv.width.budget import prune_to_budget
-from leanconv.width.reconstruct import reconstruct
+from leanconv.width.reconstruct import reconstruct_on_training_data
 
 # label -> (criterion, estimator, form, normalisation)
 VARIANTS = {
@@ -104,8 +104,8 @@ def run_variant(source: Source, label: str, seed: int, targets: list[float], arg
         rec_s = 0.0
         if "rec" in recovery:
             t0 = time.perf_counter()
-            reconstruct(start, cut, channel_groups(start, example), done.removed,
-                        data.loader("train", 128, resolution=res, subset=args.rec_images), seed=seed)
+            reconstruct_on_training_data(start, cut, done.removed, data, example, images=args.rec_images,
+                                         batch_size=128, resolution=res, seed=seed)
             rec_s = time.perf_counter() - t0
         recalibrate_on_training_data(cut, data, res, 128)
         row = {"label": label, "seed": seed, "target": target, "score_seconds": round(score_s, 1),

@@ -63,14 +63,13 @@ from leanconv.cost import count, simd_channels
 from leanconv.cost.latency_table import LatencyModel
 from leanconv.cost.side_by_side import time_side_by_side
 from leanconv.errors import LeanconvError
-from leanconv.graph.groups import channel_groups
 from leanconv.importance import ScoringData, run_criterion
 from leanconv.runs.latency import SLACK, LatencyBudget, prune_to_measured_latency
 from leanconv.runs.source import Source
 from leanconv.train import evaluate, finetune, recalibrate_on_training_data
 from leanconv.width import latency_budget
 from leanconv.width.budget import prune_to_budget
-from leanconv.width.reconstruct import reconstruct
+from leanconv.width.reconstruct import reconstruct_on_training_data
 
 METHODS = ("latency-l1", "latency-hap", "macs-l1", "macs-l1-auto", "tp-l1-r16")
 DEFAULT_METHODS = "latency-l1,macs-l1,macs-l1-auto,tp-l1-r16"  # latency-hap: HAP scoring is slow
@@ -284,8 +283,8 @@ def run_one(s: Setting, seed: int, method: str, earlier: list[dict] = ()) -> dic
     removed = info.pop("removed", None)
     if args.reconstruct_images and removed is not None:  # the library's default after a cut; TP has no record of it
         t0 = time.perf_counter()
-        reconstruct(s.source.fresh(), model, channel_groups(s.source.fresh(), s.example()), removed,
-                    data.loader("train", 128, resolution=resolution, subset=args.reconstruct_images), seed=seed)
+        reconstruct_on_training_data(s.source.fresh(), model, removed, data, s.example(),
+                                     images=args.reconstruct_images, batch_size=128, resolution=resolution, seed=seed)
         info["seconds"]["reconstruct"] = time.perf_counter() - t0
     timed = s.measure(model, args.rounds)
     ratio = timed["ratio"]

@@ -42,9 +42,8 @@ from leanconv.data.splits import DatasetSplits
 from leanconv.errors import LeanconvError
 from leanconv.importance import ScoringData, run_criterion
 from leanconv.importance.hessian.hap import HAP_ESTIMATOR
-from leanconv.graph.groups import channel_groups
 from leanconv.width.budget import prune_to_budget
-from leanconv.width.reconstruct import reconstruct
+from leanconv.width.reconstruct import reconstruct_on_training_data
 from leanconv.prune3d.block_importance import block_importance
 from leanconv.cost.latency_table import LatencyModel
 from leanconv.prune3d.blocks import BlockInfo, find_residual_blocks, prune_blocks
@@ -52,7 +51,7 @@ from leanconv.prune3d.latency import (latency_ratio, origin_latency, prune_width
                                      width_of)
 from leanconv.prune3d.resolution import MIN_SIDE, resolution_ratio_to_side, set_resolution
 from leanconv.train import evaluate, finetune
-from leanconv.util.model_io import check_trainable, to_model
+from leanconv.util.model_io import check_trainable
 
 __all__ = [
     "StepSettings",
@@ -209,11 +208,9 @@ def prune_width(model: nn.Module, origin: Origin, share: float) -> None:
         removed = prune_to_budget(model, criterion, torch.zeros(1, *shape), target=share, kind="macs",
                                   input_shape=shape, data=data, normalize=settings.normalize).removed
     if before is not None and removed:
-        images = min(settings.reconstruct_images, len(origin.data.train))
-        train = origin.data.loader("train", min(settings.batch_size, images),
-                                   resolution=_resolution(origin.data, shape[-1]), subset=images)
-        example = to_model(torch.zeros(1, *shape), before)
-        reconstruct(before, model, channel_groups(before, example), removed, train, seed=settings.seed)
+        reconstruct_on_training_data(before, model, removed, origin.data, torch.zeros(1, *shape),
+                                     images=settings.reconstruct_images, batch_size=settings.batch_size,
+                                     resolution=_resolution(origin.data, shape[-1]), seed=settings.seed)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from leanconv.train.regularize import DEFAULT_STRENGTH, regularize
 from leanconv.util import checks
 from leanconv.util.model_io import to_model
 from leanconv.util.progress import Progress, Stage, quiet
-from leanconv.width.reconstruct import reconstruct
+from leanconv.width.reconstruct import reconstruct_on_training_data
 
 __all__ = ["distill", "distill_temperature", "distill_weight", "regularize_epochs", "regularize_strength",
            "reconstruct_images", "check_settings", "teacher_loss", "distillation_record", "regularize_before_cut",
@@ -156,8 +156,8 @@ def reconstruct_after_cut(config: Any, original: nn.Module | None, model: nn.Mod
     did, or None when off (``original`` None, ``config.reconstruct_images`` 0 or no training data)."""
     if original is None or not config.reconstruct_images or data is None or not getattr(data, "has", bool)("train"):
         return None  # (the Python API's data may be validation batches only)
-    images = min(config.reconstruct_images, len(data.train))
-    (stage or quiet)(f"refitting the layers that lost input channels on {images} training images")
-    groups = channel_groups(original, to_model(example, original), strict=config.strict)
-    batches = data.loader("train", min(config.batch_size, images), resolution=resolution, subset=images)
-    return reconstruct(original, model, groups, removed, batches, seed=config.seed, progress=progress).to_dict()
+    (stage or quiet)(f"refitting the layers that lost input channels on "
+                     f"{min(config.reconstruct_images, len(data.train))} training images")
+    return reconstruct_on_training_data(original, model, removed, data, example, images=config.reconstruct_images,
+                                        batch_size=config.batch_size, resolution=resolution, seed=config.seed,
+                                        strict=config.strict, progress=progress).to_dict()

@@ -33,11 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from leanconv.graph.groups import channel_groups
 from leanconv.graph.types import ChannelGroup
 from leanconv.util.model_io import to_model
 from leanconv.util.progress import Progress
 
-__all__ = ["Reconstruction", "reconstruct", "kept_channels"]
+__all__ = ["Reconstruction", "reconstruct", "reconstruct_on_training_data", "kept_channels"]
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ def kept_channels(groups: Sequence[ChannelGroup], removed: Mapping[str, Sequence
 
 
 class _Stop(Exception):
-    """Ends a forward pass once the layer being fitted has seen its input."""
+    """Ends a forward pass once every layer :func:`_run_until` waits for has been seen."""
 
 
 def _widths(layer: nn.Module) -> tuple[int, int]:
@@ -86,20 +87,6 @@ def _why_not(layer: nn.Module) -> str | None:
         if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
             return "padding other than explicit zeros"
     return None
-
-
-def _run_order(model: nn.Module, names: set[str], x: Tensor) -> list[str]:
-    """``names`` in the order ``model``'s forward pass calls them."""
-    order: list[str] = []
-    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: order.append(n))
-             for n, m in model.named_modules() if n in names]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return list(dict.fromkeys(order)) + sorted(names - set(order))
 
 
 def _patches(layer: nn.Module, x: Tensor, picks: Tensor) -> Tensor:
@@ -166,14 +153,18 @@ def reconstruct(original: nn.Module, pruned: nn.Module, groups: Sequence[Channel
         else:
             work[name] = (keep_in, keep_out)
     original.eval(), pruned.eval()
+    images = sum(len(x) for x in batches)
     if not work or not batches:
-        return Reconstruction(sum(len(b) for b in batches), time.perf_counter() - t0, {}, skipped)
-    order = _run_order(pruned, set(work), batches[0][:1])
-    shapes = {n: y.shape for n, y in _run_until(original, {n: have[n] for n in order}, batches[0][:1], "out").items()}
+        return Reconstruction(images, time.perf_counter() - t0, {}, skipped)
+    # one image through the pruned model: the layers in the order it runs them (a dict keeps the
+    # order it was filled in), with their output shapes (kept channels, positions)
+    shapes = {n: y.shape for n, y in _run_until(pruned, {n: now[n] for n in work}, batches[0][:1], "out").items()}
+    skipped.update({n: "not run by the model's forward pass" for n in work if n not in shapes})
+    order = list(shapes)
     gen = torch.Generator().manual_seed(seed)
     fitted: dict[str, tuple[float, float]] = {}
     done = 0
-    for window in _windows(order, shapes, work, sum(len(x) for x in batches), positions):
+    for window in _windows(order, shapes, images, positions):
         targets = _targets_of(original, {n: have[n] for n in window}, work, batches, positions, gen)
         for name in window:
             layer, bias = now[name], now[name].bias is not None
@@ -193,7 +184,21 @@ def reconstruct(original: nn.Module, pruned: nn.Module, groups: Sequence[Channel
                 fitted[name] = change
             done += 1
             report(done, len(order), {"stage": "reconstruct"})
-    return Reconstruction(sum(len(x) for x in batches), time.perf_counter() - t0, fitted, skipped)
+    return Reconstruction(images, time.perf_counter() - t0, fitted, skipped)
+
+
+def reconstruct_on_training_data(original: nn.Module, pruned: nn.Module, removed: Mapping[str, Sequence[int]],
+                                 data, example: Tensor, *, images: int, batch_size: int,
+                                 resolution: int | None = None, seed: int = 0, strict: bool = True,
+                                 progress: Progress | None = None) -> Reconstruction:
+    """:func:`reconstruct` on the first ``images`` un-augmented training images of ``data`` (a
+    dataset's splits, as ``leanconv prune`` and ``prune3d`` hold them; ``resolution``: the side
+    they are read at), with the channel groups of ``original`` traced on ``example`` (as the
+    cut traced them: ``strict``)."""
+    images = min(images, len(data.train))
+    batches = data.loader("train", min(batch_size, images), resolution=resolution, subset=images)
+    groups = channel_groups(original, to_model(example, original), strict=strict)
+    return reconstruct(original, pruned, groups, removed, batches, seed=seed, progress=progress)
 
 
 def _run_until(net: nn.Module, layers: Mapping[str, nn.Module], x: Tensor, which: str) -> dict[str, Tensor]:
@@ -224,15 +229,16 @@ def _run_until(net: nn.Module, layers: Mapping[str, nn.Module], x: Tensor, which
 TARGET_BYTES = 256 * 2**20
 
 
-def _windows(order: list[str], shapes: Mapping[str, torch.Size], work, images: int, positions: int):
-    """``order`` in consecutive runs whose targets (float32 rows at the drawn positions) fit in
-    :data:`TARGET_BYTES` together (at least one layer each)."""
+def _windows(order: list[str], shapes: Mapping[str, torch.Size], images: int, positions: int):
+    """``order`` in consecutive runs whose targets (float32 rows at the drawn positions; ``shapes``:
+    the pruned layers' outputs for one image) fit in :data:`TARGET_BYTES` together (at least one
+    layer each)."""
     window, used = [], 0
     for name in order:
-        shape, kept = shapes[name], len(work[name][1])
+        shape = shapes[name]
         rows = images * (1 if len(shape) == 2 else min(positions, shape[2] * shape[3]) if len(shape) == 4 else
                          math.prod(shape[1:-1]))
-        size = rows * kept * 4
+        size = rows * (shape[1] if len(shape) == 4 else shape[-1]) * 4
         if window and used + size > TARGET_BYTES:
             yield window
             window, used = [], 0
