@@ -149,7 +149,7 @@ def test_prune_candidates_target_flops_records_the_choice(trained_ckpt, tmp_path
     out = tmp_path / "c3"
     code = main(["prune", str(trained_ckpt), "--method", "l1", "--target-flops", "0.5", "--candidates", "3",
                  "--score-images", "32", "--finetune-epochs", "0", "--repeats", "1", "--out", str(out),
-                 "--no-progress"])
+                 "--reconstruct-images", "32", "--no-progress"])
     assert code == 0, capsys.readouterr().err
     record = json.loads((out / "record.json").read_text())
     chosen = record["rounds"][0]["candidates"]
@@ -162,7 +162,8 @@ def test_prune_candidates_target_flops_records_the_choice(trained_ckpt, tmp_path
 def test_prune_target_flops_judges_one_allocation_by_default(trained_ckpt, tmp_path, capsys):
     out = tmp_path / "c1"
     assert main(["prune", str(trained_ckpt), "--method", "l1", "--target-flops", "0.5", "--score-images", "32",
-                 "--finetune-epochs", "0", "--repeats", "1", "--out", str(out), "--no-progress"]) == 0
+                 "--finetune-epochs", "0", "--repeats", "1", "--reconstruct-images", "32", "--out", str(out),
+                 "--no-progress"]) == 0
     record = json.loads((out / "record.json").read_text())
     assert record["config"]["candidates"] is None and record["rounds"][0]["candidates"] is None
     assert "--candidates" not in record["command"]

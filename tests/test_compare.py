@@ -25,6 +25,7 @@ def compared(trained_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
     argv = ["compare", str(trained_ckpt), "--methods", "l1,hap+implant,3d,scc", "--target-flops", "0.5",
             "--probes", "8", "--score-images", "64", "--samples", "4", "--train-subset", "128", "--quick",
+            "--reconstruct-images", "32",
             "--out", str(out), "--no-progress"]
     assert main(argv) == 0
     return out, argv
@@ -258,7 +259,7 @@ def test_compare_distils_width_and_layer_entries(trained_ckpt, tmp_path, capsys)
     out = tmp_path / "kd"
     assert main(["compare", str(trained_ckpt), "--methods", "l1,scc", "--target-flops", "0.5", "--distill",
                  "--distill-temperature", "2", "--score-images", "64", "--train-subset", "128", "--quick",
-                 "--out", str(out), "--no-progress"]) == 0
+                 "--reconstruct-images", "32", "--out", str(out), "--no-progress"]) == 0
     entries = {e["key"]: e for e in read_results(out)["entries"]}
     for key in ("l1@0.5", "scc"):
         assert "distillation from the baseline (T=2, A=0.5)" in entries[key]["notes"]

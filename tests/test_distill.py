@@ -159,7 +159,8 @@ def test_a_prune_run_distils_in_every_round(tiny_data, monkeypatch):
     model = create("resnet20", in_channels=3, input_size=16, num_classes=4)
     model.leanconv_meta = {"input_shape": [3, 16, 16], "num_classes": 4}
     config = PruneConfig(method="l1", target=0.5, steps=2, finetune_epochs=2, distill=True, distill_temperature=2.0,
-                         distill_weight=0.7, score_images=32, latency_repeats=1, train_subset=128, batch_size=32)
+                         distill_weight=0.7, score_images=32, latency_repeats=1, train_subset=128, batch_size=32,
+                         reconstruct_images=32)
     record = run_prune(config, Source(tiny_data, model=model), measured=False).record.to_dict()
     assert len(seen) == 2 and all(isinstance(s, Distillation) for s in seen) and seen[0] is seen[1]
     assert seen[0].temperature == 2.0 and seen[0].weight == 0.7 and not seen[0].teacher.training

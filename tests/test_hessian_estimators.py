@@ -185,7 +185,7 @@ def test_defaults_are_the_gauss_newton_block_form_and_the_paper_stays_available(
 def test_cli_prunes_with_the_default_and_with_the_papers_estimator(trained_ckpt, tmp_path, extra, method, probes):
     out = tmp_path / "gn"
     code = main(["prune", str(trained_ckpt), "--method", "hap", "--target-flops", "0.5", "--score-images", "32",
-                 "--repeats", "2", "--out", str(out), "--no-progress", *extra])
+                 "--repeats", "2", "--reconstruct-images", "32", "--out", str(out), "--no-progress", *extra])
     record = json.loads((out / "record.json").read_text())
     assert code == 0 and record["config"]["hessian"] == (extra[1] if extra else "gauss-newton")
     assert record["hessian"]["probes"] == probes

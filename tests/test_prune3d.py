@@ -116,7 +116,7 @@ def test_prune3d_cli_end_to_end(trained_ckpt, tmp_path, capsys):
     out = tmp_path / "p3d"
     code = _main(["prune3d", str(trained_ckpt), "--target-flops", "0.4", "--samples", "8", "--workers", "0",
                   "--sample-images", "128", "--finetune-epochs", "1", "--score-images", "64", "--probes", "8",
-                  "--repeats", "2", "--out", str(out), "--no-progress"])
+                  "--repeats", "2", "--reconstruct-images", "32", "--out", str(out), "--no-progress"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     record = json.loads((out / "record.json").read_text())

@@ -317,7 +317,8 @@ def test_compare_places_3d_at_the_latency_target(trained_ckpt, tmp_path, capsys)
     out = tmp_path / "c"
     code = main(["compare", str(trained_ckpt), "--target-latency", "0.6", "--methods", "3d", "--runtime",
                  "onnxruntime", "--batch", "8", "--no-onnx", "--samples", "5", "--finetune-epochs", "0",
-                 "--score-images", "32", "--repeats", "2", "--out", str(out), "--no-progress"])
+                 "--score-images", "32", "--repeats", "2", "--reconstruct-images", "32", "--out", str(out),
+                 "--no-progress"])
     assert code == 0, capsys.readouterr().err
     lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
     entry = lines[-1]

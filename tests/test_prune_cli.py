@@ -25,7 +25,8 @@ def _logits(model, shape):
 def test_prune_meets_budget_and_reloads(trained_ckpt, tmp_path, capsys, method, extra):
     out = tmp_path / method
     code = main(["prune", str(trained_ckpt), "--method", method, "--target-flops", "0.5", "--finetune-epochs", "1",
-                 "--repeats", "2", "--score-images", "64", "--out", str(out), "--no-progress", *extra])
+                 "--repeats", "2", "--score-images", "64", "--reconstruct-images", "32", "--out", str(out), "--no-progress",
+                 *extra])
     assert code == 0
     captured = capsys.readouterr()
     summary = json.loads(captured.out.strip().splitlines()[-1])
@@ -72,7 +73,7 @@ def test_implant_lost_to_rounding_is_reported(trained_ckpt, tmp_path, capsys):
     out = tmp_path / "implant16"
     assert main(["prune", str(trained_ckpt), "--method", "hap", "--target-flops", "0.5", "--implant", "0.1",
                  "--round-to", "16", "--probes", "4", "--score-images", "32", "--repeats", "1", "--out", str(out),
-                 "--no-progress"]) == 0
+                 "--reconstruct-images", "32", "--no-progress"]) == 0
     record = json.loads((out / "record.json").read_text())
     assert not any(any(r["implanted"].values()) for r in record["rounds"])
     assert "--implant 0.1 implanted no channels (with --round-to 16" in capsys.readouterr().err
@@ -88,7 +89,7 @@ def test_round_to_rejects_words(trained_ckpt, tmp_path, capsys):
 def test_target_params(trained_ckpt, tmp_path, capsys):
     out = tmp_path / "params"
     assert main(["prune", str(trained_ckpt), "--method", "l2", "--target-params", "0.4", "--repeats", "1",
-                 "--out", str(out), "--no-progress"]) == 0
+                 "--reconstruct-images", "32", "--out", str(out), "--no-progress"]) == 0
     record = json.loads((out / "record.json").read_text())
     assert abs(record["achieved"]["params"] - 0.4) <= 0.02 * 0.4
 
@@ -157,7 +158,7 @@ def test_finetune_lr_is_checked_up_front(trained_ckpt, tmp_path, capsys, lr):
 def test_stdout_is_only_the_json_summary(trained_ckpt, tmp_path, capsys):
     out = tmp_path / "quiet"
     assert main(["prune", str(trained_ckpt), "--method", "l1", "--target-flops", "0.5", "--repeats", "1",
-                 "--score-images", "32", "--out", str(out)]) == 0  # progress on: it goes to stderr
+                 "--score-images", "32", "--reconstruct-images", "32", "--out", str(out)]) == 0  # progress on: stderr
     captured = capsys.readouterr()
     assert json.loads(captured.out)["out"] == str(out)
     assert "leanconv: measuring the unpruned model" in captured.err

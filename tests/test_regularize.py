@@ -153,7 +153,7 @@ def test_a_prune_run_regularises_before_the_cut_and_records_it(tiny_data):
     model = create("resnet20", in_channels=3, input_size=16, num_classes=4)
     model.leanconv_meta = {"input_shape": [3, 16, 16], "num_classes": 4}
     config = PruneConfig(method="l1", target=0.5, score_images=32, latency_repeats=1, regularize_epochs=1,
-                         regularize_strength=0.01, train_subset=128, batch_size=32)
+                         regularize_strength=0.01, train_subset=128, batch_size=32, reconstruct_images=32)
     result = run_prune(config, Source(tiny_data, model=model), measured=False)
     record = result.record.to_dict()
     reg = record["regularization"]

@@ -145,7 +145,7 @@ def test_a_run_from_a_model_in_memory_leaves_the_model_alone(tiny_data):
     model.leanconv_meta = {"input_shape": [3, 16, 16], "num_classes": 4}
     before = {k: v.clone() for k, v in model.state_dict().items()}
     source = Source(tiny_data, model=model)
-    result = run_prune(PruneConfig(method="l1", target=0.5, score_images=32, latency_repeats=1), source,
+    result = run_prune(PruneConfig(method="l1", target=0.5, score_images=32, latency_repeats=1, reconstruct_images=32), source,
                        measured=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # untouched
     assert count(result.model, (3, 16, 16)).macs < 0.52 * count(model, (3, 16, 16)).macs
@@ -157,7 +157,7 @@ def test_a_run_from_a_model_in_memory_leaves_the_model_alone(tiny_data):
 
 
 def test_a_result_saves_as_a_set_and_reloads_identically(source, tmp_path):
-    config = PruneConfig(method="l2", target=0.5, score_images=32, latency_repeats=1)
+    config = PruneConfig(method="l2", target=0.5, score_images=32, latency_repeats=1, reconstruct_images=32)
     result = config.run(source, out=tmp_path / "r", measured=False)
     result.save(tmp_path / "r")
     record = json.loads((tmp_path / "r" / "record.json").read_text())

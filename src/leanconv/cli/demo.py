@@ -51,13 +51,16 @@ class DemoPlan:
     score_images: int
     samples: int  # 3-D pruning samples
     latency_repeats: int
+    reconstruct_images: int  # training images the refit after each cut reads
 
 
 PLANS = {
     "default": DemoPlan(base_epochs=4, base_subset=None, finetune_epochs=1, train_subset=None, probes=16,
-                        score_images=256, samples=6, latency_repeats=10),
+                        score_images=256, samples=6, latency_repeats=10,
+                        reconstruct_images=512),
     "quick": DemoPlan(base_epochs=1, base_subset=4000, finetune_epochs=1, train_subset=1000, probes=8,
-                      score_images=128, samples=4, latency_repeats=3),
+                      score_images=128, samples=4, latency_repeats=3,
+                      reconstruct_images=128),
 }
 
 
@@ -161,6 +164,7 @@ def _compare_config(args: argparse.Namespace, plan: DemoPlan, out: Path, kind: s
     config = CompareConfig(targets=(target,), **budget, runtime=args.runtime, latency_batch=args.batch,
                            finetune_epochs=plan.finetune_epochs, train_subset=plan.train_subset,
                            probes=plan.probes, score_images=plan.score_images, samples=plan.samples,
+                           reconstruct_images=plan.reconstruct_images,
                            latency_repeats=plan.latency_repeats, quick=args.quick,
                            onnx_opset=17 if args.quick else None)  # quick: the TorchScript exporter, ~20x faster
     command = shlex.join(["leanconv", "demo", "--out", str(out), "--data", args.data, "--runtime", args.runtime,
