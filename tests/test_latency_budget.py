@@ -418,3 +418,34 @@ def test_python_api_prunes_your_model_to_a_latency():
     assert record["achieved"]["macs"] < 1 and model[0].out_channels == 32  # the model given is unchanged
     with pytest.raises(LeanconvError, match="give one budget"):
         leanconv.prune(model, torch.randn(1, *SHAPE), data=data, method="l1", target_latency=0.5, target_macs=0.5)
+
+
+def test_half_width_keeps_the_staircase_count_nearest_half_of_every_group():
+    from leanconv.graph.groups import trace_groups
+    from leanconv.width.latency_budget import half_width
+
+    torch.manual_seed(0)
+    model = create("resnet20", in_channels=3, input_size=16, num_classes=4).eval()
+    thin = half_width(model, torch.randn(1, *SHAPE), input_shape=SHAPE, step=8)
+    before, after = channel_counts(model), channel_counts(thin)
+    assert after["layer1.0.conv1"][1] == 8 and after["layer2.0.conv1"][1] == 16 and after["layer3.0.conv1"][1] == 32
+    assert after["conv1"][1] == 8 and after["fc"][1] == before["fc"][1] == 4  # the stream halves, the output stays
+    assert len(trace_groups(model, torch.randn(1, *SHAPE))) == len(trace_groups(thin, torch.randn(1, *SHAPE)))
+    assert thin(torch.randn(2, *SHAPE)).shape == (2, 4) and model.conv1.out_channels == 16  # original untouched
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+def test_the_check_times_a_thin_copy_beside_the_unpruned_model_on_eager_pytorch_only(runtime):
+    from leanconv.runs.latency import LatencyBudget, describe
+
+    torch.manual_seed(0)
+    model = create("resnet20", in_channels=3, input_size=16, num_classes=4).eval()
+    latency = LatencyBudget(runtime, 1, 2, repeats=2).check(model, torch.randn(1, *SHAPE), SHAPE, target=0.95)
+    record = describe(latency)
+    if runtime == "torch":
+        assert latency.thin is not None and 0 < latency.thin[1] < 1.5  # a ratio measured side by side
+        assert latency.thin[0]["layer1.0.conv1"].cout == 8 and record["thin_ratio"] == latency.thin[1]
+        assert record["element_ms"] == latency.element_ms >= 0 and "offset_ms" in record
+        assert latency.predict(model) == pytest.approx(latency.reference_ms, rel=1e-9)
+    else:
+        assert latency.thin is None and latency.element_ms == 0 and "element_ms" not in record

@@ -493,6 +493,53 @@ def test_eager_pytorch_predicts_each_layer_as_timed_plus_a_fixed_offset(measured
     assert fitted.offset == pytest.approx(0.5) and fitted.reference_ms == layers + 0.5
 
 
+def _eager_truth(model: nn.Module, offset: float, per_value: float, batch: int) -> float:
+    """What a runtime whose graph costs ``offset`` plus ``per_value`` per value each layer writes
+    would measure for ``model`` (its layers as the fake table times them)."""
+    configs = layer_configs(model, SHAPE).values()
+    return offset + sum(fake_ms(c) + per_value * c.output_elements() * batch for c in configs)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_eager_pytorch_with_a_thin_reference_fits_the_work_per_value(measured, batch):
+    """Two references (the unpruned model and a narrower copy, its latency a ratio measured
+    side by side) fit offset and per-value cost exactly, so a third width is predicted exactly;
+    the offset alone (one reference) is off for it. A refit keeps the thin reference's ratio."""
+    model, thin, other = _chain(), _chain((4, 4, 4)), _chain((8, 4, 6))
+    truth = {m: _eager_truth(m, 0.3, 1e-4, batch) for m in (model, thin, other)}
+    table = cached_table("torch", 1, batch)
+    fitted = LatencyModel.calibrate(table, model, SHAPE, truth[model], step=4,
+                                    thin=(layer_configs(thin, SHAPE), truth[thin] / truth[model]))
+    assert fitted.offset == pytest.approx(0.3, rel=1e-9) and fitted.element_ms == pytest.approx(1e-4, rel=1e-9)
+    for m in (model, thin, other):
+        assert fitted.predict(m) == pytest.approx(truth[m], rel=1e-9)
+    alone = LatencyModel.calibrate(table, model, SHAPE, truth[model], step=4)
+    assert alone.element_ms == 0.0 and abs(alone.predict(other) / truth[other] - 1) > 1e-3
+    fitted.refit(model, 1.2 * truth[model])  # a new measurement of the unpruned model: the thin ratio holds
+    assert fitted.reference_ms == 1.2 * truth[model] and fitted.element_ms > 1e-4
+    assert fitted.predict(model) == pytest.approx(1.2 * truth[model], rel=1e-9)
+    assert fitted.predict(thin) == pytest.approx(1.2 * truth[thin], rel=1e-9)
+
+
+def test_a_thin_reference_that_implies_negative_work_keeps_the_offset_alone(measured):
+    model, thin = _chain(), _chain((4, 4, 4))
+    layers = sum(fake_ms(c) for c in layer_configs(model, SHAPE).values())
+    # the thin copy measured as slow as the unpruned model: more values would cost less
+    fitted = LatencyModel.calibrate(cached_table("torch", 1, 1), model, SHAPE, layers + 0.25, step=4,
+                                    thin=(layer_configs(thin, SHAPE), 1.0))
+    assert fitted.element_ms == 0.0 and fitted.offset == pytest.approx(0.25)
+
+
+def test_graph_runtimes_ignore_a_thin_reference(measured):
+    model = _chain()
+    blocked, other = _sums(model, 4)
+    measured_ms = fake_ms(CALL) + 1.5 * blocked + other
+    table = cached_table("onnxruntime", 1, 1)
+    fitted = LatencyModel.calibrate(table, model, SHAPE, measured_ms, step=4,
+                                    thin=(layer_configs(_chain((4, 4, 4)), SHAPE), 0.5))
+    assert fitted.scale == pytest.approx(1.5) and fitted.element_ms == 0.0
+
+
 def test_entries_of_an_earlier_run_follow_the_machine_speed_measured_now(measured, monkeypatch):
     """A cache measured when the machine was twice as slow: calibration measures the unpruned
     model's layers again, and every older entry is read on today's scale (and saved so)."""

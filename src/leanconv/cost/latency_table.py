@@ -29,12 +29,18 @@ graph pays differently, and the prediction corrects for two of them, both measur
 
 So ``predict = call + scale * sum(blocked - call) + sum(other - call)`` on ONNX Runtime and
 OpenVINO. Eager PyTorch is different: it calls every layer on its own (each pays its call
-cost, as when timed alone), and what the table does not hold (activations, adds, pooling:
-mostly per-call costs at small sizes) does not shrink with the channels; there
-``predict = offset + sum(layer)``, the offset fitted on the unpruned model. Measured on the
-trained ResNet-20 (ONNX Runtime, 1 thread): pruned models predicted within 2-7% at batch 1
-and 64, where the raw sum was 20-60% off; ``benchmarks/bench_latency_budget.py`` reports the
-error on every model it prunes.
+cost, as when timed alone), and what the table does not hold (BatchNorm, activations, adds,
+pooling) runs as separate calls whose cost is partly fixed and partly proportional to the
+values they touch; there ``predict = offset + sum(layer) + element_ms * sum(outputs)``
+(``outputs``: the values each conv and linear layer writes per batch). With a second
+reference, a model of about half the unpruned model's width timed side by side with it
+(:meth:`LatencyModel.calibrate`'s ``thin``), offset and ``element_ms`` are both fitted;
+with one, ``element_ms`` is 0 and the offset takes it all. Measured on the trained
+ResNet-20 (PyTorch, 1 thread, batch 64, 18 pruned variants timed side by side): largest
+error 56% with the offset alone, 7.6% with both; ONNX Runtime gains nothing from such a
+term (fitted the same way it was worse at batch 1), so it keeps the blocked factor alone.
+``benchmarks/bench_latency_budget.py`` and ``bench_latency_prediction.py`` report the error
+on every model they prune.
 """
 
 from __future__ import annotations
@@ -379,6 +385,8 @@ class LatencyModel:
     scale: float  # the factor of blocked layers (graph runtimes)
     step: int  # the channel block
     offset: float = 0.0  # eager PyTorch: the time of what the table does not hold, fitted on the unpruned model
+    element_ms: float = 0.0  # eager PyTorch: ms per value a conv or linear layer writes (the work that follows it)
+    thin: tuple[dict[str, LayerConfig], float] | None = None  # the second reference: its layers, measured ratio
 
     @property
     def eager(self) -> bool:
@@ -389,17 +397,29 @@ class LatencyModel:
 
     @classmethod
     def calibrate(cls, table: LatencyTable, model: nn.Module, input_shape: Sequence[int], measured_ms: float, *,
-                  step: int | None = None, progress: Callable[[int, int], None] | None = None) -> LatencyModel:
+                  step: int | None = None, progress: Callable[[int, int], None] | None = None,
+                  thin: tuple[Mapping[str, LayerConfig], float] | None = None) -> LatencyModel:
         """Fit the blocked layers' factor so that ``model`` (unpruned) is predicted at ``measured_ms``;
-        ``step`` (default: the table's CPU's channel block) says which layers are blocked."""
+        ``step`` (default: the table's CPU's channel block) says which layers are blocked. ``thin``:
+        the layer configurations of a narrower copy of the model and its latency measured side by
+        side, as a ratio to ``model``'s; eager PyTorch then also fits ``element_ms`` (module
+        docstring; a fit that gives it no positive value keeps the offset alone)."""
         configs = layer_configs(model, input_shape)
         if not configs:
             raise LeanconvError("the model has no conv or linear layer whose latency a table can hold")
-        table.refresh([CALL, *configs.values()])  # on today's scale: the measurement below is today's
-        table.ensure([CALL, *configs.values()], progress)
-        fitted = cls(table, tuple(input_shape), float(measured_ms), 1.0, step or table.step)
+        others = list(thin[0].values()) if thin is not None else []
+        table.refresh([CALL, *configs.values(), *others])  # on today's scale: the measurement below is today's
+        table.ensure([CALL, *configs.values(), *others], progress)
+        fitted = cls(table, tuple(input_shape), float(measured_ms), 1.0, step or table.step,
+                     thin=(dict(thin[0]), float(thin[1])) if thin is not None else None)
         if fitted.eager:
-            fitted.offset = measured_ms - sum(table.time_of(c) for c in configs.values())
+            layers, values = fitted._eager_sums(configs)
+            if thin is not None:
+                thin_layers, thin_values = fitted._eager_sums(thin[0])
+                if values > thin_values:
+                    rest, thin_rest = measured_ms - layers, thin[1] * measured_ms - thin_layers
+                    fitted.element_ms = max(0.0, (rest - thin_rest) / (values - thin_values))
+            fitted.offset = measured_ms - layers - fitted.element_ms * values
             return fitted
         blocked = sum(fitted._net(c) for c in configs.values() if c.blocked(fitted.step))
         other = sum(fitted._net(c) for c in configs.values() if not c.blocked(fitted.step))
@@ -409,9 +429,18 @@ class LatencyModel:
 
     def refit(self, model: nn.Module, measured_ms: float) -> None:
         """Fit again, in place, to a new measurement of the unpruned ``model`` (one taken side by
-        side with a pruned model is steadier than the first one alone)."""
-        fitted = type(self).calibrate(self.table, model, self.input_shape, measured_ms, step=self.step)
+        side with a pruned model is steadier than the first one alone; the thin reference keeps
+        its measured ratio)."""
+        fitted = type(self).calibrate(self.table, model, self.input_shape, measured_ms, step=self.step,
+                                      thin=self.thin)
         self.reference_ms, self.scale, self.offset = fitted.reference_ms, fitted.scale, fitted.offset
+        self.element_ms = fitted.element_ms
+
+    def _eager_sums(self, configs: Mapping[str, LayerConfig]) -> tuple[float, float]:
+        """The table's times of ``configs`` summed, and the values they write per batch."""
+        batch = int(self.table.key["batch"])
+        return (float(sum(self.table.time_of(c) for c in configs.values())),
+                float(sum(c.output_elements() for c in configs.values())) * batch)
 
     @property
     def call_ms(self) -> float:
@@ -423,7 +452,8 @@ class LatencyModel:
     def layer_ms(self, config: LayerConfig) -> float:
         """One layer's share of a whole model's latency (table entries must be there)."""
         if self.eager:
-            return self.table.time_of(config)
+            values = config.output_elements() * int(self.table.key["batch"])
+            return self.table.time_of(config) + self.element_ms * values
         return self._net(config) * (self.scale if config.blocked(self.step) else 1.0)
 
     def predict_configs(self, configs: Mapping[str, LayerConfig]) -> float:

@@ -32,12 +32,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from leanconv.cost.latency_table import LatencyModel, LatencyTable, cached_table, table_key
+from leanconv.cost.latency_table import LatencyModel, LatencyTable, cached_table, layer_configs, table_key
 from leanconv.cost.side_by_side import time_side_by_side
+from leanconv.errors import LeanconvError
 from leanconv.util.inputs import input_file
 from leanconv.util.progress import Progress, Stage, quiet
 from leanconv.width.budget import PruneResult
-from leanconv.width.latency_budget import LatencyPruner, adopt, check_latency_reachable
+from leanconv.width.latency_budget import LatencyPruner, adopt, check_latency_reachable, half_width
 
 __all__ = ["MAX_ATTEMPTS", "SLACK", "LatencyBudget", "describe", "prune_to_measured_latency", "final_attempt"]
 
@@ -78,18 +79,34 @@ class LatencyBudget:
         """The calibrated latency model of ``model`` (unpruned); raises when ``target`` is unreachable."""
         say = stage or quiet
         table = self.table()
+        thin = None
         if table.here:
-            say(f"timing the unpruned model on {self.runtime} ({self.threads} thread(s), batch {self.batch})")
-            measured = self.measure({"unpruned": model}, shape).latency_ms["unpruned"]["median_ms"]
+            thin = _thin_reference(model, example, shape, table, strict) if table.runtime == "torch" else None
+            say(f"timing the unpruned model on {self.runtime} ({self.threads} thread(s), batch {self.batch})"
+                + (" side by side with a copy of half its width" if thin is not None else ""))
+            timed = self.measure({"unpruned": model, **({"thin": thin} if thin is not None else {})}, shape)
+            measured = timed.latency_ms["unpruned"]["median_ms"]
+            if thin is not None:
+                thin = (layer_configs(thin, shape), timed.ratio["thin"]["median"])
         else:
             measured = None  # a table from the deployment device: its own sum stands in for the model
         say(f"latency table: {len(table.entries)} entries; measuring what the solver needs")
         if measured is None:
             uncalibrated = LatencyModel(table, tuple(shape), 1.0, 1.0, table.step)
             measured = uncalibrated.predict(model)
-        latency = LatencyModel.calibrate(table, model, shape, measured)
+        latency = LatencyModel.calibrate(table, model, shape, measured, thin=thin)
         check_latency_reachable(model, example, target=target, latency=latency, input_shape=shape, strict=strict)
         return latency
+
+
+def _thin_reference(model: nn.Module, example: torch.Tensor, shape, table: LatencyTable,
+                    strict: bool) -> nn.Module | None:
+    """Eager PyTorch's second reference (:func:`~leanconv.width.latency_budget.half_width`),
+    or None for a model with nothing to thin (it is then calibrated on itself alone)."""
+    try:
+        return half_width(model, example, input_shape=shape, step=table.step, strict=strict)
+    except LeanconvError:
+        return None
 
 
 def prune_to_measured_latency(model: nn.Module, criterion, example: torch.Tensor, latency: LatencyModel,
@@ -182,5 +199,7 @@ def describe(latency: LatencyModel) -> dict[str, Any]:
     key = latency.table.key
     return {"runtime": key["runtime"], "version": key["version"], "threads": key["threads"], "batch": key["batch"],
             "cpu": key["cpu"], "step": latency.step, "reference_ms": latency.reference_ms, "scale": latency.scale,
+            **({"offset_ms": latency.offset, "element_ms": latency.element_ms,
+                "thin_ratio": latency.thin[1] if latency.thin else None} if latency.eager else {}),
             "table_entries": len(latency.table.entries), "measured_here": latency.table.here}
 

@@ -53,7 +53,7 @@ from leanconv.width.damage import COUNTS as DAMAGE_COUNTS
 from leanconv.width.damage import check_counts, measured_damage
 
 __all__ = ["prune_to_latency", "LatencyPruner", "LatencyPlan", "check_latency_reachable", "measured_damage",
-           "solver_configs", "adopt", "PRICES"]
+           "solver_configs", "adopt", "half_width", "PRICES"]
 
 PRICES = ("damage", "importance")
 MAX_COMBINATIONS = 1024  # channel-count combinations of one layer measured up front
@@ -243,6 +243,23 @@ def solver_configs(model: nn.Module, example_input: Tensor, *, input_shape: Sequ
     _check(0.5, floor, step)
     _, shape, solver = _prepare(model, example_input, input_shape, None, floor, step, ignored, strict)
     return sorted({CALL, *solver.base.values(), *solver.all_configs()})
+
+
+def half_width(model: nn.Module, example_input: Tensor, *, input_shape: Sequence[int] | None = None,
+               step: int | None = None, strict: bool = True) -> nn.Module:
+    """A copy of ``model`` with every prunable group at the staircase count nearest half its
+    width (which channels go does not matter: it is timed, not run for accuracy); the second
+    reference a latency model of eager PyTorch is fitted on
+    (:meth:`~leanconv.cost.latency_table.LatencyModel.calibrate`)."""
+    traced, shape, solver = _prepare(model, to_model(example_input, model), input_shape, None, 1,
+                                     step or simd_channels(), (), strict)
+    planner = Planner(model, traced, floor=1, round_to=None, implant=0.0)
+    planner.rank([torch.zeros(t.group.size) for t in traced])
+    drop = []
+    for t, options in zip(traced, solver.options):
+        kept = min(options, key=lambda k: (abs(k - t.group.size / 2), -k))
+        drop.append((t.group.size - kept) // (t.group.size // len(t.units)))
+    return cut_copy(model, traced, planner.plan(drop), to_model(example_input, model), shape)[0]
 
 
 def check_latency_reachable(model: nn.Module, example_input: Tensor, *, target: float, latency: LatencyModel,
