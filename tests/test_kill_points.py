@@ -31,6 +31,9 @@ from kill_points import visible  # the harness beside this file (tests/ is on th
 HARNESS = Path(__file__).with_name("kill_points.py")
 STORES = ("metrics.jsonl", "results.jsonl", "samples.jsonl")
 SMALL = ["--no-progress", "--data", "synthetic"]
+# the refit after a cut writes nothing, so it adds no kill point: a few images keep it in the
+# run without the cost of the default 512 in every one of the dozens of runs a test makes
+FEW_REFIT = ["--reconstruct-images", "32"]
 
 
 def _run(argv: list[str]) -> None:
@@ -147,7 +150,7 @@ def test_train_killed_at_every_step_shows_one_whole_epoch_and_resumes_to_the_sam
 
 def test_prune_killed_at_every_step_shows_the_old_run_or_the_new_one(tmp_path, trained):
     argv = ["prune", str(trained), "--method", "l1", "--finetune-epochs", "0", "--repeats", "1", "--score-images", "32",
-            "--no-progress"]
+            *FEW_REFIT, "--no-progress"]
     summary, results, template = _inject(tmp_path, [*argv, "--target-flops", "0.5"],
                                          before=[*argv, "--target-flops", "0.7"])
     _check_all_states(summary, results, template)
@@ -167,7 +170,7 @@ def test_sensitivity_killed_at_every_step_shows_the_old_run_or_the_new_one(tmp_p
 
 def test_compare_killed_at_every_step_keeps_whole_entries_and_resumes(tmp_path, trained):
     argv = ["compare", str(trained), "--methods", "l1", "--target-flops", "0.5", "--finetune-epochs", "0",
-            "--repeats", "1", "--no-onnx", "--score-images", "32", "--quick", "--no-progress"]
+            "--repeats", "1", "--no-onnx", "--score-images", "32", "--quick", *FEW_REFIT, "--no-progress"]
     summary, results, _ = _inject(tmp_path, argv, reruns="last")  # ten stretches: the CI budget
     _check_all_states(summary, results, None)
     _check_reruns(summary, results, ())
@@ -176,7 +179,7 @@ def test_compare_killed_at_every_step_keeps_whole_entries_and_resumes(tmp_path, 
 def test_prune3d_killed_at_every_step_keeps_whole_samples_and_resumes(tmp_path, trained):
     argv = ["prune3d", str(trained), "--target-flops", "0.5", "--samples", "4", "--workers", "0",
             "--sample-images", "64", "--finetune-epochs", "0", "--score-images", "32", "--probes", "2",
-            "--repeats", "1", "--no-progress"]
+            "--repeats", "1", *FEW_REFIT, "--no-progress"]
     summary, results, _ = _inject(tmp_path, argv)
     _check_all_states(summary, results, None)
     _check_reruns(summary, results)
