@@ -35,12 +35,13 @@ values they touch; there ``predict = offset + sum(layer) + element_ms * sum(outp
 (``outputs``: the values each conv and linear layer writes per batch). With a second
 reference, a model of about half the unpruned model's width timed side by side with it
 (:meth:`LatencyModel.calibrate`'s ``thin``), offset and ``element_ms`` are both fitted;
-with one, ``element_ms`` is 0 and the offset takes it all. Measured on the trained
-ResNet-20 (PyTorch, 1 thread, batch 64, 18 pruned variants timed side by side): largest
-error 56% with the offset alone, 7.6% with both; ONNX Runtime gains nothing from such a
-term (fitted the same way it was worse at batch 1), so it keeps the blocked factor alone.
-``benchmarks/bench_latency_budget.py`` and ``bench_latency_prediction.py`` report the error
-on every model they prune.
+with one, ``element_ms`` is 0 and the offset takes it all. Measured on 16 cuts of the
+trained ResNet-20 (PyTorch, 1 thread, batch 64, each timed side by side with the unpruned
+model; ``benchmarks/bench_latency_variants.py``): largest error 49.2% with the offset alone,
+10.3% with both. ONNX Runtime gains nothing from such a term (fitted the same way it was
+worse at batch 1), so it keeps the blocked factor alone. ``bench_latency_variants.py``,
+``bench_latency_budget.py`` and ``bench_latency_prediction.py`` report the error on every
+model they prune.
 """
 
 from __future__ import annotations

@@ -79,15 +79,15 @@ class LatencyBudget:
         """The calibrated latency model of ``model`` (unpruned); raises when ``target`` is unreachable."""
         say = stage or quiet
         table = self.table()
-        thin = None
+        thin = None  # eager PyTorch's second reference: (its layer configurations, its measured ratio)
         if table.here:
-            thin = _thin_reference(model, example, shape, table, strict) if table.runtime == "torch" else None
+            half = _thin_reference(model, example, shape, table, strict) if table.runtime == "torch" else None
             say(f"timing the unpruned model on {self.runtime} ({self.threads} thread(s), batch {self.batch})"
-                + (" side by side with a copy of half its width" if thin is not None else ""))
-            timed = self.measure({"unpruned": model, **({"thin": thin} if thin is not None else {})}, shape)
+                + (" side by side with a copy of half its width" if half is not None else ""))
+            timed = self.measure({"unpruned": model, **({"thin": half} if half is not None else {})}, shape)
             measured = timed.latency_ms["unpruned"]["median_ms"]
-            if thin is not None:
-                thin = (layer_configs(thin, shape), timed.ratio["thin"]["median"])
+            if half is not None:
+                thin = (layer_configs(half, shape), timed.ratio["thin"]["median"])
         else:
             measured = None  # a table from the deployment device: its own sum stands in for the model
         say(f"latency table: {len(table.entries)} entries; measuring what the solver needs")

@@ -251,15 +251,15 @@ def half_width(model: nn.Module, example_input: Tensor, *, input_shape: Sequence
     width (which channels go does not matter: it is timed, not run for accuracy); the second
     reference a latency model of eager PyTorch is fitted on
     (:meth:`~leanconv.cost.latency_table.LatencyModel.calibrate`)."""
-    traced, shape, solver = _prepare(model, to_model(example_input, model), input_shape, None, 1,
-                                     step or simd_channels(), (), strict)
+    example = to_model(example_input, model)
+    traced, shape, solver = _prepare(model, example, input_shape, None, 1, step or simd_channels(), (), strict)
     planner = Planner(model, traced, floor=1, round_to=None, implant=0.0)
     planner.rank([torch.zeros(t.group.size) for t in traced])
     drop = []
     for t, options in zip(traced, solver.options):
         kept = min(options, key=lambda k: (abs(k - t.group.size / 2), -k))
         drop.append((t.group.size - kept) // (t.group.size // len(t.units)))
-    return cut_copy(model, traced, planner.plan(drop), to_model(example_input, model), shape)[0]
+    return cut_copy(model, traced, planner.plan(drop), example, shape)[0]
 
 
 def check_latency_reachable(model: nn.Module, example_input: Tensor, *, target: float, latency: LatencyModel,
